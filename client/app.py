@@ -1,0 +1,123 @@
+"""The sepals Flower ClientApp.
+
+:func:`make_client_app` binds a :class:`ClientRuntime` provider (a callable that builds
+the runtime from Flower's ``Context``) to a ``ClientApp``. The privacy ledger lives in
+``Context.state`` (kept by the SuperNode across rounds) and, when the runtime names a
+ledger file, on disk as well.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from sepals.client.core import ClientRuntime, SepalsClient
+from sepals.client.privacy import PrivacyLedger
+from sepals.common.errors import BudgetExhaustedError, SepalsError
+from sepals.common.log import log
+from sepals.common.protocol import (
+    ERR_BAD_GLOBAL,
+    ERR_BUDGET_EXHAUSTED,
+    ERR_CLIENT_FAILURE,
+    KEY_CLIENT,
+    KEY_CONFIG,
+    KEY_GLOBAL,
+    KEY_METRICS,
+    KEY_PAYLOAD,
+    KEY_UPDATE,
+    RoundConfig,
+    payload_array,
+    read_global_record,
+)
+
+RuntimeProvider = Callable[[Context], ClientRuntime]
+LEDGER_STATE_KEY = "sepals-ledger"
+
+
+def load_ledger(context: Context, runtime: ClientRuntime) -> PrivacyLedger:
+    """The ledger kept in ``context.state``, or an empty one."""
+    record = context.state.get(LEDGER_STATE_KEY)
+    if isinstance(record, ConfigRecord) and "json" in record:
+        return PrivacyLedger.from_json(str(record["json"]))
+    return PrivacyLedger.empty(runtime.privacy)
+
+
+def store_ledger(context: Context, ledger: PrivacyLedger) -> None:
+    """Write the ledger into ``context.state``."""
+    context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
+
+
+def _error_reply(msg: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) -> ClientApp:
+    """A ``ClientApp`` that trains and evaluates with the runtime ``provider`` builds.
+
+    Args:
+        provider: Builds the :class:`ClientRuntime` from Flower's ``Context``.
+        mods: Optional Flower client mods, applied around every message.
+
+    """
+    app = ClientApp(mods=mods or [])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        runtime = provider(context)
+        try:
+            client = SepalsClient(runtime)
+            cfg = RoundConfig.from_record_dict(msg.content[KEY_CONFIG])
+            global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
+            ledger = load_ledger(context, runtime)
+            reply = client.train(cfg, global_model, ledger)
+        except BudgetExhaustedError as exc:
+            log(INFO, "client %s declines round: %s", runtime.client_id, exc)
+            return _error_reply(msg, ERR_BUDGET_EXHAUSTED, f"{runtime.client_id}: {exc}")
+        except (SepalsError, ValueError) as exc:
+            log(WARNING, "client %s cannot train: %s", runtime.client_id, exc)
+            return _error_reply(msg, ERR_BAD_GLOBAL, f"{runtime.client_id}: {exc}")
+        except Exception as exc:  # a crash must become a reply, not a lost round
+            log(WARNING, "client %s failed: %s", runtime.client_id, traceback.format_exc())
+            return _error_reply(msg, ERR_CLIENT_FAILURE, f"{runtime.client_id}: {exc!r}")
+        # The spend is recorded before the update leaves the client.
+        store_ledger(context, reply.ledger)
+        content = RecordDict(
+            {
+                KEY_UPDATE: ArrayRecord({KEY_PAYLOAD: payload_array(reply.payload)}),
+                KEY_METRICS: MetricRecord(reply.metrics),
+                KEY_CLIENT: ConfigRecord(
+                    {"client-id": runtime.client_id, "accountant": reply.ledger.accountant}
+                ),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        runtime = provider(context)
+        try:
+            client = SepalsClient(runtime)
+            cfg = RoundConfig.from_record_dict(msg.content[KEY_CONFIG])
+            global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
+            metrics = client.evaluate(cfg, global_model)
+        except (SepalsError, ValueError) as exc:
+            return _error_reply(msg, ERR_BAD_GLOBAL, f"{runtime.client_id}: {exc}")
+        except Exception as exc:
+            log(WARNING, "client %s failed: %s", runtime.client_id, traceback.format_exc())
+            return _error_reply(msg, ERR_CLIENT_FAILURE, f"{runtime.client_id}: {exc!r}")
+        return Message(
+            RecordDict(
+                {
+                    KEY_METRICS: MetricRecord(metrics),
+                    KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id}),
+                }
+            ),
+            reply_to=msg,
+        )
+
+    return app

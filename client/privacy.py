@@ -1,0 +1,231 @@
+"""A client's privacy bookkeeping, kept apart from the privacy math.
+
+:class:`PrivacyLedger` is the persistent record: the Opacus accountant history (one
+``(noise_multiplier, sample_rate, steps)`` entry per run of identical steps), the rounds
+the client joined, and the resulting epsilon. It is a frozen value: each round yields a
+new ledger, which the client stores *before* it sends its update.
+
+The math (calibrating sigma, composing epsilon) is delegated to Opacus's accountants in
+:func:`calibrate_noise_multiplier` and :func:`compute_epsilon`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from sepals.common.config import PrivacyConfig
+from sepals.common.errors import BudgetExhaustedError
+
+HistoryEntry = tuple[float, float, int]
+
+# A projected epsilon may exceed the target by this relative slack before a round is
+# refused; it absorbs float noise in the accountants, never a real overspend.
+_EPS_SLACK = 1e-9
+
+
+def _make_accountant(name: str) -> Any:
+    from opacus.accountants import create_accountant
+
+    return create_accountant(mechanism=name)
+
+
+def compute_epsilon(accountant: str, history: tuple[HistoryEntry, ...], delta: float) -> float:
+    """Epsilon that Opacus's ``accountant`` composes over ``history`` at ``delta``."""
+    if not history:
+        return 0.0
+    acc = _make_accountant(accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    with warnings.catch_warnings():
+        # RDP warns when the best order is the largest one tried; the bound is then
+        # merely loose (conservative), never wrong.
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=256)
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Smallest sigma (to Opacus's 0.01 epsilon tolerance) that keeps ``steps`` within budget.
+
+    Calibration is the expensive part of DP accounting (0.1-5 s). It is done once per
+    client for its planned participation and memoised per process, never per round.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        sigma = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    return float(sigma)
+
+
+def planned_participation(rounds: int, fraction: float) -> int:
+    """Rounds a client plans to join: the mean plus two standard deviations, capped.
+
+    With sampling fraction ``f`` over ``R`` rounds, participation is Binomial(R, f).
+    Planning for mean + 2 sd makes an early budget exhaustion unlikely while keeping
+    sigma close to what the expected participation needs; the budget is still
+    enforced round by round.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    mean = rounds * fraction
+    sd = math.sqrt(rounds * fraction * (1.0 - fraction))
+    return max(1, min(rounds, math.ceil(mean + 2.0 * sd)))
+
+
+def poisson_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Sample rate and steps per round of Opacus's Poisson loader.
+
+    Opacus turns a loader of ``L = ceil(n / B)`` batches into ``L`` Poisson batches per
+    epoch with sample rate ``1 / L``.
+    """
+    if num_examples < 1:
+        raise ValueError("a client needs at least one training example")
+    batches = math.ceil(num_examples / batch_size)
+    return 1.0 / batches, batches * epochs
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """What one client has spent, composed over all its rounds.
+
+    Attributes:
+        accountant: Opacus accountant name.
+        delta: Delta of the reported guarantee.
+        target_epsilon: The budget; ``None`` when DP is off.
+        noise_multiplier: Sigma calibrated for the planned participation.
+        sample_rate: Poisson sample rate q.
+        planned_rounds: Participation sigma was calibrated for.
+        history: Opacus accountant history.
+        rounds: Server rounds this client trained in.
+        epsilon: Epsilon composed over ``history`` (``None`` when DP is off).
+
+    """
+
+    accountant: str
+    delta: float
+    target_epsilon: float | None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    planned_rounds: int = 0
+    history: tuple[HistoryEntry, ...] = ()
+    rounds: tuple[int, ...] = field(default=())
+    epsilon: float | None = None
+
+    @classmethod
+    def empty(cls, privacy: PrivacyConfig) -> PrivacyLedger:
+        """A ledger with nothing spent."""
+        return cls(
+            accountant=privacy.accountant,
+            delta=privacy.delta,
+            target_epsilon=privacy.target_epsilon,
+            epsilon=0.0 if privacy.enabled else None,
+        )
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps taken over all rounds."""
+        return sum(n for _, _, n in self.history)
+
+    def calibrated(
+        self, privacy: PrivacyConfig, sample_rate: float, steps_per_round: int, planned_rounds: int
+    ) -> PrivacyLedger:
+        """Fix sigma and q on first use; later calls return the ledger unchanged.
+
+        Raises:
+            ValueError: the stored sample rate differs (the client's data changed size).
+
+        """
+        if not privacy.enabled or self.noise_multiplier is not None:
+            if self.sample_rate is not None and not math.isclose(self.sample_rate, sample_rate):
+                raise ValueError(
+                    f"this client's sample rate changed from {self.sample_rate:.6g} to "
+                    f"{sample_rate:.6g}; the ledger was calibrated for another dataset size"
+                )
+            return self
+        assert privacy.target_epsilon is not None
+        sigma = privacy.noise_multiplier
+        if sigma is None:
+            sigma = calibrate_noise_multiplier(
+                privacy.target_epsilon,
+                privacy.delta,
+                sample_rate,
+                planned_rounds * steps_per_round,
+                privacy.accountant,
+            )
+        return replace(
+            self, noise_multiplier=sigma, sample_rate=sample_rate, planned_rounds=planned_rounds
+        )
+
+    def projected_epsilon(self, steps: int) -> float | None:
+        """Epsilon after ``steps`` more steps at the calibrated sigma and q."""
+        if self.noise_multiplier is None or self.sample_rate is None:
+            return None
+        return compute_epsilon(
+            self.accountant,
+            _merge(self.history, (self.noise_multiplier, self.sample_rate, steps)),
+            self.delta,
+        )
+
+    def check_budget(self, steps: int) -> None:
+        """Raise :class:`BudgetExhaustedError` if ``steps`` more steps exceed the budget."""
+        if self.target_epsilon is None:
+            return
+        projected = self.projected_epsilon(steps)
+        if projected is not None and projected > self.target_epsilon * (1 + _EPS_SLACK):
+            raise BudgetExhaustedError(
+                f"privacy budget exhausted: epsilon spent {self.epsilon or 0.0:.3f}, one more "
+                f"round ({steps} steps) would reach {projected:.3f} > target "
+                f"{self.target_epsilon:g} at delta {self.delta:g}"
+            )
+
+    def record_round(self, server_round: int, history: tuple[HistoryEntry, ...]) -> PrivacyLedger:
+        """The ledger after a round whose accountant history is ``history``."""
+        eps = (
+            compute_epsilon(self.accountant, history, self.delta)
+            if self.target_epsilon is not None
+            else None
+        )
+        return replace(self, history=history, rounds=(*self.rounds, server_round), epsilon=eps)
+
+    def record_plain_round(self, server_round: int) -> PrivacyLedger:
+        """The ledger after a non-private round."""
+        return replace(self, rounds=(*self.rounds, server_round))
+
+    def to_json(self) -> str:
+        """Serialize to JSON."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyLedger:
+        """Inverse of :meth:`to_json`."""
+        raw = json.loads(text)
+        raw["history"] = tuple((float(s), float(q), int(n)) for s, q, n in raw["history"])
+        raw["rounds"] = tuple(int(r) for r in raw["rounds"])
+        return cls(**raw)
+
+
+def _merge(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:
+    """Append ``entry`` the way Opacus's accountants do: merge equal (sigma, q) runs."""
+    if history and history[-1][0] == entry[0] and history[-1][1] == entry[1]:
+        return (*history[:-1], (entry[0], entry[1], history[-1][2] + entry[2]))
+    return (*history, entry)

@@ -1,0 +1,42 @@
+"""The sepals exception hierarchy.
+
+Every error that sepals raises on purpose derives from :class:`SepalsError`, so an
+application can catch the whole family in one place. Input validation in constructors
+raises :class:`ValueError` directly, as the Python data model expects.
+"""
+
+
+class SepalsError(Exception):
+    """Base class of all sepals domain errors."""
+
+
+class PayloadError(SepalsError):
+    """An update or aggregate payload cannot be used."""
+
+
+class MalformedPayloadError(PayloadError):
+    """A payload is truncated, has a bad header, a wrong length, or fails to deserialize."""
+
+
+class ForeignKeyError(PayloadError):
+    """A payload was made under another HE key than the one this party holds."""
+
+
+class NonFiniteUpdateError(PayloadError):
+    """A model update contains NaN or infinite values."""
+
+
+class SecretKeyExposureError(SepalsError):
+    """A secret HE key was offered to a party that must never hold one (the server)."""
+
+
+class MissingSecretKeyError(SepalsError):
+    """A client-side operation (decryption) was attempted without the secret key."""
+
+
+class BudgetExhaustedError(SepalsError):
+    """Training one more round would push a client past its (epsilon, delta) budget."""
+
+
+class ModelCompatibilityError(SepalsError):
+    """A model cannot be trained with DP-SGD (for example it contains BatchNorm)."""

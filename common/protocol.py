@@ -1,0 +1,164 @@
+"""Names and helpers of the sepals message protocol on Flower's Message API.
+
+Train message (server to client), a ``RecordDict`` with:
+
+* ``config`` (ConfigRecord): round settings, see :class:`RoundConfig`.
+* ``global`` (ArrayRecord): empty in round 1 (every client builds the same seeded
+  model); afterwards ``payload`` (the encrypted weighted sum of the last round) and
+  ``weight-total`` (the sum of the weights, plaintext metadata).
+
+Train reply: ``update`` (ArrayRecord with ``payload``), ``metrics`` (MetricRecord with
+``num-examples`` and privacy figures) and ``client`` (ConfigRecord with ``client-id``).
+A client that declines (budget exhausted, bad input) replies with a Flower ``Error``
+whose code is one of the ``ERR_*`` constants below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from sepals.common.config import FederationConfig
+
+KEY_CONFIG = "config"
+KEY_GLOBAL = "global"
+KEY_UPDATE = "update"
+KEY_METRICS = "metrics"
+KEY_CLIENT = "client"
+KEY_PAYLOAD = "payload"
+KEY_WEIGHT_TOTAL = "weight-total"
+PAYLOAD_STYPE = "sepals.payload.v1"
+PAYLOAD_DTYPE = "bytes"
+
+ERR_BUDGET_EXHAUSTED = 4101
+ERR_BAD_GLOBAL = 4102
+ERR_BAD_UPDATE = 4103
+ERR_CLIENT_FAILURE = 4199
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Plaintext settings the server sends with every train or evaluate message.
+
+    Attributes:
+        server_round: The round number, from 1.
+        rounds: Total rounds planned (clients calibrate sigma for it).
+        fraction_train: Sampling fraction (clients plan their participation with it).
+        local_epochs: Local epochs.
+        batch_size: Batch size.
+        learning_rate: SGD learning rate.
+        momentum: SGD momentum.
+        model_seed: Seed of the shared round-0 model.
+        codec: Name of the update codec (``ckks`` or ``plain-fp32``).
+        key_fingerprint: Hex fingerprint of the HE key the server expects.
+        vector_length: Number of model parameters.
+
+    """
+
+    server_round: int
+    rounds: int
+    fraction_train: float
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    model_seed: int
+    codec: str
+    key_fingerprint: str
+    vector_length: int
+
+    @classmethod
+    def build(
+        cls,
+        federation: FederationConfig,
+        server_round: int,
+        codec: str,
+        key_fingerprint: str,
+        vector_length: int,
+    ) -> RoundConfig:
+        """Round settings for ``server_round`` of ``federation``."""
+        return cls(
+            server_round=server_round,
+            rounds=federation.rounds,
+            fraction_train=federation.fraction_train,
+            local_epochs=federation.local_epochs,
+            batch_size=federation.batch_size,
+            learning_rate=federation.learning_rate,
+            momentum=federation.momentum,
+            model_seed=federation.seed,
+            codec=codec,
+            key_fingerprint=key_fingerprint,
+            vector_length=vector_length,
+        )
+
+    def to_record_dict(self) -> dict[str, Any]:
+        """Flat dict with hyphenated keys, ready for a ``ConfigRecord``."""
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_record_dict(cls, record: Any) -> RoundConfig:
+        """Parse a ``ConfigRecord`` produced by :meth:`to_record_dict`.
+
+        Raises:
+            ValueError: a field is missing.
+
+        """
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in record:
+                raise ValueError(f"round config lacks {key!r}")
+            values[f.name] = record[key]
+        return cls(**values)
+
+
+def payload_array(payload: bytes) -> Any:
+    """Wrap payload bytes in a Flower ``Array`` (chunked by Flower when large)."""
+    from flwr.app import Array
+
+    return Array(dtype=PAYLOAD_DTYPE, shape=(len(payload),), stype=PAYLOAD_STYPE, data=payload)
+
+
+def payload_from_array(array: Any) -> bytes:
+    """The payload bytes inside an ``Array`` made by :func:`payload_array`.
+
+    Raises:
+        ValueError: the array is not a sepals payload.
+
+    """
+    if getattr(array, "stype", None) != PAYLOAD_STYPE:
+        raise ValueError(
+            f"array has stype {getattr(array, 'stype', None)!r}, expected {PAYLOAD_STYPE!r}"
+        )
+    return bytes(array.data)
+
+
+def global_record(payload: bytes, weight_total: float) -> Any:
+    """The ``global`` ArrayRecord: encrypted weighted sum plus its weight total."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord(
+        {
+            KEY_PAYLOAD: payload_array(payload),
+            KEY_WEIGHT_TOTAL: Array(np.array([weight_total], dtype=np.float64)),
+        }
+    )
+
+
+def read_global_record(record: Any) -> tuple[bytes, float] | None:
+    """``(payload, weight_total)`` of a ``global`` record, or ``None`` if it is empty.
+
+    Raises:
+        ValueError: the record is malformed.
+
+    """
+    if record is None or len(record) == 0:
+        return None
+    if KEY_PAYLOAD not in record or KEY_WEIGHT_TOTAL not in record:
+        raise ValueError("global record must hold 'payload' and 'weight-total'")
+    weight_total = float(record[KEY_WEIGHT_TOTAL].numpy().reshape(-1)[0])
+    if not (np.isfinite(weight_total) and weight_total > 0):
+        raise ValueError(f"global weight total must be positive, got {weight_total}")
+    return payload_from_array(record[KEY_PAYLOAD]), weight_total

@@ -1,0 +1,1 @@
+"""Local multi-client simulations (``sepals-sim``) on Flower's Ray backend."""

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never talk to the network: no Flower telemetry, no hub.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def ckks_keys() -> tuple[bytes, bytes]:
+    from sepals.common.codec import generate_secret_context, public_context_bytes
+    from sepals.common.config import EncryptionConfig
+
+    secret = generate_secret_context(EncryptionConfig())
+    return secret, public_context_bytes(secret)

@@ -1,0 +1,100 @@
+"""End-to-end simulations on Flower's Ray backend (tens of seconds each)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Context, Message, MessageType
+
+from sepals.client.privacy import compute_epsilon
+from sepals.common.codec import CkksCodec, PlainCodec, generate_secret_context
+from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.protocol import KEY_PAYLOAD, KEY_UPDATE, payload_array, payload_from_array
+from sepals.simulations.harness import SimulationConfig, run_experiment
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path: Path, clients: int, rounds: int, **kw) -> SimulationConfig:
+    return SimulationConfig(
+        dataset="digits",
+        clients=clients,
+        federation=FederationConfig(rounds=rounds, min_train_clients=1, fraction_evaluate=1.0),
+        privacy=PrivacyConfig(target_epsilon=4.0),
+        encryption=EncryptionConfig(),
+        out=str(tmp_path / "run"),
+        cpus=2,
+        **kw,
+    )
+
+
+def test_three_clients_two_rounds_end_to_end(tmp_path):
+    rows = []
+    report = run_experiment(_config(tmp_path, clients=3, rounds=2), progress=rows.append)
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["final"] == report["final"]
+    assert (out / "accuracy.png").stat().st_size > 0 and (out / "epsilon.png").stat().st_size > 0
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in report["rounds"]:
+        assert row["clients_accepted"] == 3 and row["clients_excluded"] == 0
+        assert 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["loss"])
+        assert row["upload_bytes"] > 0 and row["seconds"] > 0
+        assert row["federated_accuracy"] is not None
+    # round 1 trains the seeded model: only the evaluation broadcast carries a global model;
+    # round 2 sends it for training and for evaluation
+    down = [r["download_bytes"] for r in report["rounds"]]
+    assert down[0] > 0 and down[1] == 2 * down[0]
+    assert report["config"]["codec"] == "ckks"
+    # epsilon is honest: recomputed from the reported sigma, q and steps
+    assert len(report["clients"]) == 3
+    for c in report["clients"]:
+        assert c["rounds_participated"] == 2
+        recomputed = compute_epsilon(
+            c["accountant"], ((c["noise_multiplier"], c["sample_rate"], c["steps"]),), 1e-5
+        )
+        assert c["epsilon"] == pytest.approx(recomputed, rel=1e-9)
+        assert 0 < c["epsilon"] <= 4.0
+    assert report["final"]["epsilon"] == max(c["epsilon"] for c in report["clients"])
+    # the clients' key file is private to its owner
+    mode = stat.S_IMODE((out / "keys" / "clients.secret").stat().st_mode)
+    assert mode == 0o600
+
+
+class FaultyClients:
+    """A client mod that corrupts the replies of partitions 0, 1 and 2."""
+
+    def __call__(self, msg: Message, context: Context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
+            return reply
+        pid = int(context.node_config["partition-id"])
+        payload = payload_from_array(reply.content[KEY_UPDATE][KEY_PAYLOAD])
+        if pid == 0:  # truncated ciphertext
+            bad = payload[: len(payload) // 2]
+        elif pid == 1:  # ciphertext under a foreign key
+            cfg = EncryptionConfig()
+            bad = CkksCodec.for_client(generate_secret_context(cfg), cfg).encode(np.ones(10))
+        elif pid == 2:  # plaintext of the wrong length
+            bad = PlainCodec().encode(np.ones(10))
+        else:
+            return reply
+        reply.content[KEY_UPDATE] = ArrayRecord({KEY_PAYLOAD: payload_array(bad)})
+        return reply
+
+
+def test_bad_clients_are_excluded_and_rounds_go_on(tmp_path):
+    report = run_experiment(_config(tmp_path, clients=4, rounds=2), client_mods=[FaultyClients()])
+    for row in report["rounds"]:
+        assert row["clients_accepted"] == 1
+        assert row["clients_excluded"] == 3
+    reasons = [r for log in report["server_log"] for _, r in log["excluded"]]
+    assert sum("MalformedPayloadError" in r for r in reasons) == 4  # truncated, plain x2 rounds
+    assert sum("ForeignKeyError" in r for r in reasons) == 2
+    assert [c["id"] for c in report["clients"]] == ["client-3"]
+    # the good client's update made it: the model moved away from chance
+    assert report["final"]["accuracy"] > 0.2
