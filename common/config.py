@@ -182,7 +182,10 @@ class FederationConfig:
         fraction_evaluate: Fraction of nodes asked for federated evaluation each round.
         local_epochs: Epochs of local training per round.
         batch_size: (Expected) batch size; with DP it sets the Poisson sample rate.
-        learning_rate: Local SGD learning rate.
+        learning_rate: Local SGD learning rate (of round 1).
+        lr_schedule: ``cosine`` decays the rate over the rounds to 10% of
+            ``learning_rate`` in the last round, which damps the DP noise of the final
+            rounds; ``constant`` keeps it.
         momentum: Local SGD momentum.
         round_timeout: Seconds the server waits for replies in one round.
         seed: Seed of node sampling and of the shared model initialisation.
@@ -196,6 +199,7 @@ class FederationConfig:
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.1
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     momentum: float = 0.9
     round_timeout: float = 600.0
     seed: int = 0
@@ -217,10 +221,21 @@ class FederationConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
+            )
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
         if self.round_timeout <= 0:
             raise ValueError(f"round_timeout must be positive, got {self.round_timeout!r}")
+
+    def learning_rate_at(self, server_round: int) -> float:
+        """The local learning rate of ``server_round`` (from 1) under the schedule."""
+        if self.lr_schedule == "constant" or self.rounds == 1:
+            return self.learning_rate
+        progress = (min(max(server_round, 1), self.rounds) - 1) / (self.rounds - 1)
+        return self.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict of every field."""

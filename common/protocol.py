@@ -85,7 +85,7 @@ class RoundConfig:
             fraction_train=federation.fraction_train,
             local_epochs=federation.local_epochs,
             batch_size=federation.batch_size,
-            learning_rate=federation.learning_rate,
+            learning_rate=federation.learning_rate_at(server_round),
             momentum=federation.momentum,
             model_seed=federation.seed,
             codec=codec,

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Tuned defaults per dataset (used where a flag is not given).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"rounds": 30, "local_epochs": 1, "batch_size": 32, "lr": 0.1, "max_grad_norm": 1.0},
+    "digits": {"rounds": 30, "local_epochs": 1, "batch_size": 16, "lr": 0.2, "max_grad_norm": 1.0},
     "breast_cancer": {
         "rounds": 20,
         "local_epochs": 1,
@@ -130,7 +130,7 @@ def _configure_logging(verbose: bool) -> None:
     import flwr.common.logger  # noqa: F401 - sets up Flower's logger, which we then quiet
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

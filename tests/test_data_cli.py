@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sepals.common.data import PartitionSpec, client_partition, load_dataset, partition_indices
+from sepals.common.models import MLP, SmallCNN, build_seeded, get_flat, num_parameters, set_flat
+from sepals.simulations.cli import build_parser, config_from_args
+
+
+@pytest.mark.parametrize(
+    ("name", "n_train", "n_test"), [("digits", 1437, 360), ("breast_cancer", 455, 114)]
+)
+def test_bundled_datasets_split(name, n_train, n_test):
+    d = load_dataset(name)
+    assert (len(d.train), len(d.test)) == (n_train, n_test)
+    assert d.train.x.dtype == np.float32 and np.isfinite(d.train.x).all()
+
+
+def test_partitions_cover_train_split_disjointly():
+    labels = load_dataset("digits").train.y
+    for spec in ("iid", "dirichlet:0.3", "shards:2"):
+        parts = partition_indices(labels, 10, PartitionSpec.parse(spec), seed=0)
+        flat = np.concatenate(parts)
+        assert len(np.unique(flat)) == len(flat), spec  # disjoint
+        assert all(len(p) > 0 for p in parts), spec
+        if spec == "iid":
+            assert len(flat) == len(labels)
+
+
+def test_dirichlet_is_skewed_and_iid_is_not():
+    labels = load_dataset("digits").train.y
+    iid = partition_indices(labels, 10, PartitionSpec.parse("iid"), seed=0)
+    skew = partition_indices(labels, 10, PartitionSpec.parse("dirichlet:0.1"), seed=0)
+
+    def max_share(parts):
+        return np.mean([np.bincount(labels[p], minlength=10).max() / len(p) for p in parts])
+
+    assert max_share(skew) > 2 * max_share(iid)
+
+
+def test_client_partition_is_deterministic():
+    a, _ = client_partition("digits", 5, "iid", 3, 2)
+    b, _ = client_partition.__wrapped__("digits", 5, "iid", 3, 2)
+    np.testing.assert_array_equal(a.y, b.y)
+
+
+@pytest.mark.parametrize("text", ["dirichlet", "dirichlet:abc", "shards:0", "random", "iid:3"])
+def test_bad_partition_specs(text):
+    if text == "dirichlet":
+        assert PartitionSpec.parse(text).alpha == 0.5
+        return
+    with pytest.raises(ValueError):
+        PartitionSpec.parse(text)
+
+
+def test_models_round_trip_and_seeding():
+    m1 = build_seeded(lambda: MLP(64, 10), 7)
+    m2 = build_seeded(lambda: MLP(64, 10), 7)
+    np.testing.assert_array_equal(get_flat(m1), get_flat(m2))
+    cnn = SmallCNN()
+    w = np.random.default_rng(0).normal(size=num_parameters(cnn))
+    set_flat(cnn, w)
+    np.testing.assert_allclose(get_flat(cnn), w, rtol=1e-6)
+    with pytest.raises(ValueError, match="shape"):
+        set_flat(cnn, w[:-1])
+
+
+def test_cli_defaults_match_the_default_job():
+    cfg = config_from_args(build_parser().parse_args([]))
+    assert (cfg.dataset, cfg.clients, cfg.partition) == ("digits", 10, "iid")
+    assert cfg.privacy.target_epsilon == 8.0 and cfg.privacy.delta == 1e-5
+    assert cfg.encryption.scheme == "ckks"
+
+
+def test_cli_epsilon_zero_and_no_encryption():
+    cfg = config_from_args(build_parser().parse_args(["--epsilon", "0", "--no-encryption"]))
+    assert not cfg.privacy.enabled and not cfg.encryption.enabled
+
+
+@pytest.mark.parametrize("argv", [["--epsilon", "-1"], ["--clients", "0"], ["--partition", "x"]])
+def test_cli_rejects_bad_flags(argv):
+    with pytest.raises(ValueError):
+        config_from_args(build_parser().parse_args(argv))
