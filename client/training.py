@@ -7,11 +7,14 @@ the accountant's history is carried across rounds through :class:`PrivacyLedger`
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +26,9 @@ from sepals.client.privacy import PrivacyLedger, poisson_schedule
 from sepals.common.config import PrivacyConfig
 from sepals.common.errors import ModelCompatibilityError
 from sepals.common.models import ModelFactory, get_flat, set_flat
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,25 @@ def _noise_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
+def _silence_opacus_notices(fn: Callable[P, R]) -> Callable[P, R]:
+    """Hide two notices that are not actionable for sepals users.
+
+    Opacus announces that ``secure_mode`` is off (documented in the README: the noise
+    source is torch's generator; torchcsprng does not exist for torch 2.x), and torch
+    warns about full backward hooks on input layers.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_silence_opacus_notices
 def train_round(
     factory: ModelFactory,
     initial_weights: npt.NDArray[np.floating] | None,  # type: ignore[type-arg]
@@ -135,35 +160,6 @@ def train_round(
             voids the accountant's subsampling assumption.
 
     """
-    with warnings.catch_warnings():
-        # Opacus announces that secure_mode is off (documented in the README: the noise
-        # source is torch's generator; torchcsprng does not exist for torch 2.x) and
-        # torch warns about full backward hooks on input layers; neither is actionable.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _train_round(
-            factory,
-            initial_weights,
-            data,
-            settings,
-            privacy,
-            ledger,
-            server_round,
-            poisson_sampling=poisson_sampling,
-        )
-
-
-def _train_round(
-    factory: ModelFactory,
-    initial_weights: npt.NDArray[np.floating] | None,  # type: ignore[type-arg]
-    data: Dataset,  # type: ignore[type-arg]
-    settings: TrainSettings,
-    privacy: PrivacyConfig,
-    ledger: PrivacyLedger,
-    server_round: int,
-    *,
-    poisson_sampling: bool,
-) -> TrainOutcome:
     t0 = time.perf_counter()
     model = factory()
     if initial_weights is not None:
