@@ -8,6 +8,7 @@ ledger file, on disk as well.
 
 from __future__ import annotations
 
+import functools
 import traceback
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -52,6 +53,15 @@ def store_ledger(context: Context, ledger: PrivacyLedger) -> None:
     context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
+@functools.lru_cache(maxsize=8)
+def _client_for(runtime: ClientRuntime) -> SepalsClient:
+    """One client per runtime and process: the key context is loaded once, not per message.
+
+    Module level, so that the ClientApp pickled to simulation workers refers to it by name.
+    """
+    return SepalsClient(runtime)
+
+
 def _error_reply(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
@@ -70,7 +80,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
     def train(msg: Message, context: Context) -> Message:
         runtime = provider(context)
         try:
-            client = SepalsClient(runtime)
+            client = _client_for(runtime)
             cfg = RoundConfig.from_record_dict(msg.content[KEY_CONFIG])
             global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
             ledger = load_ledger(context, runtime)
@@ -101,7 +111,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
     def evaluate(msg: Message, context: Context) -> Message:
         runtime = provider(context)
         try:
-            client = SepalsClient(runtime)
+            client = _client_for(runtime)
             cfg = RoundConfig.from_record_dict(msg.content[KEY_CONFIG])
             global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
             metrics = client.evaluate(cfg, global_model)

@@ -27,8 +27,8 @@ from sepals.client.training import (
 from sepals.common.codec import UpdateCodec, make_client_codec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import MalformedPayloadError
-from sepals.common.models import ModelFactory, build_seeded, num_parameters
-from sepals.common.protocol import RoundConfig
+from sepals.common.models import ModelFactory
+from sepals.common.protocol import RoundConfig, decode_global_model
 
 
 @dataclass(frozen=True)
@@ -98,24 +98,13 @@ class SepalsClient:
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None
     ) -> npt.NDArray[np.float64]:
         """Decrypt the global model, or build the shared seeded round-0 model."""
-        if global_model is None:
-            model = build_seeded(self.factory, cfg.model_seed)
-            from sepals.common.models import get_flat
-
-            weights = get_flat(model)
-        else:
-            payload, weight_total = global_model
-            weights = self.codec.decode(payload) / weight_total
+        weights = decode_global_model(self.codec, self.factory, global_model, cfg.model_seed)
         if weights.shape != (cfg.vector_length,):
             raise MalformedPayloadError(
                 f"global model has {weights.size} values, the server announced "
                 f"{cfg.vector_length}; is the client's model the federation's model?"
             )
         return weights
-
-    def vector_length(self) -> int:
-        """Number of parameters of this client's (fixed) model."""
-        return num_parameters(self.factory())
 
     def train(
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None, ledger: PrivacyLedger
@@ -160,7 +149,6 @@ class SepalsClient:
             "steps": outcome.steps,
             "total-steps": outcome.ledger.steps,
             "rounds-participated": len(outcome.ledger.rounds),
-            "train-loss": outcome.mean_loss,
             "train-seconds": outcome.seconds,
             "decrypt-seconds": t_decrypt,
             "encrypt-seconds": t_encrypt,

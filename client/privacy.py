@@ -155,18 +155,18 @@ class PrivacyLedger:
             ValueError: the stored sample rate differs (the client's data changed size).
 
         """
-        if not privacy.enabled or self.noise_multiplier is not None:
+        target = privacy.target_epsilon
+        if target is None or self.noise_multiplier is not None:
             if self.sample_rate is not None and not math.isclose(self.sample_rate, sample_rate):
                 raise ValueError(
                     f"this client's sample rate changed from {self.sample_rate:.6g} to "
                     f"{sample_rate:.6g}; the ledger was calibrated for another dataset size"
                 )
             return self
-        assert privacy.target_epsilon is not None
         sigma = privacy.noise_multiplier
         if sigma is None:
             sigma = calibrate_noise_multiplier(
-                privacy.target_epsilon,
+                target,
                 privacy.delta,
                 sample_rate,
                 planned_rounds * steps_per_round,

@@ -205,8 +205,9 @@ def _as_finite_vector(vector: FloatVector) -> npt.NDArray[np.float64]:
     if arr.ndim != 1:
         raise ValueError(f"expected a flat vector, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        raise NonFiniteUpdateError(f"update holds {bad} NaN or infinite values")
+        # The reason travels to the server: it names the fault, not how much of the
+        # update is affected.
+        raise NonFiniteUpdateError("update holds NaN or infinite values")
     return arr
 
 
@@ -287,6 +288,10 @@ def generate_secret_context(config: EncryptionConfig) -> bytes:
     )
 
 
+def _fingerprint_of(ctx: ts.Context) -> bytes:
+    return hashlib.sha256(_serialize_public(ctx)).digest()[:FINGERPRINT_BYTES]
+
+
 def public_context_bytes(secret_context: bytes) -> bytes:
     """Strip the secret key from a serialized context."""
     import tenseal as ts
@@ -298,7 +303,7 @@ def context_fingerprint(context: bytes) -> bytes:
     """Fingerprint of a serialized context (secret or public: same key, same value)."""
     import tenseal as ts
 
-    return hashlib.sha256(_serialize_public(ts.context_from(context))).digest()[:FINGERPRINT_BYTES]
+    return _fingerprint_of(ts.context_from(context))
 
 
 class CkksCodec(UpdateCodec):
@@ -314,7 +319,7 @@ class CkksCodec(UpdateCodec):
     def __init__(self, context: ts.Context, config: EncryptionConfig) -> None:
         self._ctx = context
         self._config = config
-        self._fingerprint = hashlib.sha256(_serialize_public(context)).digest()[:FINGERPRINT_BYTES]
+        self._fingerprint = _fingerprint_of(context)
 
     @classmethod
     def for_server(cls, public_context: bytes, config: EncryptionConfig) -> CkksCodec:

@@ -19,8 +19,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
+from sepals.common.codec import UpdateCodec
 from sepals.common.config import FederationConfig
+from sepals.common.models import ModelFactory, build_seeded, get_flat
 
 KEY_CONFIG = "config"
 KEY_GLOBAL = "global"
@@ -112,6 +115,24 @@ class RoundConfig:
                 raise ValueError(f"round config lacks {key!r}")
             values[f.name] = record[key]
         return cls(**values)
+
+
+def decode_global_model(
+    codec: UpdateCodec,
+    factory: ModelFactory,
+    global_model: tuple[bytes, float] | None,
+    model_seed: int,
+) -> npt.NDArray[np.float64]:
+    """Flat weights of the global model, on a party that holds the secret key.
+
+    ``None`` (round 1) is the shared round-0 model every party builds from
+    ``model_seed``; otherwise the encrypted weighted sum is decrypted and divided by its
+    weight total.
+    """
+    if global_model is None:
+        return get_flat(build_seeded(factory, model_seed))
+    payload, weight_total = global_model
+    return codec.decode(payload) / weight_total
 
 
 def payload_array(payload: bytes) -> Any:

@@ -64,8 +64,8 @@ def make_server_app(settings: ServerSettings, strategy: EncryptedFedAvg | None =
 
     Pass ``strategy`` (from :func:`build_strategy`) to keep a handle on its history.
     """
-    if strategy is None:
-        strategy = build_strategy(settings)  # fail fast, before any node connects
+    # Build the strategy now, so a bad key or setting fails before any node connects.
+    active = strategy if strategy is not None else build_strategy(settings)
     app = ServerApp()
 
     @app.main()
@@ -74,10 +74,9 @@ def make_server_app(settings: ServerSettings, strategy: EncryptedFedAvg | None =
             INFO,
             "sepals server: %s rounds, codec %s",
             settings.federation.rounds,
-            strategy.codec.name,
+            active.codec.name,
         )
-        assert strategy is not None
-        strategy.start(
+        active.start(
             grid=grid,
             initial_arrays=ArrayRecord(),
             num_rounds=settings.federation.rounds,

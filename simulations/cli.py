@@ -120,11 +120,13 @@ def _progress_line(row: dict[str, Any], rounds: int) -> None:
     )
 
 
-def _configure_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+def configure_logging(verbose: bool) -> None:
+    """Give the ``sepals`` logger a stderr handler (once) and quiet Flower unless verbose."""
     sepals_logger = logging.getLogger("sepals")
-    sepals_logger.addHandler(handler)
+    if not sepals_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        sepals_logger.addHandler(handler)
     sepals_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     sepals_logger.propagate = False
     import flwr.common.logger  # noqa: F401 - sets up Flower's logger, which we then quiet
@@ -140,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sepals.simulations.harness import apply_process_env
 
     apply_process_env()
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
         config = config_from_args(args)
     except ValueError as exc:

@@ -22,6 +22,7 @@ deprecated; the deprecation notice is silenced for this call only.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import multiprocessing
 import os
@@ -148,14 +149,10 @@ def _evaluator_run(
 ) -> tuple[float, float]:
     """Evaluator (subprocess): decrypt a global model, return (loss, accuracy)."""
     from sepals.client.training import evaluate_model
-    from sepals.common.models import build_seeded, get_flat
+    from sepals.common.protocol import decode_global_model
 
     factory = _EVAL_STATE["factory"]
-    if global_model is None:
-        weights = get_flat(build_seeded(factory, model_seed))
-    else:
-        payload, weight_total = global_model
-        weights = _EVAL_STATE["codec"].decode(payload) / weight_total
+    weights = decode_global_model(_EVAL_STATE["codec"], factory, global_model, model_seed)
     loss, acc, _ = evaluate_model(factory, weights, _EVAL_STATE["test"])
     return loss, acc
 
@@ -174,27 +171,34 @@ class SimulatedClientProvider:
 
     def __call__(self, context: Any) -> Any:
         """The :class:`ClientRuntime` of the node in ``context``."""
-        import torch
+        return _simulated_runtime(self, int(context.node_config["partition-id"]))
 
-        from sepals.client.core import ClientRuntime
-        from sepals.common.data import client_partition
 
-        torch.set_num_threads(1)
-        pid = int(context.node_config["partition-id"])
-        train, test = client_partition(self.dataset, self.clients, self.partition, self.seed, pid)
-        data = load_dataset(self.dataset, self.seed)
-        secret = Path(self.secret_path).read_bytes() if self.secret_path else None
-        return ClientRuntime(
-            client_id=f"client-{pid}",
-            model_factory=data.model_factory(),
-            train_data=train.to_torch(),
-            test_data=test.to_torch(),
-            privacy=self.privacy,
-            encryption=self.encryption,
-            secret_context=secret,
-            seed=self.seed,
-            deterministic_noise=True,
-        )
+@functools.lru_cache(maxsize=64)
+def _simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
+    """Build a simulated client's runtime once per worker process, not once per message."""
+    import torch
+
+    from sepals.client.core import ClientRuntime
+    from sepals.common.data import client_partition
+
+    torch.set_num_threads(1)
+    train, test = client_partition(
+        provider.dataset, provider.clients, provider.partition, provider.seed, pid
+    )
+    data = load_dataset(provider.dataset, provider.seed)
+    secret = Path(provider.secret_path).read_bytes() if provider.secret_path else None
+    return ClientRuntime(
+        client_id=f"client-{pid}",
+        model_factory=data.model_factory(),
+        train_data=train.to_torch(),
+        test_data=test.to_torch(),
+        privacy=provider.privacy,
+        encryption=provider.encryption,
+        secret_context=secret,
+        seed=provider.seed,
+        deterministic_noise=True,
+    )
 
 
 # --------------------------------------------------------------------------- run

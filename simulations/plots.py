@@ -20,15 +20,8 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(rounds, [100 * r["accuracy"] for r in report["rounds"]], marker="o", ms=3)
-    ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%), held-out split")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    path = out / "accuracy.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(plt, fig, ax, title, out / "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     eps = [r["epsilon"] for r in report["rounds"]]
@@ -42,12 +35,16 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     else:
         ax.text(0.5, 0.5, "DP off", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel("epsilon")
+    written.append(_save(plt, fig, ax, title, out / "epsilon.png"))
+    return written
+
+
+def _save(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
+    """Label the round axis, title and grid the plot, write it to ``path`` and close it."""
     ax.set_xlabel("round")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    path = out / "epsilon.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path

@@ -39,17 +39,31 @@ def test_dirichlet_is_skewed_and_iid_is_not():
     assert max_share(skew) > 2 * max_share(iid)
 
 
-def test_client_partition_is_deterministic():
-    a, _ = client_partition("digits", 5, "iid", 3, 2)
-    b, _ = client_partition.__wrapped__("digits", 5, "iid", 3, 2)
-    np.testing.assert_array_equal(a.y, b.y)
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "shards:2"])
+def test_partitioning_is_seeded(spec):
+    labels = load_dataset("digits").train.y
+    parse = PartitionSpec.parse
+    a = partition_indices(labels, 5, parse(spec), seed=3)
+    b = partition_indices(labels, 5, parse(spec), seed=3)
+    c = partition_indices(labels, 5, parse(spec), seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
-@pytest.mark.parametrize("text", ["dirichlet", "dirichlet:abc", "shards:0", "random", "iid:3"])
+def test_client_partition_returns_its_shards():
+    train, test = client_partition("digits", 5, "iid", 3, 2)
+    assert len(train) in (287, 288) and len(test) == 72
+
+
+def test_partition_spec_defaults_and_round_trip():
+    assert PartitionSpec.parse("dirichlet").alpha == 0.5
+    assert PartitionSpec.parse("shards").shards == 2
+    for text in ("iid", "dirichlet:0.3", "shards:4"):
+        assert str(PartitionSpec.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["dirichlet:abc", "shards:0", "random", "iid:3"])
 def test_bad_partition_specs(text):
-    if text == "dirichlet":
-        assert PartitionSpec.parse(text).alpha == 0.5
-        return
     with pytest.raises(ValueError):
         PartitionSpec.parse(text)
 

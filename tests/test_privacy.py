@@ -74,10 +74,8 @@ def test_noise_std_matches_sigma_times_clip():
     )
     q, steps = poisson_schedule(n, n, 1)
     ledger = PrivacyLedger.empty(privacy).calibrated(privacy, q, steps, 1)
-    start = get_flat(factory()) * 0  # factory weights are random; we compare deltas
-    model0 = factory()
-    w0 = get_flat(model0)
-    out = train_round(lambda: factory(), w0, data, settings, privacy, ledger, 1)
+    w0 = get_flat(factory())
+    out = train_round(factory, w0, data, settings, privacy, ledger, 1)
     delta = (out.weights - w0) * n  # expected batch size = q * n = n
     assert out.steps == 1
     assert delta.size == d * k
@@ -85,7 +83,6 @@ def test_noise_std_matches_sigma_times_clip():
     # std of a 10,000-sample std estimate is ~0.7%; 5% fails any real mistake
     assert abs(rel - 1.0) < 0.05, rel
     assert abs(delta.mean()) < 5 * sigma * clip / math.sqrt(delta.size)
-    del start
 
 
 def test_zero_noise_no_clipping_equals_plain_sgd():
