@@ -66,6 +66,24 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
+def _guarded(
+    msg: Message, runtime: ClientRuntime, action: str, work: Callable[[], Message]
+) -> Message:
+    """Run ``work``; turn every failure into an error reply with a reason, never a lost round."""
+    who = runtime.client_id
+    try:
+        return work()
+    except BudgetExhaustedError as exc:
+        log(INFO, "client %s declines to %s: %s", who, action, exc)
+        return _error_reply(msg, ERR_BUDGET_EXHAUSTED, f"{who}: {exc}")
+    except (SepalsError, ValueError) as exc:
+        log(WARNING, "client %s cannot %s: %s", who, action, exc)
+        return _error_reply(msg, ERR_BAD_GLOBAL, f"{who}: {exc}")
+    except Exception as exc:
+        log(WARNING, "client %s failed to %s: %s", who, action, traceback.format_exc())
+        return _error_reply(msg, ERR_CLIENT_FAILURE, f"{who}: {exc!r}")
+
+
 def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) -> ClientApp:
     """A ``ClientApp`` that trains and evaluates with the runtime ``provider`` builds.
 
@@ -79,55 +97,42 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         runtime = provider(context)
-        try:
-            client = _client_for(runtime)
+
+        def work() -> Message:
             cfg = RoundConfig.from_record_dict(msg.content[KEY_CONFIG])
             global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
-            ledger = load_ledger(context, runtime)
-            reply = client.train(cfg, global_model, ledger)
-        except BudgetExhaustedError as exc:
-            log(INFO, "client %s declines round: %s", runtime.client_id, exc)
-            return _error_reply(msg, ERR_BUDGET_EXHAUSTED, f"{runtime.client_id}: {exc}")
-        except (SepalsError, ValueError) as exc:
-            log(WARNING, "client %s cannot train: %s", runtime.client_id, exc)
-            return _error_reply(msg, ERR_BAD_GLOBAL, f"{runtime.client_id}: {exc}")
-        except Exception as exc:  # a crash must become a reply, not a lost round
-            log(WARNING, "client %s failed: %s", runtime.client_id, traceback.format_exc())
-            return _error_reply(msg, ERR_CLIENT_FAILURE, f"{runtime.client_id}: {exc!r}")
-        # The spend is recorded before the update leaves the client.
-        store_ledger(context, reply.ledger)
-        content = RecordDict(
-            {
-                KEY_UPDATE: ArrayRecord({KEY_PAYLOAD: payload_array(reply.payload)}),
-                KEY_METRICS: MetricRecord(reply.metrics),
-                KEY_CLIENT: ConfigRecord(
-                    {"client-id": runtime.client_id, "accountant": reply.ledger.accountant}
-                ),
-            }
-        )
-        return Message(content, reply_to=msg)
+            reply = _client_for(runtime).train(cfg, global_model, load_ledger(context, runtime))
+            # The spend is recorded before the update leaves the client.
+            store_ledger(context, reply.ledger)
+            content = RecordDict(
+                {
+                    KEY_UPDATE: ArrayRecord({KEY_PAYLOAD: payload_array(reply.payload)}),
+                    KEY_METRICS: MetricRecord(reply.metrics),
+                    KEY_CLIENT: ConfigRecord(
+                        {"client-id": runtime.client_id, "accountant": reply.ledger.accountant}
+                    ),
+                }
+            )
+            return Message(content, reply_to=msg)
+
+        return _guarded(msg, runtime, "train", work)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         runtime = provider(context)
-        try:
-            client = _client_for(runtime)
+
+        def work() -> Message:
             cfg = RoundConfig.from_record_dict(msg.content[KEY_CONFIG])
             global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
-            metrics = client.evaluate(cfg, global_model)
-        except (SepalsError, ValueError) as exc:
-            return _error_reply(msg, ERR_BAD_GLOBAL, f"{runtime.client_id}: {exc}")
-        except Exception as exc:
-            log(WARNING, "client %s failed: %s", runtime.client_id, traceback.format_exc())
-            return _error_reply(msg, ERR_CLIENT_FAILURE, f"{runtime.client_id}: {exc!r}")
-        return Message(
-            RecordDict(
+            metrics = _client_for(runtime).evaluate(cfg, global_model)
+            content = RecordDict(
                 {
                     KEY_METRICS: MetricRecord(metrics),
                     KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id}),
                 }
-            ),
-            reply_to=msg,
-        )
+            )
+            return Message(content, reply_to=msg)
+
+        return _guarded(msg, runtime, "evaluate", work)
 
     return app
