@@ -99,3 +99,27 @@ def test_bad_clients_are_excluded_and_rounds_go_on(tmp_path):
     # each round's aggregate is exactly the good client's weighted update
     good = report["clients"][0]["num_examples"]
     assert [log["weight_total"] for log in report["server_log"]] == [good, good]
+
+
+def test_clients_refuse_rounds_past_their_budget(tmp_path):
+    """sigma fixed at 1.0, target epsilon 3: one round (2.85) fits, a second (3.45) does not."""
+    config = SimulationConfig(
+        dataset="digits",
+        clients=3,
+        federation=FederationConfig(rounds=3, min_train_clients=1, batch_size=32),
+        privacy=PrivacyConfig(target_epsilon=3.0, noise_multiplier=1.0),
+        encryption=EncryptionConfig(),
+        out=str(tmp_path / "run"),
+        cpus=2,
+    )
+    report = run_experiment(config)
+    accepted = [r["clients_accepted"] for r in report["rounds"]]
+    declined = [r["clients_declined"] for r in report["rounds"]]
+    assert accepted == [3, 0, 0] and declined == [0, 3, 3]
+    reasons = [r for log in report["server_log"] for _, r in log["declined"]]
+    assert all("privacy budget exhausted" in r and "> target 3" in r for r in reasons)
+    # no global model came out of rounds 2 and 3, so the accuracy stays put
+    assert report["rounds"][1]["accuracy"] == report["rounds"][0]["accuracy"]
+    for c in report["clients"]:
+        assert c["rounds_participated"] == 1
+        assert c["epsilon"] == pytest.approx(2.8504, abs=1e-3) and c["epsilon"] <= 3.0
