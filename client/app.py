@@ -41,15 +41,28 @@ LEDGER_STATE_KEY = "sepals-ledger"
 
 
 def load_ledger(context: Context, runtime: ClientRuntime) -> PrivacyLedger:
-    """The ledger kept in ``context.state``, or an empty one."""
+    """The client's ledger: its file if the runtime names one, else ``context.state``.
+
+    With a file, the file is authoritative; if ``context.state`` holds a ledger with more
+    steps (it can only be the same client's), the larger spend wins, so a lost or stale
+    file never under-counts.
+    """
     record = context.state.get(LEDGER_STATE_KEY)
+    in_state = None
     if isinstance(record, ConfigRecord) and "json" in record:
-        return PrivacyLedger.from_json(str(record["json"]))
-    return PrivacyLedger.empty(runtime.privacy)
+        in_state = PrivacyLedger.from_json(str(record["json"]))
+    if runtime.ledger_path is None:
+        return in_state if in_state is not None else PrivacyLedger.empty(runtime.privacy)
+    on_disk = PrivacyLedger.load(runtime.ledger_path, runtime.privacy)
+    if in_state is not None and in_state.steps > on_disk.steps:
+        return in_state
+    return on_disk
 
 
-def store_ledger(context: Context, ledger: PrivacyLedger) -> None:
-    """Write the ledger into ``context.state``."""
+def store_ledger(context: Context, runtime: ClientRuntime, ledger: PrivacyLedger) -> None:
+    """Record ``ledger`` in the file (atomically, first) and in ``context.state``."""
+    if runtime.ledger_path is not None:
+        ledger.save(runtime.ledger_path, runtime.client_id)
     context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
@@ -103,7 +116,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
             global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
             reply = _client_for(runtime).train(cfg, global_model, load_ledger(context, runtime))
             # The spend is recorded before the update leaves the client.
-            store_ledger(context, reply.ledger)
+            store_ledger(context, runtime, reply.ledger)
             content = RecordDict(
                 {
                     KEY_UPDATE: ArrayRecord({KEY_PAYLOAD: payload_array(reply.payload)}),

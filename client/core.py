@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +47,10 @@ class ClientRuntime:
         seed: Seed of batch order (and, if ``deterministic_noise``, of the DP noise).
         deterministic_noise: Derive the DP noise seed from ``seed`` (reproducible
             simulations only); otherwise noise is seeded from ``os.urandom``.
+        ledger_path: The persistent privacy ledger file (deployments). Each round's
+            spend is written there atomically before the update leaves the client, and
+            the file is authoritative across restarts. ``None`` keeps the ledger only in
+            Flower's ``Context.state`` (simulations).
 
     """
 
@@ -58,6 +63,7 @@ class ClientRuntime:
     secret_context: bytes | None = field(default=None, repr=False)
     seed: int = 0
     deterministic_noise: bool = False
+    ledger_path: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from sepals.common.config import PrivacyConfig
 from sepals.common.errors import BudgetExhaustedError
+from sepals.common.ledger import LedgerFileError, read_ledger_file, write_ledger_file
 
 HistoryEntry = tuple[float, float, int]
 
@@ -216,12 +218,49 @@ class PrivacyLedger:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PrivacyLedger:
+        """Inverse of ``dataclasses.asdict``."""
+        fields = dict(raw)
+        fields["history"] = tuple((float(s), float(q), int(n)) for s, q, n in raw["history"])
+        fields["rounds"] = tuple(int(r) for r in raw["rounds"])
+        return cls(**fields)
+
+    @classmethod
     def from_json(cls, text: str) -> PrivacyLedger:
         """Inverse of :meth:`to_json`."""
-        raw = json.loads(text)
-        raw["history"] = tuple((float(s), float(q), int(n)) for s, q, n in raw["history"])
-        raw["rounds"] = tuple(int(r) for r in raw["rounds"])
-        return cls(**raw)
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: Path, client_id: str) -> None:
+        """Write the ledger file atomically (see :mod:`sepals.common.ledger`)."""
+        write_ledger_file(path, client_id, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path, privacy: PrivacyConfig) -> PrivacyLedger:
+        """The ledger at ``path``, or an empty one for ``privacy`` if there is none yet.
+
+        Raises:
+            LedgerFileError: the file exists but cannot be used.
+            ValueError: the stored ledger was kept under another accountant or delta,
+                so its spend cannot be composed with this budget.
+
+        """
+        if not path.exists():
+            return cls.empty(privacy)
+        doc = read_ledger_file(path)
+        try:
+            ledger = cls.from_dict(doc["ledger"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LedgerFileError(f"{path}: malformed ledger: {exc}") from exc
+        if privacy.enabled and (
+            ledger.accountant != privacy.accountant or ledger.delta != privacy.delta
+        ):
+            raise ValueError(
+                f"ledger {path} composes with accountant {ledger.accountant!r} at delta "
+                f"{ledger.delta:g}; this client is configured for {privacy.accountant!r} "
+                f"at delta {privacy.delta:g}"
+            )
+        # The budget is the client's current setting; the spend is what the file says.
+        return replace(ledger, target_epsilon=privacy.target_epsilon)
 
 
 def _merge(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:

@@ -178,7 +178,8 @@ class FederationConfig:
     Attributes:
         rounds: Number of federated rounds.
         fraction_train: Fraction of connected nodes sampled for training each round.
-        min_train_clients: Lower bound on the nodes sampled for training.
+        min_train_clients: Minimum clients: nodes to wait for and sample at least, and
+            valid updates a round needs before it changes the global model.
         fraction_evaluate: Fraction of nodes asked for federated evaluation each round.
         local_epochs: Epochs of local training per round.
         batch_size: (Expected) batch size; with DP it sets the Poisson sample rate.

@@ -63,7 +63,9 @@ class RoundRecord:
 
     round: int
     sampled: int = 0
+    replied: int = 0
     accepted: int = 0
+    aggregated: bool = False
     declined: list[tuple[int, str]] = field(default_factory=list)
     excluded: list[tuple[int, str]] = field(default_factory=list)
     upload_bytes: int = 0
@@ -96,6 +98,15 @@ class EncryptedFedAvg(Strategy):
         vector_length: Number of model parameters every update must encode.
         federation: Rounds, sampling and local-training settings.
         on_round: Called with each finished :class:`RoundRecord` (metrics sink).
+        min_available_nodes: Nodes to wait for before sampling (default: the federation's
+            ``min_train_clients``).
+        node_wait_timeout: Seconds to wait for them before sampling whoever is there.
+        round_offset: Rounds already done before this run (a resumed federation):
+            Flower's round ``r`` is federation round ``r + round_offset``.
+
+    A round changes the global model only if at least ``min_train_clients`` valid updates
+    arrive before the round timeout. Sampled nodes that never reply (dropped, killed,
+    partitioned) are counted as ``missing`` and the round goes on without them.
 
     """
 
@@ -107,9 +118,14 @@ class EncryptedFedAvg(Strategy):
         on_round: Callable[[RoundRecord], None] | None = None,
         min_available_nodes: int | None = None,
         node_wait_timeout: float = 300.0,
+        round_offset: int = 0,
     ) -> None:
         if vector_length < 1:
             raise ValueError(f"vector_length must be >= 1, got {vector_length}")
+        if round_offset < 0:
+            raise ValueError(f"round_offset must be >= 0, got {round_offset}")
+        self.round_offset = round_offset
+        self.latest_global: ArrayRecord | None = None
         self.codec = codec
         self.vector_length = vector_length
         self.federation = federation
@@ -186,6 +202,7 @@ class EncryptedFedAvg(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes and send each the round config and the encrypted global model."""
+        server_round += self.round_offset
         self._t_round = time.perf_counter()
         record = RoundRecord(round=server_round)
         self._current = record
@@ -232,12 +249,14 @@ class EncryptedFedAvg(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, exclude bad ones with a logged reason, add the rest."""
+        server_round += self.round_offset
         if self._current is None or self._current.round != server_round:
             self._current = RoundRecord(round=server_round)
         record = self._current
         loaded_all: list[list[Any]] = []
         weight_total = 0.0
         for msg in replies:
+            record.replied += 1
             node = msg.metadata.src_node_id
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
@@ -262,13 +281,25 @@ class EncryptedFedAvg(Strategy):
         eps = [c.epsilon for c in record.clients if c.epsilon is not None]
         record.max_epsilon = max(eps) if eps else None
         record.train_seconds = time.perf_counter() - self._t_round
-        if not loaded_all:
-            log(WARNING, "round %s: no valid update; the global model is unchanged", server_round)
+        missing = record.sampled - record.replied
+        if missing > 0:
+            log(WARNING, "round %s: %s sampled nodes did not reply in time", server_round, missing)
+        if len(loaded_all) < max(1, self.federation.min_train_clients):
+            log(
+                WARNING,
+                "round %s: %s valid updates, fewer than the minimum %s; the global model "
+                "is unchanged",
+                server_round,
+                len(loaded_all),
+                self.federation.min_train_clients,
+            )
             return None, self._train_metrics(record)
         t0 = time.perf_counter()
         payload = self.codec.aggregate_loaded(loaded_all, self.vector_length)
         record.aggregate_seconds = time.perf_counter() - t0
         record.weight_total = weight_total
+        record.aggregated = True
+        self.latest_global = global_record(payload, weight_total)
         log(
             INFO,
             "round %s: aggregated %s updates (%s declined, %s excluded)",
@@ -277,7 +308,7 @@ class EncryptedFedAvg(Strategy):
             len(record.declined),
             len(record.excluded),
         )
-        return global_record(payload, weight_total), self._train_metrics(record)
+        return self.latest_global, self._train_metrics(record)
 
     @staticmethod
     def _train_metrics(record: RoundRecord) -> MetricRecord:
@@ -296,6 +327,7 @@ class EncryptedFedAvg(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Ask a fraction of nodes to evaluate the decrypted global model locally."""
+        server_round += self.round_offset
         self._t_eval = time.perf_counter()
         fraction = self.federation.fraction_evaluate
         if fraction <= 0.0 or read_global_record(arrays) is None:
@@ -309,6 +341,7 @@ class EncryptedFedAvg(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Example-weighted mean of the clients' loss and accuracy."""
+        server_round += self.round_offset
         record = self._current or RoundRecord(round=server_round)
         total, loss, acc = 0.0, 0.0, 0.0
         for msg in replies:

@@ -1,0 +1,501 @@
+"""The client SDK for edge apps: join a deployed federation from your own process.
+
+An edge app brings a model factory, its data and a privacy budget, and calls
+:func:`join_federation` (or builds an :class:`EdgeClient`) with the bundle that
+``sepals provision`` wrote for it::
+
+    from sepals.client import EdgeApp, join_federation
+    from sepals.common.config import PrivacyConfig
+
+    join_federation(
+        "bundles/clients/client-1",
+        EdgeApp(model_factory=make_model, train_data=train_ds, test_data=test_ds,
+                privacy=PrivacyConfig(target_epsilon=8.0)),
+    )
+
+Underneath, :class:`EdgeClient` starts Flower's ``flower-supernode`` as a child
+process (TLS to the server with the bundle's CA certificate, node authentication with
+the bundle's key, ``--isolation process``) and runs the sepals ClientApp *in this
+process*: the SuperNode relays messages, while the data, the model and the HE secret
+key stay here. Only DP-noised, encrypted updates leave, plus the plaintext metadata
+listed in the README (example count, steps, epsilon).
+
+The privacy ledger is a file (default ``<bundle>/ledger.json``). Each round's spend is
+written to it atomically before the update is handed to the SuperNode, and it is
+read back on start, so a restarted client keeps composing its epsilon and refuses a
+round that would exceed its budget (the server is told why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from torch.utils.data import DataLoader, Dataset
+
+from sepals.client.app import make_client_app
+from sepals.client.core import ClientRuntime
+from sepals.common.codec import context_fingerprint
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.errors import ForeignKeyError, SepalsError
+from sepals.common.log import log
+from sepals.common.models import ModelFactory
+
+FAB_NAME = "sepals-federation"
+_POLL_SECONDS = 0.5
+
+
+class FederationConnectionError(SepalsError):
+    """The client could not join the federation (refused, unreachable, or crashed)."""
+
+
+class NodeRefusedError(FederationConnectionError):
+    """The server refused this node: its authentication key is not registered."""
+
+
+# --------------------------------------------------------------------------- inputs
+def _as_dataset(data: Dataset | DataLoader | None) -> Dataset | None:  # type: ignore[type-arg]
+    if isinstance(data, DataLoader):
+        return data.dataset  # type: ignore[no-any-return]
+    return data
+
+
+@dataclass(frozen=True)
+class EdgeApp:
+    """What an edge app brings to a federation.
+
+    Attributes:
+        model_factory: Builds a fresh, untrained model. Every client of a federation must
+            build the same architecture; BatchNorm is replaced by GroupNorm for DP-SGD.
+        train_data: Training data: a torch ``Dataset`` of ``(x, y)`` pairs, or a
+            ``DataLoader`` (its dataset is used; batching is set by the federation,
+            because DP-SGD samples batches itself).
+        test_data: Optional local test data for federated evaluation.
+        privacy: This client's (epsilon, delta) budget and clipping norm.
+
+    """
+
+    model_factory: ModelFactory
+    train_data: Dataset | DataLoader  # type: ignore[type-arg]
+    test_data: Dataset | DataLoader | None = None  # type: ignore[type-arg]
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if not callable(self.model_factory):
+            raise ValueError("model_factory must be a callable that returns a torch module")
+        train = _as_dataset(self.train_data)
+        if train is None or len(train) == 0:  # type: ignore[arg-type]
+            raise ValueError("train_data must hold at least one example")
+
+
+def load_edge_app(spec: str, kwargs: Mapping[str, str] | None = None) -> EdgeApp:
+    """Import ``module:attr`` or ``path/to/file.py:attr`` and return its :class:`EdgeApp`.
+
+    ``attr`` is an :class:`EdgeApp` or a callable returning one; a callable receives
+    ``kwargs`` as keyword arguments (strings).
+
+    Raises:
+        ValueError: the spec is malformed or does not lead to an ``EdgeApp``.
+
+    """
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(f"app must be 'module:attr' or 'file.py:attr', got {spec!r}")
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if module_spec is None or module_spec.loader is None:
+            raise ValueError(f"cannot import {path}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    try:
+        obj = getattr(module, attr)
+    except AttributeError as exc:
+        raise ValueError(f"{target} has no attribute {attr!r}") from exc
+    if callable(obj) and not isinstance(obj, EdgeApp):
+        obj = obj(**dict(kwargs or {}))
+    elif kwargs:
+        raise ValueError(f"{spec} is not callable, so it takes no app arguments")
+    if not isinstance(obj, EdgeApp):
+        raise ValueError(f"{spec} gave a {type(obj).__name__}, not a sepals EdgeApp")
+    return obj
+
+
+@dataclass(frozen=True)
+class ClientBundle:
+    """A client's bundle as written by ``sepals provision``.
+
+    Attributes:
+        root: The bundle directory.
+        name: The client's name (its id in reports and ledgers).
+        server_address: ``host:port`` of the server.
+        ca_cert: TLS root certificate that signs the server's certificate.
+        node_key: The node's private authentication key (OpenSSH PEM).
+        secret_context: The HE secret context (``None`` when encryption is off).
+        encryption: The federation's encryption settings.
+        he_fingerprint: Hex fingerprint of the HE key (``""`` when encryption is off).
+
+    """
+
+    root: Path
+    name: str
+    server_address: str
+    ca_cert: Path
+    node_key: Path
+    secret_context: Path | None
+    encryption: EncryptionConfig
+    he_fingerprint: str
+
+    @classmethod
+    def load(cls, root: Path | str) -> ClientBundle:
+        """Read and check a bundle directory.
+
+        Raises:
+            ValueError: a file is missing or the bundle is not a client bundle.
+
+        """
+        root = Path(root).expanduser().resolve()
+        try:
+            meta = json.loads((root / "bundle.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{root} is not a sepals client bundle: {exc}") from exc
+        if meta.get("role") != "client":
+            raise ValueError(f"{root} holds a {meta.get('role')!r} bundle, not a client bundle")
+        enc_raw = dict(meta["encryption"])
+        enc_raw["coeff_mod_bit_sizes"] = tuple(enc_raw["coeff_mod_bit_sizes"])
+        encryption = EncryptionConfig(**enc_raw)
+        secret = root / "he-secret.ctx" if encryption.scheme != "none" else None
+        for path in (root / "ca.pem", root / "node.key", secret):
+            if path is not None and not path.is_file():
+                raise ValueError(f"bundle {root} lacks {path.name}")
+        for path in (root / "node.key", secret):
+            if path is not None and path.stat().st_mode & 0o077:
+                log(WARNING, "%s is readable by other users; chmod 600 it", path)
+        return cls(
+            root=root,
+            name=str(meta["name"]),
+            server_address=str(meta["server_address"]),
+            ca_cert=root / "ca.pem",
+            node_key=root / "node.key",
+            secret_context=secret,
+            encryption=encryption,
+            he_fingerprint=str(meta.get("he_key_fingerprint", "")),
+        )
+
+    def read_secret_context(self) -> bytes | None:
+        """The secret context bytes, checked against the bundle's fingerprint.
+
+        Raises:
+            ForeignKeyError: the context is not the one this bundle was provisioned with.
+
+        """
+        if self.secret_context is None:
+            return None
+        data = self.secret_context.read_bytes()
+        actual = context_fingerprint(data).hex()
+        if self.he_fingerprint and actual != self.he_fingerprint:
+            raise ForeignKeyError(
+                f"{self.secret_context} has key {actual}, the bundle expects {self.he_fingerprint}"
+            )
+        return data
+
+
+# --------------------------------------------------------------------------- runtime
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: the SuperNode gets SIGTERM when this process dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _flwr_exe(name: str) -> str:
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FederationConnectionError(f"{name} not found; is flwr installed?")
+    return found
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class EdgeClient:
+    """Joins a federation with a bundle and serves its rounds until stopped.
+
+    Args:
+        bundle: The client bundle (directory or loaded :class:`ClientBundle`).
+        app: Model factory, data and privacy budget.
+        ledger_path: The privacy ledger file (default ``<bundle>/ledger.json``).
+        server_address: Override the bundle's ``host:port``.
+        insecure: Connect without TLS or node authentication (only to a server started
+            with ``--insecure``, for local trials).
+        seed: Seed of batch sampling (default: fresh randomness). DP noise is always
+            drawn from ``os.urandom``-seeded generators.
+        work_dir: Where the SuperNode's files and log go (default: a temporary directory).
+
+    """
+
+    def __init__(
+        self,
+        bundle: ClientBundle | Path | str,
+        app: EdgeApp,
+        *,
+        ledger_path: Path | str | None = None,
+        server_address: str | None = None,
+        insecure: bool = False,
+        seed: int | None = None,
+        work_dir: Path | str | None = None,
+    ) -> None:
+        self.bundle = bundle if isinstance(bundle, ClientBundle) else ClientBundle.load(bundle)
+        if app.privacy.enabled is False:
+            log(WARNING, "client %s joins WITHOUT differential privacy", self.bundle.name)
+        self.server_address = server_address or self.bundle.server_address
+        self.insecure = insecure
+        self.ledger_path = (
+            Path(ledger_path) if ledger_path is not None else self.bundle.root / "ledger.json"
+        )
+        self.runtime = ClientRuntime(
+            client_id=self.bundle.name,
+            model_factory=app.model_factory,
+            train_data=_as_dataset(app.train_data),  # type: ignore[arg-type]
+            test_data=_as_dataset(app.test_data),
+            privacy=app.privacy,
+            encryption=self.bundle.encryption,
+            secret_context=self.bundle.read_secret_context(),
+            seed=seed if seed is not None else secrets.randbits(31),
+            ledger_path=self.ledger_path,
+        )
+        runtime = self.runtime
+        self.client_app: ClientApp = make_client_app(lambda _ctx: runtime)
+        self._own_work_dir = work_dir is None
+        self.work_dir = (
+            Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="sepals-node-"))
+        )
+        self._stop = threading.Event()
+        self._supernode: subprocess.Popen[bytes] | None = None
+        self.tasks_done = 0
+
+    @property
+    def supernode_log(self) -> Path:
+        """The SuperNode's log file."""
+        return self.work_dir / "supernode.log"
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current task."""
+        self._stop.set()
+
+    def _start_supernode(self, port: int, secret_file: Path) -> subprocess.Popen[bytes]:
+        cmd = [
+            _flwr_exe("flower-supernode"),
+            "--superlink",
+            self.server_address,
+            "--isolation",
+            "process",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--superexec-auth-secret-file",
+            str(secret_file),
+            "--node-config",
+            f'sepals-client="{self.bundle.name}"',
+        ]
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += [
+                "--root-certificates",
+                str(self.bundle.ca_cert),
+                "--auth-supernode-private-key",
+                str(self.bundle.node_key),
+            ]
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(self.work_dir / "flwr-home")
+        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+        logfile = self.supernode_log.open("ab")
+        try:
+            return subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        finally:
+            logfile.close()
+
+    def _check_supernode(self) -> None:
+        proc = self._supernode
+        if proc is None or proc.poll() is None:
+            return
+        tail = _tail(self.supernode_log)
+        if "No SuperNode found" in tail or "[code: 2004]" in tail:
+            raise NodeRefusedError(
+                f"the server at {self.server_address} refused node {self.bundle.name}: its "
+                "authentication key is not registered there"
+            )
+        raise FederationConnectionError(
+            f"flower-supernode exited with code {proc.returncode}:\n{tail}"
+        )
+
+    def run(self, max_tasks: int | None = None) -> int:
+        """Serve the federation until :meth:`stop`, ``max_tasks`` tasks, or an error.
+
+        Returns:
+            The number of tasks (train or evaluate messages) served.
+
+        Raises:
+            NodeRefusedError: the server does not know this node's key.
+            FederationConnectionError: the SuperNode failed.
+
+        """
+        from sepals.client.runtime_loop import RuntimeLoop
+
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        secret_file = self.work_dir / "superexec.secret"
+        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        port = _free_port()
+        log(
+            INFO,
+            "client %s joining %s (TLS %s, ledger %s)",
+            self.bundle.name,
+            self.server_address,
+            not self.insecure,
+            self.ledger_path,
+        )
+        self._supernode = self._start_supernode(port, secret_file)
+        self._wait_runtime_api(port)
+        loop = RuntimeLoop(f"127.0.0.1:{port}", secret_file.read_bytes(), self._handle)
+        try:
+            while not self._stop.is_set():
+                self._check_supernode()
+                if loop.poll_once():
+                    self.tasks_done += 1
+                    if max_tasks is not None and self.tasks_done >= max_tasks:
+                        break
+                else:
+                    time.sleep(_POLL_SECONDS)
+        finally:
+            loop.close()
+            self._stop_supernode()
+            if self._own_work_dir:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+        return self.tasks_done
+
+    def _wait_runtime_api(self, port: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_supernode()
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise FederationConnectionError(f"flower-supernode did not start within {timeout:.0f} s")
+
+    def _handle(self, message: Message, context: Context, fab_id: str) -> Message:
+        if not fab_id.endswith(f"/{FAB_NAME}"):
+            log(WARNING, "refusing a task of app %r: this node serves only sepals", fab_id)
+            return Message(Error(code=4103, reason=f"not a sepals app: {fab_id}"), reply_to=message)
+        return self.client_app(message=message, context=context)
+
+    def _stop_supernode(self) -> None:
+        proc = self._supernode
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def join_federation(
+    bundle: ClientBundle | Path | str,
+    app: EdgeApp,
+    **kwargs: Any,
+) -> int:
+    """Join the federation of ``bundle`` with ``app`` and serve it until interrupted.
+
+    Keyword arguments go to :class:`EdgeClient`. Returns the number of tasks served.
+    """
+    client = EdgeClient(bundle, app, **kwargs)
+    try:
+        return client.run()
+    except KeyboardInterrupt:
+        return client.tasks_done
+
+
+# --------------------------------------------------------------------------- FAB app
+@functools.lru_cache(maxsize=4)
+def _runtime_from_node_config(app_spec: str, bundle_dir: str, ledger: str) -> ClientRuntime:
+    bundle = ClientBundle.load(bundle_dir)
+    app = load_edge_app(app_spec)
+    return ClientRuntime(
+        client_id=bundle.name,
+        model_factory=app.model_factory,
+        train_data=_as_dataset(app.train_data),  # type: ignore[arg-type]
+        test_data=_as_dataset(app.test_data),
+        privacy=app.privacy,
+        encryption=bundle.encryption,
+        secret_context=bundle.read_secret_context(),
+        seed=secrets.randbits(31),
+        ledger_path=Path(ledger) if ledger else bundle.root / "ledger.json",
+    )
+
+
+def _node_config_runtime(context: Context) -> ClientRuntime:
+    cfg = context.node_config
+    app_spec, bundle_dir = cfg.get("sepals-app"), cfg.get("sepals-bundle")
+    if not isinstance(app_spec, str) or not isinstance(bundle_dir, str):
+        raise ValueError(
+            "this SuperNode runs ClientApps in Flower subprocesses; give it "
+            '--node-config \'sepals-app="module:attr" sepals-bundle="DIR"\' or use '
+            "sepals-client, which runs the ClientApp in its own process"
+        )
+    return _runtime_from_node_config(app_spec, bundle_dir, str(cfg.get("sepals-ledger", "")))
+
+
+# The ClientApp named in the sepals FAB, for plain ``flower-supernode`` nodes (subprocess
+# isolation): it finds the edge app, bundle and ledger through the node config.
+fab_client_app = make_client_app(_node_config_runtime)

@@ -1,0 +1,99 @@
+"""``sepals``: administration commands.
+
+* ``sepals provision --out DIR --clients N --server-host HOST`` writes every key of a
+  federation and one bundle per party (:mod:`sepals.common.provision`).
+* ``sepals ledger show PATH`` prints a client's privacy ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sepals.common.config import EncryptionConfig
+from sepals.common.ledger import LedgerFileError, format_ledger, read_ledger_file
+from sepals.common.provision import ProvisionSpec, provision
+
+
+def _default_parameters() -> int:
+    """Parameter count of the default model (the digits MLP that sepals-sim trains)."""
+    from sepals.common.data import load_dataset
+    from sepals.common.models import num_parameters
+
+    return num_parameters(load_dataset("digits").model_factory()())
+
+
+def _provision(args: argparse.Namespace) -> int:
+    try:
+        spec = ProvisionSpec(
+            out=args.out,
+            clients=args.clients,
+            server_host=args.server_host,
+            port=args.port,
+            encryption=EncryptionConfig(scheme="none" if args.no_encryption else "ckks"),
+            client_prefix=args.prefix,
+            cert_days=args.cert_days,
+            keep_ca_key=args.keep_ca_key,
+            model_parameters=(
+                args.model_parameters if args.model_parameters else _default_parameters()
+            ),
+        )
+        result = provision(spec)
+    except (ValueError, FileExistsError) as exc:
+        print(f"sepals provision: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.out}/manifest.json (public fingerprints)")
+    print(f"server bundle: {result.server_bundle}  (hand it to the operator)")
+    for path in result.client_bundles:
+        print(f"client bundle: {path}  (hand it to that client only; holds secrets)")
+    if not spec.keep_ca_key:
+        print("the CA private key was discarded (use --keep-ca-key to keep it offline)")
+    return 0
+
+
+def _ledger_show(args: argparse.Namespace) -> int:
+    try:
+        doc = read_ledger_file(args.path)
+    except LedgerFileError as exc:
+        print(f"sepals ledger: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_ledger(doc))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``sepals``."""
+    parser = argparse.ArgumentParser(prog="sepals", description="sepals administration")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prov = sub.add_parser("provision", help="create keys, certificates and bundles")
+    prov.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
+    prov.add_argument("--clients", type=int, required=True, help="number of client bundles")
+    prov.add_argument("--server-host", required=True, help="DNS name or IP clients dial")
+    prov.add_argument("--port", type=int, default=9092, help="server port (default 9092)")
+    prov.add_argument("--prefix", default="client", help="client name prefix (default client)")
+    prov.add_argument("--cert-days", type=int, default=365, help="certificate validity")
+    prov.add_argument("--keep-ca-key", action="store_true", help="also write the CA key")
+    prov.add_argument(
+        "--model-parameters",
+        type=int,
+        default=0,
+        help="parameter count of the federation's model (default: the digits MLP)",
+    )
+    prov.add_argument(
+        "--no-encryption", action="store_true", help="no HE keys (plaintext updates; trials)"
+    )
+    prov.set_defaults(func=_provision)
+    ledger = sub.add_parser("ledger", help="privacy ledgers")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    show = ledger_sub.add_parser("show", help="print a client's privacy ledger")
+    show.add_argument("path", type=Path)
+    show.add_argument("--json", action="store_true", help="print the raw JSON")
+    show.set_defaults(func=_ledger_show)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""Key provisioning for a deployed federation.
+
+:func:`provision` is run once by an administrator. It creates every key the federation
+needs and writes one bundle per party, so that each party is handed only its own::
+
+    OUT/manifest.json                  public: fingerprints of every key, no secret
+    OUT/server/                        the server bundle
+        bundle.json                    role, address, fingerprints, encryption settings
+        ca.pem                         TLS root certificate
+        server.pem, server.key (0600)  TLS certificate (SAN = the server host) and key
+        he-public.ctx                  public HE context: can add, cannot decrypt
+        nodes/<name>.pub               every node's authentication public key
+        server.toml                    a starting configuration for ``sepals-server``
+    OUT/clients/<name>/                one bundle per client
+        bundle.json
+        ca.pem                         to verify the server
+        node.key (0600), node.pub      the node's authentication key pair
+        he-secret.ctx (0600)           the shared HE secret context
+
+The provisioner keeps no copy of any secret: the CA private key is discarded after
+signing the server certificate unless ``keep_ca_key`` is set (then it is written to
+``OUT/ca-private/ca.key``, mode 0600, and belongs offline).
+
+Node authentication keys are ECDSA P-384 in OpenSSH format, as Flower's SuperLink and
+SuperNode expect. TLS keys are ECDSA P-256.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sepals.common.config import EncryptionConfig
+from sepals.common.files import atomic_write
+
+BUNDLE_FILE = "bundle.json"
+MANIFEST_FILE = "manifest.json"
+CA_CERT = "ca.pem"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+PUBLIC_CONTEXT = "he-public.ctx"
+SECRET_CONTEXT = "he-secret.ctx"
+NODE_KEY = "node.key"
+NODE_PUB = "node.pub"
+NODES_DIR = "nodes"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def sha256_hex(data: bytes) -> str:
+    """Full SHA-256 hex digest (for manifests)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class ProvisionSpec:
+    """What to provision.
+
+    Attributes:
+        out: Output directory (must be empty or absent).
+        clients: Number of client bundles.
+        server_host: DNS name or IP address clients use to reach the server; it goes
+            into the TLS certificate's SAN.
+        port: The SuperLink port clients connect to.
+        encryption: HE settings; ``scheme="none"`` writes no HE contexts.
+        client_prefix: Client bundle names are ``<prefix>-1 ... <prefix>-N``.
+        cert_days: Validity of the CA and server certificates.
+        keep_ca_key: Also write the CA private key (for issuing certificates later).
+        model_parameters: Parameter count of the federation's model, written into the
+            server configuration (0 leaves a placeholder the operator must fill in).
+
+    """
+
+    out: Path
+    clients: int
+    server_host: str
+    port: int = 9092
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    client_prefix: str = "client"
+    cert_days: int = 365
+    keep_ca_key: bool = False
+    model_parameters: int = 0
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise ValueError(f"clients must be >= 1, got {self.clients}")
+        if not self.server_host or any(c.isspace() for c in self.server_host):
+            raise ValueError(f"server_host must be a host name or IP, got {self.server_host!r}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+        if not _NAME.match(self.client_prefix):
+            raise ValueError(
+                f"client_prefix must match {_NAME.pattern}, got {self.client_prefix!r}"
+            )
+        if self.model_parameters < 0:
+            raise ValueError(f"model_parameters must be >= 0, got {self.model_parameters}")
+        if self.cert_days < 1:
+            raise ValueError(f"cert_days must be >= 1, got {self.cert_days}")
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as clients dial it."""
+        host = f"[{self.server_host}]" if ":" in self.server_host else self.server_host
+        return f"{host}:{self.port}"
+
+
+def _san_entry(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def make_tls(host: str, days: int) -> tuple[bytes, bytes, bytes, bytes]:
+    """A fresh CA and a server certificate for ``host``.
+
+    Returns:
+        ``(ca_cert_pem, ca_key_pem, server_cert_pem, server_key_pem)``.
+
+    """
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sepals federation CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = [_san_entry(host)]
+    if host not in ("localhost", "127.0.0.1"):
+        # Loopback names let the operator health-check the server locally.
+        sans += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    return (
+        ca_cert.public_bytes(pem),
+        _pem_key(ca_key),
+        server_cert.public_bytes(pem),
+        _pem_key(server_key),
+    )
+
+
+def make_node_keys() -> tuple[bytes, bytes]:
+    """A node authentication key pair: ``(private OpenSSH PEM, public OpenSSH line)``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public + b"\n"
+
+
+def _server_toml(spec: ProvisionSpec) -> str:
+    enc = spec.encryption
+    bits = ", ".join(str(b) for b in enc.coeff_mod_bit_sizes)
+    return f"""# sepals-server configuration (written by `sepals provision`).
+# Relative paths are resolved against this file's directory.
+
+[server]
+address = "0.0.0.0:{spec.port}"
+state_dir = "state"
+ca_cert = "{CA_CERT}"
+server_cert = "{SERVER_CERT}"
+server_key = "{SERVER_KEY}"
+public_context = "{PUBLIC_CONTEXT if enc.scheme != "none" else ""}"
+nodes_dir = "{NODES_DIR}"
+
+[federation]
+rounds = 30
+fraction_train = 1.0
+min_train_clients = {max(1, min(2, spec.clients))}
+fraction_evaluate = 1.0
+round_timeout = 600.0
+local_epochs = 1
+batch_size = 16
+learning_rate = 0.2
+seed = 0
+
+[encryption]
+scheme = "{enc.scheme}"
+poly_modulus_degree = {enc.poly_modulus_degree}
+coeff_mod_bit_sizes = [{bits}]
+scale_bits = {enc.scale_bits}
+max_clients = {enc.max_clients}
+
+[model]
+# Number of parameters of the model every client trains. The server checks every
+# update against it; a client whose model differs is told so by name.
+parameters = {spec.model_parameters}
+"""
+
+
+@dataclass(frozen=True)
+class ProvisionResult:
+    """Where the bundles went."""
+
+    out: Path
+    server_bundle: Path
+    client_bundles: tuple[Path, ...]
+    manifest: dict[str, Any]
+
+
+def provision(spec: ProvisionSpec) -> ProvisionResult:
+    """Create every key of a federation and write the per-party bundles.
+
+    Raises:
+        FileExistsError: ``spec.out`` exists and is not empty (keys are never overwritten).
+
+    """
+    from sepals.common.codec import (
+        context_fingerprint,
+        generate_secret_context,
+        public_context_bytes,
+    )
+
+    out = spec.out
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; refusing to overwrite existing keys")
+    out.mkdir(parents=True, exist_ok=True)
+    ca_pem, ca_key, server_pem, server_key = make_tls(spec.server_host, spec.cert_days)
+
+    secret_ctx = public_ctx = None
+    he_fingerprint = ""
+    if spec.encryption.scheme != "none":
+        secret_ctx = generate_secret_context(spec.encryption)
+        public_ctx = public_context_bytes(secret_ctx)
+        he_fingerprint = context_fingerprint(public_ctx).hex()
+
+    server_dir = out / "server"
+    names = [f"{spec.client_prefix}-{i}" for i in range(1, spec.clients + 1)]
+    nodes: dict[str, str] = {}
+    client_dirs: list[Path] = []
+    common_info: dict[str, Any] = {
+        "server_address": spec.address,
+        "ca_sha256": sha256_hex(ca_pem),
+        "server_cert_sha256": sha256_hex(server_pem),
+        "he_key_fingerprint": he_fingerprint,
+        "encryption": asdict(spec.encryption),
+    }
+    for name in names:
+        private, public = make_node_keys()
+        nodes[name] = sha256_hex(public.strip())
+        cdir = out / "clients" / name
+        atomic_write(cdir / CA_CERT, ca_pem)
+        atomic_write(cdir / NODE_KEY, private, secret=True)
+        atomic_write(cdir / NODE_PUB, public)
+        if secret_ctx is not None:
+            atomic_write(cdir / SECRET_CONTEXT, secret_ctx, secret=True)
+        atomic_write(server_dir / NODES_DIR / f"{name}.pub", public)
+        bundle = {"role": "client", "name": name, **common_info, "node_pub_sha256": nodes[name]}
+        atomic_write(cdir / BUNDLE_FILE, _json_bytes(bundle))
+        client_dirs.append(cdir)
+
+    atomic_write(server_dir / CA_CERT, ca_pem)
+    atomic_write(server_dir / SERVER_CERT, server_pem)
+    atomic_write(server_dir / SERVER_KEY, server_key, secret=True)
+    if public_ctx is not None:
+        atomic_write(server_dir / PUBLIC_CONTEXT, public_ctx)
+    atomic_write(
+        server_dir / BUNDLE_FILE, _json_bytes({"role": "server", **common_info, "nodes": nodes})
+    )
+    atomic_write(server_dir / "server.toml", _server_toml(spec).encode())
+    if spec.keep_ca_key:
+        atomic_write(out / "ca-private" / "ca.key", ca_key, secret=True)
+
+    manifest = {
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "server_host": spec.server_host,
+        **common_info,
+        "he_public_context_sha256": sha256_hex(public_ctx) if public_ctx is not None else "",
+        "nodes": nodes,
+        "ca_key_kept": spec.keep_ca_key,
+    }
+    atomic_write(out / MANIFEST_FILE, _json_bytes(manifest))
+    return ProvisionResult(out, server_dir, tuple(client_dirs), manifest)

@@ -1,0 +1,149 @@
+"""The server's state directory: metrics, encrypted checkpoints, and resume.
+
+Layout (everything here is safe for an honest-but-curious server to hold: plaintext
+metadata and ciphertexts, never a secret key or a plaintext model)::
+
+    STATE/metrics.jsonl        one JSON object per finished round (RoundRecord)
+    STATE/checkpoint.json      the last finished round: codec, key fingerprint, weight
+                               total, sampling-RNG state, SHA-256 of the model file
+    STATE/global-model.spl     that round's encrypted global model (a codec payload)
+    STATE/done.json            written when the configured rounds are all finished
+
+Checkpoints are written atomically, model file first, so ``checkpoint.json`` always
+names a complete model file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from sepals.common.codec import UpdateCodec
+from sepals.common.errors import SepalsError
+from sepals.common.files import atomic_write
+from sepals.common.protocol import global_record, read_global_record
+from sepals.server.strategy import EncryptedFedAvg, RoundRecord
+
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FILE = "checkpoint.json"
+MODEL_FILE = "global-model.spl"
+DONE_FILE = "done.json"
+
+
+class CheckpointError(SepalsError):
+    """A checkpoint cannot be resumed from (damaged, or made under another key/model)."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state of a federation after its last finished round."""
+
+    round: int
+    payload: bytes
+    weight_total: float
+    rng_state: dict[str, Any]
+
+    def arrays(self) -> ArrayRecord:
+        """The encrypted global model as the strategy passes it on."""
+        return global_record(self.payload, self.weight_total)
+
+
+class StateDir:
+    """Reads and writes one server state directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def metrics_path(self) -> Path:
+        """The JSON-lines metrics file."""
+        return self.root / METRICS_FILE
+
+    def append_metrics(self, record: RoundRecord) -> None:
+        """Append one round's metrics line (flushed and fsync'ed)."""
+        line = json.dumps(record.to_dict(), sort_keys=True) + "\n"
+        with self.metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every metrics line written so far."""
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+
+    def save_checkpoint(self, strategy: EncryptedFedAvg, server_round: int) -> None:
+        """Checkpoint the strategy's latest encrypted global model after ``server_round``."""
+        if strategy.latest_global is None:
+            return
+        parsed = read_global_record(strategy.latest_global)
+        if parsed is None:
+            return
+        payload, weight_total = parsed
+        atomic_write(self.root / MODEL_FILE, payload)
+        meta = {
+            "round": server_round,
+            "codec": strategy.codec.name,
+            "key_fingerprint": strategy.codec.fingerprint_hex,
+            "vector_length": strategy.vector_length,
+            "weight_total": weight_total,
+            "model_sha256": hashlib.sha256(payload).hexdigest(),
+            "rng_state": strategy.rng.bit_generator.state,
+        }
+        atomic_write(self.root / CHECKPOINT_FILE, (json.dumps(meta, indent=2) + "\n").encode())
+
+    def load_checkpoint(self, codec: UpdateCodec, vector_length: int) -> Checkpoint | None:
+        """The last checkpoint, validated against ``codec`` and ``vector_length``.
+
+        Raises:
+            CheckpointError: the checkpoint is damaged or belongs to another federation.
+
+        """
+        path = self.root / CHECKPOINT_FILE
+        if not path.exists():
+            return None
+        try:
+            meta = json.loads(path.read_text())
+            payload = (self.root / MODEL_FILE).read_bytes()
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read checkpoint in {self.root}: {exc}") from exc
+        if hashlib.sha256(payload).hexdigest() != meta.get("model_sha256"):
+            raise CheckpointError(f"{self.root / MODEL_FILE} does not match checkpoint.json")
+        if meta.get("codec") != codec.name or meta.get("key_fingerprint") != codec.fingerprint_hex:
+            raise CheckpointError(
+                f"checkpoint was made with codec {meta.get('codec')!r} under key "
+                f"{meta.get('key_fingerprint')}; this server runs {codec.name!r} under "
+                f"{codec.fingerprint_hex}. Use a fresh state directory for a new federation."
+            )
+        if meta.get("vector_length") != vector_length:
+            raise CheckpointError(
+                f"checkpoint holds a {meta.get('vector_length')}-parameter model; the "
+                f"configuration says {vector_length}"
+            )
+        try:
+            codec.validate(payload, vector_length)
+        except SepalsError as exc:
+            raise CheckpointError(f"checkpointed model is not a valid payload: {exc}") from exc
+        return Checkpoint(
+            round=int(meta["round"]),
+            payload=payload,
+            weight_total=float(meta["weight_total"]),
+            rng_state=dict(meta["rng_state"]),
+        )
+
+    def mark_done(self, rounds: int) -> None:
+        """Record that all ``rounds`` are finished."""
+        atomic_write(self.root / DONE_FILE, (json.dumps({"rounds": rounds}) + "\n").encode())
+
+    def done_rounds(self) -> int | None:
+        """Rounds recorded by :meth:`mark_done`, if any."""
+        path = self.root / DONE_FILE
+        if not path.exists():
+            return None
+        return int(json.loads(path.read_text())["rounds"])
