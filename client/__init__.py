@@ -1,6 +1,24 @@
-"""The sepals client: DP-SGD training core, privacy ledger and Flower ClientApp."""
+"""The sepals client: DP-SGD training core, privacy ledger, Flower ClientApp and edge SDK."""
 
 from sepals.client.core import ClientRuntime, SepalsClient
+from sepals.client.edge import (
+    ClientBundle,
+    EdgeApp,
+    EdgeClient,
+    FederationConnectionError,
+    NodeRefusedError,
+    join_federation,
+)
 from sepals.client.privacy import PrivacyLedger
 
-__all__ = ["ClientRuntime", "PrivacyLedger", "SepalsClient"]
+__all__ = [
+    "ClientBundle",
+    "ClientRuntime",
+    "EdgeApp",
+    "EdgeClient",
+    "FederationConnectionError",
+    "NodeRefusedError",
+    "PrivacyLedger",
+    "SepalsClient",
+    "join_federation",
+]

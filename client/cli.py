@@ -14,7 +14,12 @@ import signal
 import sys
 from pathlib import Path
 
-from sepals.client.edge import EdgeClient, FederationConnectionError, load_edge_app
+from sepals.client.edge import (
+    EdgeClient,
+    FederationConnectionError,
+    NodeRefusedError,
+    load_edge_app,
+)
 from sepals.common.errors import SepalsError
 
 
@@ -44,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", help="override the bundle's HOST:PORT")
     parser.add_argument("--insecure", action="store_true", help="no TLS (local trials only)")
     parser.add_argument("--max-tasks", type=int, help="exit after serving this many tasks")
+    parser.add_argument(
+        "--activation-timeout",
+        type=float,
+        default=150.0,
+        help="seconds to keep retrying while the server refuses this node (default 150)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -59,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             ledger_path=args.ledger,
             server_address=args.server,
             insecure=args.insecure,
+            activation_timeout=args.activation_timeout,
         )
     except (ValueError, SepalsError) as exc:
         print(f"sepals-client: {exc}", file=sys.stderr)
@@ -70,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         served = client.run(max_tasks=args.max_tasks)
-    except FederationConnectionError as exc:
+    except NodeRefusedError as exc:
+        print(f"sepals-client: refused: {exc}", file=sys.stderr)
+        return 4
+    except (FederationConnectionError, SepalsError) as exc:
         print(f"sepals-client: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:

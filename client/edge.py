@@ -28,8 +28,6 @@ round that would exceed its budget (the server is told why).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
 import importlib
 import importlib.util
@@ -37,8 +35,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +57,15 @@ from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import ForeignKeyError, SepalsError
 from sepals.common.log import log
 from sepals.common.models import ModelFactory
+from sepals.common.procs import (
+    ProcessStartError,
+    flower_env,
+    flwr_executable,
+    free_port,
+    start_child,
+    stop_child,
+    wait_for_port,
+)
 
 FAB_NAME = "sepals-federation"
 _POLL_SECONDS = 0.5
@@ -227,28 +232,6 @@ class ClientBundle:
 
 
 # --------------------------------------------------------------------------- runtime
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the SuperNode gets SIGTERM when this process dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _flwr_exe(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise FederationConnectionError(f"{name} not found; is flwr installed?")
-    return found
-
-
 def _tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -269,6 +252,8 @@ class EdgeClient:
         seed: Seed of batch sampling (default: fresh randomness). DP noise is always
             drawn from ``os.urandom``-seeded generators.
         work_dir: Where the SuperNode's files and log go (default: a temporary directory).
+        activation_timeout: Seconds to keep retrying when the server refuses the node.
+        activation_retry: Seconds between those retries.
 
     """
 
@@ -282,7 +267,13 @@ class EdgeClient:
         insecure: bool = False,
         seed: int | None = None,
         work_dir: Path | str | None = None,
+        activation_timeout: float = 150.0,
+        activation_retry: float = 10.0,
     ) -> None:
+        if activation_timeout < 0 or activation_retry <= 0:
+            raise ValueError("activation_timeout must be >= 0 and activation_retry > 0")
+        self.activation_timeout = activation_timeout
+        self.activation_retry = activation_retry
         self.bundle = bundle if isinstance(bundle, ClientBundle) else ClientBundle.load(bundle)
         if app.privacy.enabled is False:
             log(WARNING, "client %s joins WITHOUT differential privacy", self.bundle.name)
@@ -323,7 +314,7 @@ class EdgeClient:
 
     def _start_supernode(self, port: int, secret_file: Path) -> subprocess.Popen[bytes]:
         cmd = [
-            _flwr_exe("flower-supernode"),
+            flwr_executable("flower-supernode"),
             "--superlink",
             self.server_address,
             "--isolation",
@@ -346,43 +337,48 @@ class EdgeClient:
                 "--auth-supernode-private-key",
                 str(self.bundle.node_key),
             ]
-        env = dict(os.environ)
-        env["FLWR_HOME"] = str(self.work_dir / "flwr-home")
-        env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-        logfile = self.supernode_log.open("ab")
-        try:
-            return subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-            )
-        finally:
-            logfile.close()
+        env = flower_env(self.work_dir / "flwr-home")
+        return start_child(cmd, env, self.supernode_log)
 
-    def _check_supernode(self) -> None:
+    def _supernode_refused(self) -> bool:
+        """Whether the SuperNode exited because the server refused to activate it.
+
+        Raises:
+            FederationConnectionError: it exited for another reason.
+
+        """
         proc = self._supernode
         if proc is None or proc.poll() is None:
-            return
+            return False
         tail = _tail(self.supernode_log)
-        if "No SuperNode found" in tail or "[code: 2004]" in tail:
-            raise NodeRefusedError(
-                f"the server at {self.server_address} refused node {self.bundle.name}: its "
-                "authentication key is not registered there"
-            )
+        if "[code: 2004]" in tail or "Failed to activate SuperNode" in tail:
+            return True
         raise FederationConnectionError(
             f"flower-supernode exited with code {proc.returncode}:\n{tail}"
         )
 
+    def _launch(self, port: int, secret_file: Path, timeout: float = 120.0) -> None:
+        self._supernode = self._start_supernode(port, secret_file)
+        try:
+            wait_for_port("127.0.0.1", port, self._supernode, timeout, "flower-supernode")
+        except ProcessStartError:
+            if not self._supernode_refused():
+                raise
+
     def run(self, max_tasks: int | None = None) -> int:
         """Serve the federation until :meth:`stop`, ``max_tasks`` tasks, or an error.
+
+        If the server refuses to activate the node, the SuperNode is restarted every
+        ``activation_retry`` seconds for up to ``activation_timeout`` seconds: a node
+        that was killed stays marked online at the server until its heartbeat expires
+        (about a minute), and a restarted client must wait that out.
 
         Returns:
             The number of tasks (train or evaluate messages) served.
 
         Raises:
-            NodeRefusedError: the server does not know this node's key.
+            NodeRefusedError: the server kept refusing this node (its key is not
+                registered, or it is connected from another process).
             FederationConnectionError: the SuperNode failed.
 
         """
@@ -393,7 +389,7 @@ class EdgeClient:
         fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(secrets.token_bytes(32))
-        port = _free_port()
+        port = free_port()
         log(
             INFO,
             "client %s joining %s (TLS %s, ledger %s)",
@@ -402,13 +398,32 @@ class EdgeClient:
             not self.insecure,
             self.ledger_path,
         )
-        self._supernode = self._start_supernode(port, secret_file)
-        self._wait_runtime_api(port)
+        self._launch(port, secret_file)
         loop = RuntimeLoop(f"127.0.0.1:{port}", secret_file.read_bytes(), self._handle)
+        refused_since: float | None = None
         try:
             while not self._stop.is_set():
-                self._check_supernode()
+                if self._supernode_refused():
+                    now = time.monotonic()
+                    refused_since = refused_since if refused_since is not None else now
+                    if now - refused_since >= self.activation_timeout:
+                        raise NodeRefusedError(
+                            f"the server at {self.server_address} refused node "
+                            f"{self.bundle.name} for {now - refused_since:.0f} s: its "
+                            "authentication key is not registered there, or the node is "
+                            "connected from another process"
+                        )
+                    log(
+                        WARNING,
+                        "server refused to activate node %s; retrying in %.0f s",
+                        self.bundle.name,
+                        self.activation_retry,
+                    )
+                    self._stop.wait(self.activation_retry)
+                    self._launch(port, secret_file)
+                    continue
                 if loop.poll_once():
+                    refused_since = None
                     self.tasks_done += 1
                     if max_tasks is not None and self.tasks_done >= max_tasks:
                         break
@@ -421,17 +436,6 @@ class EdgeClient:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
         return self.tasks_done
 
-    def _wait_runtime_api(self, port: int, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_supernode()
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1.0):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        raise FederationConnectionError(f"flower-supernode did not start within {timeout:.0f} s")
-
     def _handle(self, message: Message, context: Context, fab_id: str) -> Message:
         if not fab_id.endswith(f"/{FAB_NAME}"):
             log(WARNING, "refusing a task of app %r: this node serves only sepals", fab_id)
@@ -439,15 +443,7 @@ class EdgeClient:
         return self.client_app(message=message, context=context)
 
     def _stop_supernode(self) -> None:
-        proc = self._supernode
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(self._supernode)
 
 
 def join_federation(

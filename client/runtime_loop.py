@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from logging import DEBUG, WARNING
 
+import httpx
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # type: ignore[attr-defined]
@@ -54,6 +55,9 @@ class RuntimeLoop:
     def __init__(self, address: str, superexec_secret: bytes, handler: TaskHandler) -> None:
         self.address = address
         self.handler = handler
+        # Polling gives up quickly, so the caller notices a SuperNode that died.
+        poll_retry = make_simple_http_retry_invoker()
+        poll_retry.max_tries = 2
         self._client = RuntimeHttpClient.from_server_address(
             server_address=address,
             insecure=True,
@@ -64,7 +68,7 @@ class RuntimeLoop:
                     master_secret=superexec_secret, protected_methods=_ACQUIRE
                 ),
             ],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=poll_retry,
         )
 
     def close(self) -> None:
@@ -72,12 +76,19 @@ class RuntimeLoop:
         self._client.close()
 
     def poll_once(self) -> bool:
-        """Serve one pending task, if any; returns whether one was served."""
-        res = self._client.AcquireTask(
-            AcquireTaskRequest(
-                supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[]
+        """Serve one pending task, if any; returns whether one was served.
+
+        An unreachable Runtime API counts as "no task"; the caller checks the SuperNode.
+        """
+        try:
+            res = self._client.AcquireTask(
+                AcquireTaskRequest(
+                    supported_task_types=[TaskType.CLIENT_APP.value], agentapp_fab_hashes=[]
+                )
             )
-        )
+        except (httpx.HTTPError, OSError) as exc:
+            log(DEBUG, "Runtime API not reachable: %s", exc)
+            return False
         if not res.HasField("task") or not res.token:
             return False
         self._serve(res.token)

@@ -27,7 +27,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sepals.client.edge import EdgeApp, join_federation
+from sepals.client import EdgeApp, join_federation
 from sepals.common.config import PrivacyConfig
 
 

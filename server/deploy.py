@@ -27,10 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,6 +45,16 @@ from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.errors import SecretKeyExposureError, SepalsError
 from sepals.common.files import atomic_write
 from sepals.common.log import LOGGER, log
+from sepals.common.procs import (
+    ProcessStartError,
+    dial_host,
+    flower_env,
+    flwr_executable,
+    port_open,
+    start_child,
+    stop_child,
+    wait_for_port,
+)
 from sepals.server.state import CheckpointError, StateDir
 from sepals.server.strategy import EncryptedFedAvg, RoundRecord
 
@@ -63,6 +70,7 @@ _SERVER_KEYS = {
     "public_context",
     "nodes_dir",
     "node_wait_timeout",
+    "min_available_clients",
 }
 
 
@@ -112,7 +120,10 @@ class ServerDeployConfig:
         server_key: TLS server private key.
         public_context: The public HE context (a secret one is refused).
         nodes_dir: Directory of node public keys (``*.pub``) to register.
-        node_wait_timeout: Seconds to wait for ``min_train_clients`` nodes each round.
+        node_wait_timeout: Seconds each round waits for ``min_available_clients`` nodes.
+        min_available_clients: Nodes to wait for before sampling (default: the
+            federation's ``min_train_clients``); sampling then proceeds with whoever is
+            connected, if at least ``min_train_clients``.
         federation: Rounds, sampling, timeout and local-training settings.
         encryption: HE settings; must match the provisioned keys.
         parameters: Parameter count of the federation's model.
@@ -128,6 +139,7 @@ class ServerDeployConfig:
     public_context: Path | None
     nodes_dir: Path | None
     node_wait_timeout: float
+    min_available_clients: int
     federation: FederationConfig
     encryption: EncryptionConfig
     parameters: int
@@ -168,6 +180,12 @@ class ServerDeployConfig:
         wait = float(server.get("node_wait_timeout", 300.0))
         if wait <= 0:
             raise ValueError(f"[server] node_wait_timeout must be > 0, got {wait}")
+        federation = FederationConfig(
+            **_dataclass_kwargs(FederationConfig, _table(raw, "federation"), "federation")
+        )
+        available = server.get("min_available_clients", federation.min_train_clients)
+        if not isinstance(available, int) or available < 1:
+            raise ValueError(f"[server] min_available_clients must be >= 1, got {available!r}")
         return cls(
             source=path.resolve(),
             address=address,
@@ -178,9 +196,8 @@ class ServerDeployConfig:
             public_context=_resolve(base, server.get("public_context"), "public_context"),
             nodes_dir=_resolve(base, server.get("nodes_dir"), "nodes_dir"),
             node_wait_timeout=wait,
-            federation=FederationConfig(
-                **_dataclass_kwargs(FederationConfig, _table(raw, "federation"), "federation")
-            ),
+            min_available_clients=available,
+            federation=federation,
             encryption=EncryptionConfig(
                 **_dataclass_kwargs(EncryptionConfig, _table(raw, "encryption"), "encryption")
             ),
@@ -249,10 +266,13 @@ def _server_main(grid: Grid, context: Context) -> None:
         vector_length=cfg.parameters,
         federation=cfg.federation,
         node_wait_timeout=cfg.node_wait_timeout,
+        min_available_nodes=cfg.min_available_clients,
         round_offset=done,
     )
     if checkpoint is not None:
         strategy.rng.bit_generator.state = checkpoint.rng_state
+        if checkpoint.payload is not None:
+            strategy.latest_global = checkpoint.arrays()
 
     def sink(record: RoundRecord) -> None:
         state.save_checkpoint(strategy, record.round)
@@ -272,7 +292,7 @@ def _server_main(grid: Grid, context: Context) -> None:
     if remaining > 0:
         strategy.start(
             grid=grid,
-            initial_arrays=checkpoint.arrays() if checkpoint is not None else ArrayRecord(),
+            initial_arrays=strategy.latest_global or ArrayRecord(),
             num_rounds=remaining,
             timeout=cfg.federation.round_timeout,
         )
@@ -280,24 +300,6 @@ def _server_main(grid: Grid, context: Context) -> None:
 
 
 # --------------------------------------------------------------------------- launcher
-def _flwr_exe(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        raise DeploymentError(f"{name} not found; is flwr installed in this environment?")
-    return found
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: our FLWR_HOME and telemetry off."""
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home)
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    return env
-
-
 def _app_dir(state: Path) -> Path:
     """A minimal Flower app whose components are the installed sepals apps."""
     app_dir = state / "flwr-app"
@@ -334,20 +336,6 @@ def _http_error_text(exc: Exception) -> str:
     response = getattr(exc, "response", None)
     text = getattr(response, "text", None)
     return f"{exc}: {text}" if text else str(exc)
-
-
-def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DeploymentError(f"flower-superlink exited with code {proc.returncode}")
-        try:
-            with socket.create_connection((dial, port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise DeploymentError(f"flower-superlink did not open {host}:{port} within {timeout:.0f} s")
 
 
 class ServerLauncher:
@@ -392,7 +380,7 @@ class ServerLauncher:
     # -- processes -------------------------------------------------------------------
     def _connection_toml(self) -> None:
         host, port = _split_address(self.cfg.address)
-        dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        dial = dial_host(host)
         lines = [
             "[superlink]",
             f'default = "{CONNECTION}"',
@@ -410,7 +398,7 @@ class ServerLauncher:
         """Start ``flower-superlink`` and wait until it accepts connections."""
         host, port = _split_address(self.cfg.address)
         cmd = [
-            _flwr_exe("flower-superlink"),
+            flwr_executable("flower-superlink"),
             "--host",
             host,
             "--port",
@@ -432,16 +420,25 @@ class ServerLauncher:
                 "--enable-supernode-auth",
             ]
         self._connection_toml()
-        logfile = (self.cfg.state_dir / "superlink.log").open("ab")
-        self.superlink = subprocess.Popen(
-            cmd, env=self.env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True
+        # A SuperLink of a previous (killed) server may still be shutting down.
+        deadline = time.monotonic() + 30.0
+        while port_open(host, port):
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"port {port} is in use (another sepals-server or SuperLink?)"
+                )
+            time.sleep(0.5)
+        self.superlink = start_child(
+            cmd, self.env, self.cfg.state_dir / "superlink.log", new_session=True
         )
-        logfile.close()
-        _wait_port(host, port, self.superlink, timeout=120.0)
+        try:
+            wait_for_port(host, port, self.superlink, 120.0, "flower-superlink")
+        except ProcessStartError as exc:
+            raise DeploymentError(f"{exc}; see {self.cfg.state_dir / 'superlink.log'}") from exc
         log(INFO, "SuperLink listening on %s (TLS %s)", self.cfg.address, not self.insecure)
 
     def _flwr(self, *args: str) -> dict[str, Any]:
-        cmd = [_flwr_exe("flwr"), *args, "--format", "json"]
+        cmd = [flwr_executable("flwr"), *args, "--format", "json"]
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=False)
         try:
             out: dict[str, Any] = json.loads(proc.stdout)
@@ -459,7 +456,7 @@ class ServerLauncher:
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
         host, port = _split_address(self.cfg.address)
-        dial = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        dial = dial_host(host)
         return ControlHttpClient.from_server_address(
             server_address=f"{dial}:{port}",
             insecure=self.insecure,
@@ -473,6 +470,7 @@ class ServerLauncher:
     def register_nodes(self) -> int:
         """Register every provisioned node key; already-registered keys are fine."""
         from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
         from flwr.proto.control_pb2 import RegisterNodeRequest  # type: ignore[attr-defined]
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
@@ -480,11 +478,13 @@ class ServerLauncher:
         control = self._control()
         try:
             for pub in self.cfg.node_keys():
-                key = serialization.load_ssh_public_key(pub.read_bytes())
-                request = RegisterNodeRequest(
-                    public_key=public_key_to_bytes(key),
-                    name=pub.stem,  # type: ignore[arg-type]
-                )
+                try:
+                    key = serialization.load_ssh_public_key(pub.read_bytes())
+                except (OSError, ValueError) as exc:
+                    raise DeploymentError(f"cannot read node key {pub}: {exc}") from exc
+                if not isinstance(key, ec.EllipticCurvePublicKey):
+                    raise DeploymentError(f"{pub} is not an EC public key (sepals provision)")
+                request = RegisterNodeRequest(public_key=public_key_to_bytes(key), name=pub.stem)
                 try:
                     res = control.RegisterNode(request=request)
                     log(INFO, "registered node %s as %s", pub.stem, res.node_id)
@@ -562,18 +562,7 @@ class ServerLauncher:
 
     def stop(self) -> None:
         """Stop the SuperLink (and with it the ServerApp process)."""
-        proc = self.superlink
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_child(self.superlink, group=True)
 
 
 def progress_line(line: dict[str, Any], rounds: int) -> str:

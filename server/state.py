@@ -44,12 +44,14 @@ class Checkpoint:
     """The state of a federation after its last finished round."""
 
     round: int
-    payload: bytes
+    payload: bytes | None
     weight_total: float
     rng_state: dict[str, Any]
 
     def arrays(self) -> ArrayRecord:
-        """The encrypted global model as the strategy passes it on."""
+        """The encrypted global model as the strategy passes it on (empty: round-0 model)."""
+        if self.payload is None:
+            return ArrayRecord()
         return global_record(self.payload, self.weight_total)
 
 
@@ -79,23 +81,29 @@ class StateDir:
         return [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
 
     def save_checkpoint(self, strategy: EncryptedFedAvg, server_round: int) -> None:
-        """Checkpoint the strategy's latest encrypted global model after ``server_round``."""
-        if strategy.latest_global is None:
-            return
-        parsed = read_global_record(strategy.latest_global)
-        if parsed is None:
-            return
-        payload, weight_total = parsed
-        atomic_write(self.root / MODEL_FILE, payload)
-        meta = {
+        """Checkpoint the strategy's latest encrypted global model after ``server_round``.
+
+        A round that changed nothing (every client declined, say) still advances the
+        checkpoint, so a restart never repeats a finished round.
+        """
+        parsed = (
+            read_global_record(strategy.latest_global)
+            if strategy.latest_global is not None
+            else None
+        )
+        meta: dict[str, Any] = {
             "round": server_round,
             "codec": strategy.codec.name,
             "key_fingerprint": strategy.codec.fingerprint_hex,
             "vector_length": strategy.vector_length,
-            "weight_total": weight_total,
-            "model_sha256": hashlib.sha256(payload).hexdigest(),
+            "weight_total": 0.0,
+            "model_sha256": None,
             "rng_state": strategy.rng.bit_generator.state,
         }
+        if parsed is not None:
+            payload, meta["weight_total"] = parsed
+            atomic_write(self.root / MODEL_FILE, payload)
+            meta["model_sha256"] = hashlib.sha256(payload).hexdigest()
         atomic_write(self.root / CHECKPOINT_FILE, (json.dumps(meta, indent=2) + "\n").encode())
 
     def load_checkpoint(self, codec: UpdateCodec, vector_length: int) -> Checkpoint | None:
@@ -110,11 +118,8 @@ class StateDir:
             return None
         try:
             meta = json.loads(path.read_text())
-            payload = (self.root / MODEL_FILE).read_bytes()
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read checkpoint in {self.root}: {exc}") from exc
-        if hashlib.sha256(payload).hexdigest() != meta.get("model_sha256"):
-            raise CheckpointError(f"{self.root / MODEL_FILE} does not match checkpoint.json")
         if meta.get("codec") != codec.name or meta.get("key_fingerprint") != codec.fingerprint_hex:
             raise CheckpointError(
                 f"checkpoint was made with codec {meta.get('codec')!r} under key "
@@ -126,10 +131,18 @@ class StateDir:
                 f"checkpoint holds a {meta.get('vector_length')}-parameter model; the "
                 f"configuration says {vector_length}"
             )
-        try:
-            codec.validate(payload, vector_length)
-        except SepalsError as exc:
-            raise CheckpointError(f"checkpointed model is not a valid payload: {exc}") from exc
+        payload = None
+        if meta.get("model_sha256") is not None:
+            try:
+                payload = (self.root / MODEL_FILE).read_bytes()
+            except OSError as exc:
+                raise CheckpointError(f"cannot read {self.root / MODEL_FILE}: {exc}") from exc
+            if hashlib.sha256(payload).hexdigest() != meta["model_sha256"]:
+                raise CheckpointError(f"{self.root / MODEL_FILE} does not match checkpoint.json")
+            try:
+                codec.validate(payload, vector_length)
+            except SepalsError as exc:
+                raise CheckpointError(f"checkpointed model is not a valid payload: {exc}") from exc
         return Checkpoint(
             round=int(meta["round"]),
             payload=payload,

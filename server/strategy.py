@@ -157,23 +157,32 @@ class EncryptedFedAvg(Strategy):
         )
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        """Sample ``max(minimum, ceil(fraction * connected))`` of the connected nodes.
+
+        Waits up to ``node_wait_timeout`` for ``min_available_nodes`` to connect. If even
+        ``minimum`` nodes are not there by then, nobody is sampled: a round that cannot
+        reach its minimum would only make clients spend privacy budget for nothing.
+        """
         deadline = time.monotonic() + self.node_wait_timeout
+        need = max(minimum, self.min_available_nodes)
+        last_log = 0.0
         while True:
             nodes = sorted(grid.get_node_ids())
-            need = max(minimum, self.min_available_nodes)
-            if len(nodes) >= need:
+            if len(nodes) >= need or time.monotonic() > deadline:
                 break
-            if time.monotonic() > deadline:
-                log(
-                    WARNING,
-                    "only %s of %s required nodes connected; sampling them",
-                    len(nodes),
-                    need,
-                )
-                break
-            log(INFO, "waiting for nodes: %s connected, %s required", len(nodes), need)
+            if time.monotonic() - last_log > 10.0:
+                log(INFO, "waiting for nodes: %s connected, %s wanted", len(nodes), need)
+                last_log = time.monotonic()
             sleep(1.0)
-        if not nodes:
+        if len(nodes) < minimum:
+            log(
+                WARNING,
+                "only %s nodes connected after %.0f s, fewer than the minimum %s; "
+                "skipping this round",
+                len(nodes),
+                self.node_wait_timeout,
+                minimum,
+            )
             return []
         k = min(len(nodes), max(minimum, math.ceil(fraction * len(nodes))))
         chosen = self.rng.choice(len(nodes), size=k, replace=False)

@@ -1,0 +1,261 @@
+"""End to end on loopback: provisioned keys, sepals-server and edge clients as processes.
+
+One federation of 3 rounds, with TLS, node authentication, DP and CKKS:
+
+* round 1: three clients train; an unregistered fourth node is refused;
+* round 2: client-3 is killed (SIGKILL) as the round starts; the round completes
+  with the other two after the timeout;
+* between rounds 2 and 3 the server is killed and restarted, and client-3 restarted:
+  the server resumes at round 3 from its checkpoint, client-3 continues its ledger.
+
+Then the state directory is searched for the secret key and for the plaintext global
+model, and every ledger is checked against the accountant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sepals.client.privacy import PrivacyLedger, compute_epsilon
+from sepals.common.codec import CkksCodec
+from sepals.common.config import EncryptionConfig
+from sepals.common.errors import MissingSecretKeyError
+from sepals.common.procs import free_port
+from sepals.common.provision import make_node_keys
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+EXAMPLE = ROOT / "examples" / "edge_app.py"
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    with log.open("ab") as fh:
+        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+
+def _client(bundle: Path, partition: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return _spawn(
+        [
+            str(BIN / "sepals-client"),
+            "--bundle",
+            str(bundle),
+            "--app",
+            f"{EXAMPLE}:make_app",
+            "--app-arg",
+            f"partition={partition}",
+            "--app-arg",
+            "partitions=3",
+            *extra,
+        ],
+        log,
+    )
+
+
+def _metrics(state: Path) -> list[dict[str, object]]:
+    path = state / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _wait_for(predicate, timeout: float, what: str, logs: list[Path]) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    tails = "\n".join(
+        f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists()
+    )
+    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_deployed_federation_with_faults(tmp_path: Path) -> None:
+    port = free_port()
+    bundles = tmp_path / "bundles"
+    subprocess.run(
+        [
+            str(BIN / "sepals"),
+            "provision",
+            "--out",
+            str(bundles),
+            "--clients",
+            "3",
+            "--server-host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server_dir = bundles / "server"
+    toml = server_dir / "server.toml"
+    text = toml.read_text()
+    for old, new in [
+        (r"(?m)^rounds = \d+", "rounds = 3"),
+        (r"(?m)^round_timeout = .*", "round_timeout = 60.0"),
+        (r"(?m)^fraction_evaluate = .*", "fraction_evaluate = 0.0"),
+        (
+            r"(?m)^nodes_dir = .*",
+            'nodes_dir = "nodes"\nnode_wait_timeout = 150.0\nmin_available_clients = 3',
+        ),
+    ]:
+        text = re.sub(old, new, text)
+    toml.write_text(text)
+    state = server_dir / "state"
+    clients = [bundles / "clients" / f"client-{i}" for i in (1, 2, 3)]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server_log = logs / "server.log"
+    all_logs = [server_log, *(logs / f"client-{i}.log" for i in (1, 2, 3))]
+
+    # An intruder: a valid bundle except for a node key the server never registered.
+    intruder = tmp_path / "intruder"
+    intruder.mkdir()
+    for name in ("bundle.json", "ca.pem", "he-secret.ctx"):
+        (intruder / name).write_bytes((clients[0] / name).read_bytes())
+    private, _public = make_node_keys()
+    (intruder / "node.key").write_bytes(private)
+    (intruder / "node.key").chmod(0o600)
+    (intruder / "he-secret.ctx").chmod(0o600)
+
+    server = _spawn([str(BIN / "sepals-server"), "--config", str(toml)], server_log)
+    procs = [server]
+    try:
+        _wait_for(
+            lambda: "submitted run" in server_log.read_text(), 180, "the run to start", all_logs
+        )
+        procs += [_client(c, i, logs / f"client-{i + 1}.log") for i, c in enumerate(clients)]
+        bad = _client(intruder, 0, logs / "intruder.log", "--activation-timeout", "20")
+        procs.append(bad)
+
+        # Round 1 with all three; the intruder is refused.
+        _wait_for(lambda: len(_metrics(state)) >= 1, 240, "round 1", all_logs)
+        assert bad.wait(timeout=120) == 4, (logs / "intruder.log").read_text()[-2000:]
+        assert "not registered" in (logs / "intruder.log").read_text()
+        ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", _privacy())
+        eps_before_kill = ledger3.epsilon
+        assert ledger3.rounds == (1,), ledger3
+        assert eps_before_kill is not None and eps_before_kill > 0, ledger3
+
+        # Round 2: client-3 dies; the round completes without it.
+        procs[3].kill()
+        procs[3].wait()
+        _wait_for(lambda: len(_metrics(state)) >= 2, 240, "round 2", all_logs)
+        round2 = _metrics(state)[1]
+        assert round2["round"] == 2 and round2["aggregated"] is True
+        assert round2["accepted"] == 2
+        assert {c["client_id"] for c in round2["clients"]} == {"client-1", "client-2"}  # type: ignore[union-attr]
+
+        # The server crashes after round 2 and is restarted; client-3 comes back.
+        server.kill()
+        server.wait()
+        procs[3] = _client(clients[2], 2, logs / "client-3.log")
+        server = _spawn([str(BIN / "sepals-server"), "--config", str(toml)], server_log)
+        procs[0] = server
+        assert server.wait(timeout=360) == 0, server_log.read_text()[-3000:]
+    finally:
+        _stop(procs)
+
+    lines = _metrics(state)
+    assert [m["round"] for m in lines] == [1, 2, 3], lines
+    assert all(m["aggregated"] for m in lines), lines
+    assert lines[2]["accepted"] == 3, lines
+    assert "rounds 3..3" in (state / "server.log").read_text()
+
+    # Every ledger holds its composed epsilon; client-3's kept growing across the restart.
+    for client in clients:
+        ledger = PrivacyLedger.load(client / "ledger.json", _privacy())
+        assert ledger.epsilon == pytest.approx(
+            compute_epsilon(ledger.accountant, ledger.history, ledger.delta)
+        )
+        assert 0 < (ledger.epsilon or 0) <= 8.0 + 1e-6, (client.name, ledger)
+        assert 3 in ledger.rounds and 1 in ledger.rounds, (client.name, ledger, lines)
+    ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", _privacy())
+    assert ledger3.rounds[0] == 1 and ledger3.rounds[-1] == 3
+    assert (ledger3.epsilon or 0) > (eps_before_kill or 0), (ledger3, eps_before_kill)
+    shown = subprocess.run(
+        [str(BIN / "sepals"), "ledger", "show", str(clients[2] / "ledger.json")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert f"{ledger3.epsilon:.4f}" in shown
+
+    # The state directory holds neither the secret key nor the plaintext model.
+    secret = (clients[0] / "he-secret.ctx").read_bytes()
+    public = (server_dir / "he-public.ctx").read_bytes()
+    secret_probes = [w for w in _windows(secret, 64, 40) if w not in public]
+    assert len(secret_probes) > 10, "the secret context must differ from the public one"
+    enc = EncryptionConfig()
+    payload = (state / "global-model.spl").read_bytes()
+    total = json.loads((state / "checkpoint.json").read_text())["weight_total"]
+    weights = CkksCodec.for_client(secret, enc).decode(payload) / total
+    scanned = 0
+    for path in state.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            scanned += len(blob)
+            assert not any(p in blob for p in secret_probes), f"{path} holds the secret key"
+            assert not _holds_vector(blob, weights[:8]), f"{path} holds plaintext weights"
+            assert not _holds_vector(blob, weights[-8:]), f"{path} holds plaintext weights"
+    assert scanned > len(payload)
+    server_codec = CkksCodec.for_server(public, enc)
+    with pytest.raises(MissingSecretKeyError):
+        server_codec.decode(payload)
+
+
+def _windows(blob: bytes, size: int, count: int) -> list[bytes]:
+    step = max(1, (len(blob) - size) // count)
+    return [blob[i : i + size] for i in range(0, len(blob) - size, step)]
+
+
+def _holds_vector(blob: bytes, values: np.ndarray, tol: float = 1e-4) -> bool:
+    """Whether ``blob`` holds ``values`` as consecutive fp32 or fp64 numbers (any offset)."""
+    for dtype in ("<f4", "<f8"):
+        width = np.dtype(dtype).itemsize
+        for offset in range(width):
+            usable = (len(blob) - offset) // width
+            if usable < len(values):
+                continue
+            with np.errstate(invalid="ignore", over="ignore"):
+                arr = np.frombuffer(blob, dtype=dtype, count=usable, offset=offset).astype(
+                    np.float64
+                )
+                hits = np.flatnonzero(np.abs(arr[: usable - len(values) + 1] - values[0]) < tol)
+            for i in hits:
+                window = arr[i : i + len(values)]
+                if np.all(np.abs(window - values) < tol):
+                    return True
+    return False
+
+
+def _privacy():  # type: ignore[no-untyped-def]
+    from sepals.common.config import PrivacyConfig
+
+    return PrivacyConfig(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
