@@ -16,3 +16,13 @@ def ckks_keys() -> tuple[bytes, bytes]:
 
     secret = generate_secret_context(EncryptionConfig())
     return secret, public_context_bytes(secret)
+
+
+@pytest.fixture
+def run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps messages with the run id of the running app; give them one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

@@ -31,14 +31,7 @@ CFG = EncryptionConfig()
 LENGTH = 50
 
 
-@pytest.fixture(autouse=True)
-def _run_identity(monkeypatch):
-    """Flower stamps messages with the run id of the running app; give them one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("run_identity")
 
 
 def _reply(node: int, payload: bytes, n: int, eps: float = 1.0) -> Message:

@@ -1,0 +1,148 @@
+"""Provisioning: what each bundle holds, file modes, certificates and manifests."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import stat
+from pathlib import Path
+
+import pytest
+import tenseal as ts
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from sepals.common.cli import main as sepals_main
+from sepals.common.codec import context_fingerprint
+from sepals.common.provision import ProvisionSpec, provision, sha256_hex
+
+
+@pytest.fixture(scope="module")
+def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prov") / "bundles"
+    provision(ProvisionSpec(out=out, clients=2, server_host="fl.example.org", model_parameters=7))
+    return out
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_secret_files_are_0600_and_public_files_are_not_secret(provisioned: Path) -> None:
+    for client in ("client-1", "client-2"):
+        cdir = provisioned / "clients" / client
+        assert _mode(cdir / "node.key") == 0o600
+        assert _mode(cdir / "he-secret.ctx") == 0o600
+        assert _mode(cdir / "ca.pem") == 0o644
+    assert _mode(provisioned / "server" / "server.key") == 0o600
+    assert not (provisioned / "ca-private").exists(), "the CA key is discarded by default"
+
+
+def test_server_bundle_holds_no_secret_of_any_client(provisioned: Path) -> None:
+    server = provisioned / "server"
+    names = {p.name for p in server.rglob("*") if p.is_file()}
+    assert "he-secret.ctx" not in names and "node.key" not in names
+    public = ts.context_from((server / "he-public.ctx").read_bytes())
+    assert not public.has_secret_key()
+    secret = ts.context_from((provisioned / "clients/client-1/he-secret.ctx").read_bytes())
+    assert secret.has_secret_key()
+    secret_bytes = (provisioned / "clients/client-1/he-secret.ctx").read_bytes()
+    for path in server.rglob("*"):
+        if path.is_file():
+            assert secret_bytes[-2048:] not in path.read_bytes()
+
+
+def test_server_certificate_names_the_host_and_chains_to_the_ca(provisioned: Path) -> None:
+    server = provisioned / "server"
+    cert = x509.load_pem_x509_certificate((server / "server.pem").read_bytes())
+    ca = x509.load_pem_x509_certificate((server / "ca.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "fl.example.org" in san.get_values_for_type(x509.DNSName)
+    assert ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_node_keys_are_p384_openssh_and_registered_with_the_server(provisioned: Path) -> None:
+    cdir = provisioned / "clients" / "client-2"
+    key = load_ssh_private_key((cdir / "node.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    server_copy = (provisioned / "server" / "nodes" / "client-2.pub").read_bytes()
+    assert server_copy == (cdir / "node.pub").read_bytes()
+    pub = load_ssh_public_key(server_copy)
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    assert pub.public_numbers() == key.public_key().public_numbers()
+    # Each node has its own key.
+    other = (provisioned / "clients" / "client-1" / "node.pub").read_bytes()
+    assert other != server_copy
+
+
+def test_manifest_fingerprints_match_the_files(provisioned: Path) -> None:
+    manifest = json.loads((provisioned / "manifest.json").read_text())
+    assert manifest["ca_sha256"] == sha256_hex((provisioned / "server/ca.pem").read_bytes())
+    public = (provisioned / "server" / "he-public.ctx").read_bytes()
+    assert manifest["he_public_context_sha256"] == sha256_hex(public)
+    assert manifest["he_key_fingerprint"] == context_fingerprint(public).hex()
+    secret = (provisioned / "clients/client-1/he-secret.ctx").read_bytes()
+    assert context_fingerprint(secret).hex() == manifest["he_key_fingerprint"]
+    for name, digest in manifest["nodes"].items():
+        assert sha256_hex((provisioned / "clients" / name / "node.pub").read_bytes().strip()) == (
+            digest
+        )
+    assert manifest["server_address"] == "fl.example.org:9092"
+    assert "parameters = 7" in (provisioned / "server" / "server.toml").read_text()
+
+
+def test_provision_refuses_to_overwrite_keys(provisioned: Path) -> None:
+    with pytest.raises(FileExistsError, match="not empty"):
+        provision(ProvisionSpec(out=provisioned, clients=1, server_host="x"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"clients": 0}, "clients"),
+        ({"server_host": "a b"}, "server_host"),
+        ({"port": 0}, "port"),
+        ({"client_prefix": "../evil"}, "client_prefix"),
+        ({"cert_days": 0}, "cert_days"),
+    ],
+)
+def test_spec_validation(tmp_path: Path, kwargs: dict[str, object], match: str) -> None:
+    base: dict[str, object] = {"out": tmp_path, "clients": 1, "server_host": "h"}
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ProvisionSpec(**base)  # type: ignore[arg-type]
+
+
+def test_cli_provision_keeps_ca_key_only_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "b"
+    code = sepals_main(
+        [
+            "provision",
+            "--out",
+            str(out),
+            "--clients",
+            "1",
+            "--server-host",
+            "10.0.0.5",
+            "--keep-ca-key",
+            "--model-parameters",
+            "11",
+            "--no-encryption",
+        ]
+    )
+    assert code == 0
+    assert _mode(out / "ca-private" / "ca.key") == 0o600
+    assert not (out / "server" / "he-public.ctx").exists()
+    assert not (out / "clients" / "client-1" / "he-secret.ctx").exists()
+    cert = x509.load_pem_x509_certificate((out / "server" / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("10.0.0.5") in san.get_values_for_type(x509.IPAddress)
+    assert "client bundle" in capsys.readouterr().out
+    assert (
+        sepals_main(["provision", "--out", str(out), "--clients", "1", "--server-host", "h"]) == 2
+    )
