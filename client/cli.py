@@ -9,7 +9,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from sepals.client.edge import (
     load_edge_app,
 )
 from sepals.common.errors import SepalsError
+from sepals.common.log import configure_cli_logging
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -57,11 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_cli_logging(args.verbose)
     try:
         app = load_edge_app(args.app, dict(args.app_arg))
         client = EdgeClient(

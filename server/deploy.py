@@ -44,7 +44,7 @@ from sepals.common.codec import UpdateCodec, make_server_codec
 from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.errors import SecretKeyExposureError, SepalsError
 from sepals.common.files import atomic_write
-from sepals.common.log import LOGGER, log
+from sepals.common.log import LOGGER, configure_cli_logging, log
 from sepals.common.procs import (
     ProcessStartError,
     dial_host,
@@ -604,11 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_cli_logging(args.verbose)
     try:
         cfg = ServerDeployConfig.from_toml(args.config)
     except ValueError as exc:

