@@ -84,7 +84,10 @@ def test_cli_defaults_match_the_default_job():
     cfg = config_from_args(build_parser().parse_args([]))
     assert (cfg.dataset, cfg.clients, cfg.partition) == ("digits", 10, "iid")
     assert cfg.privacy.target_epsilon == 8.0 and cfg.privacy.delta == 1e-5
-    assert cfg.encryption.scheme == "ckks"
+    assert cfg.encryption.scheme == "bfv"
+    assert config_from_args(build_parser().parse_args(["--scheme", "ckks"])).encryption.scheme == (
+        "ckks"
+    )
 
 
 def test_cli_epsilon_zero_and_no_encryption():

@@ -27,7 +27,7 @@ from sepals.common.protocol import (
 )
 from sepals.server.strategy import EncryptedFedAvg
 
-CFG = EncryptionConfig()
+CFG = EncryptionConfig(scheme="ckks")
 LENGTH = 50
 
 
