@@ -55,6 +55,7 @@ class ClientRoundReport:
     total_steps: int
     rounds_participated: int
     accountant: str | None
+    quant_error: float | None = None
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RoundRecord:
     """What the server observed in one round (all plaintext metadata)."""
 
     round: int
+    codec: str = ""
     sampled: int = 0
     accepted: int = 0
     declined: list[tuple[int, str]] = field(default_factory=list)
@@ -70,6 +72,7 @@ class RoundRecord:
     download_bytes: int = 0
     weight_total: float = 0.0
     max_epsilon: float | None = None
+    quant_error: float | None = None
     federated_loss: float | None = None
     federated_accuracy: float | None = None
     train_seconds: float = 0.0
@@ -187,7 +190,7 @@ class EncryptedFedAvg(Strategy):
     ) -> Iterable[Message]:
         """Sample nodes and send each the round config and the encrypted global model."""
         self._t_round = time.perf_counter()
-        record = RoundRecord(round=server_round)
+        record = RoundRecord(round=server_round, codec=self.codec.name)
         self._current = record
         nodes = self._sample(
             grid, self.federation.fraction_train, self.federation.min_train_clients
@@ -225,6 +228,7 @@ class EncryptedFedAvg(Strategy):
             accountant=(
                 str(client_rec["accountant"]) if client_rec and "accountant" in client_rec else None
             ),
+            quant_error=_opt_float(metrics, "quant-error"),
         )
         return loaded, len(payload), report
 
@@ -233,7 +237,7 @@ class EncryptedFedAvg(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, exclude bad ones with a logged reason, add the rest."""
         if self._current is None or self._current.round != server_round:
-            self._current = RoundRecord(round=server_round)
+            self._current = RoundRecord(round=server_round, codec=self.codec.name)
         record = self._current
         loaded_all: list[list[Any]] = []
         weight_total = 0.0
@@ -269,6 +273,11 @@ class EncryptedFedAvg(Strategy):
         payload = self.codec.aggregate_loaded(loaded_all, self.vector_length)
         record.aggregate_seconds = time.perf_counter() - t0
         record.weight_total = weight_total
+        errors = [c.quant_error for c in record.clients]
+        if errors and all(e is not None for e in errors):
+            # Each client's rounding error is at most e_i on n_i * w_i, so the averaged
+            # model is off by at most sum(e_i) / sum(n_i) in every coordinate.
+            record.quant_error = sum(e for e in errors if e is not None) / weight_total
         log(
             INFO,
             "round %s: aggregated %s updates (%s declined, %s excluded)",
@@ -289,6 +298,8 @@ class EncryptedFedAvg(Strategy):
         }
         if record.max_epsilon is not None:
             values["max-epsilon"] = record.max_epsilon
+        if record.quant_error is not None:
+            values["quant-error"] = record.quant_error
         return MetricRecord(values)
 
     # ------------------------------------------------------------------ evaluate

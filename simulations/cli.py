@@ -114,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 def _progress_line(row: dict[str, Any], rounds: int) -> None:
     eps = row["epsilon"]
+    qerr = row.get("quant_error")
     extra = ""
     if row["clients_declined"] or row["clients_excluded"]:
         extra = f" | declined {row['clients_declined']} excluded {row['clients_excluded']}"
@@ -121,7 +122,8 @@ def _progress_line(row: dict[str, Any], rounds: int) -> None:
         f"round {row['round']:>3}/{rounds} | acc {100 * row['accuracy']:6.2f}% | "
         f"loss {row['loss']:.4f} | eps {'  off' if eps is None else f'{eps:5.2f}'} | "
         f"up {row['upload_bytes'] / 1e3:8.1f} kB | down {row['download_bytes'] / 1e3:8.1f} kB | "
-        f"{row['seconds']:5.2f} s{extra}",
+        f"{row['seconds']:5.2f} s | {row.get('codec', '?')} q-err "
+        f"{'n/a' if qerr is None else f'{qerr:.1e}'}{extra}",
         flush=True,
     )
 

@@ -50,6 +50,11 @@ def test_three_clients_two_rounds_end_to_end(tmp_path):
     down = [r["download_bytes"] for r in report["rounds"]]
     assert down[0] > 0 and down[1] == 2 * down[0]
     assert report["config"]["codec"] == "bfv-q2"
+    # the codec and its quantization error are reported every round
+    for row in report["rounds"]:
+        assert row["codec"] == "bfv-q2"
+        assert 0 < row["quant_error"] <= report["config"]["encryption"]["quant_step"]
+    assert report["final"]["max_quant_error"] == max(r["quant_error"] for r in report["rounds"])
     # epsilon is honest: recomputed from the reported sigma, q and steps
     assert len(report["clients"]) == 3
     for c in report["clients"]:
