@@ -99,7 +99,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_grad_norm=pick("max_grad_norm"),
         accountant=args.accountant,
     )
-    encryption = EncryptionConfig(scheme="none" if args.no_encryption else args.scheme)
+    # The federation has exactly --clients members, so that is the most updates an
+    # aggregate can hold: the BFV grid is as fine as that bound allows.
+    encryption = EncryptionConfig(
+        scheme="none" if args.no_encryption else args.scheme, max_clients=max(args.clients, 1)
+    )
     return SimulationConfig(
         dataset=args.dataset,
         clients=args.clients,

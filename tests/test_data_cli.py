@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sepals.common.config import EncryptionConfig
 from sepals.common.data import PartitionSpec, client_partition, load_dataset, partition_indices
 from sepals.common.models import MLP, SmallCNN, build_seeded, get_flat, num_parameters, set_flat
 from sepals.simulations.cli import build_parser, config_from_args
@@ -85,6 +86,9 @@ def test_cli_defaults_match_the_default_job():
     assert (cfg.dataset, cfg.clients, cfg.partition) == ("digits", 10, "iid")
     assert cfg.privacy.target_epsilon == 8.0 and cfg.privacy.delta == 1e-5
     assert cfg.encryption.scheme == "bfv"
+    # the grid is sized for the federation: max_clients is the number of clients
+    assert cfg.encryption.max_clients == 10
+    assert cfg.encryption.quant_step < EncryptionConfig().quant_step / 9
     assert config_from_args(build_parser().parse_args(["--scheme", "ckks"])).encryption.scheme == (
         "ckks"
     )
