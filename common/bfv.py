@@ -28,17 +28,17 @@ secret key (it needs no key at all to add; the public key only names the key). T
 fingerprint is the first 16 bytes of SHA-256 over parameters and public key.
 
 ``tenseal.sealapi`` saves and loads objects through file paths only, so this module
-moves bytes through files in a private directory (mode 0700, in ``/dev/shm`` when
-available) that is removed when the codec is garbage-collected. Only ciphertexts and
-key material pass through it; plaintext updates never do. A secret key is written to a
-fresh file that is deleted right after loading (or, at key generation, with the
-directory).
+moves bytes through one anonymous in-memory file per thread (Linux ``memfd_create``,
+opened as ``/proc/self/fd/N``: no directory entry, gone with the process; a private
+0700 temporary directory elsewhere). Only ciphertexts and key material pass through it;
+plaintext updates never do. After a secret key passes, the file is overwritten with
+zeros and emptied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import itertools
 import os
 import shutil
 import struct
@@ -82,51 +82,78 @@ def is_bfv_bundle(data: bytes) -> bool:
     return data[:4] == BUNDLE_MAGIC
 
 
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class _SealFiles:
-    """Bytes <-> sealapi objects through a private temporary directory."""
+    """Bytes <-> sealapi objects, which ``tenseal.sealapi`` only saves and loads by path.
+
+    On Linux each thread gets an anonymous in-memory file (``memfd_create``), reached as
+    ``/proc/self/fd/N``: nothing appears in any directory, and nothing outlives the
+    process. Elsewhere a private temporary directory (mode 0700) serves, removed when
+    this object is collected or the interpreter exits.
+    """
 
     def __init__(self) -> None:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self.dir = tempfile.mkdtemp(prefix="sepals-seal-", dir=base)
-        self._names = itertools.count()
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, True)
-
-    def wipe(self) -> None:
-        """Remove the directory now (it held key material)."""
-        self._finalizer()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
+        self._dir: str | None = None
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+            weakref.finalize(self, _close_all, self._fds)
+        else:
+            self._dir = tempfile.mkdtemp(prefix="sepals-seal-")
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
 
     def _scratch(self) -> str:
-        """Return the calling thread's scratch file (created once, mode 0600, reused)."""
-        path = os.path.join(self.dir, f"scratch-{threading.get_ident()}")
-        if not os.path.exists(path):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        """Return the calling thread's scratch file (created once, then reused)."""
+        path: str | None = getattr(self._local, "path", None)
+        if path is None:
+            if self._dir is None:
+                fd = os.memfd_create("sepals-seal", os.MFD_CLOEXEC)
+                with self._lock:
+                    self._fds.append(fd)
+                path = f"/proc/self/fd/{fd}"
+            else:
+                path = os.path.join(self._dir, f"scratch-{threading.get_ident()}")
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            self._local.path = path
         return path
 
-    def dump(self, obj: Any) -> bytes:
-        """Serialize a sealapi object (or Serializable) that has ``save(path)``."""
+    def dump(self, obj: Any, *, secret: bool = False) -> bytes:
+        """Serialize a sealapi object (or Serializable) that has ``save(path)``.
+
+        With ``secret`` the scratch file is emptied right after reading.
+        """
         path = self._scratch()
         obj.save(path)
-        return Path(path).read_bytes()
+        try:
+            return Path(path).read_bytes()
+        finally:
+            if secret:
+                self._clear(path)
 
     def load(self, data: bytes, loader: Any, *, secret: bool = False) -> None:
-        """Call ``loader(path)`` on a private file that holds ``data``.
+        """Call ``loader(path)`` on the scratch file holding ``data``.
 
-        With ``secret`` the file is a fresh one, deleted right after loading.
+        With ``secret`` the scratch file is emptied right after loading.
         """
-        if secret:
-            path = os.path.join(self.dir, f"key-{threading.get_ident()}-{next(self._names)}")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                loader(path)
-            finally:
-                os.unlink(path)
-            return
         path = self._scratch()
-        with open(path, "wb") as fh:
-            fh.write(data)
-        loader(path)
+        try:
+            Path(path).write_bytes(data)
+            loader(path)
+        finally:
+            if secret:
+                self._clear(path)
+
+    @staticmethod
+    def _clear(path: str) -> None:
+        with open(path, "r+b") as fh:
+            fh.write(bytes(fh.seek(0, os.SEEK_END)))
+            fh.truncate(0)
 
 
 def _pack_bundle(params: bytes, public_key: bytes, secret_key: bytes | None) -> bytes:
@@ -192,8 +219,7 @@ def generate_bfv_bundle(config: EncryptionConfig) -> bytes:
     public_key = seal.PublicKey()
     keygen.create_public_key(public_key)
     params_b, public_b = files.dump(parms), files.dump(public_key)
-    secret_b = files.dump(keygen.secret_key())
-    files.wipe()
+    secret_b = files.dump(keygen.secret_key(), secret=True)
     return _pack_bundle(params_b, public_b, secret_b)
 
 
