@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from sepals.common.bfv import BfvCodec, public_bfv_bundle
+from sepals.common.bfv import BfvCodec, _unpack_bundle, public_bfv_bundle
 from sepals.common.codec import (
     PlainCodec,
     context_fingerprint,
@@ -128,6 +128,7 @@ def test_server_refuses_secret_bundle_and_cannot_decrypt(bfv_keys, codecs):
     with pytest.raises(MissingSecretKeyError):
         server.encode(np.arange(10.0))
     assert public_bfv_bundle(secret) == public
+    assert _unpack_bundle(public)[2] is None  # the server's bundle holds no secret key
     assert context_fingerprint(secret) == context_fingerprint(public) == server.fingerprint
 
 

@@ -103,3 +103,25 @@ def test_cli_epsilon_zero_and_no_encryption():
 def test_cli_rejects_bad_flags(argv):
     with pytest.raises(ValueError):
         config_from_args(build_parser().parse_args(argv))
+
+
+def test_progress_line_shows_codec_and_quantization_error(capsys):
+    from sepals.simulations.cli import _progress_line
+
+    row = {
+        "round": 3,
+        "accuracy": 0.5,
+        "loss": 1.0,
+        "epsilon": 2.0,
+        "upload_bytes": 1000,
+        "download_bytes": 2000,
+        "seconds": 1.5,
+        "clients_declined": 0,
+        "clients_excluded": 0,
+        "codec": "bfv-q2",
+        "quant_error": 1.23e-4,
+    }
+    _progress_line(row, 30)
+    assert "bfv-q2 q-err 1.2e-04" in capsys.readouterr().out
+    _progress_line({**row, "codec": "ckks", "quant_error": None}, 30)
+    assert "ckks q-err n/a" in capsys.readouterr().out
