@@ -108,49 +108,60 @@ class _SealFiles:
             self._dir = tempfile.mkdtemp(prefix="sepals-seal-")
             weakref.finalize(self, shutil.rmtree, self._dir, True)
 
-    def _scratch(self) -> str:
-        """Return the calling thread's scratch file (created once, then reused)."""
-        path: str | None = getattr(self._local, "path", None)
-        if path is None:
+    def _scratch(self) -> tuple[str, int | None]:
+        """Return the calling thread's scratch path (and its memfd, if any)."""
+        scratch: tuple[str, int | None] | None = getattr(self._local, "scratch", None)
+        if scratch is None:
             if self._dir is None:
                 fd = os.memfd_create("sepals-seal", os.MFD_CLOEXEC)
                 with self._lock:
                     self._fds.append(fd)
-                path = f"/proc/self/fd/{fd}"
+                scratch = (f"/proc/self/fd/{fd}", fd)
             else:
                 path = os.path.join(self._dir, f"scratch-{threading.get_ident()}")
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-            self._local.path = path
-        return path
+                scratch = (path, None)
+            self._local.scratch = scratch
+        return scratch
 
     def dump(self, obj: Any, *, secret: bool = False) -> bytes:
         """Serialize a sealapi object (or Serializable) that has ``save(path)``.
 
         With ``secret`` the scratch file is emptied right after reading.
         """
-        path = self._scratch()
+        path, fd = self._scratch()
         obj.save(path)
         try:
-            return Path(path).read_bytes()
+            if fd is None:
+                return Path(path).read_bytes()
+            return os.pread(fd, os.fstat(fd).st_size, 0)
         finally:
             if secret:
-                self._clear(path)
+                self._clear(path, fd)
 
     def load(self, data: bytes, loader: Any, *, secret: bool = False) -> None:
         """Call ``loader(path)`` on the scratch file holding ``data``.
 
         With ``secret`` the scratch file is emptied right after loading.
         """
-        path = self._scratch()
+        path, fd = self._scratch()
         try:
-            Path(path).write_bytes(data)
+            if fd is None:
+                Path(path).write_bytes(data)
+            else:
+                os.ftruncate(fd, len(data))
+                os.pwrite(fd, data, 0)
             loader(path)
         finally:
             if secret:
-                self._clear(path)
+                self._clear(path, fd)
 
     @staticmethod
-    def _clear(path: str) -> None:
+    def _clear(path: str, fd: int | None) -> None:
+        if fd is not None:
+            os.pwrite(fd, bytes(os.fstat(fd).st_size), 0)
+            os.ftruncate(fd, 0)
+            return
         with open(path, "r+b") as fh:
             fh.write(bytes(fh.seek(0, os.SEEK_END)))
             fh.truncate(0)
