@@ -163,7 +163,7 @@ def main() -> None:
     for setting, result in settings.items():
         for family, row in result.items():
             base = row["speed"]["non-private"]
-            print(f"{family:<5} {setting:<15} {'non-private':<12} {base:10.0f} {'':>15}")
+            print(f"{family:<5} {setting:<15} {'non-private':<12} {base:10.0f}")
             for mode in MODES:
                 speed = row["speed"][mode]
                 if speed != speed:  # NaN: not run, the mode fails on empty batches
