@@ -148,7 +148,14 @@ class SepalsClient:
             self.factory, weights, rt.train_data, settings, rt.privacy, ledger, cfg.server_round
         )
         t1 = time.perf_counter()
-        payload = self.codec.encode(outcome.weights * float(outcome.num_examples))
+        rounding = (
+            np.random.default_rng(_derive_seed(rt.seed, rt.client_id, cfg.server_round, "rounding"))
+            if rt.deterministic_noise
+            else None  # stochastic rounding seeded from OS entropy
+        )
+        payload, quant_error = self.codec.encode_update(
+            outcome.weights * float(outcome.num_examples), rounding
+        )
         t_encrypt = time.perf_counter() - t1
         metrics: dict[str, float | int] = {
             "num-examples": outcome.num_examples,
@@ -159,6 +166,10 @@ class SepalsClient:
             "decrypt-seconds": t_decrypt,
             "encrypt-seconds": t_encrypt,
         }
+        if quant_error is not None:
+            # Largest rounding error of the encoded (weighted) update: at most one
+            # quantization step, so it says nothing about the update's values.
+            metrics["quant-error"] = quant_error
         if outcome.ledger.epsilon is not None:
             metrics["epsilon"] = outcome.ledger.epsilon
             metrics["delta"] = outcome.ledger.delta

@@ -43,8 +43,12 @@ class TrainSettings:
         data_seed: Seed of batch order and Poisson sampling.
         noise_seed: Seed of the DP noise. ``None`` (the default, and the only safe choice
             outside simulations) draws a fresh seed from ``os.urandom``.
-        grad_sample_mode: Opacus per-sample-gradient mode; ``hooks`` survives the empty
-            batches that Poisson sampling yields on small clients.
+        grad_sample_mode: Opacus per-sample-gradient mode. ``hooks`` (the default) and
+            ``ghost`` (ghost clipping: two backward passes, no per-sample gradients in
+            memory) survive the empty batches that Poisson sampling yields on small
+            clients; ``functorch`` fails on them for convolutional models and ``ew``
+            always. ``python -m benchmarks.dp`` measured ``hooks`` fastest for both
+            model families (see the README), so it is the default for both.
 
     """
 
@@ -187,7 +191,7 @@ def train_round(
             engine.accountant.load_state_dict(
                 {"history": list(ledger.history), "mechanism": privacy.accountant}
             )
-        model, optimizer, loader = engine.make_private(
+        wrapped = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
@@ -196,7 +200,12 @@ def train_round(
             poisson_sampling=poisson_sampling,
             grad_sample_mode=settings.grad_sample_mode,
             noise_generator=_noise_generator(settings.noise_seed),
+            criterion=criterion,
         )
+        if len(wrapped) == 4:  # ghost clipping also wraps the loss (two backward passes)
+            model, optimizer, criterion, loader = wrapped
+        else:
+            model, optimizer, loader = wrapped
         if poisson_sampling:
             # Poisson sampling draws from the torch global RNG unless given a generator.
             loader.batch_sampler.generator = loader_gen

@@ -32,7 +32,7 @@ def _provision(args: argparse.Namespace) -> int:
             clients=args.clients,
             server_host=args.server_host,
             port=args.port,
-            encryption=EncryptionConfig(scheme="none" if args.no_encryption else "ckks"),
+            encryption=EncryptionConfig(scheme=args.scheme, max_clients=args.max_clients),
             client_prefix=args.prefix,
             cert_days=args.cert_days,
             keep_ca_key=args.keep_ca_key,
@@ -81,8 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="parameter count of the federation's model (default: the digits MLP)",
     )
+    default = EncryptionConfig()
     prov.add_argument(
-        "--no-encryption", action="store_true", help="no HE keys (plaintext updates; trials)"
+        "--scheme",
+        choices=["bfv", "ckks", "none"],
+        default=default.scheme,
+        help=f"update encryption (default {default.scheme}; none: plaintext, trials only)",
+    )
+    prov.add_argument(
+        "--max-clients",
+        type=int,
+        default=default.max_clients,
+        help=f"most updates in one aggregate; sizes the codec (default {default.max_clients})",
     )
     prov.set_defaults(func=_provision)
     ledger = sub.add_parser("ledger", help="privacy ledgers")

@@ -5,10 +5,13 @@ A *payload* is the bytes one party sends: a fixed header followed by chunks::
     magic "SPL1" | codec id (u8) | key fingerprint (16 bytes) | vector length (u64)
     | chunk count (u32) | chunk byte sizes (u32 each) | chunk bytes ...
 
-Two codecs share that envelope and one code path:
+Three codecs share that envelope and one code path:
 
 * :class:`PlainCodec` sends little-endian fp32 values. The server adds them in the
   clear. It exists so that encrypted and unencrypted runs are directly comparable.
+* :class:`~sepals.common.bfv.BfvCodec` (the default, in :mod:`sepals.common.bfv`)
+  quantizes with stochastic rounding, packs two integers per BFV slot and sends seeded
+  symmetric ciphertexts: about fp32 size; sums are exact.
 * :class:`CkksCodec` packs N/2 values per CKKS ciphertext (TenSEAL). The server holds
   only the public context: it can check and add ciphertexts but never decrypt them.
 
@@ -134,9 +137,21 @@ class UpdateCodec(ABC):
         """The fingerprint as hex, for logs and manifests."""
         return self.fingerprint.hex()
 
-    @abstractmethod
-    def encode(self, vector: FloatVector) -> bytes:
+    def encode(self, vector: FloatVector, rng: np.random.Generator | None = None) -> bytes:
         """Encode (and, for HE codecs, encrypt) a flat vector into a payload."""
+        return self.encode_update(vector, rng)[0]
+
+    @abstractmethod
+    def encode_update(
+        self, vector: FloatVector, rng: np.random.Generator | None = None
+    ) -> tuple[bytes, float | None]:
+        """Encode a flat vector; also return the largest absolute encoding error.
+
+        The error is measured on the client before encryption (``None`` when the codec
+        cannot measure it, as for CKKS, whose error appears only on decryption). It is
+        a rounding error, at most one quantization step, not a statistic of the update.
+        ``rng`` drives stochastic rounding where a codec uses it (``None``: OS entropy).
+        """
 
     @abstractmethod
     def decode(self, payload: bytes) -> npt.NDArray[np.float64]:
@@ -222,12 +237,14 @@ class PlainCodec(UpdateCodec):
         """Fixed identifier of the plaintext codec."""
         return PLAIN_FINGERPRINT
 
-    def encode(self, vector: FloatVector) -> bytes:
-        """Serialize the vector as fp32."""
+    def encode_update(
+        self, vector: FloatVector, rng: np.random.Generator | None = None
+    ) -> tuple[bytes, float | None]:
+        """Serialize the vector as fp32; the error is that of rounding to fp32."""
         arr = _as_finite_vector(vector)
-        return pack_payload(
-            self.codec_id, self.fingerprint, arr.size, [arr.astype("<f4").tobytes()]
-        )
+        f32 = arr.astype("<f4")
+        error = float(np.max(np.abs(arr - f32))) if arr.size else 0.0
+        return pack_payload(self.codec_id, self.fingerprint, arr.size, [f32.tobytes()]), error
 
     def decode(self, payload: bytes) -> npt.NDArray[np.float64]:
         """Deserialize an fp32 payload."""
@@ -263,13 +280,18 @@ def _serialize_public(ctx: ts.Context) -> bytes:
 
 
 def generate_secret_context(config: EncryptionConfig) -> bytes:
-    """Create fresh CKKS keys for ``config`` and return the serialized secret context.
+    """Create fresh keys for ``config`` and return the clients' serialized secret context.
 
-    The result holds the secret key: it is for clients only. Derive the server's
-    context with :func:`public_context_bytes`.
+    For ``bfv`` this is a sepals key bundle (:mod:`sepals.common.bfv`), for ``ckks`` a
+    TenSEAL context. The result holds the secret key: it is for clients only. Derive the
+    server's context with :func:`public_context_bytes`.
     """
     import tenseal as ts
 
+    if config.scheme == "bfv":
+        from sepals.common.bfv import generate_bfv_bundle
+
+        return generate_bfv_bundle(config)
     if config.scheme != "ckks":
         raise ValueError(f"cannot generate keys for scheme {config.scheme!r}")
     ctx = ts.context(
@@ -293,9 +315,13 @@ def _fingerprint_of(ctx: ts.Context) -> bytes:
 
 
 def public_context_bytes(secret_context: bytes) -> bytes:
-    """Strip the secret key from a serialized context."""
+    """Strip the secret key from a serialized context (BFV bundle or TenSEAL context)."""
     import tenseal as ts
 
+    from sepals.common.bfv import is_bfv_bundle, public_bfv_bundle
+
+    if is_bfv_bundle(secret_context):
+        return public_bfv_bundle(secret_context)
     return _serialize_public(ts.context_from(secret_context))
 
 
@@ -303,6 +329,10 @@ def context_fingerprint(context: bytes) -> bytes:
     """Fingerprint of a serialized context (secret or public: same key, same value)."""
     import tenseal as ts
 
+    from sepals.common.bfv import bfv_fingerprint, is_bfv_bundle
+
+    if is_bfv_bundle(context):
+        return bfv_fingerprint(context)
     return _fingerprint_of(ts.context_from(context))
 
 
@@ -376,8 +406,10 @@ class CkksCodec(UpdateCodec):
         full, rest = divmod(length, slots)
         return [slots] * full + ([rest] if rest else [])
 
-    def encode(self, vector: FloatVector) -> bytes:
-        """Encrypt a flat vector, N/2 values per ciphertext.
+    def encode_update(
+        self, vector: FloatVector, rng: np.random.Generator | None = None
+    ) -> tuple[bytes, float | None]:
+        """Encrypt a flat vector, N/2 values per ciphertext (the error is not measured).
 
         Raises:
             NonFiniteUpdateError: the vector holds NaN or infinity.
@@ -400,7 +432,7 @@ class CkksCodec(UpdateCodec):
             ts.ckks_vector(self._ctx, arr[i : i + slots].tolist()).serialize()
             for i in range(0, arr.size, slots)
         ]
-        return pack_payload(self.codec_id, self.fingerprint, arr.size, chunks)
+        return pack_payload(self.codec_id, self.fingerprint, arr.size, chunks), None
 
     def _load_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> list[Any]:
         import tenseal as ts
@@ -447,18 +479,26 @@ class CkksCodec(UpdateCodec):
 
 
 def make_client_codec(config: EncryptionConfig, secret_context: bytes | None) -> UpdateCodec:
-    """The codec a client uses for ``config``: plain, or CKKS with the secret context."""
+    """The codec a client uses for ``config``: plain, BFV or CKKS with the secret key."""
     if not config.enabled:
         return PlainCodec()
     if secret_context is None:
         raise MissingSecretKeyError("encryption is on but no secret context was given")
+    if config.scheme == "bfv":
+        from sepals.common.bfv import BfvCodec
+
+        return BfvCodec.for_client(secret_context, config)
     return CkksCodec.for_client(secret_context, config)
 
 
 def make_server_codec(config: EncryptionConfig, public_context: bytes | None) -> UpdateCodec:
-    """The codec the server uses for ``config``: plain, or CKKS with the public context."""
+    """The codec the server uses for ``config``: plain, BFV or CKKS with the public context."""
     if not config.enabled:
         return PlainCodec()
     if public_context is None:
         raise ValueError("encryption is on but no public context was given to the server")
+    if config.scheme == "bfv":
+        from sepals.common.bfv import BfvCodec
+
+        return BfvCodec.for_server(public_context, config)
     return CkksCodec.for_server(public_context, config)

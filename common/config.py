@@ -11,7 +11,15 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 AccountantName = Literal["rdp", "prv", "gdp"]
-SchemeName = Literal["ckks", "none"]
+SchemeName = Literal["bfv", "ckks", "none"]
+
+# Largest magnitude of the noise one fresh symmetric BFV encryption adds, in units of
+# the ciphertext modulus: SEAL samples the error from a centred binomial (or clipped
+# normal) distribution bounded by 21, and the scaled message adds a rounding error of
+# at most 1/2. Rounded up.
+BFV_NOISE_PER_SUMMAND = 22
+# Fewest quantization levels per sign that a BFV configuration may leave each client.
+MIN_QUANT_LEVELS = 256
 
 # Largest total coefficient-modulus bit count at 128-bit classical security
 # (HomomorphicEncryption.org standard, as enforced by Microsoft SEAL).
@@ -83,33 +91,52 @@ class PrivacyConfig:
 class EncryptionConfig:
     """Homomorphic encryption of model updates.
 
-    The default is CKKS with N=8192 and coefficient moduli [60, 40]: one 60-bit data
-    prime and one special prime for key switching. The server only adds ciphertexts, so
-    no multiplicative depth is needed. With scale 2^36 the 60-bit data prime leaves 23
-    bits of integer headroom (plus sign) for the weighted sums; fresh encryption noise
-    is about 2^-36 * sqrt(N) in absolute terms, i.e. below 1e-7 per value.
+    ``bfv`` (the default) is sepals' compact codec: every client value is quantized to an
+    integer with stochastic rounding on a fixed grid (step :attr:`quant_step`), two
+    integers are packed into each BFV plaintext slot, and the result is encrypted as a
+    *seeded* symmetric ciphertext through ``tenseal.sealapi`` (half the ciphertext is a
+    64-byte seed). The server only adds; BFV addition of integers is exact, so the only
+    error is the client's own rounding, at most one grid step per value.
+
+    Overflow is impossible by construction, and checked here: a sum of ``max_clients``
+    packed values, each of magnitude at most :attr:`max_quantized`, fits in its field
+    (:attr:`field_capacity`), and the encryption noise of that many summands stays
+    below the decryption threshold ``q / (2 t)`` with a factor-2 margin.
+
+    ``ckks`` is the earlier codec, kept for comparison: CKKS with N=8192 and
+    coefficient moduli [60, 40] (one data prime plus the special prime); with scale
+    2^36 the 60-bit data prime leaves 23 bits of integer headroom for the weighted sums.
 
     Attributes:
-        scheme: ``ckks`` or ``none`` (plaintext fp32, for comparison runs).
-        poly_modulus_degree: Ring dimension N; N/2 values are packed per ciphertext.
+        scheme: ``bfv`` (default), ``ckks`` or ``none`` (plaintext fp32).
+        poly_modulus_degree: Ring dimension N. BFV packs 2N values per ciphertext,
+            CKKS N/2.
         coeff_mod_bit_sizes: Bit sizes of the coefficient-modulus primes; the last one
-            is SEAL's special prime.
-        scale_bits: log2 of the CKKS encoding scale.
-        max_clients: Most updates the server may add into one aggregate. Together with
-            the headroom it bounds each client's weighted update, so that a sum can
-            never overflow the data modulus.
+            is SEAL's special prime, the others form the data modulus q of every
+            ciphertext that is sent.
+        scale_bits: log2 of the CKKS encoding scale (CKKS only).
+        max_clients: Most updates the server may add into one aggregate. It bounds
+            each client's share of the headroom, so that a sum can never overflow.
+        plain_modulus_bits: Bit size of the BFV plaintext modulus t, a batching prime
+            (BFV only). Each slot holds two fields of ``plain_modulus_bits // 2`` bits.
+        update_bound: Largest absolute value a client may encode (BFV only). A client
+            encodes its weighted update, ``num_examples * weights``; a larger value is
+            refused before encryption with a clear error. Together with
+            ``max_clients`` it fixes the quantization step.
 
     """
 
-    scheme: SchemeName = "ckks"
+    scheme: SchemeName = "bfv"
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
     scale_bits: int = 36
-    max_clients: int = 1000
+    max_clients: int = 100
+    plain_modulus_bits: int = 44
+    update_bound: float = 4096.0
 
     def __post_init__(self) -> None:
-        if self.scheme not in ("ckks", "none"):
-            raise ValueError(f"scheme must be 'ckks' or 'none', got {self.scheme!r}")
+        if self.scheme not in ("bfv", "ckks", "none"):
+            raise ValueError(f"scheme must be 'bfv', 'ckks' or 'none', got {self.scheme!r}")
         if self.scheme == "none":
             return
         n = self.poly_modulus_degree
@@ -132,12 +159,47 @@ class EncryptionConfig:
             )
         if self.max_clients < 1:
             raise ValueError(f"max_clients must be >= 1, got {self.max_clients}")
+        if self.scheme == "bfv":
+            self._check_bfv()
+            return
         data_bits = sum(bits[:-1])
         if not 20 <= self.scale_bits <= data_bits - 10:
             raise ValueError(
                 f"scale_bits must be in [20, {data_bits - 10}] so that sums keep at least "
                 f"10 bits of headroom under the {data_bits}-bit data modulus, "
                 f"got {self.scale_bits}"
+            )
+
+    def _check_bfv(self) -> None:
+        t_bits = self.plain_modulus_bits
+        min_t_bits = (2 * self.poly_modulus_degree).bit_length() + 1
+        if not min_t_bits <= t_bits <= 60:
+            raise ValueError(
+                f"plain_modulus_bits must be in [{min_t_bits}, 60] for N="
+                f"{self.poly_modulus_degree} (a batching prime t = 1 mod 2N), got {t_bits}"
+            )
+        if not (math.isfinite(self.update_bound) and self.update_bound > 0):
+            raise ValueError(f"update_bound must be positive and finite, got {self.update_bound!r}")
+        # Noise: a sum of k fresh symmetric ciphertexts decrypts exactly while its noise,
+        # at most k * BFV_NOISE_PER_SUMMAND, stays below q / (2t). Require a factor 2.
+        margin_bits = self.bfv_noise_margin_bits
+        noise = 2 * BFV_NOISE_PER_SUMMAND * self.max_clients
+        if noise > 2**margin_bits:
+            most = 2**margin_bits // (2 * BFV_NOISE_PER_SUMMAND)
+            raise ValueError(
+                f"max_clients={self.max_clients} overflows the BFV noise budget: the sum's "
+                f"noise bound 2*{BFV_NOISE_PER_SUMMAND}*{self.max_clients} = {noise} exceeds "
+                f"q/(2t) >= 2^{margin_bits}; with plain_modulus_bits={t_bits} and a "
+                f"{sum(self.coeff_mod_bit_sizes[:-1])}-bit data modulus at most {most} "
+                "clients fit (lower plain_modulus_bits or max_clients)"
+            )
+        if self.max_quantized < MIN_QUANT_LEVELS:
+            raise ValueError(
+                f"max_clients={self.max_clients} leaves each client only "
+                f"{self.max_quantized} quantization levels per sign in a "
+                f"{self.field_bits}-bit field (at least {MIN_QUANT_LEVELS} needed): the "
+                f"packed sum of max_clients values must stay below {self.field_capacity}; "
+                "lower max_clients or raise plain_modulus_bits"
             )
 
     @property
@@ -147,27 +209,75 @@ class EncryptionConfig:
 
     @property
     def headroom_bits(self) -> int:
-        """Bits of integer magnitude a decoded sum may use (one bit is kept for the sign)."""
+        """CKKS: bits of integer magnitude a decoded sum may use (one bit for the sign)."""
         return sum(self.coeff_mod_bit_sizes[:-1]) - self.scale_bits - 1
 
     @property
     def max_update_magnitude(self) -> float:
         """Largest absolute value one client's weighted update may hold.
 
-        ``max_clients`` such values still sum below the headroom, with a factor 2 margin
-        for the CKKS encoding error.
+        BFV: :attr:`update_bound`. CKKS: ``max_clients`` such values still sum below the
+        headroom, with a factor 2 margin for the CKKS encoding error.
         """
+        if self.scheme == "bfv":
+            return self.update_bound
         return float(2 ** (self.headroom_bits - 1)) / self.max_clients
 
     @property
     def slots(self) -> int:
-        """Values packed per ciphertext (N/2 for CKKS)."""
+        """Values packed per CKKS ciphertext (N/2)."""
         return self.poly_modulus_degree // 2
 
+    # ------------------------------------------------------------------ BFV layout
+    @property
+    def bfv_noise_margin_bits(self) -> int:
+        """log2 of a lower bound of q / (2t): each data prime of b bits is >= 2^(b-1)."""
+        q_low = sum(b - 1 for b in self.coeff_mod_bit_sizes[:-1])
+        return q_low - self.plain_modulus_bits - 1
+
+    @property
+    def field_bits(self) -> int:
+        """BFV: bits of the low field of a slot; a slot holds ``lo + hi * 2**field_bits``."""
+        return self.plain_modulus_bits // 2
+
+    @property
+    def field_capacity(self) -> int:
+        """BFV: largest magnitude a *summed* field may reach and still decode exactly.
+
+        A slot value ``lo + hi * 2^F`` must stay inside (-t/2, t/2) with t > 2^(b-1)
+        (b = ``plain_modulus_bits``), and ``lo`` inside the centred range of its F bits.
+        """
+        f = self.field_bits
+        by_modulus = 2 ** (self.plain_modulus_bits - 2) // (2**f + 1)
+        return min(by_modulus, 2 ** (f - 1) - 1)
+
+    @property
+    def max_quantized(self) -> int:
+        """BFV: largest magnitude of one client's quantized value."""
+        return self.field_capacity // self.max_clients
+
+    @property
+    def quant_step(self) -> float:
+        """BFV: the fixed-point grid step shared by every client.
+
+        Stochastic rounding of a value ``|x| <= update_bound`` lands on an integer of
+        magnitude at most ``update_bound / quant_step + 1 = max_quantized``.
+        """
+        return self.update_bound / (self.max_quantized - 1)
+
+    @property
+    def values_per_ciphertext(self) -> int:
+        """Values one ciphertext carries: 2N for BFV (two per slot), N/2 for CKKS."""
+        if self.scheme == "bfv":
+            return 2 * self.poly_modulus_degree
+        return self.slots
+
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict of every field."""
+        """Return a JSON-ready dict of every field (and the BFV quantization step)."""
         d = asdict(self)
         d["coeff_mod_bit_sizes"] = list(self.coeff_mod_bit_sizes)
+        if self.scheme == "bfv":
+            d["quant_step"] = self.quant_step
         return d
 
 

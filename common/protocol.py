@@ -54,7 +54,7 @@ class RoundConfig:
         learning_rate: SGD learning rate.
         momentum: SGD momentum.
         model_seed: Seed of the shared round-0 model.
-        codec: Name of the update codec (``ckks`` or ``plain-fp32``).
+        codec: Name of the update codec (``bfv-q2``, ``ckks`` or ``plain-fp32``).
         key_fingerprint: Hex fingerprint of the HE key the server expects.
         vector_length: Number of model parameters.
 

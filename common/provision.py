@@ -106,6 +106,11 @@ class ProvisionSpec:
             raise ValueError(
                 f"client_prefix must match {_NAME.pattern}, got {self.client_prefix!r}"
             )
+        if self.encryption.scheme != "none" and self.clients > self.encryption.max_clients:
+            raise ValueError(
+                f"{self.clients} clients exceed the encryption's max_clients "
+                f"{self.encryption.max_clients}; raise max_clients (--max-clients)"
+            )
         if self.model_parameters < 0:
             raise ValueError(f"model_parameters must be >= 0, got {self.model_parameters}")
         if self.cert_days < 1:
@@ -216,9 +221,17 @@ def make_node_keys() -> tuple[bytes, bytes]:
     return private, public + b"\n"
 
 
+def _toml_value(value: object) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
 def _server_toml(spec: ProvisionSpec) -> str:
     enc = spec.encryption
-    bits = ", ".join(str(b) for b in enc.coeff_mod_bit_sizes)
+    encryption = "\n".join(f"{k} = {_toml_value(v)}" for k, v in asdict(enc).items())
     return f"""# sepals-server configuration (written by `sepals provision`).
 # Relative paths are resolved against this file's directory.
 
@@ -243,11 +256,8 @@ learning_rate = 0.2
 seed = 0
 
 [encryption]
-scheme = "{enc.scheme}"
-poly_modulus_degree = {enc.poly_modulus_degree}
-coeff_mod_bit_sizes = [{bits}]
-scale_bits = {enc.scale_bits}
-max_clients = {enc.max_clients}
+# Must match the provisioned keys (see sepals.common.config.EncryptionConfig).
+{encryption}
 
 [model]
 # Number of parameters of the model every client trains. The server checks every

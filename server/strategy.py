@@ -55,6 +55,7 @@ class ClientRoundReport:
     total_steps: int
     rounds_participated: int
     accountant: str | None
+    quant_error: float | None = None
 
 
 @dataclass
@@ -62,6 +63,7 @@ class RoundRecord:
     """What the server observed in one round (all plaintext metadata)."""
 
     round: int
+    codec: str = ""
     sampled: int = 0
     replied: int = 0
     accepted: int = 0
@@ -72,6 +74,7 @@ class RoundRecord:
     download_bytes: int = 0
     weight_total: float = 0.0
     max_epsilon: float | None = None
+    quant_error: float | None = None
     federated_loss: float | None = None
     federated_accuracy: float | None = None
     train_seconds: float = 0.0
@@ -213,7 +216,7 @@ class EncryptedFedAvg(Strategy):
         """Sample nodes and send each the round config and the encrypted global model."""
         server_round += self.round_offset
         self._t_round = time.perf_counter()
-        record = RoundRecord(round=server_round)
+        record = RoundRecord(round=server_round, codec=self.codec.name)
         self._current = record
         nodes = self._sample(
             grid, self.federation.fraction_train, self.federation.min_train_clients
@@ -251,6 +254,7 @@ class EncryptedFedAvg(Strategy):
             accountant=(
                 str(client_rec["accountant"]) if client_rec and "accountant" in client_rec else None
             ),
+            quant_error=_opt_float(metrics, "quant-error"),
         )
         return loaded, len(payload), report
 
@@ -260,7 +264,7 @@ class EncryptedFedAvg(Strategy):
         """Validate every reply, exclude bad ones with a logged reason, add the rest."""
         server_round += self.round_offset
         if self._current is None or self._current.round != server_round:
-            self._current = RoundRecord(round=server_round)
+            self._current = RoundRecord(round=server_round, codec=self.codec.name)
         record = self._current
         loaded_all: list[list[Any]] = []
         weight_total = 0.0
@@ -309,6 +313,11 @@ class EncryptedFedAvg(Strategy):
         record.weight_total = weight_total
         record.aggregated = True
         self.latest_global = global_record(payload, weight_total)
+        errors = [c.quant_error for c in record.clients]
+        if errors and all(e is not None for e in errors):
+            # Each client's rounding error is at most e_i on n_i * w_i, so the averaged
+            # model is off by at most sum(e_i) / sum(n_i) in every coordinate.
+            record.quant_error = sum(e for e in errors if e is not None) / weight_total
         log(
             INFO,
             "round %s: aggregated %s updates (%s declined, %s excluded)",
@@ -329,6 +338,8 @@ class EncryptedFedAvg(Strategy):
         }
         if record.max_epsilon is not None:
             values["max-epsilon"] = record.max_epsilon
+        if record.quant_error is not None:
+            values["quant-error"] = record.quant_error
         return MetricRecord(values)
 
     # ------------------------------------------------------------------ evaluate

@@ -285,6 +285,8 @@ def run_experiment(
             "federated_accuracy": rec.federated_accuracy,
             "federated_loss": rec.federated_loss,
             "aggregate_seconds": rec.aggregate_seconds,
+            "codec": rec.codec,
+            "quant_error": rec.quant_error,
         }
         last_time[0] = now
         rows.append(row)
@@ -376,6 +378,11 @@ def build_report(
             "wall_seconds": wall_seconds,
             "upload_bytes": int(sum(r["upload_bytes"] for r in rows)),
             "download_bytes": int(sum(r["download_bytes"] for r in rows)),
+            "codec": codec,
+            "max_quant_error": max(
+                (r["quant_error"] for r in rows if r.get("quant_error") is not None),
+                default=None,
+            ),
         },
         "clients": sorted(clients.values(), key=lambda c: int(c["id"].rsplit("-", 1)[-1])),
         "server_log": [r.to_dict() for r in history],
@@ -386,8 +393,11 @@ def summarize(report: dict[str, Any]) -> str:
     """One line about a finished run."""
     f = report["final"]
     eps = f["epsilon"]
+    qerr = f.get("max_quant_error")
     return (
         f"final accuracy {100 * f['accuracy']:.2f}% | epsilon "
         f"{'off' if eps is None else f'{eps:.3f}'} | {f['wall_seconds']:.1f} s | "
-        f"up {f['upload_bytes'] / 1e6:.2f} MB, down {f['download_bytes'] / 1e6:.2f} MB"
+        f"up {f['upload_bytes'] / 1e6:.2f} MB, down {f['download_bytes'] / 1e6:.2f} MB | "
+        f"codec {f.get('codec', '?')}, max quantization error "
+        f"{'n/a' if qerr is None else f'{qerr:.1e}'}"
     )

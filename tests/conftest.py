@@ -14,6 +14,15 @@ def ckks_keys() -> tuple[bytes, bytes]:
     from sepals.common.codec import generate_secret_context, public_context_bytes
     from sepals.common.config import EncryptionConfig
 
+    secret = generate_secret_context(EncryptionConfig(scheme="ckks"))
+    return secret, public_context_bytes(secret)
+
+
+@pytest.fixture(scope="session")
+def bfv_keys() -> tuple[bytes, bytes]:
+    from sepals.common.codec import generate_secret_context, public_context_bytes
+    from sepals.common.config import EncryptionConfig
+
     secret = generate_secret_context(EncryptionConfig())
     return secret, public_context_bytes(secret)
 

@@ -24,7 +24,7 @@ from sepals.common.errors import (
     SecretKeyExposureError,
 )
 
-CFG = EncryptionConfig()
+CFG = EncryptionConfig(scheme="ckks")
 
 
 def _fedavg_case(rng: np.random.Generator, n_clients: int, length: int):
@@ -191,7 +191,7 @@ def test_payload_header_layout():
         ({"coeff_mod_bit_sizes": (60,)}, "two primes"),
         ({"poly_modulus_degree": 4096, "coeff_mod_bit_sizes": (60, 60)}, "security"),
         ({"coeff_mod_bit_sizes": (60, 70)}, "17..60"),
-        ({"scale_bits": 55}, "headroom"),
+        ({"scheme": "ckks", "scale_bits": 55}, "headroom"),
         ({"poly_modulus_degree": 1000}, "poly_modulus_degree"),
         ({"max_clients": 0}, "max_clients"),
         ({"scheme": "paillier"}, "scheme"),

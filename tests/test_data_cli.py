@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sepals.common.config import EncryptionConfig
 from sepals.common.data import PartitionSpec, client_partition, load_dataset, partition_indices
 from sepals.common.models import MLP, SmallCNN, build_seeded, get_flat, num_parameters, set_flat
 from sepals.simulations.cli import build_parser, config_from_args
@@ -84,7 +85,13 @@ def test_cli_defaults_match_the_default_job():
     cfg = config_from_args(build_parser().parse_args([]))
     assert (cfg.dataset, cfg.clients, cfg.partition) == ("digits", 10, "iid")
     assert cfg.privacy.target_epsilon == 8.0 and cfg.privacy.delta == 1e-5
-    assert cfg.encryption.scheme == "ckks"
+    assert cfg.encryption.scheme == "bfv"
+    # the grid is sized for the federation: max_clients is the number of clients
+    assert cfg.encryption.max_clients == 10
+    assert cfg.encryption.quant_step < EncryptionConfig().quant_step / 9
+    assert config_from_args(build_parser().parse_args(["--scheme", "ckks"])).encryption.scheme == (
+        "ckks"
+    )
 
 
 def test_cli_epsilon_zero_and_no_encryption():
@@ -96,3 +103,25 @@ def test_cli_epsilon_zero_and_no_encryption():
 def test_cli_rejects_bad_flags(argv):
     with pytest.raises(ValueError):
         config_from_args(build_parser().parse_args(argv))
+
+
+def test_progress_line_shows_codec_and_quantization_error(capsys):
+    from sepals.simulations.cli import _progress_line
+
+    row = {
+        "round": 3,
+        "accuracy": 0.5,
+        "loss": 1.0,
+        "epsilon": 2.0,
+        "upload_bytes": 1000,
+        "download_bytes": 2000,
+        "seconds": 1.5,
+        "clients_declined": 0,
+        "clients_excluded": 0,
+        "codec": "bfv-q2",
+        "quant_error": 1.23e-4,
+    }
+    _progress_line(row, 30)
+    assert "bfv-q2 q-err 1.2e-04" in capsys.readouterr().out
+    _progress_line({**row, "codec": "ckks", "quant_error": None}, 30)
+    assert "ckks q-err n/a" in capsys.readouterr().out

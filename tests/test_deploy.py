@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from sepals.client.privacy import PrivacyLedger, compute_epsilon
-from sepals.common.codec import CkksCodec
+from sepals.common.codec import make_client_codec, make_server_codec
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import MissingSecretKeyError
 from sepals.common.procs import free_port
@@ -218,7 +218,7 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
     enc = EncryptionConfig()
     payload = (state / "global-model.spl").read_bytes()
     total = json.loads((state / "checkpoint.json").read_text())["weight_total"]
-    weights = CkksCodec.for_client(secret, enc).decode(payload) / total
+    weights = make_client_codec(enc, secret).decode(payload) / total
     scanned = 0
     for path in state.rglob("*"):
         if path.is_file():
@@ -228,7 +228,7 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
             assert not _holds_vector(blob, weights[:8]), f"{path} holds plaintext weights"
             assert not _holds_vector(blob, weights[-8:]), f"{path} holds plaintext weights"
     assert scanned > len(payload)
-    server_codec = CkksCodec.for_server(public, enc)
+    server_codec = make_server_codec(enc, public)
     with pytest.raises(MissingSecretKeyError):
         server_codec.decode(payload)
 

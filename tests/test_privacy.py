@@ -203,3 +203,36 @@ def test_batchnorm_model_is_fixed_and_trains():
 def test_privacy_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PrivacyConfig(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_modes_survive_empty_poisson_batches(mode):
+    """6 examples at expected batch 1 for 60 steps: many batches are empty."""
+    data = _toy_data(6)
+    privacy = PrivacyConfig(target_epsilon=50.0, noise_multiplier=1.0)
+    settings = TrainSettings(epochs=10, batch_size=1, data_seed=3, grad_sample_mode=mode)
+    ledger = PrivacyLedger.empty(privacy).calibrated(privacy, *poisson_schedule(6, 1, 10), 1)
+    out = train_round(_linear_factory(), None, data, settings, privacy, ledger, 1)
+    assert out.steps == 60 and np.all(np.isfinite(out.weights)) and out.ledger.epsilon > 0
+
+
+def test_ghost_clipping_matches_hooks_without_noise():
+    """Ghost clipping computes the same clipped gradients as per-sample hooks."""
+    data = _toy_data(64)
+    factory = _linear_factory()
+    w0 = get_flat(factory())
+    privacy = PrivacyConfig(target_epsilon=1.0, max_grad_norm=0.05, noise_multiplier=0.0)
+    ledger = PrivacyLedger.empty(privacy).calibrated(privacy, *poisson_schedule(64, 16, 1), 1)
+    out = {}
+    for mode in ("hooks", "ghost"):
+        settings = TrainSettings(
+            epochs=1,
+            batch_size=16,
+            learning_rate=0.5,
+            momentum=0.0,
+            data_seed=4,
+            grad_sample_mode=mode,
+        )
+        out[mode] = train_round(factory, w0, data, settings, privacy, ledger, 1).weights
+    assert not np.allclose(out["hooks"], w0, atol=1e-4)
+    np.testing.assert_allclose(out["ghost"], out["hooks"], rtol=1e-5, atol=1e-6)

@@ -8,13 +8,14 @@ import stat
 from pathlib import Path
 
 import pytest
-import tenseal as ts
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from sepals.common.cli import main as sepals_main
-from sepals.common.codec import context_fingerprint
+from sepals.common.codec import context_fingerprint, make_client_codec, make_server_codec
+from sepals.common.config import EncryptionConfig
+from sepals.common.errors import SecretKeyExposureError
 from sepals.common.provision import ProvisionSpec, provision, sha256_hex
 
 
@@ -43,11 +44,13 @@ def test_server_bundle_holds_no_secret_of_any_client(provisioned: Path) -> None:
     server = provisioned / "server"
     names = {p.name for p in server.rglob("*") if p.is_file()}
     assert "he-secret.ctx" not in names and "node.key" not in names
-    public = ts.context_from((server / "he-public.ctx").read_bytes())
-    assert not public.has_secret_key()
-    secret = ts.context_from((provisioned / "clients/client-1/he-secret.ctx").read_bytes())
-    assert secret.has_secret_key()
+    enc = EncryptionConfig()
+    public = (server / "he-public.ctx").read_bytes()
     secret_bytes = (provisioned / "clients/client-1/he-secret.ctx").read_bytes()
+    assert not make_server_codec(enc, public).can_decrypt
+    assert make_client_codec(enc, secret_bytes).can_decrypt
+    with pytest.raises(SecretKeyExposureError):
+        make_server_codec(enc, secret_bytes)
     for path in server.rglob("*"):
         if path.is_file():
             assert secret_bytes[-2048:] not in path.read_bytes()
@@ -107,6 +110,7 @@ def test_provision_refuses_to_overwrite_keys(provisioned: Path) -> None:
         ({"port": 0}, "port"),
         ({"client_prefix": "../evil"}, "client_prefix"),
         ({"cert_days": 0}, "cert_days"),
+        ({"clients": 101}, "max_clients"),
     ],
 )
 def test_spec_validation(tmp_path: Path, kwargs: dict[str, object], match: str) -> None:
@@ -132,7 +136,8 @@ def test_cli_provision_keeps_ca_key_only_on_request(
             "--keep-ca-key",
             "--model-parameters",
             "11",
-            "--no-encryption",
+            "--scheme",
+            "none",
         ]
     )
     assert code == 0

@@ -11,7 +11,7 @@ import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType
 
 from sepals.client.privacy import compute_epsilon
-from sepals.common.codec import CkksCodec, PlainCodec, generate_secret_context
+from sepals.common.codec import PlainCodec, generate_secret_context, make_client_codec
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
 from sepals.common.protocol import KEY_PAYLOAD, KEY_UPDATE, payload_array, payload_from_array
 from sepals.simulations.harness import SimulationConfig, run_experiment
@@ -49,7 +49,12 @@ def test_three_clients_two_rounds_end_to_end(tmp_path):
     # round 2 sends it for training and for evaluation
     down = [r["download_bytes"] for r in report["rounds"]]
     assert down[0] > 0 and down[1] == 2 * down[0]
-    assert report["config"]["codec"] == "ckks"
+    assert report["config"]["codec"] == "bfv-q2"
+    # the codec and its quantization error are reported every round
+    for row in report["rounds"]:
+        assert row["codec"] == "bfv-q2"
+        assert 0 < row["quant_error"] <= report["config"]["encryption"]["quant_step"]
+    assert report["final"]["max_quant_error"] == max(r["quant_error"] for r in report["rounds"])
     # epsilon is honest: recomputed from the reported sigma, q and steps
     assert len(report["clients"]) == 3
     for c in report["clients"]:
@@ -78,7 +83,7 @@ class FaultyClients:
             bad = payload[: len(payload) // 2]
         elif pid == 1:  # ciphertext under a foreign key
             cfg = EncryptionConfig()
-            bad = CkksCodec.for_client(generate_secret_context(cfg), cfg).encode(np.ones(10))
+            bad = make_client_codec(cfg, generate_secret_context(cfg)).encode(np.ones(10))
         elif pid == 2:  # plaintext of the wrong length
             bad = PlainCodec().encode(np.ones(10))
         else:

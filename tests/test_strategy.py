@@ -27,7 +27,7 @@ from sepals.common.protocol import (
 )
 from sepals.server.strategy import EncryptedFedAvg
 
-CFG = EncryptionConfig()
+CFG = EncryptionConfig(scheme="ckks")
 LENGTH = 50
 
 
@@ -113,3 +113,24 @@ def test_plain_path_is_fedavg():
 def test_strategy_rejects_bad_length():
     with pytest.raises(ValueError, match="vector_length"):
         EncryptedFedAvg(PlainCodec(), 0, FederationConfig())
+
+
+def test_quantization_error_bound_of_the_round():
+    """The round's error bound is sum(client rounding errors) / sum(examples)."""
+    codec = PlainCodec()
+    strategy = EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=1))
+    replies = []
+    for node, (n, err) in enumerate([(10, 0.2), (30, 0.4)], start=1):
+        reply = _reply(node, codec.encode(np.ones(LENGTH) * n), n)
+        reply.content[KEY_METRICS]["quant-error"] = err
+        replies.append(reply)
+    _, metrics = strategy.aggregate_train(1, replies)
+    record = strategy.current_round
+    assert record.codec == "plain-fp32"
+    assert record.quant_error == pytest.approx(0.6 / 40)
+    assert metrics["quant-error"] == pytest.approx(0.6 / 40)
+    assert [c.quant_error for c in record.clients] == [0.2, 0.4]
+    # a client that does not report its error leaves the bound unknown
+    strategy = EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=1))
+    strategy.aggregate_train(1, [*replies, _reply(9, codec.encode(np.ones(LENGTH)), 5)])
+    assert strategy.current_round.quant_error is None

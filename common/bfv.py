@@ -1,0 +1,522 @@
+"""Sepals' compact codec: quantized, packed, seeded BFV ciphertexts (``tenseal.sealapi``).
+
+Route, for a flat vector ``x`` (a client's weighted update ``n * w``):
+
+1. **Quantize** every value onto the shared grid ``quant_step`` (derived from the
+   config's ``update_bound`` and ``max_clients``) with *stochastic rounding*:
+   ``q = floor(x / step + u)``, ``u ~ U[0, 1)`` from an explicit numpy generator
+   (seeded from ``os.urandom`` unless the caller passes one). The rounding is unbiased
+   and its error is below one step per value; the client measures it and reports the
+   maximum (a rounding error, not a statistic of the update).
+2. **Pack** two integers per BFV slot, ``v = lo + hi * 2**F`` (F = ``field_bits``),
+   and batch-encode ``N`` slots per plaintext, so one ciphertext carries ``2N`` values.
+3. **Encrypt** with the secret key as a *seeded* symmetric ciphertext: SEAL stores the
+   uniformly random half of the ciphertext as a 64-byte PRNG seed, so an upload is
+   ``N`` coefficients of the 60-bit data prime for ``2N`` values: ~4 bytes per value,
+   the size of fp32.
+
+The server loads each ciphertext (SEAL expands the seed and checks that the data is
+valid for the parameters), checks parms id, size and form, and adds. BFV addition is
+exact modulo t, and the configuration guarantees the sum never wraps and its noise
+never reaches the decryption threshold (see :class:`~sepals.common.config.EncryptionConfig`),
+so the decoded sum equals the sum of the clients' quantized integers *exactly*. The
+aggregate is an ordinary (unseeded) ciphertext: ~8 bytes per value.
+
+Keys: a *key bundle* (``SPLK`` magic) holds the SEAL encryption parameters, the public
+key and, for clients only, the secret key. The server receives a bundle without the
+secret key (it needs no key at all to add; the public key only names the key). The
+fingerprint is the first 16 bytes of SHA-256 over parameters and public key.
+
+``tenseal.sealapi`` saves and loads objects through file paths only, so this module
+moves bytes through one anonymous in-memory file per thread (Linux ``memfd_create``,
+opened as ``/proc/self/fd/N``: no directory entry, gone with the process; a private
+0700 temporary directory elsewhere). Only ciphertexts and key material pass through it;
+plaintext updates never do. After a secret key passes, the file is overwritten with
+zeros and emptied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from sepals.common.codec import (
+    FINGERPRINT_BYTES,
+    FloatVector,
+    PayloadHeader,
+    UpdateCodec,
+    _as_finite_vector,
+    pack_payload,
+)
+from sepals.common.config import EncryptionConfig
+from sepals.common.errors import (
+    MalformedPayloadError,
+    MissingSecretKeyError,
+    SecretKeyExposureError,
+)
+
+CODEC_BFV = 3
+BUNDLE_MAGIC = b"SPLK"
+_BUNDLE_HEAD = struct.Struct("<4sBB")  # magic, version, has secret key
+_BUNDLE_VERSION = 1
+_SEAL_MAGIC = 0xA15E
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr, rsv, size
+# Serialized ciphertext bytes per coefficient word, with room for SEAL's headers.
+_SEAL_OVERHEAD = 4096
+
+
+def is_bfv_bundle(data: bytes) -> bool:
+    """Whether ``data`` is a sepals BFV key bundle (rather than a TenSEAL context)."""
+    return data[:4] == BUNDLE_MAGIC
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class _SealFiles:
+    """Bytes <-> sealapi objects, which ``tenseal.sealapi`` only saves and loads by path.
+
+    On Linux each thread gets an anonymous in-memory file (``memfd_create``), reached as
+    ``/proc/self/fd/N``: nothing appears in any directory, and nothing outlives the
+    process. Elsewhere a private temporary directory (mode 0700) serves, removed when
+    this object is collected or the interpreter exits.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
+        self._dir: str | None = None
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+            weakref.finalize(self, _close_all, self._fds)
+        else:
+            self._dir = tempfile.mkdtemp(prefix="sepals-seal-")
+            weakref.finalize(self, shutil.rmtree, self._dir, True)
+
+    def _scratch(self) -> tuple[str, int | None]:
+        """Return the calling thread's scratch path (and its memfd, if any)."""
+        scratch: tuple[str, int | None] | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            if self._dir is None:
+                fd = os.memfd_create("sepals-seal", os.MFD_CLOEXEC)
+                with self._lock:
+                    self._fds.append(fd)
+                scratch = (f"/proc/self/fd/{fd}", fd)
+            else:
+                path = os.path.join(self._dir, f"scratch-{threading.get_ident()}")
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+                scratch = (path, None)
+            self._local.scratch = scratch
+        return scratch
+
+    def dump(self, obj: Any, *, secret: bool = False) -> bytes:
+        """Serialize a sealapi object (or Serializable) that has ``save(path)``.
+
+        With ``secret`` the scratch file is emptied right after reading.
+        """
+        path, fd = self._scratch()
+        obj.save(path)
+        try:
+            if fd is None:
+                return Path(path).read_bytes()
+            return os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            if secret:
+                self._clear(path, fd)
+
+    def load(self, data: bytes, loader: Any, *, secret: bool = False) -> None:
+        """Call ``loader(path)`` on the scratch file holding ``data``.
+
+        With ``secret`` the scratch file is emptied right after loading.
+        """
+        path, fd = self._scratch()
+        try:
+            if fd is None:
+                Path(path).write_bytes(data)
+            else:
+                os.ftruncate(fd, len(data))
+                os.pwrite(fd, data, 0)
+            loader(path)
+        finally:
+            if secret:
+                self._clear(path, fd)
+
+    @staticmethod
+    def _clear(path: str, fd: int | None) -> None:
+        if fd is not None:
+            os.pwrite(fd, bytes(os.fstat(fd).st_size), 0)
+            os.ftruncate(fd, 0)
+            return
+        with open(path, "r+b") as fh:
+            fh.write(bytes(fh.seek(0, os.SEEK_END)))
+            fh.truncate(0)
+
+
+def _pack_bundle(params: bytes, public_key: bytes, secret_key: bytes | None) -> bytes:
+    parts = [params, public_key] + ([secret_key] if secret_key is not None else [])
+    head = _BUNDLE_HEAD.pack(BUNDLE_MAGIC, _BUNDLE_VERSION, int(secret_key is not None))
+    return head + b"".join(struct.pack("<I", len(p)) + p for p in parts)
+
+
+def _unpack_bundle(data: bytes) -> tuple[bytes, bytes, bytes | None]:
+    if len(data) < _BUNDLE_HEAD.size:
+        raise MalformedPayloadError("BFV key bundle is truncated")
+    magic, version, has_secret = _BUNDLE_HEAD.unpack_from(data)
+    if magic != BUNDLE_MAGIC or version != _BUNDLE_VERSION or has_secret not in (0, 1):
+        raise MalformedPayloadError("not a sepals BFV key bundle (bad magic or version)")
+    parts: list[bytes] = []
+    offset = _BUNDLE_HEAD.size
+    for _ in range(2 + has_secret):
+        if offset + 4 > len(data):
+            raise MalformedPayloadError("BFV key bundle is truncated")
+        (size,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + size > len(data):
+            raise MalformedPayloadError("BFV key bundle is truncated")
+        parts.append(data[offset : offset + size])
+        offset += size
+    if offset != len(data):
+        raise MalformedPayloadError("BFV key bundle has trailing bytes")
+    return parts[0], parts[1], parts[2] if has_secret else None
+
+
+def _seal_params(config: EncryptionConfig) -> Any:
+    import tenseal.sealapi as seal
+
+    n = config.poly_modulus_degree
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
+    parms.set_poly_modulus_degree(n)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(n, list(config.coeff_mod_bit_sizes)))
+    parms.set_plain_modulus(seal.PlainModulus.Batching(n, config.plain_modulus_bits))
+    return parms
+
+
+def _seal_context(parms: Any) -> Any:
+    import tenseal.sealapi as seal
+
+    ctx = seal.SEALContext(parms, True, seal.SEC_LEVEL_TYPE.TC128)
+    if not ctx.parameters_set():
+        raise MalformedPayloadError(
+            f"BFV parameters rejected by SEAL: {ctx.parameters_error_message()}"
+        )
+    return ctx
+
+
+def generate_bfv_bundle(config: EncryptionConfig) -> bytes:
+    """Fresh BFV keys for ``config``: the clients' bundle (it holds the secret key)."""
+    import tenseal.sealapi as seal
+
+    if config.scheme != "bfv":
+        raise ValueError(f"cannot generate BFV keys for scheme {config.scheme!r}")
+    files = _SealFiles()
+    parms = _seal_params(config)
+    ctx = _seal_context(parms)
+    keygen = seal.KeyGenerator(ctx)
+    public_key = seal.PublicKey()
+    keygen.create_public_key(public_key)
+    params_b, public_b = files.dump(parms), files.dump(public_key)
+    secret_b = files.dump(keygen.secret_key(), secret=True)
+    return _pack_bundle(params_b, public_b, secret_b)
+
+
+def public_bfv_bundle(bundle: bytes) -> bytes:
+    """The server's bundle: the same parameters and public key, no secret key."""
+    params, public_key, _ = _unpack_bundle(bundle)
+    return _pack_bundle(params, public_key, None)
+
+
+def bfv_fingerprint(bundle: bytes) -> bytes:
+    """16-byte key fingerprint of a bundle (the same with or without the secret key)."""
+    params, public_key, _ = _unpack_bundle(bundle)
+    digest = hashlib.sha256(b"sepals/bfv\x00" + params + b"\x00" + public_key).digest()
+    return digest[:FINGERPRINT_BYTES]
+
+
+class BfvCodec(UpdateCodec):
+    """Quantized, packed, seeded BFV ciphertexts; see the module docstring.
+
+    Build a server-side instance with :meth:`for_server` (a bundle with a secret key is
+    refused) and a client-side one with :meth:`for_client`.
+    """
+
+    codec_id = CODEC_BFV
+    name = "bfv-q2"
+
+    def __init__(self, bundle: bytes, config: EncryptionConfig, *, need_secret: bool) -> None:
+        import tenseal.sealapi as seal
+
+        if config.scheme != "bfv":
+            raise ValueError(f"BfvCodec needs scheme 'bfv', got {config.scheme!r}")
+        params_b, public_b, secret_b = _unpack_bundle(bundle)
+        if need_secret and secret_b is None:
+            raise MissingSecretKeyError("a client needs the secret BFV key bundle")
+        if not need_secret and secret_b is not None:
+            raise SecretKeyExposureError(
+                "refusing a BFV key bundle that holds a secret key: the server must only "
+                "ever receive the public bundle (see `public_context_bytes`)"
+            )
+        self._config = config
+        self._files = _SealFiles()
+        parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
+        try:
+            self._files.load(params_b, parms.load)
+        except Exception as exc:
+            raise MalformedPayloadError(f"BFV parameters do not load: {exc}") from exc
+        expected = _seal_params(config)
+        if parms != expected:
+            raise MalformedPayloadError(
+                "the key bundle's BFV parameters differ from the configured ones "
+                f"(N={config.poly_modulus_degree}, primes {config.coeff_mod_bit_sizes}, "
+                f"t of {config.plain_modulus_bits} bits)"
+            )
+        self._ctx = _seal_context(parms)
+        public = seal.PublicKey()
+        try:
+            self._files.load(public_b, lambda p: public.load(self._ctx, p))
+        except Exception as exc:
+            raise MalformedPayloadError(f"BFV public key does not load: {exc}") from exc
+        self._parms_id = self._ctx.first_parms_id()
+        data = self._ctx.first_context_data().parms()
+        self._q = [m.value() for m in data.coeff_modulus()]
+        self._t = int(parms.plain_modulus().value())
+        self._fingerprint = bfv_fingerprint(bundle)
+        self._evaluator = seal.Evaluator(self._ctx)
+        self._encoder = seal.BatchEncoder(self._ctx)
+        self._encryptor: Any = None
+        self._decryptor: Any = None
+        if secret_b is not None:
+            secret = seal.SecretKey()
+            try:
+                self._files.load(secret_b, lambda p: secret.load(self._ctx, p), secret=True)
+            except Exception as exc:
+                raise MalformedPayloadError(f"BFV secret key does not load: {exc}") from exc
+            self._encryptor = seal.Encryptor(self._ctx, secret)
+            self._decryptor = seal.Decryptor(self._ctx, secret)
+        n = config.poly_modulus_degree
+        # Largest serialized ciphertext we accept: two full polynomials plus headers.
+        self._max_chunk = 2 * n * len(self._q) * 8 + _SEAL_OVERHEAD
+
+    @classmethod
+    def for_server(cls, public_bundle: bytes, config: EncryptionConfig) -> BfvCodec:
+        """Load the public bundle for aggregation.
+
+        Raises:
+            SecretKeyExposureError: the bundle contains a secret key.
+            MalformedPayloadError: the bytes are not a BFV key bundle for ``config``.
+
+        """
+        return cls(public_bundle, config, need_secret=False)
+
+    @classmethod
+    def for_client(cls, secret_bundle: bytes, config: EncryptionConfig) -> BfvCodec:
+        """Load the clients' secret bundle.
+
+        Raises:
+            MissingSecretKeyError: the bundle has no secret key.
+
+        """
+        return cls(secret_bundle, config, need_secret=True)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """Fingerprint of this codec's key."""
+        return self._fingerprint
+
+    @property
+    def can_decrypt(self) -> bool:
+        """Whether this instance holds the secret key."""
+        return self._decryptor is not None
+
+    @property
+    def plain_modulus(self) -> int:
+        """The BFV plaintext modulus t (a batching prime)."""
+        return self._t
+
+    @property
+    def data_modulus(self) -> list[int]:
+        """The data primes of every ciphertext that is sent."""
+        return list(self._q)
+
+    # ------------------------------------------------------------------ quantization
+    def quantize(
+        self, vector: FloatVector, rng: np.random.Generator | None = None
+    ) -> tuple[npt.NDArray[np.int64], float]:
+        """Stochastically round ``vector`` onto the shared grid.
+
+        Returns:
+            The integers and the largest absolute rounding error (below one step).
+
+        Raises:
+            NonFiniteUpdateError: the vector holds NaN or infinity.
+            ValueError: a value exceeds ``update_bound``.
+
+        """
+        arr = _as_finite_vector(vector)
+        bound = self._config.update_bound
+        if arr.size and float(np.max(np.abs(arr))) > bound:
+            raise ValueError(
+                f"update magnitude exceeds update_bound={bound:g}, the per-client bound that "
+                f"keeps a sum of max_clients={self._config.max_clients} quantized updates "
+                "inside the BFV field; raise update_bound (coarser grid) or lower max_clients"
+            )
+        gen = rng if rng is not None else np.random.default_rng()
+        step = self._config.quant_step
+        scaled = arr / step
+        q = np.floor(scaled + gen.random(arr.size)).astype(np.int64)
+        error = float(np.max(np.abs(arr - q * step))) if arr.size else 0.0
+        return q, error
+
+    def _pack(self, q: npt.NDArray[np.int64]) -> list[npt.NDArray[np.int64]]:
+        n = self._config.poly_modulus_degree
+        per_ct = 2 * n
+        padded = np.zeros(-(-q.size // per_ct) * per_ct, dtype=np.int64)
+        padded[: q.size] = q
+        rows = padded.reshape(-1, 2, n)
+        packed = rows[:, 0, :] + rows[:, 1, :] * (1 << self._config.field_bits)
+        return list(packed)
+
+    def _unpack_all(self, rows: list[npt.NDArray[np.int64]], length: int) -> npt.NDArray[np.int64]:
+        n = self._config.poly_modulus_degree
+        f = self._config.field_bits
+        half = 1 << (f - 1)
+        slots = np.stack(rows) if rows else np.zeros((0, n), dtype=np.int64)
+        lo = ((slots + half) & ((1 << f) - 1)) - half
+        hi = (slots - lo) >> f
+        return np.concatenate([lo, hi], axis=1).reshape(-1)[:length]
+
+    # ------------------------------------------------------------------ client side
+    def encode_update(
+        self, vector: FloatVector, rng: np.random.Generator | None = None
+    ) -> tuple[bytes, float | None]:
+        """Quantize, pack and encrypt; return the payload and the rounding error."""
+        import tenseal.sealapi as seal
+
+        if self._encryptor is None:
+            raise MissingSecretKeyError("encryption needs the secret BFV key bundle")
+        q, error = self.quantize(vector, rng)
+        chunks = []
+        for row in self._pack(q):
+            plain = seal.Plaintext()
+            self._encoder.encode(row.tolist(), plain)
+            chunks.append(self._files.dump(self._encryptor.encrypt_symmetric(plain)))
+        return pack_payload(self.codec_id, self.fingerprint, q.size, chunks), error
+
+    def decode(self, payload: bytes) -> npt.NDArray[np.float64]:
+        """Decrypt, unpack and dequantize a payload (a client's update or a sum).
+
+        Raises:
+            MissingSecretKeyError: this instance holds no secret key.
+
+        """
+        import tenseal.sealapi as seal
+
+        if self._decryptor is None:
+            raise MissingSecretKeyError("this BFV bundle holds no secret key and cannot decrypt")
+        from sepals.common.codec import unpack_payload
+
+        header, _ = unpack_payload(payload)
+        loaded = self.validate(payload)
+        rows = []
+        for ct in loaded:
+            plain = seal.Plaintext()
+            self._decryptor.decrypt(ct, plain)
+            rows.append(np.asarray(self._encoder.decode_int64(plain), dtype=np.int64))
+        return self._unpack_all(rows, header.length).astype(np.float64) * self._config.quant_step
+
+    def integer_sum(self, payload: bytes) -> npt.NDArray[np.int64]:
+        """Decrypt a payload to its exact integer sum (tests and benchmarks)."""
+        values = self.decode(payload) / self._config.quant_step
+        return np.rint(values).astype(np.int64)
+
+    # ------------------------------------------------------------------ server side
+    def _check_seal_header(self, i: int, chunk: bytes) -> None:
+        if len(chunk) < _SEAL_HEADER.size:
+            raise MalformedPayloadError(f"ciphertext {i} is shorter than a SEAL header")
+        magic, head_size, major, _minor, compr, _rsv, size = _SEAL_HEADER.unpack_from(chunk)
+        if magic != _SEAL_MAGIC or head_size != _SEAL_HEADER.size or major not in (3, 4):
+            raise MalformedPayloadError(f"ciphertext {i} has no valid SEAL header")
+        if compr > 2 or size != len(chunk):
+            raise MalformedPayloadError(
+                f"ciphertext {i} declares {size} bytes, holds {len(chunk)} (truncated or padded)"
+            )
+        if size > self._max_chunk:
+            raise MalformedPayloadError(
+                f"ciphertext {i} has {size} bytes, more than the {self._max_chunk} that a "
+                "ciphertext of these parameters can need"
+            )
+
+    def _load_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> list[Any]:
+        import tenseal.sealapi as seal
+
+        per_ct = self._config.values_per_ciphertext
+        expected = -(-header.length // per_ct)
+        if len(chunks) != expected:
+            raise MalformedPayloadError(
+                f"payload of {header.length} values must hold {expected} ciphertexts, "
+                f"holds {len(chunks)}"
+            )
+        loaded = []
+        for i, chunk in enumerate(chunks):
+            self._check_seal_header(i, chunk)
+            ct = seal.Ciphertext()
+            try:
+                self._files.load(chunk, lambda p, ct=ct: ct.load(self._ctx, p))
+            except Exception as exc:
+                raise MalformedPayloadError(f"ciphertext {i} does not deserialize: {exc}") from exc
+            if (
+                ct.size() != 2
+                or ct.parms_id() != self._parms_id
+                or ct.poly_modulus_degree() != self._config.poly_modulus_degree
+                or ct.coeff_modulus_size() != len(self._q)
+                or ct.is_ntt_form()
+                or ct.is_transparent()
+                or not seal.is_valid_for(ct, self._ctx)
+            ):
+                raise MalformedPayloadError(
+                    f"ciphertext {i} is not a fresh two-part BFV ciphertext at the data level "
+                    "of this federation's parameters"
+                )
+            loaded.append(ct)
+        return loaded
+
+    def _sum_chunks(self, loaded: Sequence[list[Any]]) -> list[bytes]:
+        if len(loaded) > self._config.max_clients:
+            raise ValueError(
+                f"refusing to add {len(loaded)} updates: max_clients="
+                f"{self._config.max_clients} bounds the sum inside the BFV field and noise budget"
+            )
+        import tenseal.sealapi as seal
+
+        totals = list(loaded[0])
+        if len(loaded) > 1:
+            # Fresh destinations: the loaded ciphertexts themselves stay untouched.
+            totals = []
+            for a, b in zip(loaded[0], loaded[1], strict=True):
+                total = seal.Ciphertext(self._ctx)
+                self._evaluator.add(a, b, total)
+                totals.append(total)
+        for payload in loaded[2:]:
+            for total, ct in zip(totals, payload, strict=True):
+                self._evaluator.add_inplace(total, ct)
+        return [self._files.dump(t) for t in totals]
+
+    def noise_budget_bits(self, payload: bytes) -> int:
+        """Smallest SEAL invariant noise budget over a payload's ciphertexts (clients only)."""
+        if self._decryptor is None:
+            raise MissingSecretKeyError("the noise budget needs the secret key")
+        return min(int(self._decryptor.invariant_noise_budget(ct)) for ct in self.validate(payload))

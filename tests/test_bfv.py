@@ -1,0 +1,227 @@
+"""The compact BFV codec: exactness, tolerance, overflow by construction, adversarial input."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from sepals.common.bfv import BfvCodec, _unpack_bundle, public_bfv_bundle
+from sepals.common.codec import (
+    PlainCodec,
+    context_fingerprint,
+    generate_secret_context,
+    make_client_codec,
+    make_server_codec,
+    pack_payload,
+    unpack_payload,
+)
+from sepals.common.config import BFV_NOISE_PER_SUMMAND, EncryptionConfig
+from sepals.common.errors import (
+    ForeignKeyError,
+    MalformedPayloadError,
+    MissingSecretKeyError,
+    NonFiniteUpdateError,
+    SecretKeyExposureError,
+)
+
+CFG = EncryptionConfig()
+PER_CT = CFG.values_per_ciphertext
+
+
+@pytest.fixture(scope="module")
+def codecs(bfv_keys):
+    secret, public = bfv_keys
+    return BfvCodec.for_client(secret, CFG), BfvCodec.for_server(public, CFG)
+
+
+def test_default_is_the_bfv_codec(bfv_keys):
+    secret, public = bfv_keys
+    assert EncryptionConfig().scheme == "bfv"
+    assert isinstance(make_client_codec(CFG, secret), BfvCodec)
+    assert isinstance(make_server_codec(CFG, public), BfvCodec)
+
+
+@pytest.mark.parametrize("length", [1, PER_CT - 1, PER_CT, PER_CT + 1, 3 * PER_CT + 17])
+def test_sum_of_quantized_updates_is_exact(codecs, length):
+    client, server = codecs
+    rng = np.random.default_rng(length)
+    updates = [rng.uniform(-CFG.update_bound, CFG.update_bound, length) for _ in range(5)]
+    payloads, ints = [], []
+    for i, x in enumerate(updates):
+        payloads.append(client.encode(x, np.random.default_rng(i)))
+        ints.append(client.quantize(x, np.random.default_rng(i))[0])
+    total = server.aggregate(payloads, expected_length=length)
+    assert client.integer_sum(total).tolist() == np.sum(ints, axis=0).tolist()
+    # so the decoded sum is off only by the clients' own rounding: < one step each
+    decoded = client.decode(total)
+    assert decoded.shape == (length,)
+    assert np.max(np.abs(decoded - np.sum(updates, axis=0))) < len(updates) * CFG.quant_step
+
+
+def test_fedavg_tolerance_after_division(codecs):
+    """Sum of n_i * w_i over the example total: error <= sum(step) / sum(n_i)."""
+    client, server = codecs
+    rng = np.random.default_rng(7)
+    counts = rng.integers(50, 500, size=6).astype(float)
+    models = [rng.normal(0, 1.0, size=2000) for _ in counts]
+    payloads, errors = [], []
+    for n, w in zip(counts, models, strict=True):
+        payload, err = client.encode_update(n * w)
+        payloads.append(payload)
+        errors.append(err)
+    got = client.decode(server.aggregate(payloads, 2000)) / counts.sum()
+    expected = np.sum([n * w for n, w in zip(counts, models, strict=True)], axis=0) / counts.sum()
+    bound = sum(errors) / counts.sum()
+    assert all(0 < e < CFG.quant_step for e in errors)
+    assert np.max(np.abs(got - expected)) <= bound
+    assert bound < 1e-2  # the bound is tight enough to matter: weights are O(1)
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded(codecs):
+    client, _ = codecs
+    x = np.full(200_000, 0.3 * CFG.quant_step)
+    q, err = client.quantize(x, np.random.default_rng(1))
+    assert set(np.unique(q).tolist()) == {0, 1}
+    assert q.mean() == pytest.approx(0.3, abs=0.005)
+    assert err == pytest.approx(0.7 * CFG.quant_step)
+    again, _ = client.quantize(x, np.random.default_rng(1))
+    assert np.array_equal(q, again)
+
+
+def test_worst_case_sum_of_max_clients_does_not_overflow(codecs):
+    """max_clients updates at +-update_bound: exact sum, and noise budget left."""
+    client, server = codecs
+    x = np.array([CFG.update_bound, -CFG.update_bound] * 10)
+    q, _ = client.quantize(x, np.random.default_rng(0))
+    assert np.max(np.abs(q)) <= CFG.max_quantized
+    loaded = server.validate(client.encode(x, np.random.default_rng(0)), x.size)
+    total = server.aggregate_loaded([loaded] * CFG.max_clients, x.size)
+    assert client.integer_sum(total).tolist() == (q * CFG.max_clients).tolist()
+    assert CFG.max_clients * CFG.max_quantized <= CFG.field_capacity
+    assert client.noise_budget_bits(total) > 0
+    with pytest.raises(ValueError, match="max_clients"):
+        server.aggregate_loaded([loaded] * (CFG.max_clients + 1), x.size)
+
+
+def test_update_bound_is_enforced(codecs):
+    client, _ = codecs
+    client.encode(np.array([CFG.update_bound]))
+    with pytest.raises(ValueError, match="update_bound"):
+        client.encode(np.array([CFG.update_bound * 1.001]))
+    with pytest.raises(NonFiniteUpdateError):
+        client.encode(np.array([0.0, np.nan]))
+
+
+def test_server_refuses_secret_bundle_and_cannot_decrypt(bfv_keys, codecs):
+    secret, public = bfv_keys
+    client, server = codecs
+    with pytest.raises(SecretKeyExposureError):
+        BfvCodec.for_server(secret, CFG)
+    with pytest.raises(MissingSecretKeyError):
+        BfvCodec.for_client(public, CFG)
+    payload = client.encode(np.arange(10.0))
+    assert not server.can_decrypt and client.can_decrypt
+    with pytest.raises(MissingSecretKeyError):
+        server.decode(payload)
+    with pytest.raises(MissingSecretKeyError):
+        server.encode(np.arange(10.0))
+    assert public_bfv_bundle(secret) == public
+    assert _unpack_bundle(public)[2] is None  # the server's bundle holds no secret key
+    assert context_fingerprint(secret) == context_fingerprint(public) == server.fingerprint
+
+
+def test_foreign_key_and_wrong_codec_rejected(codecs):
+    client, server = codecs
+    foreign = BfvCodec.for_client(generate_secret_context(CFG), CFG)
+    with pytest.raises(ForeignKeyError, match="made under key"):
+        server.validate(foreign.encode(np.ones(100)), 100)
+    with pytest.raises(MalformedPayloadError, match="codec id"):
+        server.validate(PlainCodec().encode(np.ones(100)), 100)
+    with pytest.raises(MalformedPayloadError, match="99 values, expected 100"):
+        server.validate(client.encode(np.ones(99)), 100)
+
+
+def test_truncated_payloads_rejected(codecs):
+    client, server = codecs
+    payload = client.encode(np.ones(100))
+    for cut in (3, 30, len(payload) // 2, len(payload) - 1):
+        with pytest.raises(MalformedPayloadError):
+            server.validate(payload[:cut], 100)
+    # a consistent envelope around a truncated ciphertext
+    header, chunks = unpack_payload(payload)
+    short = pack_payload(header.codec_id, header.fingerprint, 100, [chunks[0][:-500]])
+    with pytest.raises(MalformedPayloadError, match="declares"):
+        server.validate(short, 100)
+
+
+def test_corrupted_ciphertexts_rejected(codecs):
+    client, server = codecs
+    header, chunks = unpack_payload(client.encode(np.ones(100)))
+    chunk = chunks[0]
+
+    def forged(body: bytes) -> bytes:
+        return pack_payload(header.codec_id, header.fingerprint, 100, [body])
+
+    garbage = bytes(len(chunk))
+    with pytest.raises(MalformedPayloadError, match="SEAL header"):
+        server.validate(forged(garbage), 100)
+    bad_compression = chunk[:5] + b"\x07" + chunk[6:]
+    with pytest.raises(MalformedPayloadError):
+        server.validate(forged(bad_compression), 100)
+    # valid header, body replaced by random bytes: SEAL must refuse it, not crash
+    rng = np.random.default_rng(0)
+    noise = chunk[:16] + rng.integers(0, 256, len(chunk) - 16, dtype=np.uint8).tobytes()
+    with pytest.raises(MalformedPayloadError, match="deserialize"):
+        server.validate(forged(noise), 100)
+    # a header that claims a huge ciphertext is refused before SEAL sees it
+    magic, hsize, major, minor, compr, rsv, _ = struct.unpack_from("<HBBBBHQ", chunk)
+    huge = struct.pack("<HBBBBHQ", magic, hsize, major, minor, compr, rsv, 10**9)
+    with pytest.raises(MalformedPayloadError):
+        server.validate(forged(huge + chunk[16:]), 100)
+    # a ciphertext under other parameters, in an envelope that names our key
+    other_cfg = EncryptionConfig(
+        poly_modulus_degree=4096, coeff_mod_bit_sizes=(54, 50), plain_modulus_bits=36
+    )
+    other = BfvCodec.for_client(generate_secret_context(other_cfg), other_cfg)
+    alien = unpack_payload(other.encode(np.ones(100)))[1][0]
+    with pytest.raises(MalformedPayloadError):
+        server.validate(forged(alien), 100)
+
+
+def test_bundle_checks(bfv_keys):
+    secret, _ = bfv_keys
+    with pytest.raises(MalformedPayloadError, match="bundle"):
+        BfvCodec.for_client(secret[:100], CFG)
+    with pytest.raises(MalformedPayloadError, match="differ"):
+        BfvCodec.for_client(secret, EncryptionConfig(plain_modulus_bits=40))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_clients": 373}, "noise budget"),
+        ({"plain_modulus_bits": 30}, "quantization levels"),
+        ({"plain_modulus_bits": 61}, "plain_modulus_bits"),
+        ({"update_bound": 0.0}, "update_bound"),
+        ({"update_bound": float("inf")}, "update_bound"),
+    ],
+)
+def test_overflow_is_impossible_by_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EncryptionConfig(**kwargs)
+
+
+def test_config_layout_bounds():
+    """The bounds the config promises, checked for several settings."""
+    for kw in ({}, {"max_clients": 372}, {"max_clients": 1000, "plain_modulus_bits": 40}):
+        cfg = EncryptionConfig(**kw)
+        f = cfg.field_bits
+        cap = cfg.field_capacity
+        # a packed slot of two full fields stays inside (-t/2, t/2) for every t >= 2^(b-1)
+        assert cap * (2**f + 1) <= 2 ** (cfg.plain_modulus_bits - 2)
+        assert cap < 2 ** (f - 1)
+        assert cfg.max_clients * cfg.max_quantized <= cap
+        assert cfg.update_bound / cfg.quant_step + 1 <= cfg.max_quantized
+        assert 2 * BFV_NOISE_PER_SUMMAND * cfg.max_clients <= 2**cfg.bfv_noise_margin_bits
