@@ -32,7 +32,6 @@ import functools
 import importlib
 import importlib.util
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -55,6 +54,7 @@ from sepals.client.core import ClientRuntime
 from sepals.common.codec import context_fingerprint
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import ForeignKeyError, SepalsError
+from sepals.common.files import atomic_write
 from sepals.common.log import log
 from sepals.common.models import ModelFactory
 from sepals.common.procs import (
@@ -66,8 +66,8 @@ from sepals.common.procs import (
     stop_child,
     wait_for_port,
 )
+from sepals.common.protocol import FAB_NAME
 
-FAB_NAME = "sepals-federation"
 _POLL_SECONDS = 0.5
 
 
@@ -239,6 +239,23 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def _edge_runtime(
+    bundle: ClientBundle, app: EdgeApp, ledger_path: Path, seed: int
+) -> ClientRuntime:
+    """The client runtime of ``app`` joining with ``bundle``."""
+    return ClientRuntime(
+        client_id=bundle.name,
+        model_factory=app.model_factory,
+        train_data=_as_dataset(app.train_data),  # type: ignore[arg-type]
+        test_data=_as_dataset(app.test_data),
+        privacy=app.privacy,
+        encryption=bundle.encryption,
+        secret_context=bundle.read_secret_context(),
+        seed=seed,
+        ledger_path=ledger_path,
+    )
+
+
 class EdgeClient:
     """Joins a federation with a bundle and serves its rounds until stopped.
 
@@ -282,16 +299,8 @@ class EdgeClient:
         self.ledger_path = (
             Path(ledger_path) if ledger_path is not None else self.bundle.root / "ledger.json"
         )
-        self.runtime = ClientRuntime(
-            client_id=self.bundle.name,
-            model_factory=app.model_factory,
-            train_data=_as_dataset(app.train_data),  # type: ignore[arg-type]
-            test_data=_as_dataset(app.test_data),
-            privacy=app.privacy,
-            encryption=self.bundle.encryption,
-            secret_context=self.bundle.read_secret_context(),
-            seed=seed if seed is not None else secrets.randbits(31),
-            ledger_path=self.ledger_path,
+        self.runtime = _edge_runtime(
+            self.bundle, app, self.ledger_path, seed if seed is not None else secrets.randbits(31)
         )
         runtime = self.runtime
         self.client_app: ClientApp = make_client_app(lambda _ctx: runtime)
@@ -384,11 +393,9 @@ class EdgeClient:
         """
         from sepals.client.runtime_loop import RuntimeLoop
 
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         secret_file = self.work_dir / "superexec.secret"
-        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
+        superexec_secret = secrets.token_bytes(32)
+        atomic_write(secret_file, superexec_secret, secret=True)
         port = free_port()
         log(
             INFO,
@@ -399,7 +406,7 @@ class EdgeClient:
             self.ledger_path,
         )
         self._launch(port, secret_file)
-        loop = RuntimeLoop(f"127.0.0.1:{port}", secret_file.read_bytes(), self._handle)
+        loop = RuntimeLoop(f"127.0.0.1:{port}", superexec_secret, self._handle)
         refused_since: float | None = None
         try:
             while not self._stop.is_set():
@@ -466,18 +473,8 @@ def join_federation(
 @functools.lru_cache(maxsize=4)
 def _runtime_from_node_config(app_spec: str, bundle_dir: str, ledger: str) -> ClientRuntime:
     bundle = ClientBundle.load(bundle_dir)
-    app = load_edge_app(app_spec)
-    return ClientRuntime(
-        client_id=bundle.name,
-        model_factory=app.model_factory,
-        train_data=_as_dataset(app.train_data),  # type: ignore[arg-type]
-        test_data=_as_dataset(app.test_data),
-        privacy=app.privacy,
-        encryption=bundle.encryption,
-        secret_context=bundle.read_secret_context(),
-        seed=secrets.randbits(31),
-        ledger_path=Path(ledger) if ledger else bundle.root / "ledger.json",
-    )
+    ledger_path = Path(ledger) if ledger else bundle.root / "ledger.json"
+    return _edge_runtime(bundle, load_edge_app(app_spec), ledger_path, secrets.randbits(31))
 
 
 def _node_config_runtime(context: Context) -> ClientRuntime:

@@ -35,6 +35,9 @@ KEY_WEIGHT_TOTAL = "weight-total"
 PAYLOAD_STYPE = "sepals.payload.v1"
 PAYLOAD_DTYPE = "bytes"
 
+# The Flower app bundle (FAB) a deployed federation runs; edge nodes serve only this app.
+FAB_NAME = "sepals-federation"
+
 ERR_BUDGET_EXHAUSTED = 4101
 ERR_BAD_GLOBAL = 4102
 ERR_BAD_UPDATE = 4103

@@ -55,12 +55,12 @@ from sepals.common.procs import (
     stop_child,
     wait_for_port,
 )
+from sepals.common.protocol import FAB_NAME
 from sepals.server.state import CheckpointError, StateDir
 from sepals.server.strategy import EncryptedFedAvg, RoundRecord
 
 RUN_CONFIG_KEY = "sepals-config"
 CONNECTION = "sepals"
-FAB_NAME = "sepals-federation"
 _SERVER_KEYS = {
     "address",
     "state_dir",
@@ -349,6 +349,13 @@ class ServerLauncher:
         self.env = flower_env(self.flwr_home)
         self.superlink: subprocess.Popen[bytes] | None = None
         self.run_id: str | None = None
+        self._control_client: Any = None
+
+    @property
+    def dial_address(self) -> str:
+        """``host:port`` to reach this SuperLink from this machine."""
+        host, port = _split_address(self.cfg.address)
+        return f"{dial_host(host)}:{port}"
 
     # -- checks ----------------------------------------------------------------------
     def preflight(self) -> UpdateCodec:
@@ -379,14 +386,12 @@ class ServerLauncher:
 
     # -- processes -------------------------------------------------------------------
     def _connection_toml(self) -> None:
-        host, port = _split_address(self.cfg.address)
-        dial = dial_host(host)
         lines = [
             "[superlink]",
             f'default = "{CONNECTION}"',
             "",
             f"[superlink.{CONNECTION}]",
-            f'address = "{dial}:{port}"',
+            f'address = "{self.dial_address}"',
         ]
         if self.insecure:
             lines.append("insecure = true")
@@ -450,15 +455,18 @@ class ServerLauncher:
         return out
 
     def _control(self) -> Any:
-        """An HTTP client of the SuperLink's Control API (what the ``flwr`` CLI uses)."""
+        """The HTTP client of the SuperLink's Control API (what the ``flwr`` CLI uses).
+
+        Made once per SuperLink and closed by :meth:`stop`.
+        """
+        if self._control_client is not None:
+            return self._control_client
         from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
         from flwr.supercore.control import ControlHttpClient
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
-        host, port = _split_address(self.cfg.address)
-        dial = dial_host(host)
-        return ControlHttpClient.from_server_address(
-            server_address=f"{dial}:{port}",
+        self._control_client = ControlHttpClient.from_server_address(
+            server_address=self.dial_address,
             insecure=self.insecure,
             root_certificates=None if self.insecure else self.cfg.ca_cert.read_bytes(),  # type: ignore[union-attr]
             interceptors=[
@@ -466,6 +474,7 @@ class ServerLauncher:
                 RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
             ],
         )
+        return self._control_client
 
     def register_nodes(self) -> int:
         """Register every provisioned node key; already-registered keys are fine."""
@@ -476,26 +485,23 @@ class ServerLauncher:
 
         count = 0
         control = self._control()
-        try:
-            for pub in self.cfg.node_keys():
-                try:
-                    key = serialization.load_ssh_public_key(pub.read_bytes())
-                except (OSError, ValueError) as exc:
-                    raise DeploymentError(f"cannot read node key {pub}: {exc}") from exc
-                if not isinstance(key, ec.EllipticCurvePublicKey):
-                    raise DeploymentError(f"{pub} is not an EC public key (sepals provision)")
-                request = RegisterNodeRequest(public_key=public_key_to_bytes(key), name=pub.stem)
-                try:
-                    res = control.RegisterNode(request=request)
-                    log(INFO, "registered node %s as %s", pub.stem, res.node_id)
-                except Exception as exc:
-                    detail = _http_error_text(exc)
-                    if "already in use" not in detail:
-                        raise DeploymentError(f"cannot register {pub}: {detail}") from exc
-                    log(INFO, "node %s was already registered", pub.stem)
-                count += 1
-        finally:
-            control.close()
+        for pub in self.cfg.node_keys():
+            try:
+                key = serialization.load_ssh_public_key(pub.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise DeploymentError(f"cannot read node key {pub}: {exc}") from exc
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise DeploymentError(f"{pub} is not an EC public key (sepals provision)")
+            request = RegisterNodeRequest(public_key=public_key_to_bytes(key), name=pub.stem)
+            try:
+                res = control.RegisterNode(request=request)
+                log(INFO, "registered node %s as %s", pub.stem, res.node_id)
+            except Exception as exc:
+                detail = _http_error_text(exc)
+                if "already in use" not in detail:
+                    raise DeploymentError(f"cannot register {pub}: {detail}") from exc
+                log(INFO, "node %s was already registered", pub.stem)
+            count += 1
         return count
 
     def submit(self) -> str:
@@ -520,13 +526,10 @@ class ServerLauncher:
             return "unknown", ""
         from flwr.proto.control_pb2 import ListRunsRequest  # type: ignore[attr-defined]
 
-        control = self._control()
         try:
-            res = control.ListRuns(ListRunsRequest(run_id=int(self.run_id)))
+            res = self._control().ListRuns(ListRunsRequest(run_id=int(self.run_id)))
         except Exception as exc:
             return "unknown", str(exc)
-        finally:
-            control.close()
         for run in res.run_dict.values():
             status = run.status.status
             if run.status.sub_status:
@@ -562,6 +565,9 @@ class ServerLauncher:
 
     def stop(self) -> None:
         """Stop the SuperLink (and with it the ServerApp process)."""
+        if self._control_client is not None:
+            self._control_client.close()
+            self._control_client = None
         stop_child(self.superlink, group=True)
 
 
@@ -621,9 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError) as exc:
         print(f"sepals-server: {exc}", file=sys.stderr)
         return 2
-    if (cfg.state_dir / "done.json").exists() and launcher.state.done_rounds() == (
-        cfg.federation.rounds
-    ):
+    if launcher.state.done_rounds() == cfg.federation.rounds:
         print(f"sepals-server: all {cfg.federation.rounds} rounds are already done", flush=True)
         return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ class StateDir:
         with self.metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(line)
             fh.flush()
+            os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every metrics line written so far."""

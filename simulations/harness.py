@@ -35,6 +35,7 @@ from typing import Any
 
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
 from sepals.common.data import DATASET_NAMES, PartitionSpec, load_dataset
+from sepals.common.files import atomic_write
 
 # Flower sends anonymous usage telemetry unless told not to. A privacy product does not.
 PROCESS_ENV_DEFAULTS = {
@@ -116,12 +117,7 @@ def _provision_keys(encryption: EncryptionConfig, secret_path: str) -> bytes:
     from sepals.common.codec import generate_secret_context, public_context_bytes
 
     secret = generate_secret_context(encryption)
-    path = Path(secret_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secret)
-    os.chmod(path, 0o600)
+    atomic_write(Path(secret_path), secret, secret=True)
     return public_context_bytes(secret)
 
 

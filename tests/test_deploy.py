@@ -28,7 +28,7 @@ import pytest
 
 from sepals.client.privacy import PrivacyLedger, compute_epsilon
 from sepals.common.codec import make_client_codec, make_server_codec
-from sepals.common.config import EncryptionConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import MissingSecretKeyError
 from sepals.common.procs import free_port
 from sepals.common.provision import make_node_keys
@@ -38,6 +38,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 EXAMPLE = ROOT / "examples" / "edge_app.py"
+# The example edge app's budget (examples/edge_app.py, default epsilon).
+PRIVACY = PrivacyConfig(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -158,7 +160,7 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
         # client-3 dies in it (a node polls for messages every 3 s, so it cannot have
         # replied yet), and the round must complete without it.
         _wait_for(lambda: len(_metrics(state)) >= 1, 240, "round 1", all_logs, poll=0.1)
-        ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", _privacy())
+        ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", PRIVACY)
         procs[3].kill()
         procs[3].wait()
         eps_before_kill = ledger3.epsilon
@@ -193,13 +195,13 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
 
     # Every ledger holds its composed epsilon; client-3's kept growing across the restart.
     for client in clients:
-        ledger = PrivacyLedger.load(client / "ledger.json", _privacy())
+        ledger = PrivacyLedger.load(client / "ledger.json", PRIVACY)
         assert ledger.epsilon == pytest.approx(
             compute_epsilon(ledger.accountant, ledger.history, ledger.delta)
         )
         assert 0 < (ledger.epsilon or 0) <= 8.0 + 1e-6, (client.name, ledger)
         assert 3 in ledger.rounds and 1 in ledger.rounds, (client.name, ledger, lines)
-    ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", _privacy())
+    ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", PRIVACY)
     assert ledger3.rounds[0] == 1 and ledger3.rounds[-1] == 3
     assert (ledger3.epsilon or 0) > (eps_before_kill or 0), (ledger3, eps_before_kill)
     shown = subprocess.run(
@@ -256,9 +258,3 @@ def _holds_vector(blob: bytes, values: np.ndarray, tol: float = 1e-4) -> bool:
                 if np.all(np.abs(window - values) < tol):
                     return True
     return False
-
-
-def _privacy():  # type: ignore[no-untyped-def]
-    from sepals.common.config import PrivacyConfig
-
-    return PrivacyConfig(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
