@@ -13,7 +13,9 @@ from sepals.common.codec import PlainCodec, make_client_codec, make_server_codec
 from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.protocol import global_record
 from sepals.common.provision import ProvisionSpec, provision
-from sepals.server.deploy import ServerDeployConfig, ServerLauncher, main
+from sepals.server.cli import main
+from sepals.server.config import ServerDeployConfig
+from sepals.server.launcher import ServerLauncher
 from sepals.server.state import CheckpointError, StateDir
 from sepals.server.strategy import EncryptedFedAvg
 

@@ -1,0 +1,92 @@
+"""The ServerApp of a deployed federation.
+
+It runs in the process that ``sepals-server`` starts for each run (see
+:mod:`sepals.server.executor`). It loads the operator's configuration named in the run
+config, writes per-round JSON-lines metrics, and checkpoints the encrypted global model
+after every round (:mod:`sepals.server.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from sepals.common.errors import SepalsError
+from sepals.common.log import LOGGER, log
+from sepals.server.config import ServerDeployConfig
+from sepals.server.state import StateDir
+from sepals.server.strategy import EncryptedFedAvg, RoundRecord
+
+RUN_CONFIG_KEY = "sepals-config"
+
+
+class DeploymentError(SepalsError):
+    """The server cannot be started or its run failed."""
+
+
+app = ServerApp()
+
+app = ServerApp()
+
+
+def _attach_file_log(path: Path) -> None:
+    if any(getattr(h, "baseFilename", None) == str(path) for h in LOGGER.handlers):
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    LOGGER.addHandler(handler)
+    LOGGER.setLevel(logging.INFO)
+
+
+@app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    """The sepals ServerApp of a deployed federation (runs in Flower's ServerApp process)."""
+    source = context.run_config.get(RUN_CONFIG_KEY)
+    if not isinstance(source, str) or not source:
+        raise DeploymentError(f"run config lacks {RUN_CONFIG_KEY!r}: start runs with sepals-server")
+    cfg = ServerDeployConfig.from_toml(Path(source))
+    state = StateDir(cfg.state_dir)
+    _attach_file_log(cfg.state_dir / "server.log")
+    codec = cfg.codec()
+    checkpoint = state.load_checkpoint(codec, cfg.parameters)
+    done = checkpoint.round if checkpoint is not None else 0
+    strategy = EncryptedFedAvg(
+        codec=codec,
+        vector_length=cfg.parameters,
+        federation=cfg.federation,
+        node_wait_timeout=cfg.node_wait_timeout,
+        min_available_nodes=cfg.min_available_clients,
+        round_offset=done,
+    )
+    if checkpoint is not None:
+        strategy.rng.bit_generator.state = checkpoint.rng_state
+        if checkpoint.payload is not None:
+            strategy.latest_global = checkpoint.arrays()
+
+    def sink(record: RoundRecord) -> None:
+        state.save_checkpoint(strategy, record.round)
+        state.append_metrics(record)
+
+    strategy.on_round = sink
+    remaining = cfg.federation.rounds - done
+    log(
+        INFO,
+        "sepals ServerApp: codec %s, key %s, %s params, rounds %s..%s",
+        codec.name,
+        codec.fingerprint_hex,
+        cfg.parameters,
+        done + 1,
+        cfg.federation.rounds,
+    )
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=strategy.latest_global or ArrayRecord(),
+            num_rounds=remaining,
+            timeout=cfg.federation.round_timeout,
+        )
+    state.mark_done(cfg.federation.rounds)

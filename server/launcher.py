@@ -1,0 +1,321 @@
+"""Starts and supervises the processes of a deployed sepals server.
+
+:class:`ServerLauncher` starts Flower's SuperLink, registers the provisioned node keys,
+submits the sepals ServerApp as a run, follows its progress and stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from sepals.common.codec import UpdateCodec
+from sepals.common.files import atomic_write
+from sepals.common.log import log
+from sepals.common.procs import (
+    ProcessStartError,
+    dial_host,
+    flower_env,
+    flwr_executable,
+    port_open,
+    start_child,
+    stop_child,
+    wait_for_port,
+)
+from sepals.common.protocol import FAB_NAME
+from sepals.server.config import ServerDeployConfig, split_address
+from sepals.server.deployed_app import RUN_CONFIG_KEY, DeploymentError
+from sepals.server.state import StateDir
+
+CONNECTION = "sepals"
+
+
+def _app_dir(state: Path) -> Path:
+    """A minimal Flower app whose components are the installed sepals apps."""
+    app_dir = state / "flwr-app"
+    pyproject = f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{FAB_NAME}"
+version = "1.0.0"
+description = "sepals encrypted, differentially private federation"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "sepals"
+
+[tool.flwr.app.components]
+serverapp = "sepals.server.deployed_app:app"
+clientapp = "sepals.client.edge:fab_client_app"
+
+[tool.flwr.app.config]
+{RUN_CONFIG_KEY} = ""
+"""
+    atomic_write(app_dir / "pyproject.toml", pyproject.encode())
+    atomic_write(
+        app_dir / "sepals_federation.py",
+        b'"""Marker module: the apps live in the installed sepals package."""\n',
+    )
+    return app_dir
+
+
+def _http_error_text(exc: Exception) -> str:
+    """The server's explanation inside an HTTP error, else the exception text."""
+    response = getattr(exc, "response", None)
+    text = getattr(response, "text", None)
+    return f"{exc}: {text}" if text else str(exc)
+
+
+class ServerLauncher:
+    """Starts the SuperLink, registers nodes, submits the run and follows it."""
+
+    def __init__(self, cfg: ServerDeployConfig, insecure: bool = False) -> None:
+        self.cfg = cfg
+        self.insecure = insecure
+        self.state = StateDir(cfg.state_dir)
+        self.flwr_home = cfg.state_dir / "flwr-home"
+        self.env = flower_env(self.flwr_home)
+        self.superlink: subprocess.Popen[bytes] | None = None
+        self.run_id: str | None = None
+        self._control_client: Any = None
+
+    @property
+    def dial_address(self) -> str:
+        """``host:port`` to reach this SuperLink from this machine."""
+        host, port = split_address(self.cfg.address)
+        return f"{dial_host(host)}:{port}"
+
+    # -- checks ----------------------------------------------------------------------
+    def preflight(self) -> UpdateCodec:
+        """Everything that can be checked before a process starts.
+
+        Raises:
+            SecretKeyExposureError: the public context holds a secret key.
+            ValueError: a TLS file or the node keys are missing.
+            CheckpointError: the state directory belongs to another federation.
+
+        """
+        codec = self.cfg.codec()
+        if not self.insecure:
+            for key in ("ca_cert", "server_cert", "server_key"):
+                path = getattr(self.cfg, key)
+                if path is None or not path.is_file():
+                    raise ValueError(
+                        f"[server] {key} is required with TLS (missing: {path}); "
+                        "use --insecure only for local trials"
+                    )
+            if not self.cfg.node_keys():
+                raise ValueError(
+                    f"no node public keys (*.pub) in [server] nodes_dir {self.cfg.nodes_dir}; "
+                    "node authentication would refuse every client"
+                )
+        self.state.load_checkpoint(codec, self.cfg.parameters)
+        return codec
+
+    # -- processes -------------------------------------------------------------------
+    def _connection_toml(self) -> None:
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f'address = "{self.dial_address}"',
+        ]
+        if self.insecure:
+            lines.append("insecure = true")
+        else:
+            lines.append(f'root-certificates = "{self.cfg.ca_cert}"')
+        atomic_write(self.flwr_home / "config.toml", ("\n".join(lines) + "\n").encode())
+
+    def start_superlink(self) -> None:
+        """Start ``flower-superlink`` and wait until it accepts connections."""
+        host, port = split_address(self.cfg.address)
+        cmd = [
+            flwr_executable("flower-superlink"),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--database",
+            str(self.cfg.state_dir / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += [
+                "--ssl-certfile",
+                str(self.cfg.server_cert),
+                "--ssl-keyfile",
+                str(self.cfg.server_key),
+                "--ssl-ca-certfile",
+                str(self.cfg.ca_cert),
+                "--enable-supernode-auth",
+            ]
+        self._connection_toml()
+        # A SuperLink of a previous (killed) server may still be shutting down.
+        deadline = time.monotonic() + 30.0
+        while port_open(host, port):
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"port {port} is in use (another sepals-server or SuperLink?)"
+                )
+            time.sleep(0.5)
+        self.superlink = start_child(
+            cmd, self.env, self.cfg.state_dir / "superlink.log", new_session=True
+        )
+        try:
+            wait_for_port(host, port, self.superlink, 120.0, "flower-superlink")
+        except ProcessStartError as exc:
+            raise DeploymentError(f"{exc}; see {self.cfg.state_dir / 'superlink.log'}") from exc
+        log(INFO, "SuperLink listening on %s (TLS %s)", self.cfg.address, not self.insecure)
+
+    def _flwr(self, *args: str) -> dict[str, Any]:
+        cmd = [flwr_executable("flwr"), *args, "--format", "json"]
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, check=False)
+        try:
+            out: dict[str, Any] = json.loads(proc.stdout)
+        except ValueError as exc:
+            raise DeploymentError(
+                f"`flwr {' '.join(args)}` failed ({proc.returncode}): "
+                f"{(proc.stderr or proc.stdout).strip()[-500:]}"
+            ) from exc
+        return out
+
+    def _control(self) -> Any:
+        """The HTTP client of the SuperLink's Control API (what the ``flwr`` CLI uses).
+
+        Made once per SuperLink and closed by :meth:`stop`.
+        """
+        if self._control_client is not None:
+            return self._control_client
+        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+        from flwr.supercore.control import ControlHttpClient
+        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+        self._control_client = ControlHttpClient.from_server_address(
+            server_address=self.dial_address,
+            insecure=self.insecure,
+            root_certificates=None if self.insecure else self.cfg.ca_cert.read_bytes(),  # type: ignore[union-attr]
+            interceptors=[
+                CliClientHttpInterceptor(),
+                RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+            ],
+        )
+        return self._control_client
+
+    def register_nodes(self) -> int:
+        """Register every provisioned node key; already-registered keys are fine."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from flwr.proto.control_pb2 import RegisterNodeRequest  # type: ignore[attr-defined]
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+        count = 0
+        control = self._control()
+        for pub in self.cfg.node_keys():
+            try:
+                key = serialization.load_ssh_public_key(pub.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise DeploymentError(f"cannot read node key {pub}: {exc}") from exc
+            if not isinstance(key, ec.EllipticCurvePublicKey):
+                raise DeploymentError(f"{pub} is not an EC public key (sepals provision)")
+            request = RegisterNodeRequest(public_key=public_key_to_bytes(key), name=pub.stem)
+            try:
+                res = control.RegisterNode(request=request)
+                log(INFO, "registered node %s as %s", pub.stem, res.node_id)
+            except Exception as exc:
+                detail = _http_error_text(exc)
+                if "already in use" not in detail:
+                    raise DeploymentError(f"cannot register {pub}: {detail}") from exc
+                log(INFO, "node %s was already registered", pub.stem)
+            count += 1
+        return count
+
+    def submit(self) -> str:
+        """Submit the sepals ServerApp as a Flower run; returns the run id."""
+        app_dir = _app_dir(self.cfg.state_dir)
+        res = self._flwr(
+            "run",
+            str(app_dir),
+            CONNECTION,
+            "--run-config",
+            f'{RUN_CONFIG_KEY}="{self.cfg.source}"',
+        )
+        if not res.get("success"):
+            raise DeploymentError(f"flwr run failed: {res.get('error-message')}")
+        self.run_id = str(res["run-id"])
+        log(INFO, "submitted run %s", self.run_id)
+        return self.run_id
+
+    def run_status(self) -> tuple[str, str]:
+        """``(status, details)`` of the submitted run, e.g. ``finished:completed``."""
+        if self.run_id is None:
+            return "unknown", ""
+        from flwr.proto.control_pb2 import ListRunsRequest  # type: ignore[attr-defined]
+
+        try:
+            res = self._control().ListRuns(ListRunsRequest(run_id=int(self.run_id)))
+        except Exception as exc:
+            return "unknown", str(exc)
+        for run in res.run_dict.values():
+            status = run.status.status
+            if run.status.sub_status:
+                status = f"{status}:{run.status.sub_status}"
+            return status, run.status.details
+        return "unknown", ""
+
+    def follow(self, poll: float = 1.0, status_every: float = 3.0) -> int:
+        """Print each finished round until the run ends; returns the process exit code."""
+        seen = len(self.state.read_metrics())
+        last_status = time.monotonic()
+        while True:
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise DeploymentError(
+                    f"flower-superlink exited ({self.superlink.returncode}); see "
+                    f"{self.cfg.state_dir / 'superlink.log'}"
+                )
+            lines = self.state.read_metrics()
+            for line in lines[seen:]:
+                print(progress_line(line, self.cfg.federation.rounds), flush=True)
+            seen = len(lines)
+            if time.monotonic() - last_status > status_every:
+                last_status = time.monotonic()
+                status, details = self.run_status()
+                if status.startswith("finished"):
+                    for line in self.state.read_metrics()[seen:]:
+                        print(progress_line(line, self.cfg.federation.rounds), flush=True)
+                    if status != "finished:completed":
+                        log(WARNING, "run %s ended %s: %s", self.run_id, status, details)
+                        return 1
+                    return 0
+            time.sleep(poll)
+
+    def stop(self) -> None:
+        """Stop the SuperLink (and with it the ServerApp process)."""
+        if self._control_client is not None:
+            self._control_client.close()
+            self._control_client = None
+        stop_child(self.superlink, group=True)
+
+
+def progress_line(line: dict[str, Any], rounds: int) -> str:
+    """One human-readable line for a metrics record."""
+    eps = line.get("max_epsilon")
+    acc = line.get("federated_accuracy")
+    missing = int(line.get("sampled", 0)) - int(line.get("replied", 0))
+    return (
+        f"round {line['round']}/{rounds}: {line.get('accepted', 0)} of "
+        f"{line.get('sampled', 0)} updates aggregated"
+        f"{'' if line.get('aggregated') else ' (global model unchanged)'}, "
+        f"{len(line.get('declined', []))} declined, {len(line.get('excluded', []))} excluded, "
+        f"{missing} missing | max eps {'-' if eps is None else f'{eps:.3f}'} | "
+        f"federated acc {'-' if acc is None else f'{100 * acc:.2f}%'} | "
+        f"{line.get('train_seconds', 0.0):.1f} s"
+    )
