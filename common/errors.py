@@ -40,3 +40,11 @@ class BudgetExhaustedError(SepalsError):
 
 class ModelCompatibilityError(SepalsError):
     """A model cannot be trained with DP-SGD (for example it contains BatchNorm)."""
+
+
+class InsecureFileError(SepalsError):
+    """A file that holds a secret is readable or writable by group or other users."""
+
+
+class LedgerLockedError(SepalsError):
+    """Another process holds the privacy ledger (two clients must never share one)."""

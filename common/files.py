@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sepals.common.errors import InsecureFileError
+
 SECRET_MODE = 0o600
 PUBLIC_MODE = 0o644
 
@@ -35,3 +37,23 @@ def atomic_write(path: Path, data: bytes, secret: bool = False) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def require_private(path: Path, what: str, *, allow_insecure: bool = False) -> None:
+    """Refuse a secret file that group or other users may read or write.
+
+    Args:
+        path: The file.
+        what: What it holds, for the message (``"node key"``, ``"HE secret key"``).
+        allow_insecure: Only warn (trials); the caller logs the returned problem.
+
+    Raises:
+        InsecureFileError: the mode has group or other bits, naming the ``chmod`` to run.
+
+    """
+    mode = path.stat().st_mode
+    if mode & 0o077 and not allow_insecure:
+        raise InsecureFileError(
+            f"{what} {path} is accessible by other users (mode {mode & 0o777:o}); "
+            f"run: chmod 600 {path}"
+        )

@@ -23,11 +23,13 @@ code; the privacy math lives in :mod:`sepals.client.privacy`.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from sepals.common.errors import SepalsError
+from sepals.common.errors import LedgerLockedError, SepalsError
 from sepals.common.files import atomic_write
 
 LEDGER_FORMAT = "sepals-ledger/1"
@@ -92,3 +94,51 @@ def format_ledger(doc: dict[str, Any]) -> str:
         ]
     lines.append(f"rounds joined    {len(rounds)}: {', '.join(str(r) for r in rounds) or '-'}")
     return "\n".join(lines)
+
+
+class LedgerLock:
+    """An exclusive lock on one ledger, held by one client process from read to write.
+
+    The lock is ``flock`` on a sidecar file ``<ledger>.lock`` (mode 0600), taken without
+    waiting: a second process that opens the same ledger is refused at once, so two
+    clients can never compose their spends into one file. The kernel releases the lock
+    when the process dies, so a crash never leaves a stale lock behind.
+    """
+
+    def __init__(self, ledger_path: Path) -> None:
+        self.path = ledger_path.with_name(ledger_path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock.
+
+        Raises:
+            LedgerLockedError: another process holds it.
+
+        """
+        if self._fd is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise LedgerLockedError(
+                f"ledger {self.path.with_suffix('')} is in use by another process; "
+                "each client needs its own ledger"
+            ) from exc
+        self._fd = fd
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> LedgerLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()

@@ -89,6 +89,11 @@ class RoundRecord:
         return out
 
 
+# Adds the operator's fields (federation id, signature) to a round config before it is
+# sent: ``(message_type, config, global_arrays) -> config``. See sepals.common.plan.
+RoundSigner = Callable[[str, dict[str, Any], ArrayRecord], dict[str, Any]]
+
+
 def _opt_float(metrics: MetricRecord, key: str) -> float | None:
     return float(metrics[key]) if key in metrics else None  # type: ignore[arg-type]
 
@@ -106,6 +111,8 @@ class EncryptedFedAvg(Strategy):
         node_wait_timeout: Seconds to wait for them before sampling whoever is there.
         round_offset: Rounds already done before this run (a resumed federation):
             Flower's round ``r`` is federation round ``r + round_offset``.
+        round_signer: Adds the operator's federation id and signature to every round
+            config (clients refuse unsigned rounds when their plan names a key).
 
     A round changes the global model only if at least ``min_train_clients`` valid updates
     arrive before the round timeout. Sampled nodes that never reply (dropped, killed,
@@ -122,12 +129,14 @@ class EncryptedFedAvg(Strategy):
         min_available_nodes: int | None = None,
         node_wait_timeout: float = 300.0,
         round_offset: int = 0,
+        round_signer: RoundSigner | None = None,
     ) -> None:
         if vector_length < 1:
             raise ValueError(f"vector_length must be >= 1, got {vector_length}")
         if round_offset < 0:
             raise ValueError(f"round_offset must be >= 0, got {round_offset}")
         self.round_offset = round_offset
+        self.round_signer = round_signer
         self.latest_global: ArrayRecord | None = None
         self.codec = codec
         self.vector_length = vector_length
@@ -201,7 +210,10 @@ class EncryptedFedAvg(Strategy):
             self.codec.fingerprint_hex,
             self.vector_length,
         )
-        record = RecordDict({KEY_GLOBAL: arrays, KEY_CONFIG: ConfigRecord(cfg.to_record_dict())})
+        config = cfg.to_record_dict()
+        if self.round_signer is not None:
+            config = self.round_signer(message_type, config, arrays)
+        record = RecordDict({KEY_GLOBAL: arrays, KEY_CONFIG: ConfigRecord(config)})
         return [Message(record, dst_node_id=n, message_type=message_type) for n in node_ids]
 
     @staticmethod
