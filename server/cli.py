@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def _terminate(signum: int, _frame: object) -> None:
-        launcher.stop()
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
     try:
-        launcher.start_superlink()
+        launcher.start()
         launcher.register_nodes()
         launcher.submit()
         return launcher.follow()
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        # Nothing interrupts the shutdown: every child process is stopped.
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         launcher.stop()
 
 

@@ -7,7 +7,9 @@ submits the sepals ServerApp as a run, follows its progress and stops everything
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
+import sys
 import time
 from logging import INFO, WARNING
 from pathlib import Path
@@ -18,9 +20,9 @@ from sepals.common.files import atomic_write
 from sepals.common.log import log
 from sepals.common.procs import (
     ProcessStartError,
-    dial_host,
     flower_env,
     flwr_executable,
+    free_port,
     port_open,
     start_child,
     stop_child,
@@ -29,6 +31,8 @@ from sepals.common.procs import (
 from sepals.common.protocol import FAB_NAME
 from sepals.server.config import ServerDeployConfig, split_address
 from sepals.server.deployed_app import RUN_CONFIG_KEY, DeploymentError
+from sepals.server.executor import ServerAppExecutor
+from sepals.server.nodes import NODES_FILE
 from sepals.server.state import StateDir
 
 CONNECTION = "sepals"
@@ -72,8 +76,21 @@ def _http_error_text(exc: Exception) -> str:
     return f"{exc}: {text}" if text else str(exc)
 
 
+SUPEREXEC_SECRET_FILE = "superexec.secret"
+
+
 class ServerLauncher:
-    """Starts the SuperLink, registers nodes, submits the run and follows it."""
+    """Starts the server's processes, registers nodes, submits the run and follows it.
+
+    What listens where (see ``docs/deploy.md``):
+
+    * the configured public ``address``: the Fleet front (:mod:`sepals.server.front`),
+      TLS with the server certificate, forwarding only the Fleet API;
+    * ``127.0.0.1:<free port>``: the SuperLink (all of Flower's APIs, TLS with the same
+      certificate, SuperNode authentication, Runtime API behind a SuperExec secret);
+    * no listener: the ServerApp process, which this launcher starts for its own run
+      only (:mod:`sepals.server.executor`).
+    """
 
     def __init__(self, cfg: ServerDeployConfig, insecure: bool = False) -> None:
         self.cfg = cfg
@@ -81,15 +98,18 @@ class ServerLauncher:
         self.state = StateDir(cfg.state_dir)
         self.flwr_home = cfg.state_dir / "flwr-home"
         self.env = flower_env(self.flwr_home)
+        self.internal_port = free_port()
         self.superlink: subprocess.Popen[bytes] | None = None
+        self.front: subprocess.Popen[bytes] | None = None
+        self.executor: ServerAppExecutor | None = None
         self.run_id: str | None = None
+        self._superexec_secret = secrets.token_bytes(32)
         self._control_client: Any = None
 
     @property
     def dial_address(self) -> str:
-        """``host:port`` to reach this SuperLink from this machine."""
-        host, port = split_address(self.cfg.address)
-        return f"{dial_host(host)}:{port}"
+        """``host:port`` of the SuperLink on loopback (Control and Runtime APIs)."""
+        return f"127.0.0.1:{self.internal_port}"
 
     # -- checks ----------------------------------------------------------------------
     def preflight(self) -> UpdateCodec:
@@ -133,17 +153,42 @@ class ServerLauncher:
             lines.append(f'root-certificates = "{self.cfg.ca_cert}"')
         atomic_write(self.flwr_home / "config.toml", ("\n".join(lines) + "\n").encode())
 
-    def start_superlink(self) -> None:
-        """Start ``flower-superlink`` and wait until it accepts connections."""
+    def start(self) -> None:
+        """Start the SuperLink on loopback, then the public front; wait for both."""
         host, port = split_address(self.cfg.address)
+        # A previous (killed) server may still be shutting down.
+        deadline = time.monotonic() + 30.0
+        while port_open(host, port):
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"port {port} is in use (another sepals-server or SuperLink?)"
+                )
+            time.sleep(0.5)
+        self._start_superlink()
+        self._start_front(host, port)
+        log(
+            INFO,
+            "serving SuperNodes on %s (TLS %s); Control and Runtime APIs on %s only",
+            self.cfg.address,
+            not self.insecure,
+            self.dial_address,
+        )
+
+    def _start_superlink(self) -> None:
+        secret_file = self.cfg.state_dir / SUPEREXEC_SECRET_FILE
+        atomic_write(secret_file, self._superexec_secret, secret=True)
         cmd = [
             flwr_executable("flower-superlink"),
             "--host",
-            host,
+            "127.0.0.1",
             "--port",
-            str(port),
+            str(self.internal_port),
             "--database",
             str(self.cfg.state_dir / "superlink.db"),
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(secret_file),
             "--disable-runtime-dependency-installation",
         ]
         if self.insecure:
@@ -159,22 +204,53 @@ class ServerLauncher:
                 "--enable-supernode-auth",
             ]
         self._connection_toml()
-        # A SuperLink of a previous (killed) server may still be shutting down.
-        deadline = time.monotonic() + 30.0
-        while port_open(host, port):
-            if time.monotonic() > deadline:
-                raise DeploymentError(
-                    f"port {port} is in use (another sepals-server or SuperLink?)"
-                )
-            time.sleep(0.5)
         self.superlink = start_child(
             cmd, self.env, self.cfg.state_dir / "superlink.log", new_session=True
         )
         try:
-            wait_for_port(host, port, self.superlink, 120.0, "flower-superlink")
+            wait_for_port("127.0.0.1", self.internal_port, self.superlink, 120.0, "SuperLink")
         except ProcessStartError as exc:
             raise DeploymentError(f"{exc}; see {self.cfg.state_dir / 'superlink.log'}") from exc
-        log(INFO, "SuperLink listening on %s (TLS %s)", self.cfg.address, not self.insecure)
+        finally:
+            # The SuperLink has read the secret (or failed); it stays only in memory.
+            secret_file.unlink(missing_ok=True)
+        self.executor = ServerAppExecutor(
+            self.dial_address,
+            self._superexec_secret,
+            None if self.insecure else self.cfg.ca_cert,
+            self.env,
+            self.cfg.state_dir / "serverapp.log",
+        )
+
+    def _start_front(self, host: str, port: int) -> None:
+        scheme = "http" if self.insecure else "https"
+        cmd = [
+            sys.executable,
+            "-m",
+            "sepals.server.front",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--upstream",
+            f"{scheme}://{self.dial_address}",
+        ]
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += [
+                "--certfile",
+                str(self.cfg.server_cert),
+                "--keyfile",
+                str(self.cfg.server_key),
+                "--ca",
+                str(self.cfg.ca_cert),
+            ]
+        self.front = start_child(cmd, self.env, self.cfg.state_dir / "front.log", new_session=True)
+        try:
+            wait_for_port(host, port, self.front, 60.0, "the Fleet front")
+        except ProcessStartError as exc:
+            raise DeploymentError(f"{exc}; see {self.cfg.state_dir / 'front.log'}") from exc
 
     def _flwr(self, *args: str) -> dict[str, Any]:
         cmd = [flwr_executable("flwr"), *args, "--format", "json"]
@@ -210,15 +286,26 @@ class ServerLauncher:
         )
         return self._control_client
 
-    def register_nodes(self) -> int:
-        """Register every provisioned node key; already-registered keys are fine."""
+    def register_nodes(self) -> dict[int, str]:
+        """Register every provisioned node key (already-registered keys are fine).
+
+        Writes ``STATE/nodes.json``, the node id -> client name map the ServerApp uses
+        to name (and cap) each node by its authenticated key, never by what it claims.
+
+        Returns:
+            That map.
+
+        """
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
-        from flwr.proto.control_pb2 import RegisterNodeRequest  # type: ignore[attr-defined]
+        from flwr.proto.control_pb2 import (  # type: ignore[attr-defined]
+            ListNodesRequest,
+            RegisterNodeRequest,
+        )
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
-        count = 0
         control = self._control()
+        wanted: dict[bytes, str] = {}
         for pub in self.cfg.node_keys():
             try:
                 key = serialization.load_ssh_public_key(pub.read_bytes())
@@ -226,17 +313,30 @@ class ServerLauncher:
                 raise DeploymentError(f"cannot read node key {pub}: {exc}") from exc
             if not isinstance(key, ec.EllipticCurvePublicKey):
                 raise DeploymentError(f"{pub} is not an EC public key (sepals provision)")
-            request = RegisterNodeRequest(public_key=public_key_to_bytes(key), name=pub.stem)
+            raw = public_key_to_bytes(key)
+            wanted[raw] = pub.stem
             try:
-                res = control.RegisterNode(request=request)
-                log(INFO, "registered node %s as %s", pub.stem, res.node_id)
+                control.RegisterNode(request=RegisterNodeRequest(public_key=raw, name=pub.stem))
+                log(INFO, "registered node %s", pub.stem)
             except Exception as exc:
                 detail = _http_error_text(exc)
                 if "already in use" not in detail:
                     raise DeploymentError(f"cannot register {pub}: {detail}") from exc
                 log(INFO, "node %s was already registered", pub.stem)
-            count += 1
-        return count
+        names: dict[int, str] = {}
+        for node in control.ListNodes(ListNodesRequest()).nodes_info:
+            name = wanted.get(bytes(node.public_key))
+            if name is not None and not node.unregistered_at:
+                names[int(node.node_id)] = name
+        missing = sorted(set(wanted.values()) - set(names.values()))
+        if missing:
+            raise DeploymentError(f"the SuperLink does not list node(s) {', '.join(missing)}")
+        atomic_write(
+            self.cfg.state_dir / NODES_FILE,
+            json.dumps({str(k): v for k, v in sorted(names.items())}, indent=2).encode(),
+            secret=True,
+        )
+        return names
 
     def submit(self) -> str:
         """Submit the sepals ServerApp as a Flower run; returns the run id."""
@@ -271,16 +371,31 @@ class ServerLauncher:
             return status, run.status.details
         return "unknown", ""
 
+    def _check_children(self) -> None:
+        for proc, what, log_name in (
+            (self.superlink, "the SuperLink", "superlink.log"),
+            (self.front, "the Fleet front", "front.log"),
+        ):
+            if proc is not None and proc.poll() is not None:
+                raise DeploymentError(
+                    f"{what} exited ({proc.returncode}); see {self.cfg.state_dir / log_name}"
+                )
+
     def follow(self, poll: float = 1.0, status_every: float = 3.0) -> int:
-        """Print each finished round until the run ends; returns the process exit code."""
+        """Run the ServerApp and print each finished round until the run ends.
+
+        Returns:
+            The process exit code: 0 when the run completed.
+
+        """
+        if self.run_id is None or self.executor is None:
+            raise DeploymentError("follow() needs a started SuperLink and a submitted run")
         seen = len(self.state.read_metrics())
         last_status = time.monotonic()
         while True:
-            if self.superlink is not None and self.superlink.poll() is not None:
-                raise DeploymentError(
-                    f"flower-superlink exited ({self.superlink.returncode}); see "
-                    f"{self.cfg.state_dir / 'superlink.log'}"
-                )
+            self._check_children()
+            # Also after our ServerApp started: any other run's task is refused at once.
+            self.executor.poll(int(self.run_id))
             lines = self.state.read_metrics()
             for line in lines[seen:]:
                 print(progress_line(line, self.cfg.federation.rounds), flush=True)
@@ -298,10 +413,14 @@ class ServerLauncher:
             time.sleep(poll)
 
     def stop(self) -> None:
-        """Stop the SuperLink (and with it the ServerApp process)."""
+        """Stop every process this launcher started: ServerApp, front, SuperLink."""
+        if self.executor is not None:
+            self.executor.stop()
+            self.executor = None
         if self._control_client is not None:
             self._control_client.close()
             self._control_client = None
+        stop_child(self.front, group=True)
         stop_child(self.superlink, group=True)
 
 

@@ -15,16 +15,14 @@ model, and every ledger is checked against the accountant.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
+import e2e_util
 import numpy as np
 import pytest
+from e2e_util import BIN, metrics, spawn, stop, wait_for
 
 from sepals.client.privacy import PrivacyLedger, compute_epsilon
 from sepals.common.codec import make_client_codec, make_server_codec
@@ -35,65 +33,12 @@ from sepals.common.provision import make_node_keys
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-EXAMPLE = ROOT / "examples" / "edge_app.py"
 # The example edge app's budget (examples/edge_app.py, default epsilon).
 PRIVACY = PrivacyConfig(target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
-    with log.open("ab") as fh:
-        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env)
-
-
 def _client(bundle: Path, partition: int, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    return _spawn(
-        [
-            str(BIN / "sepals-client"),
-            "--bundle",
-            str(bundle),
-            "--app",
-            f"{EXAMPLE}:make_app",
-            "--app-arg",
-            f"partition={partition}",
-            "--app-arg",
-            "partitions=3",
-            *extra,
-        ],
-        log,
-    )
-
-
-def _metrics(state: Path) -> list[dict[str, object]]:
-    path = state / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
-def _wait_for(predicate, timeout: float, what: str, logs: list[Path], poll: float = 0.5) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(poll)
-    tails = "\n".join(
-        f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists()
-    )
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return e2e_util.client(bundle, partition, 3, log, *extra)
 
 
 def test_deployed_federation_with_faults(tmp_path: Path) -> None:
@@ -146,10 +91,10 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
     (intruder / "node.key").chmod(0o600)
     (intruder / "he-secret.ctx").chmod(0o600)
 
-    server = _spawn([str(BIN / "sepals-server"), "--config", str(toml)], server_log)
+    server = spawn([str(BIN / "sepals-server"), "--config", str(toml)], server_log)
     procs = [server]
     try:
-        _wait_for(
+        wait_for(
             lambda: "submitted run" in server_log.read_text(), 180, "the run to start", all_logs
         )
         procs += [_client(c, i, logs / f"client-{i + 1}.log") for i, c in enumerate(clients)]
@@ -159,7 +104,7 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
         # Round 1 with all three. As soon as it is recorded, round 2 has started:
         # client-3 dies in it (a node polls for messages every 3 s, so it cannot have
         # replied yet), and the round must complete without it.
-        _wait_for(lambda: len(_metrics(state)) >= 1, 240, "round 1", all_logs, poll=0.1)
+        wait_for(lambda: len(metrics(state)) >= 1, 240, "round 1", all_logs, poll=0.1)
         ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", PRIVACY)
         procs[3].kill()
         procs[3].wait()
@@ -171,8 +116,8 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
         assert bad.wait(timeout=120) == 4, (logs / "intruder.log").read_text()[-2000:]
         assert "not registered" in (logs / "intruder.log").read_text()
 
-        _wait_for(lambda: len(_metrics(state)) >= 2, 240, "round 2", all_logs)
-        round2 = _metrics(state)[1]
+        wait_for(lambda: len(metrics(state)) >= 2, 240, "round 2", all_logs)
+        round2 = metrics(state)[1]
         assert round2["round"] == 2 and round2["aggregated"] is True
         assert round2["accepted"] == 2
         assert {c["client_id"] for c in round2["clients"]} == {"client-1", "client-2"}  # type: ignore[union-attr]
@@ -181,13 +126,13 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
         server.kill()
         server.wait()
         procs[3] = _client(clients[2], 2, logs / "client-3.log")
-        server = _spawn([str(BIN / "sepals-server"), "--config", str(toml)], server_log)
+        server = spawn([str(BIN / "sepals-server"), "--config", str(toml)], server_log)
         procs[0] = server
         assert server.wait(timeout=360) == 0, server_log.read_text()[-3000:]
     finally:
-        _stop(procs)
+        stop(procs)
 
-    lines = _metrics(state)
+    lines = metrics(state)
     assert [m["round"] for m in lines] == [1, 2, 3], lines
     assert all(m["aggregated"] for m in lines), lines
     assert lines[2]["accepted"] == 3, lines
