@@ -154,7 +154,7 @@ def check_ledger(led: dict[str, Any], path: Path) -> None:
     def bad(key: str, want: str) -> LedgerFileError:
         return LedgerFileError(f"{path}: ledger.{key} must be {want}, got {_show(led.get(key))}")
 
-    for key in ("accountant", "delta", "target_epsilon"):
+    for key in ("accountant", "delta", "target_epsilon", "history", "rounds"):
         if key not in led:
             raise LedgerFileError(f"{path}: ledger.{key} is missing")
     if not isinstance(led["accountant"], str):
@@ -177,7 +177,7 @@ def check_ledger(led: dict[str, Any], path: Path) -> None:
     planned = led.get("planned_rounds", 0)
     if not (_is_int(planned) and planned >= 0):
         raise bad("planned_rounds", "an integer >= 0")
-    history = led.get("history", [])
+    history = led["history"]
     if not isinstance(history, list | tuple):
         raise bad("history", "a list of [noise multiplier, sample rate, steps]")
     for i, entry in enumerate(history):
@@ -195,7 +195,7 @@ def check_ledger(led: dict[str, Any], path: Path) -> None:
                 f"{path}: ledger.history[{i}] must be [noise multiplier >= 0, sample rate "
                 f"in [0, 1], steps: an integer >= 0], got {_show(entry)}"
             )
-    rounds = led.get("rounds", [])
+    rounds = led["rounds"]
     if not (isinstance(rounds, list | tuple) and all(_is_int(r) and r >= 1 for r in rounds)):
         raise bad("rounds", "a list of round numbers (integers >= 1)")
 

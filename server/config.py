@@ -41,10 +41,12 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 # Largest example count a cap may allow: integers above 2**53 are not exact as floats.
 MAX_EXAMPLES_CAP = 2**53
 DEFAULT_MAX_EXAMPLES = 10_000
+# DNS labels (underscores allowed, as container and service names use them).
 _HOSTNAME = re.compile(
-    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+    r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
 )
+_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
 _PORT = re.compile(r"[0-9]{1,5}")
 
 
@@ -530,4 +532,9 @@ def split_address(address: str) -> tuple[str, int]:
         return host[1:-1], int(port)
     if not _HOSTNAME.fullmatch(host):
         raise bad
+    if _DOTTED_NUMBERS.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise bad from None
     return host, int(port)

@@ -41,8 +41,12 @@ MODEL_FILE = "global-model.spl"
 DONE_FILE = "done.json"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """:func:`sepals.common.files.atomic_write` with mode 0600: every state file is private."""
+def atomic_write(path: Path, data: bytes, secret: bool = True) -> None:
+    """:func:`sepals.common.files.atomic_write` with mode 0600: every state file is private.
+
+    ``secret`` is accepted for the same call signature and ignored: always 0600.
+    """
+    del secret
     _atomic_write(path, data, secret=True)
 
 

@@ -8,6 +8,9 @@ the parser either accepts them or raises :class:`ValueError`, nothing else.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import json
 import math
 import shutil
@@ -26,9 +29,10 @@ from hypothesis import HealthCheck, given, settings
 from sepals.client.privacy import PrivacyLedger
 from sepals.common.cli import main as sepals_main
 from sepals.common.config import PrivacyConfig
+from sepals.common.ledger import LedgerFileError
 from sepals.common.provision import ProvisionSpec, provision
 from sepals.server.cli import main as server_main
-from sepals.server.config import ServerDeployConfig
+from sepals.server.config import ServerDeployConfig, split_address
 
 
 @pytest.fixture(scope="module")
@@ -190,12 +194,15 @@ SERVER_TOML_CASES = [
     Case("address-unicode-port", key("server", "address", '"h:\u0663"'), "[server] address"),
     Case("address-ipv6-bare", key("server", "address", '"::1:9092"'), "[server] address"),
     Case("address-space", key("server", "address", '"bad host:80"'), "[server] address"),
+    Case("address-bad-ipv4", key("server", "address", '"999.0.0.1:80"'), "[server] address"),
+    Case("address-bad-ipv6", key("server", "address", '"[::g]:80"'), "[server] address"),
     Case("wait-negative", key("server", "node_wait_timeout", "-1"), "node_wait_timeout"),
     Case("wait-bool", key("server", "node_wait_timeout", "true"), "node_wait_timeout"),
     Case("available-zero", key("server", "min_available_clients", "0"), "min_available_clients"),
     Case("available-str", key("server", "min_available_clients", '"2"'), "min_available_clients"),
     Case("server-unknown", key("server", "port", "1"), "port"),
     Case("path-int", key("server", "ca_cert", "5"), "[server] ca_cert"),
+    Case("cert-missing", key("server", "server_cert", '"gone.pem"'), "[server] server_cert"),
     Case("context-missing", key("server", "public_context", '"gone.ctx"'), "public_context"),
     Case("context-absent", key("server", "public_context", None), "public_context"),
     Case("cert-is-dir", key("server", "server_cert", '"nodes"'), "[server] server_cert"),
@@ -280,10 +287,22 @@ def test_the_unedited_config_and_its_nodes_table_are_accepted(
     assert cfg.federation.round_timeout == 60.0 and isinstance(cfg.federation.rounds, int)
 
 
-def test_an_ipv6_address_in_brackets_is_accepted(bundles: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("address", "host"),
+    [
+        ("[::1]:9092", "::1"),
+        ("10.0.0.7:9092", "10.0.0.7"),
+        ("fl.example.org:443", "fl.example.org"),
+        ("sepals_server:9092", "sepals_server"),
+    ],
+)
+def test_good_addresses_are_accepted(
+    bundles: Path, tmp_path: Path, address: str, host: str
+) -> None:
     toml = _server_copy(bundles, tmp_path)
-    key("server", "address", '"[::1]:9092"')(toml)
-    assert ServerDeployConfig.from_toml(toml).address == "[::1]:9092"
+    key("server", "address", f'"{address}"')(toml)
+    assert ServerDeployConfig.from_toml(toml).address == address
+    assert split_address(address)[0] == host
 
 
 def test_the_permission_override_accepts_a_readable_server_key(
@@ -298,16 +317,25 @@ def test_the_permission_override_accepts_a_readable_server_key(
 
 
 # ---------------------------------------------------------------- malformed ledgers
-def _good_ledger() -> dict[str, Any]:
+@functools.cache
+def _good_ledger_json() -> str:
     privacy = PrivacyConfig(target_epsilon=8.0, delta=1e-5, noise_multiplier=1.0)
     led = PrivacyLedger.empty(privacy).calibrated(privacy, 0.05, 20, 10)
-    led = led.record_round(1, ((1.0, 0.05, 20),))
-    return {
-        "format": "sepals-ledger/1",
-        "client_id": "client-1",
-        "updated": "2026-11-25T12:00:00+00:00",
-        "ledger": json.loads(led.to_json()),
-    }
+    led = led.record_round(1, ((1.0, 0.05, 20),))  # composes epsilon: slow, so cached
+    return json.dumps(
+        {
+            "format": "sepals-ledger/1",
+            "client_id": "client-1",
+            "updated": "2026-11-25T12:00:00+00:00",
+            "ledger": json.loads(led.to_json()),
+        }
+    )
+
+
+def _good_ledger() -> dict[str, Any]:
+    """A fresh copy of a valid ledger document."""
+    doc: dict[str, Any] = json.loads(_good_ledger_json())
+    return doc
 
 
 def _ledger_with(**changes: Any) -> bytes:
@@ -341,6 +369,13 @@ LEDGER_CASES: list[tuple[str, bytes, str]] = [
     ),
     ("delta-out-of-range", _ledger_with(delta=1.5), "ledger.delta"),
     ("target-string", _ledger_with(target_epsilon="8"), "ledger.target_epsilon"),
+    (
+        "history-missing",
+        json.dumps(
+            _good_ledger() | {"ledger": {"accountant": "rdp", "delta": 1e-5, "target_epsilon": 8.0}}
+        ).encode(),
+        "ledger.history is missing",
+    ),
     ("history-not-list", _ledger_with(history="[]"), "ledger.history"),
     ("history-entry-short", _ledger_with(history=[[1.0, 0.05]]), "ledger.history[0]"),
     ("history-entry-object", _ledger_with(history=[{"sigma": 1}]), "ledger.history[0]"),
@@ -552,3 +587,64 @@ def test_random_file_content_is_accepted_or_a_value_error(
         ServerDeployConfig.from_toml(toml)
     except ValueError as exc:
         assert "\n" not in str(exc)
+
+
+LEDGER_KEYS = (
+    "accountant",
+    "delta",
+    "target_epsilon",
+    "noise_multiplier",
+    "sample_rate",
+    "planned_rounds",
+    "history",
+    "rounds",
+    "epsilon",
+    "unknown",
+)
+_json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**64), max_value=2**64),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=10),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    changes=st.dictionaries(st.sampled_from(LEDGER_KEYS), _json_values, min_size=1, max_size=4),
+    drop=st.lists(st.sampled_from(LEDGER_KEYS), max_size=2),
+)
+def test_random_ledger_values_are_shown_or_refused_in_one_line(
+    tmp_path_factory: pytest.TempPathFactory,
+    changes: dict[str, Any],
+    drop: list[str],
+) -> None:
+    doc = _good_ledger()
+    doc["ledger"].update(changes)
+    for name in drop:
+        doc["ledger"].pop(name, None)
+    path = tmp_path_factory.getbasetemp() / "fuzz-ledger.json"
+    path.write_text(json.dumps(doc))
+    path.chmod(0o600)
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = sepals_main(["ledger", "show", str(path)])
+    assert code in (0, 2)
+    if code == 2:
+        _one_line(err.getvalue())
+    privacy = PrivacyConfig(target_epsilon=8.0, delta=1e-5, noise_multiplier=1.0)
+    try:
+        PrivacyLedger.load(path, privacy)
+    except LedgerFileError:
+        # Keys it does not know are left to the client (a newer one may add some), which
+        # refuses them when it rebuilds its ledger.
+        assert code == 2 or "unknown" in doc["ledger"]
+    except ValueError as exc:  # a valid ledger kept under another accountant or delta
+        assert code == 0 and "composes with" in str(exc)
