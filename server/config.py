@@ -352,7 +352,9 @@ class ServerDeployConfig:
     encryption: EncryptionConfig
     parameters: int
     default_max_examples: int = DEFAULT_MAX_EXAMPLES
-    max_examples: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    max_examples: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
 
     @classmethod
     def from_toml(

@@ -281,6 +281,7 @@ def test_the_unedited_config_and_its_nodes_table_are_accepted(
     assert cfg.max_examples_for("client-1") == 360 and cfg.max_examples_for("client-2") == 500
     with pytest.raises(TypeError):
         cfg.max_examples["client-2"] = 1  # type: ignore[index]
+    assert isinstance(hash(cfg), int), "the frozen config stays hashable"
     # TOML integers are accepted where a float is expected; ints stay ints.
     key("federation", "round_timeout", "60")(toml)
     cfg = ServerDeployConfig.from_toml(toml)
