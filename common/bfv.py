@@ -46,6 +46,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,64 @@ def bfv_fingerprint(bundle: bytes) -> bytes:
     params, public_key, _ = _unpack_bundle(bundle)
     digest = hashlib.sha256(b"sepals/bfv\x00" + params + b"\x00" + public_key).digest()
     return digest[:FINGERPRINT_BYTES]
+
+
+@dataclass(frozen=True)
+class KeyParameters:
+    """The HE parameters that a key bundle or a TenSEAL context was made with.
+
+    Attributes:
+        scheme: ``bfv`` or ``ckks``.
+        poly_modulus_degree: Ring dimension N.
+        coeff_mod_bit_sizes: Bit sizes of the coefficient-modulus primes, special last.
+        plain_modulus_bits: Bit size of the plaintext modulus t (BFV only).
+
+    """
+
+    scheme: str
+    poly_modulus_degree: int
+    coeff_mod_bit_sizes: tuple[int, ...]
+    plain_modulus_bits: int | None
+
+
+def key_parameters(data: bytes) -> KeyParameters:
+    """The HE parameters of serialized key material (BFV bundle or TenSEAL CKKS context).
+
+    Only the parameters are read; no key is loaded from a BFV bundle.
+
+    Raises:
+        MalformedPayloadError: the bytes are neither.
+
+    """
+    import tenseal.sealapi as seal
+
+    files = _SealFiles()
+    if is_bfv_bundle(data):
+        params_b, _, _ = _unpack_bundle(data)
+        parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
+        try:
+            files.load(params_b, parms.load)
+        except Exception as exc:
+            raise MalformedPayloadError(f"BFV parameters do not load: {exc}") from exc
+    else:
+        import tenseal as ts
+
+        try:
+            context = ts.context_from(data)
+            raw = files.dump(context.seal_context().data.key_context_data().parms())
+            parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+            files.load(raw, parms.load)
+        except Exception as exc:
+            raise MalformedPayloadError(
+                f"not a BFV key bundle nor a TenSEAL context: {exc}"
+            ) from exc
+    scheme = {seal.SCHEME_TYPE.BFV: "bfv", seal.SCHEME_TYPE.CKKS: "ckks"}.get(parms.scheme(), "?")
+    return KeyParameters(
+        scheme=scheme,
+        poly_modulus_degree=int(parms.poly_modulus_degree()),
+        coeff_mod_bit_sizes=tuple(int(m.bit_count()) for m in parms.coeff_modulus()),
+        plain_modulus_bits=int(parms.plain_modulus().bit_count()) if scheme == "bfv" else None,
+    )
 
 
 class BfvCodec(UpdateCodec):

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from sepals.common.config import EncryptionConfig
+from sepals.common.errors import InsecureFileError
 from sepals.common.ledger import LedgerFileError, format_ledger, read_ledger_file
 from sepals.common.provision import ProvisionSpec, provision
 
@@ -55,9 +56,12 @@ def _provision(args: argparse.Namespace) -> int:
 
 def _ledger_show(args: argparse.Namespace) -> int:
     try:
-        doc = read_ledger_file(args.path)
-    except LedgerFileError as exc:
-        print(f"sepals ledger: {exc}", file=sys.stderr)
+        doc = read_ledger_file(
+            args.path, allow_insecure_permissions=args.allow_insecure_permissions
+        )
+    except (LedgerFileError, InsecureFileError) as exc:
+        message = " ".join(str(exc).splitlines())
+        print(f"sepals ledger: {message}", file=sys.stderr)
         return 2
     print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_ledger(doc))
     return 0
@@ -100,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     show = ledger_sub.add_parser("show", help="print a client's privacy ledger")
     show.add_argument("path", type=Path)
     show.add_argument("--json", action="store_true", help="print the raw JSON")
+    show.add_argument(
+        "--allow-insecure-permissions",
+        action="store_true",
+        help="read a ledger that group or other users may access (trials only)",
+    )
     show.set_defaults(func=_ledger_show)
     args = parser.parse_args(argv)
     return int(args.func(args))

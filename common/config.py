@@ -151,7 +151,7 @@ class EncryptionConfig:
                 f"special prime for key switching), got {bits}"
             )
         if any(not 17 <= b <= 60 for b in bits):
-            raise ValueError(f"every coefficient-modulus prime must be 17..60 bits, got {bits}")
+            raise ValueError(f"coeff_mod_bit_sizes: every prime must be 17..60 bits, got {bits}")
         if sum(bits) > MAX_COEFF_MODULUS_BITS[n]:
             raise ValueError(
                 f"coeff_mod_bit_sizes {bits} total {sum(bits)} bits, above the 128-bit "

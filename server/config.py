@@ -1,21 +1,30 @@
 """``server.toml``: the operator's configuration of a deployed sepals server.
 
 :class:`ServerDeployConfig` parses and checks the file; relative paths are resolved
-against the file's directory. Every problem is a :class:`ValueError` whose message names
-the key.
+against the file's directory. Every value is checked for its TOML type and its range
+before a configuration object is built (TOML ``true`` is not a number, ``2.5`` is not an
+integer), and every problem is a one-line :class:`ValueError` naming ``[table] key``.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import math
+import re
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from sepals.common.codec import UpdateCodec, make_server_codec
 from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.errors import InsecureFileError, PayloadError
+from sepals.common.files import check_usable_dir, require_private
 
-_SERVER_KEYS = {
+_TABLES = ("server", "federation", "encryption", "model", "nodes")
+_SERVER_KEYS = (
     "address",
     "state_dir",
     "ca_cert",
@@ -25,36 +34,281 @@ _SERVER_KEYS = {
     "nodes_dir",
     "node_wait_timeout",
     "min_available_clients",
-}
+)
+_FILE_KEYS = ("ca_cert", "server_cert", "server_key", "public_context")
+# Longest timeout accepted (seconds): a week. Larger values overflow timers.
+MAX_TIMEOUT = 7 * 24 * 3600.0
+# Largest example count a cap may allow: integers above 2**53 are not exact as floats.
+MAX_EXAMPLES_CAP = 2**53
+DEFAULT_MAX_EXAMPLES = 10_000
+# DNS labels (underscores allowed, as container and service names use them).
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
-def _resolve(base: Path, value: object, key: str) -> Path | None:
-    if value in (None, ""):
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"[server] {key} must be a path string, got {value!r}")
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else (base / path).resolve()
+def _kind(value: object) -> str:
+    """The TOML name of ``value``'s type."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
 
 
-def _table(raw: dict[str, Any], name: str) -> dict[str, Any]:
-    value = raw.get(name, {})
-    if not isinstance(value, dict):
-        raise ValueError(f"[{name}] must be a table")
-    return value
+def _show(value: object) -> str:
+    """``value`` and its TOML type, short and on one line."""
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{text} ({_kind(value)})"
 
 
-def _dataclass_kwargs(cls: type, table: dict[str, Any], name: str) -> dict[str, Any]:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(table) - known)
-    if unknown:
+class _Table:
+    """One TOML table: typed, range-checked reads whose errors name ``[table] key``."""
+
+    def __init__(self, raw: Mapping[str, Any], name: str, known: Iterable[str]) -> None:
+        value = raw.get(name.split(".")[0], {})
+        for part in name.split(".")[1:]:
+            value = value.get(part, {}) if isinstance(value, dict) else value
+        if not isinstance(value, dict):
+            raise ValueError(f"[{name}] must be a table, got {_show(value)}")
+        known = set(known)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) in [{name}]: {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        self.name = name
+        self.raw: dict[str, Any] = value
+
+    def where(self, key: str) -> str:
+        """``[table] key``, for messages."""
+        return f"[{self.name}] {key}"
+
+    def integer(self, key: str, default: int, *, low: int, high: int | None = None) -> int:
+        """An integer in ``[low, high]`` (booleans and floats are refused)."""
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{self.where(key)} must be an integer, got {_show(value)}")
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{self.where(key)} must be {bounds}, got {value}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: float,
+        *,
+        low: float,
+        high: float,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> float:
+        """A finite number in the interval given (an integer is accepted, a boolean not)."""
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{self.where(key)} must be a number, got {_show(value)}")
+        number = float(value)
+        if (
+            not math.isfinite(number)
+            or number < low
+            or number > high
+            or (low_open and number == low)
+            or (high_open and number == high)
+        ):
+            closing = ")" if high_open or math.isinf(high) else "]"
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{closing}"
+            raise ValueError(f"{self.where(key)} must be a number in {interval}, got {value!r}")
+        return number
+
+    def string(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices``."""
+        value = self.raw.get(key, default)
+        if not isinstance(value, str):
+            raise ValueError(f"{self.where(key)} must be a string, got {_show(value)}")
+        if value not in choices:
+            raise ValueError(
+                f"{self.where(key)} must be one of {', '.join(map(repr, choices))}, "
+                f"got {_show(value)}"
+            )
+        return value
+
+    def integers(self, key: str, default: tuple[int, ...], *, most: int) -> tuple[int, ...]:
+        """A non-empty array of at most ``most`` integers."""
+        value = self.raw.get(key, list(default))
+        if not isinstance(value, list) or not value:
+            raise ValueError(
+                f"{self.where(key)} must be a non-empty array of integers, got {_show(value)}"
+            )
+        if len(value) > most:
+            raise ValueError(f"{self.where(key)} holds {len(value)} values, at most {most}")
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise ValueError(
+                    f"{self.where(key)} must hold integers only, got {_show(item)} in it"
+                )
+        return tuple(value)
+
+    def path(self, key: str, base: Path, default: str | None = None) -> Path | None:
+        """A path (relative to ``base``); an empty string or no key means none."""
+        value = self.raw.get(key, default)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{self.where(key)} must be a path string, got {_show(value)}")
+        if "\0" in value:
+            raise ValueError(f"{self.where(key)} contains a NUL byte")
+        try:
+            path = Path(value).expanduser()
+            return path if path.is_absolute() else (base / path).resolve()
+        except (OSError, RuntimeError) as exc:
+            raise ValueError(f"{self.where(key)} {value!r} cannot be resolved: {exc}") from exc
+
+
+def _federation(raw: Mapping[str, Any]) -> FederationConfig:
+    known = [f.name for f in fields(FederationConfig)]
+    t = _Table(raw, "federation", known)
+    d = FederationConfig()
+    readers: dict[str, Callable[[], object]] = {
+        "rounds": lambda: t.integer("rounds", d.rounds, low=1),
+        "fraction_train": lambda: t.number(
+            "fraction_train", d.fraction_train, low=0.0, high=1.0, low_open=True
+        ),
+        "min_train_clients": lambda: t.integer("min_train_clients", d.min_train_clients, low=1),
+        "fraction_evaluate": lambda: t.number(
+            "fraction_evaluate", d.fraction_evaluate, low=0.0, high=1.0
+        ),
+        "local_epochs": lambda: t.integer("local_epochs", d.local_epochs, low=1),
+        "batch_size": lambda: t.integer("batch_size", d.batch_size, low=1),
+        "learning_rate": lambda: t.number(
+            "learning_rate", d.learning_rate, low=0.0, high=math.inf, low_open=True
+        ),
+        "lr_schedule": lambda: t.string("lr_schedule", d.lr_schedule, ("cosine", "constant")),
+        "momentum": lambda: t.number("momentum", d.momentum, low=0.0, high=1.0, high_open=True),
+        "round_timeout": lambda: t.number(
+            "round_timeout", d.round_timeout, low=0.0, high=MAX_TIMEOUT, low_open=True
+        ),
+        "seed": lambda: t.integer("seed", d.seed, low=0, high=2**63 - 1),
+    }
+    # A field added to FederationConfig later without a typed reader here is passed
+    # through; its dataclass then checks it.
+    kwargs = {k: readers[k]() if k in readers else t.raw[k] for k in known if k in t.raw}
+    try:
+        return FederationConfig(**kwargs)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"[federation] {exc}") from exc
+
+
+def _encryption(raw: Mapping[str, Any]) -> EncryptionConfig:
+    known = [f.name for f in fields(EncryptionConfig)]
+    t = _Table(raw, "encryption", known)
+    d = EncryptionConfig()
+    readers: dict[str, Callable[[], object]] = {
+        "scheme": lambda: t.string("scheme", d.scheme, ("bfv", "ckks", "none")),
+        "poly_modulus_degree": lambda: t.integer(
+            "poly_modulus_degree", d.poly_modulus_degree, low=1
+        ),
+        "coeff_mod_bit_sizes": lambda: t.integers(
+            "coeff_mod_bit_sizes", d.coeff_mod_bit_sizes, most=64
+        ),
+        "scale_bits": lambda: t.integer("scale_bits", d.scale_bits, low=1),
+        "max_clients": lambda: t.integer("max_clients", d.max_clients, low=1),
+        "plain_modulus_bits": lambda: t.integer("plain_modulus_bits", d.plain_modulus_bits, low=1),
+        "update_bound": lambda: t.number(
+            "update_bound", d.update_bound, low=0.0, high=math.inf, low_open=True
+        ),
+    }
+    kwargs = {k: readers[k]() if k in readers else t.raw[k] for k in known if k in t.raw}
+    try:
+        return EncryptionConfig(**kwargs)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"[encryption] {exc}") from exc
+
+
+def _node_caps(raw: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
+    t = _Table(raw, "nodes", ("default_max_examples", "max_examples"))
+    default = t.integer("default_max_examples", DEFAULT_MAX_EXAMPLES, low=1, high=MAX_EXAMPLES_CAP)
+    table = t.raw.get("max_examples", {})
+    if not isinstance(table, dict):
         raise ValueError(
-            f"unknown key(s) in [{name}]: {', '.join(unknown)}; known: {sorted(known)}"
+            f"[nodes] max_examples must be a table of client name = cap, got {_show(table)}"
         )
-    out = dict(table)
-    if "coeff_mod_bit_sizes" in out:
-        out["coeff_mod_bit_sizes"] = tuple(out["coeff_mod_bit_sizes"])
-    return out
+    per_node = _Table(raw, "nodes.max_examples", table)
+    caps: dict[str, int] = {}
+    for name in per_node.raw:
+        if not name or not name.isprintable() or any(c.isspace() for c in name):
+            raise ValueError(
+                f"[nodes.max_examples] {name!r} is not a client name (no spaces or "
+                "control characters)"
+            )
+        caps[name] = per_node.integer(name, default, low=1, high=MAX_EXAMPLES_CAP)
+    return default, caps
+
+
+def _check_server_files(
+    server: _Table,
+    paths: dict[str, Path | None],
+    encryption: EncryptionConfig,
+    caps: Mapping[str, int],
+    insecure: bool,
+) -> None:
+    """Kinds of the named files, the public context's presence, the server key's mode."""
+    for key in (*_FILE_KEYS, "nodes_dir"):
+        path = paths[key]
+        if path is None:
+            if key == "public_context" and encryption.enabled:
+                raise ValueError(
+                    f"{server.where(key)} is required when [encryption] scheme "
+                    f"is {encryption.scheme!r}"
+                )
+            continue
+        try:
+            exists = path.exists()
+            if key == "nodes_dir":
+                if exists and not path.is_dir():
+                    raise ValueError(f"{server.where(key)} {path} is not a directory")
+                if exists:
+                    _check_cap_names(caps, path)
+                continue
+            if exists and not path.is_file():
+                raise ValueError(f"{server.where(key)} {path} is not a file")
+            if key == "public_context" and encryption.enabled and not exists:
+                raise ValueError(f"{server.where(key)} {path} does not exist")
+            if key == "server_key" and exists:
+                require_private(path, server.where(key), allow_insecure=insecure)
+        except InsecureFileError as exc:
+            raise ValueError(str(exc)) from exc
+        except OSError as exc:
+            raise ValueError(
+                f"{server.where(key)} {path} cannot be used: {exc.strerror or exc}"
+            ) from exc
+
+
+def _check_cap_names(caps: Mapping[str, int], nodes_dir: Path) -> None:
+    """A per-node cap must name a provisioned node (a typo would silently not apply)."""
+    if not caps:
+        return
+    known = {p.stem for p in nodes_dir.glob("*.pub")}
+    stray = sorted(set(caps) - known)
+    if stray:
+        raise ValueError(
+            f"[nodes.max_examples] {', '.join(map(repr, stray))} names no node key in "
+            f"{nodes_dir} (known: {', '.join(sorted(known)) or 'none'})"
+        )
 
 
 @dataclass(frozen=True)
@@ -77,6 +331,10 @@ class ServerDeployConfig:
         federation: Rounds, sampling, timeout and local-training settings.
         encryption: HE settings; must match the provisioned keys.
         parameters: Parameter count of the federation's model.
+        default_max_examples: Cap on the ``num-examples`` a node may claim
+            (``[nodes] default_max_examples``, default 10,000).
+        max_examples: Per-node caps by client name (``[nodes.max_examples]``); a node
+            not named here gets ``default_max_examples``.
 
     """
 
@@ -93,84 +351,127 @@ class ServerDeployConfig:
     federation: FederationConfig
     encryption: EncryptionConfig
     parameters: int
+    default_max_examples: int = DEFAULT_MAX_EXAMPLES
+    max_examples: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False
+    )
 
     @classmethod
-    def from_toml(cls, path: Path) -> ServerDeployConfig:
+    def from_toml(
+        cls, path: Path, *, allow_insecure_permissions: bool = False
+    ) -> ServerDeployConfig:
         """Parse and check ``path``; relative paths are relative to its directory.
 
+        Nothing is created or changed on disk. Files that are named are checked for their
+        kind (file or directory), the public context must exist when encryption is on,
+        the server key must be private (mode 0600), and the state directory must exist
+        or be creatable, and be writable.
+
+        Args:
+            path: The ``server.toml`` file.
+            allow_insecure_permissions: Accept a server key that group or other users
+                may read (trials only; a warning is logged).
+
         Raises:
-            ValueError: a key is unknown, missing or out of range (the message names it).
+            ValueError: the file cannot be read or parsed, or a key is unknown, of the
+                wrong type or out of range; one line naming the table and key.
 
         """
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ValueError(f"cannot read {path}: {exc}") from exc
+            raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text: {exc.reason}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ValueError(f"{path} is not valid TOML: {exc}") from exc
-        unknown = sorted(set(raw) - {"server", "federation", "encryption", "model"})
+        except RecursionError as exc:
+            raise ValueError(f"{path} is not valid TOML: nested too deeply") from exc
+        unknown = sorted(set(raw) - set(_TABLES))
         if unknown:
-            raise ValueError(f"unknown table(s) in {path}: {', '.join(unknown)}")
-        base = path.resolve().parent
-        server = _table(raw, "server")
-        bad = sorted(set(server) - _SERVER_KEYS)
-        if bad:
-            raise ValueError(f"unknown key(s) in [server]: {', '.join(bad)}")
-        address = str(server.get("address", "0.0.0.0:9092"))
-        split_address(address)
-        state = _resolve(base, server.get("state_dir", "state"), "state_dir")
-        model = _table(raw, "model")
-        if set(model) - {"parameters"}:
-            raise ValueError("[model] takes only 'parameters'")
-        parameters = model.get("parameters")
-        if not isinstance(parameters, int) or parameters < 1:
             raise ValueError(
-                f"[model] parameters must be the model's parameter count (>= 1), got {parameters!r}"
+                f"unknown table(s) or key(s) outside a table in {path}: "
+                f"{', '.join(map(repr, unknown))}; known tables: {', '.join(_TABLES)}"
             )
-        wait = float(server.get("node_wait_timeout", 300.0))
-        if wait <= 0:
-            raise ValueError(f"[server] node_wait_timeout must be > 0, got {wait}")
-        federation = FederationConfig(
-            **_dataclass_kwargs(FederationConfig, _table(raw, "federation"), "federation")
-        )
-        available = server.get("min_available_clients", federation.min_train_clients)
-        if not isinstance(available, int) or available < 1:
-            raise ValueError(f"[server] min_available_clients must be >= 1, got {available!r}")
+        base = path.resolve().parent
+        server = _Table(raw, "server", _SERVER_KEYS)
+        address = server.raw.get("address", "0.0.0.0:9092")
+        if not isinstance(address, str):
+            raise ValueError(f"[server] address must be a HOST:PORT string, got {_show(address)}")
+        split_address(address)
+        paths = {key: server.path(key, base) for key in (*_FILE_KEYS, "nodes_dir")}
+        state = server.path("state_dir", base, "state") or base / "state"
+        wait = server.number("node_wait_timeout", 300.0, low=0.0, high=MAX_TIMEOUT, low_open=True)
+        model = _Table(raw, "model", ("parameters",))
+        if "parameters" not in model.raw:
+            raise ValueError("[model] parameters (the model's parameter count) is required")
+        parameters = model.integer("parameters", 0, low=1)
+        federation = _federation(raw)
+        encryption = _encryption(raw)
+        available = server.integer("min_available_clients", federation.min_train_clients, low=1)
+        if encryption.enabled and federation.min_train_clients > encryption.max_clients:
+            raise ValueError(
+                f"[federation] min_train_clients = {federation.min_train_clients} exceeds "
+                f"[encryption] max_clients = {encryption.max_clients}: no round could ever "
+                "aggregate enough updates"
+            )
+        default_cap, caps = _node_caps(raw)
+        _check_server_files(server, paths, encryption, caps, allow_insecure_permissions)
+        check_usable_dir(state, "[server] state_dir")
         return cls(
             source=path.resolve(),
             address=address,
-            state_dir=state if state is not None else base / "state",
-            ca_cert=_resolve(base, server.get("ca_cert"), "ca_cert"),
-            server_cert=_resolve(base, server.get("server_cert"), "server_cert"),
-            server_key=_resolve(base, server.get("server_key"), "server_key"),
-            public_context=_resolve(base, server.get("public_context"), "public_context"),
-            nodes_dir=_resolve(base, server.get("nodes_dir"), "nodes_dir"),
+            state_dir=state,
+            ca_cert=paths["ca_cert"],
+            server_cert=paths["server_cert"],
+            server_key=paths["server_key"],
+            public_context=paths["public_context"],
+            nodes_dir=paths["nodes_dir"],
             node_wait_timeout=wait,
             min_available_clients=available,
             federation=federation,
-            encryption=EncryptionConfig(
-                **_dataclass_kwargs(EncryptionConfig, _table(raw, "encryption"), "encryption")
-            ),
+            encryption=encryption,
             parameters=parameters,
+            default_max_examples=default_cap,
+            max_examples=MappingProxyType(caps),
         )
 
+    def max_examples_for(self, name: str) -> int:
+        """The ``num-examples`` cap of the node provisioned as ``name``."""
+        return self.max_examples.get(name, self.default_max_examples)
+
     def codec(self) -> UpdateCodec:
-        """The server codec; refuses a secret HE context.
+        """The server codec, after checking the key material against ``[encryption]``.
 
         Raises:
             SecretKeyExposureError: the configured context holds a secret key.
-            ValueError: encryption is on but no public context is configured.
+            ValueError: encryption is on but no usable public context is configured, or
+                the context was made under other HE parameters than ``[encryption]``
+                says (the message names the key that differs).
 
         """
-        public = None
-        if self.encryption.scheme != "none":
-            if self.public_context is None:
-                raise ValueError("[server] public_context is required when encryption is on")
-            try:
-                public = self.public_context.read_bytes()
-            except OSError as exc:
-                raise ValueError(f"cannot read public_context: {exc}") from exc
-        return make_server_codec(self.encryption, public)
+        if not self.encryption.enabled:
+            return make_server_codec(self.encryption, None)
+        if self.public_context is None:
+            raise ValueError("[server] public_context is required when encryption is on")
+        try:
+            public = self.public_context.read_bytes()
+        except OSError as exc:
+            raise ValueError(
+                f"[server] public_context {self.public_context} cannot be read: "
+                f"{exc.strerror or exc}"
+            ) from exc
+        try:
+            codec = make_server_codec(self.encryption, public)
+        except PayloadError as exc:
+            mismatch = _key_mismatch(self.encryption, public, self.public_context)
+            raise ValueError(
+                mismatch or f"[server] public_context {self.public_context} is not usable: {exc}"
+            ) from exc
+        mismatch = _key_mismatch(self.encryption, public, self.public_context)
+        if mismatch is not None:
+            raise ValueError(mismatch)
+        return codec
 
     def node_keys(self) -> list[Path]:
         """The node public keys to register."""
@@ -179,9 +480,63 @@ class ServerDeployConfig:
         return sorted(self.nodes_dir.glob("*.pub"))
 
 
+def _key_mismatch(config: EncryptionConfig, public: bytes, path: Path) -> str | None:
+    """Which ``[encryption]`` key disagrees with the key material at ``path``, if any."""
+    from sepals.common.bfv import key_parameters
+
+    try:
+        made = key_parameters(public)
+    except PayloadError:
+        return None  # not key material at all: the caller reports the codec's error
+    where = f"the keys in [server] public_context {path}"
+    if made.scheme != config.scheme:
+        return (
+            f"[encryption] scheme = {config.scheme!r} does not match {where}, "
+            f"made for {made.scheme!r}"
+        )
+    checks: list[tuple[str, object, object]] = [
+        ("poly_modulus_degree", config.poly_modulus_degree, made.poly_modulus_degree),
+        ("coeff_mod_bit_sizes", list(config.coeff_mod_bit_sizes), list(made.coeff_mod_bit_sizes)),
+    ]
+    if made.plain_modulus_bits is not None:
+        checks.append(("plain_modulus_bits", config.plain_modulus_bits, made.plain_modulus_bits))
+    for key, configured, actual in checks:
+        if configured != actual:
+            return (
+                f"[encryption] {key} = {configured} does not match {where}, made with "
+                f"{key} = {actual}; [encryption] must match the provisioned keys"
+            )
+    return None
+
+
 def split_address(address: str) -> tuple[str, int]:
-    """``(host, port)`` of a ``HOST:PORT`` address; brackets of IPv6 hosts are removed."""
+    """``(host, port)`` of a ``HOST:PORT`` address; brackets of IPv6 hosts are removed.
+
+    The host is a DNS name, an IPv4 address or a bracketed IPv6 address
+    (``[::1]:9092``); the port is 1..65535.
+
+    Raises:
+        ValueError: the address is not of that form (naming ``[server] address``).
+
+    """
+    bad = ValueError(
+        f"[server] address must be HOST:PORT (a DNS name, an IPv4 address or a "
+        f"[bracketed] IPv6 address, and a port 1..65535), got {_show(address)}"
+    )
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"[server] address must be HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
+    if not sep or not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise bad
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise bad from None
+        return host[1:-1], int(port)
+    if not _HOSTNAME.fullmatch(host):
+        raise bad
+    if _DOTTED_NUMBERS.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise bad from None
+    return host, int(port)

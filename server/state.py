@@ -11,6 +11,10 @@ metadata and ciphertexts, never a secret key or a plaintext model)::
 
 Checkpoints are written atomically, model file first, so ``checkpoint.json`` always
 names a complete model file.
+
+Permissions: the directory is created with mode 0700; an existing one that group or
+other users may enter is tightened to 0700 with a warning (it belongs to sepals-server).
+Every file written here is 0600 from its first byte.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from flwr.app import ArrayRecord
 
 from sepals.common.codec import UpdateCodec
 from sepals.common.errors import SepalsError
-from sepals.common.files import atomic_write
+from sepals.common.files import SECRET_MODE, make_private_dir
+from sepals.common.files import atomic_write as _atomic_write
 from sepals.common.protocol import global_record, read_global_record
 from sepals.server.strategy import EncryptedFedAvg, RoundRecord
 
@@ -34,6 +39,15 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.json"
 MODEL_FILE = "global-model.spl"
 DONE_FILE = "done.json"
+
+
+def atomic_write(path: Path, data: bytes, secret: bool = True) -> None:
+    """:func:`sepals.common.files.atomic_write` with mode 0600: every state file is private.
+
+    ``secret`` is accepted for the same call signature and ignored: always 0600.
+    """
+    del secret
+    _atomic_write(path, data, secret=True)
 
 
 class CheckpointError(SepalsError):
@@ -57,11 +71,18 @@ class Checkpoint:
 
 
 class StateDir:
-    """Reads and writes one server state directory."""
+    """Reads and writes one server state directory (mode 0700, files 0600)."""
 
     def __init__(self, root: Path) -> None:
+        """Create ``root`` (0700), or tighten an existing one to 0700.
+
+        Raises:
+            ValueError: ``root`` is not a usable directory (a file is in its place, it
+                cannot be written, or it cannot be made private); one line naming it.
+
+        """
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(root, "[server] state_dir")
 
     @property
     def metrics_path(self) -> Path:
@@ -71,7 +92,10 @@ class StateDir:
     def append_metrics(self, record: RoundRecord) -> None:
         """Append one round's metrics line (flushed and fsync'ed)."""
         line = json.dumps(record.to_dict(), sort_keys=True) + "\n"
-        with self.metrics_path.open("a", encoding="utf-8") as fh:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.metrics_path, flags, SECRET_MODE)
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            os.fchmod(fd, SECRET_MODE)  # also a file left by an older sepals
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import re
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ from sepals.client.core import ClientRuntime
 from sepals.client.privacy import PrivacyLedger, compute_epsilon
 from sepals.common.cli import main as sepals_main
 from sepals.common.config import EncryptionConfig, PrivacyConfig
-from sepals.common.ledger import LedgerFileError, read_ledger_file
+from sepals.common.errors import InsecureFileError
+from sepals.common.ledger import LedgerFileError, read_ledger_file, write_ledger_file
 
 PRIVACY = PrivacyConfig(target_epsilon=8.0, delta=1e-5)
 
@@ -48,11 +52,87 @@ def test_missing_file_is_an_empty_ledger_and_a_bad_one_is_an_error(tmp_path: Pat
     assert PrivacyLedger.load(tmp_path / "none.json", PRIVACY) == PrivacyLedger.empty(PRIVACY)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
+    bad.chmod(0o600)
     with pytest.raises(LedgerFileError, match="cannot read"):
         PrivacyLedger.load(bad, PRIVACY)
     bad.write_text(json.dumps({"format": "other"}))
     with pytest.raises(LedgerFileError, match="not a sepals-ledger"):
         PrivacyLedger.load(bad, PRIVACY)
+
+
+def _doc(path: Path, **changes: object) -> None:
+    """Rewrite the ledger at ``path`` with ``changes`` applied to its 'ledger' object."""
+    doc = json.loads(path.read_text())
+    doc["ledger"].update(changes)
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"epsilon": "3.1"}, "ledger.epsilon"),
+        ({"epsilon": -1.0}, "ledger.epsilon"),
+        ({"delta": 2.0}, "ledger.delta"),
+        ({"delta": True}, "ledger.delta"),
+        ({"target_epsilon": 0}, "ledger.target_epsilon"),
+        ({"history": [[1.0, 0.05, -20]]}, "ledger.history[0]"),
+        ({"history": [[1.0, 0.05]]}, "ledger.history[0]"),
+        ({"history": [[1.0, 1.5, 20]]}, "ledger.history[0]"),
+        ({"history": [[1.0, 0.05, 2.5]]}, "ledger.history[0]"),
+        ({"history": {"a": 1}}, "ledger.history"),
+        ({"rounds": [1, "2"]}, "ledger.rounds"),
+        ({"rounds": [0]}, "ledger.rounds"),
+        ({"sample_rate": 0.0}, "ledger.sample_rate"),
+        ({"planned_rounds": -1}, "ledger.planned_rounds"),
+        ({"noise_multiplier": [1]}, "ledger.noise_multiplier"),
+        ({"accountant": 3}, "ledger.accountant"),
+    ],
+)
+def test_a_malformed_ledger_is_a_ledger_file_error_naming_the_key(
+    tmp_path: Path, changes: dict[str, object], key: str
+) -> None:
+    path = tmp_path / "l.json"
+    _spent(2).save(path, "c")
+    _doc(path, **changes)
+    with pytest.raises(LedgerFileError, match=re.escape(key)) as info:
+        PrivacyLedger.load(path, PRIVACY)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_nan_epsilon_is_refused_and_infinity_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "l.json"
+    _spent(1).save(path, "c")
+    _doc(path, epsilon=math.inf)  # json writes Infinity: an honest "no guarantee"
+    assert read_ledger_file(path)["ledger"]["epsilon"] == math.inf
+    _doc(path, epsilon=math.nan)
+    with pytest.raises(LedgerFileError, match="NaN"):
+        read_ledger_file(path)
+
+
+def test_a_ledger_readable_by_others_is_refused_unless_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "l.json"
+    ledger = _spent(1)
+    ledger.save(path, "c")
+    path.chmod(0o644)
+    with pytest.raises(InsecureFileError, match=f"chmod 600 {re.escape(str(path))}"):
+        read_ledger_file(path)
+    with pytest.raises(InsecureFileError, match="chmod 600"):
+        PrivacyLedger.load(path, PRIVACY)
+    with pytest.raises(InsecureFileError, match="chmod 600"):
+        ledger.save(path, "c")
+    assert (path.stat().st_mode & 0o777) == 0o644, "a refused write leaves the file alone"
+    assert read_ledger_file(path, allow_insecure_permissions=True)["client_id"] == "c"
+    write_ledger_file(path, "c", asdict(ledger), allow_insecure_permissions=True)
+    assert (path.stat().st_mode & 0o777) == 0o600, "the override rewrites it private"
+    assert PrivacyLedger.load(path, PRIVACY) == ledger
+
+
+def test_writing_a_malformed_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "l.json"
+    bad = asdict(_spent(1)) | {"epsilon": math.nan}
+    with pytest.raises(LedgerFileError, match=r"ledger\.epsilon"):
+        write_ledger_file(path, "c", bad)
+    assert not path.exists()
 
 
 def test_ledger_under_another_delta_cannot_be_composed(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,13 +12,14 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from sepals.common.codec import PlainCodec, make_client_codec, make_server_codec
 from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.errors import SecretKeyExposureError
 from sepals.common.protocol import global_record
 from sepals.common.provision import ProvisionSpec, provision
 from sepals.server.cli import main
 from sepals.server.config import ServerDeployConfig
 from sepals.server.launcher import ServerLauncher
 from sepals.server.state import CheckpointError, StateDir
-from sepals.server.strategy import EncryptedFedAvg
+from sepals.server.strategy import EncryptedFedAvg, RoundRecord
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +150,122 @@ def test_round_offset_numbers_resumed_rounds_and_too_few_nodes_skip_a_round() ->
     # One node connected, two needed: nobody is asked to spend budget on a doomed round.
     lonely = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), _Grid([5])))  # type: ignore[arg-type]
     assert lonely == []
+
+
+# ---------------------------------------------------------------- state dir permissions
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_state_dir_is_0700_and_every_file_written_there_0600(tmp_path: Path) -> None:
+    old = os.umask(0)  # the modes must come from sepals, not from the umask
+    try:
+        state = StateDir(tmp_path / "deep" / "state")
+        strategy = EncryptedFedAvg(PlainCodec(), 3, FederationConfig(rounds=2))
+        strategy.latest_global = global_record(PlainCodec().encode(np.ones(3)), 1.0)
+        state.save_checkpoint(strategy, 1)
+        state.append_metrics(RoundRecord(round=1))
+        state.mark_done(2)
+    finally:
+        os.umask(old)
+    assert _mode(state.root) == 0o700
+    written = sorted(p.name for p in state.root.iterdir())
+    assert written == ["checkpoint.json", "done.json", "global-model.spl", "metrics.jsonl"]
+    assert {p.name: _mode(p) for p in state.root.iterdir()} == dict.fromkeys(written, 0o600)
+
+
+def test_an_open_state_dir_and_old_metrics_are_tightened(tmp_path: Path) -> None:
+    root = tmp_path / "state"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    (root / "metrics.jsonl").write_text("")
+    (root / "metrics.jsonl").chmod(0o644)
+    state = StateDir(root)
+    assert _mode(root) == 0o700
+    state.append_metrics(RoundRecord(round=1))
+    assert _mode(root / "metrics.jsonl") == 0o600
+    assert state.read_metrics()[0]["round"] == 1
+
+
+def test_an_unusable_state_dir_is_a_one_line_value_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "state"
+    blocker.write_text("a file where the state dir should be")
+    with pytest.raises(ValueError, match=f"state_dir {blocker} is not a directory") as info:
+        StateDir(blocker)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="is not a directory"):
+        StateDir(blocker / "below")
+
+
+def test_metrics_are_never_written_through_a_symlink(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    state.metrics_path.symlink_to(victim)
+    with pytest.raises(OSError):
+        state.append_metrics(RoundRecord(round=1))
+    assert victim.read_text() == "precious\n"
+
+
+def test_parsing_the_config_creates_no_state_dir(bundles: Path, tmp_path: Path) -> None:
+    toml = _server_copy(bundles, tmp_path)
+    cfg = ServerDeployConfig.from_toml(toml)
+    assert not cfg.state_dir.exists()
+
+
+# ---------------------------------------------------------------- HE parameters vs keys
+@pytest.fixture(scope="module")
+def ckks_bundles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ckks") / "b"
+    provision(
+        ProvisionSpec(
+            out=out,
+            clients=1,
+            server_host="127.0.0.1",
+            model_parameters=10,
+            encryption=EncryptionConfig(scheme="ckks"),
+        )
+    )
+    return out
+
+
+def _set(toml: Path, old: str, new: str) -> None:
+    text = toml.read_text()
+    assert old in text
+    toml.write_text(text.replace(old, new, 1))
+
+
+def test_ckks_parameters_that_differ_from_the_keys_name_the_key(
+    ckks_bundles: Path, tmp_path: Path
+) -> None:
+    toml = _server_copy(ckks_bundles, tmp_path)
+    assert ServerDeployConfig.from_toml(toml).codec().name == "ckks"
+    # CKKS loads any context: without the check, a 16384 config would run on 8192 keys.
+    _set(toml, "poly_modulus_degree = 8192", "poly_modulus_degree = 16384")
+    with pytest.raises(ValueError, match=r"\[encryption\] poly_modulus_degree = 16384") as info:
+        ServerDeployConfig.from_toml(toml).codec()
+    assert "made with poly_modulus_degree = 8192" in str(info.value)
+    _set(toml, "poly_modulus_degree = 16384", "poly_modulus_degree = 8192")
+    _set(toml, "coeff_mod_bit_sizes = [60, 40]", "coeff_mod_bit_sizes = [50, 40]")
+    with pytest.raises(ValueError, match=r"\[encryption\] coeff_mod_bit_sizes = \[50, 40\]"):
+        ServerDeployConfig.from_toml(toml).codec()
+
+
+def test_bfv_keys_under_a_ckks_config_and_back_name_the_scheme(
+    bundles: Path, ckks_bundles: Path, tmp_path: Path
+) -> None:
+    toml = _server_copy(ckks_bundles, tmp_path)
+    shutil.copy(bundles / "server" / "he-public.ctx", toml.parent / "he-public.ctx")
+    with pytest.raises(ValueError, match=r"\[encryption\] scheme = 'ckks' .* made for 'bfv'"):
+        ServerDeployConfig.from_toml(toml).codec()
+
+
+def test_a_secret_context_is_still_refused_first_even_with_other_parameters(
+    bundles: Path, tmp_path: Path
+) -> None:
+    toml = _server_copy(bundles, tmp_path)
+    shutil.copy(bundles / "clients" / "client-1" / "he-secret.ctx", toml.parent / "he-public.ctx")
+    (toml.parent / "he-public.ctx").chmod(0o600)
+    _set(toml, "plain_modulus_bits = 44", "plain_modulus_bits = 42")
+    with pytest.raises(SecretKeyExposureError):
+        ServerDeployConfig.from_toml(toml).codec()
