@@ -9,6 +9,7 @@ and stops everything when the run ends or on SIGTERM / SIGINT.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -41,18 +42,28 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="no TLS and no node authentication (local trials only; prints a warning)",
     )
+    parser.add_argument(
+        "--allow-insecure-permissions",
+        action="store_true",
+        help="accept a server key readable by other users (trials only; warns)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     configure_cli_logging(args.verbose)
+    # Everything this process and its children create (state files, Flower's database,
+    # logs) is private to the operator's account.
+    os.umask(0o077)
     try:
-        cfg = ServerDeployConfig.from_toml(args.config)
+        cfg = ServerDeployConfig.from_toml(
+            args.config, allow_insecure_permissions=args.allow_insecure_permissions
+        )
     except ValueError as exc:
         print(f"sepals-server: bad configuration: {exc}", file=sys.stderr)
         return 2
     if args.insecure:
         print(_INSECURE_WARNING, file=sys.stderr, flush=True)
-    launcher = ServerLauncher(cfg, insecure=args.insecure)
     try:
+        launcher = ServerLauncher(cfg, insecure=args.insecure)
         launcher.preflight()
     except SecretKeyExposureError as exc:
         print(f"sepals-server: refusing to start: {exc}", file=sys.stderr)

@@ -151,7 +151,9 @@ class ServerLauncher:
             lines.append("insecure = true")
         else:
             lines.append(f'root-certificates = "{self.cfg.ca_cert}"')
-        atomic_write(self.flwr_home / "config.toml", ("\n".join(lines) + "\n").encode())
+        atomic_write(
+            self.flwr_home / "config.toml", ("\n".join(lines) + "\n").encode(), secret=True
+        )
 
     def start(self) -> None:
         """Start the SuperLink on loopback, then the public front; wait for both."""
