@@ -477,3 +477,17 @@ def test_plan_conflicts_tell_a_drifted_server(operator: tuple[bytes, FederationP
     drifted = dataclasses.replace(FED, learning_rate=0.2, batch_size=4)
     assert plan_conflicts(plan, drifted, codec, key, 10) == ["batch-size", "learning-rate"]
     assert plan_conflicts(plan, FED, "ckks", key, 11) == ["codec", "vector-length"]
+
+
+def test_signed_rounds_survive_flowers_wire_format(operator: tuple[bytes, FederationPlan]) -> None:
+    """Deployed messages travel as protobuf: types and bytes must come out as signed."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage  # type: ignore[attr-defined]
+
+    private, plan = operator
+    sent = _operator_round(private, plan, 2, _global())
+    wire = message_to_proto(sent).SerializeToString()
+    received = message_from_proto(ProtoMessage.FromString(wire))
+    app = make_client_app(lambda _ctx: _runtime(plan, None))
+    reply = app(message=received, context=_context())
+    assert not reply.has_error(), reply.error
