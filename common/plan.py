@@ -134,17 +134,21 @@ class FederationPlan:
     def __post_init__(self) -> None:
         _str("federation_id", self.federation_id, _HEX32, "32 lowercase hex digits")
         _int("rounds", self.rounds, 1)
-        _float("fraction_train", self.fraction_train, 0.0, 1.0, open_low=True)
+        # Numbers are stored as floats, so that a plan reads the same however it was made.
+        fraction = _float("fraction_train", self.fraction_train, 0.0, 1.0, open_low=True)
+        object.__setattr__(self, "fraction_train", fraction)
         _int("local_epochs", self.local_epochs, 1)
         _int("batch_size", self.batch_size, 1)
-        _float("learning_rate", self.learning_rate, 0.0, math.inf, open_low=True)
+        rate = _float("learning_rate", self.learning_rate, 0.0, math.inf, open_low=True)
+        object.__setattr__(self, "learning_rate", rate)
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(
                 f"plan.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
             )
-        _float("momentum", self.momentum, 0.0, 1.0, open_low=False)
-        if self.momentum == 1.0:
+        momentum = _float("momentum", self.momentum, 0.0, 1.0, open_low=False)
+        if momentum == 1.0:
             raise ValueError("plan.momentum must be a number in [0, 1), got 1.0")
+        object.__setattr__(self, "momentum", momentum)
         _int("model_seed", self.model_seed, 0)
         _str("codec", self.codec, _CODEC, "a codec name such as 'bfv-q2'")
         _str("key_fingerprint", self.key_fingerprint, _HEX32, "32 lowercase hex digits")

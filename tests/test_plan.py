@@ -491,3 +491,12 @@ def test_signed_rounds_survive_flowers_wire_format(operator: tuple[bytes, Federa
     app = make_client_app(lambda _ctx: _runtime(plan, None))
     reply = app(message=received, context=_context())
     assert not reply.has_error(), reply.error
+
+
+def test_integer_valued_numbers_read_the_same(operator: tuple[bytes, FederationPlan]) -> None:
+    _, plan = operator
+    raw = plan.to_dict() | {"fraction_train": 1, "momentum": 0}
+    again = FederationPlan.from_dict(raw)
+    assert isinstance(again.fraction_train, float) and isinstance(again.momentum, float)
+    config = RoundConfig.for_plan(again, 1).to_record_dict() | {"fraction-train": 1}
+    assert RoundConfig.admitted(again, config) == RoundConfig.for_plan(again, 1)
