@@ -7,6 +7,7 @@ from sepals.client.edge import (
     EdgeClient,
     FederationConnectionError,
     NodeRefusedError,
+    ServerUnreachableError,
     join_federation,
 )
 from sepals.client.privacy import PrivacyLedger
@@ -20,5 +21,6 @@ __all__ = [
     "NodeRefusedError",
     "PrivacyLedger",
     "SepalsClient",
+    "ServerUnreachableError",
     "join_federation",
 ]

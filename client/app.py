@@ -19,19 +19,28 @@ from flwr.clientapp.typing import Mod
 
 from sepals.client.core import ClientRuntime, SepalsClient
 from sepals.client.privacy import PrivacyLedger
-from sepals.common.errors import BudgetExhaustedError, SepalsError
+from sepals.common.errors import (
+    BudgetExhaustedError,
+    ForeignKeyError,
+    LedgerLockedError,
+    MalformedPayloadError,
+    NonFiniteUpdateError,
+    SepalsError,
+)
+from sepals.common.ledger import LedgerFileError
 from sepals.common.log import log
+from sepals.common.plan import PlanViolationError
 from sepals.common.protocol import (
     ERR_BAD_GLOBAL,
     ERR_BUDGET_EXHAUSTED,
     ERR_CLIENT_FAILURE,
+    ERR_PLAN_MISMATCH,
     KEY_CLIENT,
     KEY_CONFIG,
     KEY_GLOBAL,
     KEY_METRICS,
     KEY_PAYLOAD,
     KEY_UPDATE,
-    RoundConfig,
     payload_array,
     read_global_record,
 )
@@ -67,7 +76,7 @@ def store_ledger(context: Context, runtime: ClientRuntime, ledger: PrivacyLedger
 
 
 @functools.lru_cache(maxsize=8)
-def _client_for(runtime: ClientRuntime) -> SepalsClient:
+def client_for(runtime: ClientRuntime) -> SepalsClient:
     """One client per runtime and process: the key context is loaded once, not per message.
 
     Module level, so that the ClientApp pickled to simulation workers refers to it by name.
@@ -79,22 +88,46 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def _guarded(
-    msg: Message, runtime: ClientRuntime, action: str, work: Callable[[], Message]
-) -> Message:
-    """Run ``work``; turn every failure into an error reply with a reason, never a lost round."""
-    who = runtime.client_id
+# What a failure may tell the server: a short fixed phrase per kind of failure. The
+# exception's own text (which may quote paths, values or library internals) stays in
+# the client's log.
+_VETTED: tuple[tuple[type[Exception], int, str], ...] = (
+    (ForeignKeyError, ERR_BAD_GLOBAL, "global model under another key"),
+    (MalformedPayloadError, ERR_BAD_GLOBAL, "malformed global model"),
+    (NonFiniteUpdateError, ERR_CLIENT_FAILURE, "non-finite update"),
+    (LedgerFileError, ERR_CLIENT_FAILURE, "ledger unusable"),
+    (LedgerLockedError, ERR_CLIENT_FAILURE, "ledger in use"),
+    (ValueError, ERR_BAD_GLOBAL, "bad input"),
+)
+
+
+def vetted_reason(exc: BaseException) -> tuple[int, str]:
+    """The error code and the short reason a client may send for ``exc``."""
+    if isinstance(exc, PlanViolationError):
+        return ERR_PLAN_MISMATCH, exc.reason
+    if isinstance(exc, BudgetExhaustedError):
+        # Built by PrivacyLedger.check_budget from the client's own epsilon figures.
+        return ERR_BUDGET_EXHAUSTED, str(exc)
+    for kind, code, reason in _VETTED:
+        if isinstance(exc, kind):
+            return code, reason
+    return ERR_CLIENT_FAILURE, "client failure"
+
+
+def _guarded(msg: Message, context: Context, action: str, work: Callable[[], Message]) -> Message:
+    """Run ``work``; turn every failure into an error reply with a vetted reason."""
     try:
         return work()
-    except BudgetExhaustedError as exc:
-        log(INFO, "client %s declines to %s: %s", who, action, exc)
-        return _error_reply(msg, ERR_BUDGET_EXHAUSTED, f"{who}: {exc}")
-    except (SepalsError, ValueError) as exc:
-        log(WARNING, "client %s cannot %s: %s", who, action, exc)
-        return _error_reply(msg, ERR_BAD_GLOBAL, f"{who}: {exc}")
     except Exception as exc:
-        log(WARNING, "client %s failed to %s: %s", who, action, traceback.format_exc())
-        return _error_reply(msg, ERR_CLIENT_FAILURE, f"{who}: {exc!r}")
+        code, reason = vetted_reason(exc)
+        where = f"node {context.node_id}"
+        if code in (ERR_BUDGET_EXHAUSTED, ERR_PLAN_MISMATCH):
+            log(INFO, "%s declines to %s: %s", where, action, exc)
+        elif isinstance(exc, SepalsError | ValueError):
+            log(WARNING, "%s cannot %s: %s", where, action, exc)
+        else:
+            log(WARNING, "%s failed to %s: %s", where, action, traceback.format_exc())
+        return _error_reply(msg, code, reason)
 
 
 def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) -> ClientApp:
@@ -109,12 +142,18 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        runtime = provider(context)
-
         def work() -> Message:
-            cfg = RoundConfig.from_record_dict(msg.content[KEY_CONFIG])
+            runtime = provider(context)
+            client = client_for(runtime)
             global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
-            reply = _client_for(runtime).train(cfg, global_model, load_ledger(context, runtime))
+            ledger = load_ledger(context, runtime)
+            cfg = client.admit(
+                msg.metadata.message_type,
+                msg.content.config_records.get(KEY_CONFIG),
+                global_model,
+                ledger,
+            )
+            reply = client.train(cfg, global_model, ledger)
             # The spend is recorded before the update leaves the client.
             store_ledger(context, runtime, reply.ledger)
             content = RecordDict(
@@ -128,16 +167,18 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
             )
             return Message(content, reply_to=msg)
 
-        return _guarded(msg, runtime, "train", work)
+        return _guarded(msg, context, "train", work)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        runtime = provider(context)
-
         def work() -> Message:
-            cfg = RoundConfig.from_record_dict(msg.content[KEY_CONFIG])
+            runtime = provider(context)
+            client = client_for(runtime)
             global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
-            metrics = _client_for(runtime).evaluate(cfg, global_model)
+            cfg = client.admit(
+                msg.metadata.message_type, msg.content.config_records.get(KEY_CONFIG), global_model
+            )
+            metrics = client.evaluate(cfg, global_model)
             content = RecordDict(
                 {
                     KEY_METRICS: MetricRecord(metrics),
@@ -146,6 +187,6 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
             )
             return Message(content, reply_to=msg)
 
-        return _guarded(msg, runtime, "evaluate", work)
+        return _guarded(msg, context, "evaluate", work)
 
     return app

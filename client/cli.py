@@ -4,6 +4,10 @@ Example::
 
     sepals-client --bundle bundles/clients/client-1 \
         --app examples/edge_app.py:make_app --app-arg partition=0 --app-arg partitions=3
+
+Exit codes: 0 done, 2 bad arguments, app, bundle, file permissions or a ledger in use by
+another process, 3 the server cannot be reached (within ``--connect-timeout``) or the
+connection failed, 4 the server refused this node. Every error is one line on stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +25,16 @@ from sepals.client.edge import (
 )
 from sepals.common.errors import SepalsError
 from sepals.common.log import configure_cli_logging
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _kv(text: str) -> tuple[str, str]:
@@ -55,9 +69,26 @@ def main(argv: list[str] | None = None) -> int:
         default=150.0,
         help="seconds to keep retrying while the server refuses this node (default 150)",
     )
+    parser.add_argument(
+        "--connect-timeout",
+        type=_positive,
+        default=60.0,
+        help="seconds to wait for the server to answer before giving up (default 60)",
+    )
+    parser.add_argument(
+        "--allow-insecure-permissions",
+        action="store_true",
+        help="accept secret files other users can read (trials only)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     configure_cli_logging(args.verbose)
+    if args.allow_insecure_permissions:
+        print(
+            "sepals-client: WARNING: --allow-insecure-permissions: secret files readable by "
+            "other users are accepted; use it for trials only",
+            file=sys.stderr,
+        )
     try:
         app = load_edge_app(args.app, dict(args.app_arg))
         client = EdgeClient(
@@ -67,25 +98,41 @@ def main(argv: list[str] | None = None) -> int:
             server_address=args.server,
             insecure=args.insecure,
             activation_timeout=args.activation_timeout,
+            connect_timeout=args.connect_timeout,
+            allow_insecure_permissions=args.allow_insecure_permissions,
         )
     except (ValueError, SepalsError) as exc:
-        print(f"sepals-client: {exc}", file=sys.stderr)
+        print(f"sepals-client: {_one_line(exc)}", file=sys.stderr)
         return 2
+    try:
+        return _serve(client, args.max_tasks)
+    finally:
+        client.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _serve(client: EdgeClient, max_tasks: int | None) -> int:
+    """Run the client; map its failures to exit codes 3 and 4, one line each."""
 
     def _terminate(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        served = client.run(max_tasks=args.max_tasks)
+        served = client.run(max_tasks=max_tasks)
     except NodeRefusedError as exc:
-        print(f"sepals-client: refused: {exc}", file=sys.stderr)
+        print(f"sepals-client: refused: {_one_line(exc)}", file=sys.stderr)
         return 4
     except (FederationConnectionError, SepalsError) as exc:
         print(f"sepals-client: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"sepals-client: served {served} tasks", flush=True)
     return 0
 

@@ -4,14 +4,22 @@
 decrypts the global model, checks the privacy budget, trains with DP-SGD, records the
 spend in the ledger, and encrypts the weighted update. The Flower ClientApp
 (:mod:`sepals.client.app`), the simulation and the edge SDK all drive this one class.
+
+Before any of that, :meth:`SepalsClient.admit` checks the round against the client's
+own :class:`~sepals.common.plan.FederationPlan`: the operator's signature, the
+federation id, every config field, and that the round is neither one this client has
+already trained in nor past the plan's last. The noise multiplier is calibrated from the
+plan alone; nothing a message says can change it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from logging import DEBUG
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +27,7 @@ from torch.utils.data import Dataset
 
 from sepals.client.privacy import PrivacyLedger, planned_participation
 from sepals.client.training import (
+    TrainOutcome,
     TrainSettings,
     dp_schedule,
     evaluate_model,
@@ -28,7 +37,14 @@ from sepals.client.training import (
 from sepals.common.codec import UpdateCodec, make_client_codec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import MalformedPayloadError
-from sepals.common.models import ModelFactory
+from sepals.common.log import log
+from sepals.common.models import ModelFactory, num_parameters
+from sepals.common.plan import (
+    FederationPlan,
+    PlanViolationError,
+    global_model_digest,
+    verify_round_signature,
+)
 from sepals.common.protocol import RoundConfig, decode_global_model
 
 
@@ -43,6 +59,9 @@ class ClientRuntime:
         test_data: Local evaluation data, or ``None`` to decline federated evaluation.
         privacy: The client's own privacy budget.
         encryption: Encryption settings; must match the federation's.
+        plan: The federation's plan, from the client's own bundle (the simulation
+            harness hands every client the plan it made). It fixes the noise
+            calibration and decides which rounds this client serves.
         secret_context: Serialized TenSEAL secret context (``None`` when encryption is off).
         seed: Seed of batch order (and, if ``deterministic_noise``, of the DP noise).
         deterministic_noise: Derive the DP noise seed from ``seed`` (reproducible
@@ -60,6 +79,7 @@ class ClientRuntime:
     test_data: Dataset | None  # type: ignore[type-arg]
     privacy: PrivacyConfig
     encryption: EncryptionConfig
+    plan: FederationPlan
     secret_context: bytes | None = field(default=None, repr=False)
     seed: int = 0
     deterministic_noise: bool = False
@@ -82,23 +102,66 @@ def _derive_seed(*parts: object) -> int:
 
 
 class SepalsClient:
-    """One client's side of the protocol."""
+    """One client's side of the protocol.
+
+    Raises:
+        ValueError: the plan does not match the client's codec, HE key or model.
+
+    """
 
     def __init__(self, runtime: ClientRuntime) -> None:
         self.runtime = runtime
+        self.plan = runtime.plan
         self.factory: ModelFactory = make_dp_compatible(runtime.model_factory)
         self.codec: UpdateCodec = make_client_codec(runtime.encryption, runtime.secret_context)
+        if self.plan.codec != self.codec.name:
+            raise ValueError(
+                f"the federation's plan uses codec {self.plan.codec!r}, this client's "
+                f"encryption settings give {self.codec.name!r}"
+            )
+        if self.plan.key_fingerprint != self.codec.fingerprint_hex:
+            raise ValueError(
+                f"the federation's plan names HE key {self.plan.key_fingerprint}, this "
+                f"client holds {self.codec.fingerprint_hex}: wrong key bundle"
+            )
+        size = num_parameters(self.factory())
+        if size != self.plan.vector_length:
+            raise ValueError(
+                f"this client's model has {size} parameters, the federation's plan says "
+                f"{self.plan.vector_length}; every client must build the federation's model"
+            )
 
-    def _check_round(self, cfg: RoundConfig) -> None:
-        if cfg.codec != self.codec.name:
-            raise MalformedPayloadError(
-                f"server uses codec {cfg.codec!r}, this client is set up for {self.codec.name!r}"
-            )
-        if cfg.key_fingerprint != self.codec.fingerprint_hex:
-            raise MalformedPayloadError(
-                f"server expects HE key {cfg.key_fingerprint}, this client holds "
-                f"{self.codec.fingerprint_hex}: wrong key bundle"
-            )
+    def admit(
+        self,
+        message_type: str,
+        config: Mapping[str, Any] | None,
+        global_model: tuple[bytes, float] | None,
+        ledger: PrivacyLedger | None = None,
+    ) -> RoundConfig:
+        """Check a round message against the plan; nothing else happens before this.
+
+        Args:
+            message_type: The message's type (``train`` or ``evaluate``), as signed.
+            config: The message's ``config`` record (``None`` if it has none).
+            global_model: The parsed ``global`` record it carries.
+            ledger: For training: the client's ledger, whose rounds it may not repeat.
+
+        Returns:
+            The plan's config of that round (equal to the message's).
+
+        Raises:
+            PlanViolationError: the round is not the operator's, departs from the plan,
+                repeats a round already trained in, or lies past the plan's last round.
+
+        """
+        if config is None:
+            raise PlanViolationError("malformed round config", "no config record")
+        values = dict(config.items())
+        verify_round_signature(self.plan, message_type, values, global_model_digest(global_model))
+        cfg = RoundConfig.admitted(self.plan, values)
+        if ledger is not None and cfg.server_round in ledger.rounds:
+            raise PlanViolationError("round already trained", f"round {cfg.server_round}")
+        return cfg
 
     def global_weights(
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None
@@ -107,28 +170,29 @@ class SepalsClient:
         weights = decode_global_model(self.codec, self.factory, global_model, cfg.model_seed)
         if weights.shape != (cfg.vector_length,):
             raise MalformedPayloadError(
-                f"global model has {weights.size} values, the server announced "
-                f"{cfg.vector_length}; is the client's model the federation's model?"
+                f"global model has {weights.size} values, the plan says {cfg.vector_length}"
             )
         return weights
 
     def train(
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None, ledger: PrivacyLedger
     ) -> TrainReply:
-        """Run one round: budget check, DP-SGD, ledger update, weighted encrypted update.
+        """Run one admitted round: budget check, DP-SGD, ledger update, encrypted update.
+
+        ``cfg`` comes from :meth:`admit`. Sigma is calibrated (once, on first use) from
+        the plan's rounds, sampling fraction, batch size and epochs, never from a message.
 
         Raises:
             BudgetExhaustedError: the round would exceed the budget (nothing is trained).
-            MalformedPayloadError: wrong key, codec or model size.
+            MalformedPayloadError: the global model does not decrypt to the plan's size.
 
         """
-        self._check_round(cfg)
-        rt = self.runtime
+        rt, plan = self.runtime, self.plan
         settings = TrainSettings(
-            epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
-            momentum=cfg.momentum,
+            epochs=plan.local_epochs,
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate_at(cfg.server_round),
+            momentum=plan.momentum,
             data_seed=_derive_seed(rt.seed, rt.client_id, cfg.server_round, "data"),
             noise_seed=(
                 _derive_seed(rt.seed, rt.client_id, cfg.server_round, "noise")
@@ -138,16 +202,13 @@ class SepalsClient:
         )
         n = len(rt.train_data)  # type: ignore[arg-type]
         sample_rate, steps = dp_schedule(n, settings)
-        planned = planned_participation(cfg.rounds, cfg.fraction_train)
+        planned = planned_participation(plan.rounds, plan.fraction_train)
         ledger = ledger.calibrated(rt.privacy, sample_rate, steps, planned)
         ledger.check_budget(steps)
-        t0 = time.perf_counter()
         weights = self.global_weights(cfg, global_model)
-        t_decrypt = time.perf_counter() - t0
         outcome = train_round(
             self.factory, weights, rt.train_data, settings, rt.privacy, ledger, cfg.server_round
         )
-        t1 = time.perf_counter()
         rounding = (
             np.random.default_rng(_derive_seed(rt.seed, rt.client_id, cfg.server_round, "rounding"))
             if rt.deterministic_noise
@@ -156,34 +217,52 @@ class SepalsClient:
         payload, quant_error = self.codec.encode_update(
             outcome.weights * float(outcome.num_examples), rounding
         )
-        t_encrypt = time.perf_counter() - t1
-        metrics: dict[str, float | int] = {
-            "num-examples": outcome.num_examples,
-            "steps": outcome.steps,
-            "total-steps": outcome.ledger.steps,
-            "rounds-participated": len(outcome.ledger.rounds),
-            "train-seconds": outcome.seconds,
-            "decrypt-seconds": t_decrypt,
-            "encrypt-seconds": t_encrypt,
-        }
-        if quant_error is not None:
-            # Largest rounding error of the encoded (weighted) update: at most one
-            # quantization step, so it says nothing about the update's values.
-            metrics["quant-error"] = quant_error
-        if outcome.ledger.epsilon is not None:
-            metrics["epsilon"] = outcome.ledger.epsilon
-            metrics["delta"] = outcome.ledger.delta
-            metrics["noise-multiplier"] = float(outcome.ledger.noise_multiplier or 0.0)
-            metrics["sample-rate"] = float(outcome.ledger.sample_rate or 0.0)
+        log(
+            DEBUG,
+            "client %s round %s: %s steps in %.1f s",
+            rt.client_id,
+            cfg.server_round,
+            outcome.steps,
+            outcome.seconds,
+        )
+        metrics = train_metrics(outcome, quant_error)
         return TrainReply(payload, outcome.num_examples, metrics, outcome.ledger)
 
     def evaluate(
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None
     ) -> dict[str, float | int]:
-        """Evaluate the decrypted global model on the local test data."""
-        self._check_round(cfg)
+        """Evaluate the decrypted global model of an admitted round on the local test data."""
         if self.runtime.test_data is None:
             raise ValueError("this client has no test data")
         weights = self.global_weights(cfg, global_model)
         loss, acc, count = evaluate_model(self.factory, weights, self.runtime.test_data)
         return {"num-examples": count, "loss": loss, "accuracy": acc}
+
+
+def train_metrics(outcome: TrainOutcome, quant_error: float | None) -> dict[str, float | int]:
+    """The plaintext metrics of a train reply: what the server's reports need, no more.
+
+    * ``num-examples``: the FedAvg weight (the dataset size is public under the
+      add/remove-one DP convention).
+    * ``total-steps``, ``rounds-participated``, and with DP ``epsilon``, ``delta``,
+      ``noise-multiplier``, ``sample-rate``: the privacy spend, so that anyone can
+      recompute epsilon from sigma, q and the steps.
+    * ``quant-error``: the largest rounding error of the encoded update, at most one
+      quantization step, so it says nothing about the update's values.
+
+    Per-round steps and timings stay on the client (its debug log).
+    """
+    ledger = outcome.ledger
+    metrics: dict[str, float | int] = {
+        "num-examples": outcome.num_examples,
+        "total-steps": ledger.steps,
+        "rounds-participated": len(ledger.rounds),
+    }
+    if quant_error is not None:
+        metrics["quant-error"] = quant_error
+    if ledger.epsilon is not None:
+        metrics["epsilon"] = ledger.epsilon
+        metrics["delta"] = ledger.delta
+        metrics["noise-multiplier"] = float(ledger.noise_multiplier or 0.0)
+        metrics["sample-rate"] = float(ledger.sample_rate or 0.0)
+    return metrics

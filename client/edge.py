@@ -23,7 +23,13 @@ listed in the README (example count, steps, epsilon).
 The privacy ledger is a file (default ``<bundle>/ledger.json``). Each round's spend is
 written to it atomically before the update is handed to the SuperNode, and it is
 read back on start, so a restarted client keeps composing its epsilon and refuses a
-round that would exceed its budget (the server is told why).
+round that would exceed its budget (the server is told why). The client holds an
+exclusive lock on the ledger for its lifetime: a second process on the same ledger is
+refused.
+
+The bundle holds the federation's plan. The client calibrates its noise from it and
+serves only rounds signed by the operator's key that match it; any other run (another
+app, another federation, a changed setting) is refused with no privacy spent.
 """
 
 from __future__ import annotations
@@ -48,12 +54,18 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from torch.utils.data import DataLoader, Dataset
 
-from sepals.client.app import make_client_app
+from sepals.client.app import client_for, make_client_app
 from sepals.client.bundle import ClientBundle
+from sepals.client.connect import (
+    FederationConnectionError,
+    NodeRefusedError,
+    ServerUnreachableError,
+    wait_for_server,
+)
 from sepals.client.core import ClientRuntime
 from sepals.common.config import PrivacyConfig
-from sepals.common.errors import SepalsError
-from sepals.common.files import atomic_write
+from sepals.common.files import atomic_write, require_private
+from sepals.common.ledger import LedgerLock
 from sepals.common.log import log
 from sepals.common.models import ModelFactory
 from sepals.common.procs import (
@@ -65,17 +77,20 @@ from sepals.common.procs import (
     stop_child,
     wait_for_port,
 )
-from sepals.common.protocol import FAB_NAME
+from sepals.common.protocol import ERR_PLAN_MISMATCH, FAB_NAME
 
 _POLL_SECONDS = 0.5
 
-
-class FederationConnectionError(SepalsError):
-    """The client could not join the federation (refused, unreachable, or crashed)."""
-
-
-class NodeRefusedError(FederationConnectionError):
-    """The server refused this node: its authentication key is not registered."""
+__all__ = [
+    "ClientBundle",
+    "EdgeApp",
+    "EdgeClient",
+    "FederationConnectionError",
+    "NodeRefusedError",
+    "ServerUnreachableError",
+    "join_federation",
+    "load_edge_app",
+]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -113,19 +128,13 @@ class EdgeApp:
             raise ValueError("train_data must hold at least one example")
 
 
-def load_edge_app(spec: str, kwargs: Mapping[str, str] | None = None) -> EdgeApp:
-    """Import ``module:attr`` or ``path/to/file.py:attr`` and return its :class:`EdgeApp`.
-
-    ``attr`` is an :class:`EdgeApp` or a callable returning one; a callable receives
-    ``kwargs`` as keyword arguments (strings).
+def _import_target(target: str) -> Any:
+    """Import the module of ``module`` or ``path/to/file.py``.
 
     Raises:
-        ValueError: the spec is malformed or does not lead to an ``EdgeApp``.
+        ValueError: it cannot be found or raised while being imported.
 
     """
-    target, sep, attr = spec.rpartition(":")
-    if not sep or not target or not attr:
-        raise ValueError(f"app must be 'module:attr' or 'file.py:attr', got {spec!r}")
     if target.endswith(".py"):
         path = Path(target).expanduser().resolve()
         if not path.is_file():
@@ -135,15 +144,48 @@ def load_edge_app(spec: str, kwargs: Mapping[str, str] | None = None) -> EdgeApp
             raise ValueError(f"cannot import {path}")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[path.stem] = module
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
+        try:
+            module_spec.loader.exec_module(module)
+        except (Exception, SystemExit) as exc:
+            sys.modules.pop(path.stem, None)
+            raise ValueError(f"importing {path} failed: {type(exc).__name__}: {exc}") from exc
+        return module
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"no module named {exc.name or target!r}") from exc
+    except (Exception, SystemExit) as exc:
+        raise ValueError(f"importing {target} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def load_edge_app(spec: str, kwargs: Mapping[str, str] | None = None) -> EdgeApp:
+    """Import ``module:attr`` or ``path/to/file.py:attr`` and return its :class:`EdgeApp`.
+
+    ``attr`` is an :class:`EdgeApp` or a callable returning one; a callable receives
+    ``kwargs`` as keyword arguments (strings).
+
+    Raises:
+        ValueError: one line for every way this can fail: a malformed spec, a module
+            that is missing or raises on import, a missing attribute, a factory that
+            rejects its arguments or raises, or a result that is not an ``EdgeApp``.
+
+    """
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(f"app must be 'module:attr' or 'file.py:attr', got {spec!r}")
+    module = _import_target(target)
     try:
         obj = getattr(module, attr)
     except AttributeError as exc:
         raise ValueError(f"{target} has no attribute {attr!r}") from exc
     if callable(obj) and not isinstance(obj, EdgeApp):
-        obj = obj(**dict(kwargs or {}))
+        try:
+            obj = obj(**dict(kwargs or {}))
+        except (Exception, SystemExit) as exc:
+            args = ", ".join(f"{k}={v!r}" for k, v in (kwargs or {}).items()) or "no arguments"
+            raise ValueError(
+                f"{spec} failed with {args}: {type(exc).__name__}: {exc}".replace("\n", " ")
+            ) from exc
     elif kwargs:
         raise ValueError(f"{spec} is not callable, so it takes no app arguments")
     if not isinstance(obj, EdgeApp):
@@ -170,6 +212,7 @@ def _edge_runtime(
         test_data=_as_dataset(app.test_data),
         privacy=app.privacy,
         encryption=bundle.encryption,
+        plan=bundle.plan,
         secret_context=bundle.read_secret_context(),
         seed=seed,
         ledger_path=ledger_path,
@@ -191,6 +234,19 @@ class EdgeClient:
         work_dir: Where the SuperNode's files and log go (default: a temporary directory).
         activation_timeout: Seconds to keep retrying when the server refuses the node.
         activation_retry: Seconds between those retries.
+        connect_timeout: Seconds :meth:`run` waits for the server to answer before it
+            gives up with :class:`ServerUnreachableError`.
+        allow_insecure_permissions: Accept secret files (node key, HE secret key,
+            ledger) that other users may read: for trials only.
+
+    Raises:
+        ValueError: the bundle is malformed, or the app does not fit the federation's
+            plan (its model size, say).
+        InsecureFileError: a secret file is readable by other users.
+        LedgerLockedError: another process holds the ledger.
+
+    The client holds the ledger's lock from construction until :meth:`close` (or the
+    end of the process); use it as a context manager, or call :func:`join_federation`.
 
     """
 
@@ -206,12 +262,21 @@ class EdgeClient:
         work_dir: Path | str | None = None,
         activation_timeout: float = 150.0,
         activation_retry: float = 10.0,
+        connect_timeout: float = 60.0,
+        allow_insecure_permissions: bool = False,
     ) -> None:
         if activation_timeout < 0 or activation_retry <= 0:
             raise ValueError("activation_timeout must be >= 0 and activation_retry > 0")
+        if not connect_timeout > 0:
+            raise ValueError(f"connect_timeout must be > 0 seconds, got {connect_timeout!r}")
         self.activation_timeout = activation_timeout
         self.activation_retry = activation_retry
-        self.bundle = bundle if isinstance(bundle, ClientBundle) else ClientBundle.load(bundle)
+        self.connect_timeout = connect_timeout
+        self.bundle = (
+            bundle
+            if isinstance(bundle, ClientBundle)
+            else ClientBundle.load(bundle, allow_insecure_permissions=allow_insecure_permissions)
+        )
         if app.privacy.enabled is False:
             log(WARNING, "client %s joins WITHOUT differential privacy", self.bundle.name)
         self.server_address = server_address or self.bundle.server_address
@@ -219,11 +284,19 @@ class EdgeClient:
         self.ledger_path = (
             Path(ledger_path) if ledger_path is not None else self.bundle.root / "ledger.json"
         )
+        if self.ledger_path.exists():
+            require_private(
+                self.ledger_path, "privacy ledger", allow_insecure=allow_insecure_permissions
+            )
         self.runtime = _edge_runtime(
             self.bundle, app, self.ledger_path, seed if seed is not None else secrets.randbits(31)
         )
+        # Load the key and check the model against the plan now, not at the first round.
+        client_for(self.runtime)
         runtime = self.runtime
         self.client_app: ClientApp = make_client_app(lambda _ctx: runtime)
+        self._ledger_lock = LedgerLock(self.ledger_path)
+        self._ledger_lock.acquire()
         self._own_work_dir = work_dir is None
         self.work_dir = (
             Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="sepals-node-"))
@@ -231,6 +304,17 @@ class EdgeClient:
         self._stop = threading.Event()
         self._supernode: subprocess.Popen[bytes] | None = None
         self.tasks_done = 0
+
+    def close(self) -> None:
+        """Release the ledger lock (idempotent). The client serves no more rounds."""
+        self._stop.set()
+        self._ledger_lock.release()
+
+    def __enter__(self) -> EdgeClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     @property
     def supernode_log(self) -> Path:
@@ -306,9 +390,11 @@ class EdgeClient:
             The number of tasks (train or evaluate messages) served.
 
         Raises:
+            ServerUnreachableError: the server did not answer within ``connect_timeout``.
             NodeRefusedError: the server kept refusing this node (its key is not
                 registered, or it is connected from another process).
-            FederationConnectionError: the SuperNode failed.
+            FederationConnectionError: the SuperNode failed, or the server's certificate
+                is not the federation's.
 
         """
         from sepals.client.runtime_loop import RuntimeLoop
@@ -319,11 +405,17 @@ class EdgeClient:
         port = free_port()
         log(
             INFO,
-            "client %s joining %s (TLS %s, ledger %s)",
+            "client %s joining %s (TLS %s, ledger %s, federation %s)",
             self.bundle.name,
             self.server_address,
             not self.insecure,
             self.ledger_path,
+            self.bundle.plan.federation_id,
+        )
+        wait_for_server(
+            self.server_address,
+            None if self.insecure else self.bundle.ca_cert,
+            self.connect_timeout,
         )
         self._launch(port, secret_file)
         loop = RuntimeLoop(f"127.0.0.1:{port}", superexec_secret, self._handle)
@@ -364,9 +456,12 @@ class EdgeClient:
         return self.tasks_done
 
     def _handle(self, message: Message, context: Context, fab_id: str) -> Message:
+        # A first filter only: any publisher can name an app like ours. What makes
+        # "only the operator's runs are served" true is the operator's signature on
+        # every round, which the ClientApp checks before anything else.
         if not fab_id.endswith(f"/{FAB_NAME}"):
             log(WARNING, "refusing a task of app %r: this node serves only sepals", fab_id)
-            return Message(Error(code=4103, reason=f"not a sepals app: {fab_id}"), reply_to=message)
+            return Message(Error(code=ERR_PLAN_MISMATCH, reason="foreign app"), reply_to=message)
         return self.client_app(message=message, context=context)
 
     def _stop_supernode(self) -> None:
@@ -382,19 +477,27 @@ def join_federation(
 
     Keyword arguments go to :class:`EdgeClient`. Returns the number of tasks served.
     """
-    client = EdgeClient(bundle, app, **kwargs)
-    try:
-        return client.run()
-    except KeyboardInterrupt:
-        return client.tasks_done
+    with EdgeClient(bundle, app, **kwargs) as client:
+        try:
+            return client.run()
+        except KeyboardInterrupt:
+            return client.tasks_done
 
 
 # --------------------------------------------------------------------------- FAB app
+# Ledger locks of the FAB ClientApp, held until this (per-message) process exits.
+_NODE_CONFIG_LOCKS: list[LedgerLock] = []
+
+
 @functools.lru_cache(maxsize=4)
 def _runtime_from_node_config(app_spec: str, bundle_dir: str, ledger: str) -> ClientRuntime:
     bundle = ClientBundle.load(bundle_dir)
     ledger_path = Path(ledger) if ledger else bundle.root / "ledger.json"
-    return _edge_runtime(bundle, load_edge_app(app_spec), ledger_path, secrets.randbits(31))
+    runtime = _edge_runtime(bundle, load_edge_app(app_spec), ledger_path, secrets.randbits(31))
+    lock = LedgerLock(ledger_path)
+    lock.acquire()
+    _NODE_CONFIG_LOCKS.append(lock)
+    return runtime
 
 
 def _node_config_runtime(context: Context) -> ClientRuntime:

@@ -39,6 +39,7 @@ from flwr.supernode.runtime.run_clientapp import (
 from sepals.common.log import log
 
 TaskHandler = Callable[[Message, Context, str], Message]
+CLIENT_FAILURE = "client failure"
 _ACQUIRE = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 
 
@@ -115,14 +116,14 @@ class RuntimeLoop:
             try:
                 reply = self.handler(message, context, run.fab_id)
                 status, details = SubStatus.COMPLETED, ""
-            except Exception as exc:
+            except Exception:
+                # The details stay in this process's log; the server gets a fixed phrase.
                 log(WARNING, "ClientApp raised: %s", traceback.format_exc())
-                reason = f"{type(exc).__name__}: {exc}"
                 reply = Message(
-                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                    Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=CLIENT_FAILURE),
                     reply_to=message,
                 )
-                details = reason
+                details = CLIENT_FAILURE
             push_message(client, reply, context)
         finally:
             if heartbeat.is_running:

@@ -18,14 +18,6 @@ from sepals.common.ledger import LedgerFileError, format_ledger, read_ledger_fil
 from sepals.common.provision import ProvisionSpec, provision
 
 
-def _default_parameters() -> int:
-    """Parameter count of the default model (the digits MLP that sepals-sim trains)."""
-    from sepals.common.data import load_dataset
-    from sepals.common.models import num_parameters
-
-    return num_parameters(load_dataset("digits").model_factory()())
-
-
 def _provision(args: argparse.Namespace) -> int:
     try:
         spec = ProvisionSpec(
@@ -37,9 +29,13 @@ def _provision(args: argparse.Namespace) -> int:
             client_prefix=args.prefix,
             cert_days=args.cert_days,
             keep_ca_key=args.keep_ca_key,
-            model_parameters=(
-                args.model_parameters if args.model_parameters else _default_parameters()
-            ),
+            model_parameters=args.model_parameters,
+            rounds=args.rounds,
+            fraction_train=args.fraction_train,
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            max_examples=args.max_examples,
         )
         result = provision(spec)
     except (ValueError, FileExistsError) as exc:
@@ -49,6 +45,12 @@ def _provision(args: argparse.Namespace) -> int:
     print(f"server bundle: {result.server_bundle}  (hand it to the operator)")
     for path in result.client_bundles:
         print(f"client bundle: {path}  (hand it to that client only; holds secrets)")
+    plan = result.plan
+    print(
+        f"plan: federation {plan.federation_id}, {plan.rounds} rounds, fraction "
+        f"{plan.fraction_train:g}, {plan.local_epochs} local epoch(s), batch {plan.batch_size}, "
+        f"learning rate {plan.learning_rate:g} ({plan.lr_schedule}); clients serve only this"
+    )
     if not spec.keep_ca_key:
         print("the CA private key was discarded (use --keep-ca-key to keep it offline)")
     return 0
@@ -84,6 +86,45 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="parameter count of the federation's model (default: the digits MLP)",
+    )
+    plan = prov.add_argument_group(
+        "federation plan",
+        "fixed at provisioning: clients calibrate their noise from it "
+        "and refuse any round that departs from it",
+    )
+    base = ProvisionSpec(out=Path("."), clients=1, server_host="localhost")
+    plan.add_argument(
+        "--rounds", type=int, default=base.rounds, help=f"rounds (default {base.rounds})"
+    )
+    plan.add_argument(
+        "--fraction-train",
+        type=float,
+        default=base.fraction_train,
+        help=f"fraction of nodes sampled each round (default {base.fraction_train:g})",
+    )
+    plan.add_argument(
+        "--local-epochs",
+        type=int,
+        default=base.local_epochs,
+        help=f"local epochs per round (default {base.local_epochs})",
+    )
+    plan.add_argument(
+        "--batch-size",
+        type=int,
+        default=base.batch_size,
+        help=f"expected DP-SGD batch size (default {base.batch_size})",
+    )
+    plan.add_argument(
+        "--learning-rate",
+        type=float,
+        default=base.learning_rate,
+        help=f"learning rate of round 1, cosine-decayed (default {base.learning_rate:g})",
+    )
+    plan.add_argument(
+        "--max-examples",
+        type=int,
+        default=base.max_examples,
+        help=f"most num-examples a node may claim (default {base.max_examples})",
     )
     default = EncryptionConfig()
     prov.add_argument(

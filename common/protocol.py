@@ -9,12 +9,18 @@ Train message (server to client), a ``RecordDict`` with:
 
 Train reply: ``update`` (ArrayRecord with ``payload``), ``metrics`` (MetricRecord with
 ``num-examples`` and privacy figures) and ``client`` (ConfigRecord with ``client-id``).
-A client that declines (budget exhausted, bad input) replies with a Flower ``Error``
-whose code is one of the ``ERR_*`` constants below.
+A client that declines (budget exhausted, bad input, a round its plan does not allow)
+replies with a Flower ``Error`` whose code is one of the ``ERR_*`` constants below and
+whose reason is a short fixed phrase, never an exception text.
+
+A deployed federation's configs also carry ``federation-id`` and ``signature`` (added by
+:class:`sepals.common.plan.OperatorSigner`); each client checks them, and every field
+against its own :class:`~sepals.common.plan.FederationPlan`, before it does anything.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -24,6 +30,12 @@ import numpy.typing as npt
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import FederationConfig
 from sepals.common.models import ModelFactory, build_seeded, get_flat
+from sepals.common.plan import (
+    KEY_FEDERATION_ID,
+    KEY_SIGNATURE,
+    FederationPlan,
+    PlanViolationError,
+)
 
 KEY_CONFIG = "config"
 KEY_GLOBAL = "global"
@@ -41,6 +53,9 @@ FAB_NAME = "sepals-federation"
 ERR_BUDGET_EXHAUSTED = 4101
 ERR_BAD_GLOBAL = 4102
 ERR_BAD_UPDATE = 4103
+# The round departs from the client's plan, is not the operator's (unsigned, badly
+# signed, another federation), repeats a round already trained, or lies past the plan.
+ERR_PLAN_MISMATCH = 4104
 ERR_CLIENT_FAILURE = 4199
 
 
@@ -99,6 +114,61 @@ class RoundConfig:
             vector_length=vector_length,
         )
 
+    @classmethod
+    def for_plan(cls, plan: FederationPlan, server_round: int) -> RoundConfig:
+        """The config that ``plan`` allows for ``server_round`` (the only one a client serves)."""
+        return cls(
+            server_round=server_round,
+            rounds=plan.rounds,
+            fraction_train=plan.fraction_train,
+            local_epochs=plan.local_epochs,
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate_at(server_round),
+            momentum=plan.momentum,
+            model_seed=plan.model_seed,
+            codec=plan.codec,
+            key_fingerprint=plan.key_fingerprint,
+            vector_length=plan.vector_length,
+        )
+
+    @classmethod
+    def admitted(cls, plan: FederationPlan, record: Any) -> RoundConfig:
+        """Check a received config against ``plan``, field by field; return the plan's config.
+
+        Every field must equal the plan's, with the same type; the learning rate must be
+        the plan's schedule at that round to 1e-12 relative. The signature and federation
+        id are checked separately (:func:`sepals.common.plan.verify_round_signature`).
+
+        Raises:
+            PlanViolationError: with reason ``malformed round config``,
+                ``round past the plan`` or ``plan mismatch: <field>``.
+
+        """
+        known = {f.name.replace("_", "-") for f in fields(cls)}
+        present = set(record.keys())
+        missing = sorted(known - present)
+        if missing:
+            raise PlanViolationError("malformed round config", f"lacks {', '.join(missing)}")
+        extra = sorted(present - known - {KEY_FEDERATION_ID, KEY_SIGNATURE})
+        if extra:
+            raise PlanViolationError(
+                "plan mismatch: unexpected field", ", ".join(_show(k) for k in extra)
+            )
+        server_round = record["server-round"]
+        if not isinstance(server_round, int) or isinstance(server_round, bool) or server_round < 1:
+            raise PlanViolationError("plan mismatch: server-round", f"got {_show(server_round)}")
+        if server_round > plan.rounds:
+            raise PlanViolationError(
+                "round past the plan", f"round {server_round} of a {plan.rounds}-round plan"
+            )
+        expected = cls.for_plan(plan, server_round)
+        for key, want in expected.to_record_dict().items():
+            if not _same_value(record[key], want):
+                raise PlanViolationError(
+                    f"plan mismatch: {key}", f"got {_show(record[key])}, the plan says {want!r}"
+                )
+        return expected
+
     def to_record_dict(self) -> dict[str, Any]:
         """Flat dict with hyphenated keys, ready for a ``ConfigRecord``."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -118,6 +188,51 @@ class RoundConfig:
                 raise ValueError(f"round config lacks {key!r}")
             values[f.name] = record[key]
         return cls(**values)
+
+
+def _show(value: object) -> str:
+    """A received value for the local log: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _same_value(got: object, want: object) -> bool:
+    """``got`` equals ``want`` with the same type; floats to 1e-12 relative."""
+    if isinstance(want, bool) or isinstance(got, bool):
+        return got is want
+    if isinstance(want, int):
+        return isinstance(got, int) and got == want
+    if isinstance(want, float):
+        return (
+            isinstance(got, int | float)
+            and math.isfinite(got)
+            and math.isclose(float(got), want, rel_tol=1e-12, abs_tol=0.0)
+        )
+    return type(got) is type(want) and got == want
+
+
+def plan_conflicts(
+    plan: FederationPlan,
+    federation: FederationConfig,
+    codec: str,
+    key_fingerprint: str,
+    vector_length: int,
+) -> list[str]:
+    """Config fields in which a server's settings depart from ``plan`` (empty: none).
+
+    A server whose ``server.toml`` drifted from the provisioned plan would have every
+    round refused; call this at start-up to fail fast instead.
+    """
+    conflicts: list[str] = []
+    if federation.rounds != plan.rounds:
+        conflicts.append("rounds")
+    for server_round in range(1, plan.rounds + 1):
+        sent = RoundConfig.build(federation, server_round, codec, key_fingerprint, vector_length)
+        allowed = RoundConfig.for_plan(plan, server_round).to_record_dict()
+        for key, value in sent.to_record_dict().items():
+            if key not in conflicts and not _same_value(value, allowed[key]):
+                conflicts.append(key)
+    return conflicts
 
 
 def decode_global_model(

@@ -10,9 +10,11 @@ needs and writes one bundle per party, so that each party is handed only its own
         server.pem, server.key (0600)  TLS certificate (SAN = the server host) and key
         he-public.ctx                  public HE context: can add, cannot decrypt
         nodes/<name>.pub               every node's authentication public key
-        server.toml                    a starting configuration for ``sepals-server``
+        plan.json                      the federation's plan (also in bundle.json)
+        operator.key (0600)            the operator's Ed25519 key: signs every round
+        server.toml                    the configuration for ``sepals-server``
     OUT/clients/<name>/                one bundle per client
-        bundle.json
+        bundle.json                    ... and the federation's plan (``plan``)
         ca.pem                         to verify the server
         node.key (0600), node.pub      the node's authentication key pair
         he-secret.ctx (0600)           the shared HE secret context
@@ -23,6 +25,13 @@ signing the server certificate unless ``keep_ca_key`` is set (then it is written
 
 Node authentication keys are ECDSA P-384 in OpenSSH format, as Flower's SuperLink and
 SuperNode expect. TLS keys are ECDSA P-256.
+
+The plan (:class:`~sepals.common.plan.FederationPlan`) fixes what the federation does:
+rounds, sampling fraction, local training, codec, HE key, model size, a random
+federation id and the operator's public key. Clients calibrate their noise from it and
+serve only rounds that match it and carry the operator's signature, so the
+``[federation]`` values of ``server.toml`` are written from the same settings and must
+not be edited afterwards (provision again to change them).
 """
 
 from __future__ import annotations
@@ -41,8 +50,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sepals.common.config import EncryptionConfig
+from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.files import atomic_write
+from sepals.common.plan import FederationPlan, generate_operator_key
 
 BUNDLE_FILE = "bundle.json"
 MANIFEST_FILE = "manifest.json"
@@ -54,6 +64,8 @@ SECRET_CONTEXT = "he-secret.ctx"
 NODE_KEY = "node.key"
 NODE_PUB = "node.pub"
 NODES_DIR = "nodes"
+PLAN_FILE = "plan.json"
+OPERATOR_KEY = "operator.key"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -81,7 +93,18 @@ class ProvisionSpec:
         cert_days: Validity of the CA and server certificates.
         keep_ca_key: Also write the CA private key (for issuing certificates later).
         model_parameters: Parameter count of the federation's model, written into the
-            server configuration (0 leaves a placeholder the operator must fill in).
+            plan and the server configuration (0: the default model, the digits MLP
+            that ``sepals-sim`` and ``examples/edge_app.py`` train).
+        rounds: Rounds the federation runs.
+        fraction_train: Fraction of nodes sampled for training each round.
+        local_epochs: Local epochs per round.
+        batch_size: Expected batch size of DP-SGD.
+        learning_rate: Learning rate of round 1.
+        lr_schedule: ``cosine`` or ``constant``.
+        momentum: Local SGD momentum.
+        seed: Seed of the shared round-0 model and of the server's node sampling.
+        max_examples: The most ``num-examples`` a node may claim (the server caps each
+            reply's FedAvg weight with it; ``[nodes] default_max_examples``).
 
     """
 
@@ -94,6 +117,15 @@ class ProvisionSpec:
     cert_days: int = 365
     keep_ca_key: bool = False
     model_parameters: int = 0
+    rounds: int = 30
+    fraction_train: float = 1.0
+    local_epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 0.2
+    lr_schedule: str = "cosine"
+    momentum: float = 0.9
+    seed: int = 0
+    max_examples: int = 10000
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -115,6 +147,33 @@ class ProvisionSpec:
             raise ValueError(f"model_parameters must be >= 0, got {self.model_parameters}")
         if self.cert_days < 1:
             raise ValueError(f"cert_days must be >= 1, got {self.cert_days}")
+        if self.max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {self.max_examples}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        _ = self.federation  # validates the training settings
+
+    @property
+    def federation(self) -> FederationConfig:
+        """The federation's training settings, as ``server.toml`` and the plan hold them.
+
+        Raises:
+            ValueError: a setting is out of range (the message names it).
+
+        """
+        return FederationConfig(
+            rounds=self.rounds,
+            fraction_train=self.fraction_train,
+            min_train_clients=max(1, min(2, self.clients)),
+            fraction_evaluate=1.0,
+            local_epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            lr_schedule=self.lr_schedule,  # type: ignore[arg-type]
+            momentum=self.momentum,
+            round_timeout=600.0,
+            seed=self.seed,
+        )
 
     @property
     def address(self) -> str:
@@ -229,9 +288,26 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-def _server_toml(spec: ProvisionSpec) -> str:
+def _server_toml(spec: ProvisionSpec, parameters: int) -> str:
     enc = spec.encryption
     encryption = "\n".join(f"{k} = {_toml_value(v)}" for k, v in asdict(enc).items())
+    fed = spec.federation
+    federation = "\n".join(
+        f"{k} = {_toml_value(getattr(fed, k))}"
+        for k in (
+            "rounds",
+            "fraction_train",
+            "min_train_clients",
+            "fraction_evaluate",
+            "round_timeout",
+            "local_epochs",
+            "batch_size",
+            "learning_rate",
+            "lr_schedule",
+            "momentum",
+            "seed",
+        )
+    )
     return f"""# sepals-server configuration (written by `sepals provision`).
 # Relative paths are resolved against this file's directory.
 
@@ -243,17 +319,19 @@ server_cert = "{SERVER_CERT}"
 server_key = "{SERVER_KEY}"
 public_context = "{PUBLIC_CONTEXT if enc.scheme != "none" else ""}"
 nodes_dir = "{NODES_DIR}"
+# The federation's plan (every client holds a copy) and the operator's signing key.
+plan = "{PLAN_FILE}"
+operator_key = "{OPERATOR_KEY}"
 
 [federation]
-rounds = 30
-fraction_train = 1.0
-min_train_clients = {max(1, min(2, spec.clients))}
-fraction_evaluate = 1.0
-round_timeout = 600.0
-local_epochs = 1
-batch_size = 16
-learning_rate = 0.2
-seed = 0
+# Fixed by the plan: clients refuse any round whose settings differ. Rounds, sampling
+# and local training are chosen at provisioning (sepals provision --rounds ...);
+# min_train_clients, fraction_evaluate and round_timeout may be changed.
+{federation}
+
+[nodes]
+# The most num-examples (FedAvg weight) a node's reply may claim.
+default_max_examples = {spec.max_examples}
 
 [encryption]
 # Must match the provisioned keys (see sepals.common.config.EncryptionConfig).
@@ -262,8 +340,16 @@ seed = 0
 [model]
 # Number of parameters of the model every client trains. The server checks every
 # update against it; a client whose model differs is told so by name.
-parameters = {spec.model_parameters}
+parameters = {parameters}
 """
+
+
+def default_model_parameters() -> int:
+    """Parameter count of the default model (the digits MLP that sepals-sim trains)."""
+    from sepals.common.data import load_dataset
+    from sepals.common.models import num_parameters
+
+    return num_parameters(load_dataset("digits").model_factory()())
 
 
 @dataclass(frozen=True)
@@ -274,6 +360,7 @@ class ProvisionResult:
     server_bundle: Path
     client_bundles: tuple[Path, ...]
     manifest: dict[str, Any]
+    plan: FederationPlan
 
 
 def provision(spec: ProvisionSpec) -> ProvisionResult:
@@ -286,6 +373,7 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
     from sepals.common.codec import (
         context_fingerprint,
         generate_secret_context,
+        make_server_codec,
         public_context_bytes,
     )
 
@@ -301,6 +389,12 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
         secret_ctx = generate_secret_context(spec.encryption)
         public_ctx = public_context_bytes(secret_ctx)
         he_fingerprint = context_fingerprint(public_ctx).hex()
+    codec = make_server_codec(spec.encryption, public_ctx)
+    parameters = spec.model_parameters or default_model_parameters()
+    operator_private, operator_public = generate_operator_key()
+    plan = FederationPlan.create(
+        spec.federation, codec.name, codec.fingerprint_hex, parameters, operator_public
+    )
 
     server_dir = out / "server"
     names = [f"{spec.client_prefix}-{i}" for i in range(1, spec.clients + 1)]
@@ -312,6 +406,7 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
         "server_cert_sha256": sha256_hex(server_pem),
         "he_key_fingerprint": he_fingerprint,
         "encryption": asdict(spec.encryption),
+        "plan": plan.to_dict(),
     }
     for name in names:
         private, public = make_node_keys()
@@ -335,7 +430,9 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
     atomic_write(
         server_dir / BUNDLE_FILE, _json_bytes({"role": "server", **common_info, "nodes": nodes})
     )
-    atomic_write(server_dir / "server.toml", _server_toml(spec).encode())
+    atomic_write(server_dir / OPERATOR_KEY, operator_private, secret=True)
+    plan.save(server_dir / PLAN_FILE)
+    atomic_write(server_dir / "server.toml", _server_toml(spec, parameters).encode())
     if spec.keep_ca_key:
         atomic_write(out / "ca-private" / "ca.key", ca_key, secret=True)
 
@@ -348,4 +445,4 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
         "ca_key_kept": spec.keep_ca_key,
     }
     atomic_write(out / MANIFEST_FILE, _json_bytes(manifest))
-    return ProvisionResult(out, server_dir, tuple(client_dirs), manifest)
+    return ProvisionResult(out, server_dir, tuple(client_dirs), manifest, plan)

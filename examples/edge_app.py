@@ -13,13 +13,15 @@ through the sepals client SDK. Two ways to run it (see the README, "Deploy"):
           --app examples/edge_app.py:make_app --app-arg partition=0
 
 ``python examples/edge_app.py --parameters`` prints the model's parameter count, which
-the server's configuration must carry (``sepals provision --model-parameters``).
+the federation's plan must carry (``sepals provision --model-parameters``): a client
+whose model has another size is refused before it joins.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import numpy as np
 import torch
@@ -27,8 +29,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sepals.client import EdgeApp, join_federation
+from sepals.client import EdgeApp, FederationConnectionError, join_federation
 from sepals.common.config import PrivacyConfig
+from sepals.common.errors import SepalsError
 
 
 def make_model() -> nn.Module:
@@ -74,6 +77,9 @@ def main() -> None:
     parser.add_argument("--partitions", default="3")
     parser.add_argument("--epsilon", default="8.0")
     parser.add_argument("--insecure", action="store_true", help="server runs with --insecure")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=60.0, help="seconds to wait for the server"
+    )
     parser.add_argument("--parameters", action="store_true", help="print the parameter count")
     args = parser.parse_args()
     if args.parameters:
@@ -83,7 +89,16 @@ def main() -> None:
         parser.error("--bundle is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     app = make_app(args.partition, args.partitions, args.epsilon)
-    served = join_federation(args.bundle, app, insecure=args.insecure)
+    try:
+        served = join_federation(
+            args.bundle, app, insecure=args.insecure, connect_timeout=args.connect_timeout
+        )
+    except FederationConnectionError as exc:
+        print(f"edge_app: {exc}", file=sys.stderr)
+        sys.exit(3)
+    except (ValueError, SepalsError) as exc:
+        print(f"edge_app: {exc}", file=sys.stderr)
+        sys.exit(2)
     print(f"served {served} tasks")
 
 

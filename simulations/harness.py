@@ -12,6 +12,11 @@ One machine plays every party, but the parties stay apart:
   global model and measures accuracy on the held-out test split. This is the harness's
   central evaluation; the server never sees its inputs in the clear.
 
+As in a deployment, the harness fixes a :class:`~sepals.common.plan.FederationPlan`
+before the run and hands it to every client, which calibrates its noise from it and
+serves only rounds that match it; the server signs every round with a fresh operator
+key that lives only in this process.
+
 We drive Flower through ``flwr.simulation.run_simulation`` rather than ``flwr run``:
 the harness must hand the ServerApp live callbacks (progress line, central evaluation,
 report) and hold the run's results in memory, which an app launched by ``flwr run`` in
@@ -36,6 +41,7 @@ from typing import Any
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
 from sepals.common.data import DATASET_NAMES, PartitionSpec, load_dataset
 from sepals.common.files import atomic_write
+from sepals.common.plan import FederationPlan, OperatorSigner, generate_operator_key
 
 # Flower sends anonymous usage telemetry unless told not to. A privacy product does not.
 PROCESS_ENV_DEFAULTS = {
@@ -164,6 +170,7 @@ class SimulatedClientProvider:
     privacy: PrivacyConfig
     encryption: EncryptionConfig
     secret_path: str | None
+    plan: FederationPlan
 
     def __call__(self, context: Any) -> Any:
         """The :class:`ClientRuntime` of the node in ``context``."""
@@ -191,6 +198,7 @@ def _simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
         test_data=test.to_torch(),
         privacy=provider.privacy,
         encryption=provider.encryption,
+        plan=provider.plan,
         secret_context=secret,
         seed=provider.seed,
         deterministic_noise=True,
@@ -299,6 +307,11 @@ def run_experiment(
         evaluate_fn=evaluate_fn,
     )
     strategy = build_strategy(settings)
+    operator_private, operator_public = generate_operator_key()
+    plan = FederationPlan.create(
+        fed, strategy.codec.name, strategy.codec.fingerprint_hex, vector_length, operator_public
+    )
+    strategy.round_signer = OperatorSigner(operator_private, plan.federation_id)
     server_app = make_server_app(settings, strategy)
     client_app = make_client_app(
         SimulatedClientProvider(
@@ -309,6 +322,7 @@ def run_experiment(
             privacy=config.privacy,
             encryption=config.encryption,
             secret_path=secret_path,
+            plan=plan,
         ),
         mods=client_mods,
     )

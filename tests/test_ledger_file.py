@@ -15,9 +15,11 @@ from sepals.client.app import LEDGER_STATE_KEY, load_ledger, store_ledger
 from sepals.client.core import ClientRuntime
 from sepals.client.privacy import PrivacyLedger, compute_epsilon
 from sepals.common.cli import main as sepals_main
-from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.codec import PlainCodec
+from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
 from sepals.common.errors import InsecureFileError
 from sepals.common.ledger import LedgerFileError, read_ledger_file, write_ledger_file
+from sepals.common.plan import FederationPlan, generate_operator_key
 
 PRIVACY = PrivacyConfig(target_epsilon=8.0, delta=1e-5)
 
@@ -153,6 +155,15 @@ def test_a_lowered_budget_applies_to_the_stored_spend(tmp_path: Path) -> None:
         PrivacyLedger.load(path, tight).check_budget(20)
 
 
+PLAN = FederationPlan.create(
+    FederationConfig(),
+    PlainCodec.name,
+    PlainCodec().fingerprint_hex,
+    10,
+    generate_operator_key()[1],
+)
+
+
 def _runtime(path: Path | None) -> ClientRuntime:
     return ClientRuntime(
         client_id="c",
@@ -161,6 +172,7 @@ def _runtime(path: Path | None) -> ClientRuntime:
         test_data=None,
         privacy=PRIVACY,
         encryption=EncryptionConfig(scheme="none"),
+        plan=PLAN,
         ledger_path=path,
     )
 

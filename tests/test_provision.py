@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from sepals.common.cli import main as sepals_main
 from sepals.common.codec import context_fingerprint, make_client_codec, make_server_codec
-from sepals.common.config import EncryptionConfig
+from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.errors import SecretKeyExposureError
+from sepals.common.plan import FederationPlan, OperatorSigner
+from sepals.common.protocol import plan_conflicts
 from sepals.common.provision import ProvisionSpec, provision, sha256_hex
 
 
@@ -37,6 +40,7 @@ def test_secret_files_are_0600_and_public_files_are_not_secret(provisioned: Path
         assert _mode(cdir / "he-secret.ctx") == 0o600
         assert _mode(cdir / "ca.pem") == 0o644
     assert _mode(provisioned / "server" / "server.key") == 0o600
+    assert _mode(provisioned / "server" / "operator.key") == 0o600
     assert not (provisioned / "ca-private").exists(), "the CA key is discarded by default"
 
 
@@ -44,6 +48,8 @@ def test_server_bundle_holds_no_secret_of_any_client(provisioned: Path) -> None:
     server = provisioned / "server"
     names = {p.name for p in server.rglob("*") if p.is_file()}
     assert "he-secret.ctx" not in names and "node.key" not in names
+    clients = {p.name for p in (provisioned / "clients").rglob("*") if p.is_file()}
+    assert "operator.key" not in clients, "no client can sign rounds"
     enc = EncryptionConfig()
     public = (server / "he-public.ctx").read_bytes()
     secret_bytes = (provisioned / "clients/client-1/he-secret.ctx").read_bytes()
@@ -111,6 +117,13 @@ def test_provision_refuses_to_overwrite_keys(provisioned: Path) -> None:
         ({"client_prefix": "../evil"}, "client_prefix"),
         ({"cert_days": 0}, "cert_days"),
         ({"clients": 101}, "max_clients"),
+        ({"rounds": 0}, "rounds"),
+        ({"fraction_train": 0.0}, "fraction_train"),
+        ({"local_epochs": 0}, "local_epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"learning_rate": -0.1}, "learning_rate"),
+        ({"lr_schedule": "step"}, "lr_schedule"),
+        ({"max_examples": 0}, "max_examples"),
     ],
 )
 def test_spec_validation(tmp_path: Path, kwargs: dict[str, object], match: str) -> None:
@@ -151,3 +164,70 @@ def test_cli_provision_keeps_ca_key_only_on_request(
     assert (
         sepals_main(["provision", "--out", str(out), "--clients", "1", "--server-host", "h"]) == 2
     )
+
+
+def test_every_bundle_holds_the_same_plan_and_the_server_holds_its_key(provisioned: Path) -> None:
+    server = provisioned / "server"
+    plan = FederationPlan.load(server / "plan.json")
+    assert json.loads((server / "bundle.json").read_text())["plan"] == plan.to_dict()
+    for client in ("client-1", "client-2"):
+        bundle = json.loads((provisioned / "clients" / client / "bundle.json").read_text())
+        assert FederationPlan.from_dict(bundle["plan"]) == plan
+    manifest = json.loads((provisioned / "manifest.json").read_text())
+    assert plan.key_fingerprint == manifest["he_key_fingerprint"]
+    assert (plan.codec, plan.vector_length, plan.rounds) == ("bfv-q2", 7, 30)
+    signer = OperatorSigner.for_plan(server / "operator.key", plan)
+    assert signer.public_key_hex == plan.operator_key
+
+
+def test_server_toml_says_what_the_plan_says(provisioned: Path) -> None:
+    server = provisioned / "server"
+    toml = tomllib.loads((server / "server.toml").read_text())
+    plan = FederationPlan.load(server / "plan.json")
+    assert toml["server"]["plan"] == "plan.json"
+    assert toml["server"]["operator_key"] == "operator.key"
+    assert toml["nodes"] == {"default_max_examples": 10000}
+    federation = FederationConfig(**toml["federation"])
+    assert plan_conflicts(plan, federation, plan.codec, plan.key_fingerprint, 7) == []
+    assert toml["model"]["parameters"] == plan.vector_length
+
+
+def test_cli_provision_sets_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "b"
+    args = ["provision", "--out", str(out), "--clients", "1", "--server-host", "h"]
+    plan_args = [
+        "--rounds",
+        "5",
+        "--fraction-train",
+        "0.5",
+        "--local-epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "0.05",
+        "--max-examples",
+        "500",
+        "--scheme",
+        "none",
+        "--model-parameters",
+        "9",
+    ]
+    assert sepals_main(args + plan_args) == 0
+    plan = FederationPlan.load(out / "server" / "plan.json")
+    assert (plan.rounds, plan.fraction_train, plan.local_epochs) == (5, 0.5, 2)
+    assert (plan.batch_size, plan.learning_rate, plan.codec) == (8, 0.05, "plain-fp32")
+    toml = tomllib.loads((out / "server" / "server.toml").read_text())
+    assert toml["federation"]["rounds"] == 5 and toml["nodes"]["default_max_examples"] == 500
+    assert plan.federation_id in capsys.readouterr().out
+    for bad, match in (("--rounds=0", "rounds"), ("--fraction-train=1.5", "fraction_train")):
+        assert sepals_main([*args[:2], str(tmp_path / bad), *args[3:], bad]) == 2
+        assert match in capsys.readouterr().err
+
+
+def test_each_federation_gets_its_own_id_and_key(provisioned: Path, tmp_path: Path) -> None:
+    provision(ProvisionSpec(out=tmp_path / "b", clients=1, server_host="h", model_parameters=7))
+    ours = FederationPlan.load(provisioned / "server" / "plan.json")
+    theirs = FederationPlan.load(tmp_path / "b" / "server" / "plan.json")
+    assert ours.federation_id != theirs.federation_id
+    assert ours.operator_key != theirs.operator_key

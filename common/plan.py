@@ -1,0 +1,450 @@
+"""The federation's privacy plan, and the operator's signature on every round.
+
+``sepals provision`` fixes a :class:`FederationPlan` once: rounds, sampling fraction,
+local training, codec, HE key, model size, a random federation id and the operator's
+Ed25519 public key. Every client bundle holds a copy. A client calibrates its noise
+from its own plan, never from a message, and serves only rounds that
+
+* carry its federation id,
+* are signed by the operator's key (the server bundle holds the private key), and
+* agree with the plan in every field (see
+  :meth:`sepals.common.protocol.RoundConfig.plan_mismatch`).
+
+The signature covers the message type, every config field (the federation id
+included) and a SHA-256 digest of the global model the message carries, so a signed
+config cannot be replayed with another model, and a run the operator did not start
+cannot produce one. :class:`OperatorSigner` is the server's side (it plugs into
+``EncryptedFedAvg(round_signer=...)``); :func:`verify_round_signature` the client's.
+
+The plan file is JSON (``plan.json`` in the server bundle, ``plan`` in every
+``bundle.json``)::
+
+    {"format": "sepals-plan/1", "federation_id": "<32 hex>", "rounds": 30, ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import secrets
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from sepals.common.config import FederationConfig
+from sepals.common.errors import SepalsError
+
+PLAN_FORMAT = "sepals-plan/1"
+KEY_FEDERATION_ID = "federation-id"
+KEY_SIGNATURE = "signature"
+_SIGNED_DOMAIN = b"sepals-round/1\n"
+_GLOBAL_DOMAIN = b"sepals-global/1"
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_CODEC = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+class PlanViolationError(SepalsError):
+    """A round message that this client's plan does not allow; nothing was trained.
+
+    Attributes:
+        reason: A short, fixed reason that may go back to the sender (it never holds a
+            value from the message or the plan). The exception's message holds the
+            details, for the local log only.
+
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- the plan
+def _int(name: str, value: object, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"plan.{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _float(name: str, value: object, low: float, high: float, *, open_low: bool) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok:
+        number = float(value)  # type: ignore[arg-type]
+        ok = math.isfinite(number) and (low < number if open_low else low <= number)
+        ok = ok and number <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ValueError(f"plan.{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def _str(name: str, value: object, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ValueError(f"plan.{name} must be {what}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FederationPlan:
+    """What a federation will do, fixed at provisioning; every client holds a copy.
+
+    Attributes:
+        federation_id: Random 128-bit id (32 hex digits) of this federation.
+        rounds: Rounds the federation runs; no round past the last is served.
+        fraction_train: Sampling fraction; with ``rounds`` it sets each client's
+            planned participation, and so its noise multiplier.
+        local_epochs: Local epochs per round.
+        batch_size: Expected batch size (sets the Poisson sample rate).
+        learning_rate: Learning rate of round 1.
+        lr_schedule: ``cosine`` or ``constant`` (see :meth:`learning_rate_at`).
+        momentum: SGD momentum.
+        model_seed: Seed of the shared round-0 model.
+        codec: Name of the update codec (``bfv-q2``, ``ckks``, ``plain-fp32``).
+        key_fingerprint: Hex fingerprint of the federation's HE key (16 bytes).
+        vector_length: Parameter count of the federation's model.
+        operator_key: The operator's Ed25519 public key, raw, as 64 hex digits.
+
+    """
+
+    federation_id: str
+    rounds: int
+    fraction_train: float
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    lr_schedule: str
+    momentum: float
+    model_seed: int
+    codec: str
+    key_fingerprint: str
+    vector_length: int
+    operator_key: str
+
+    def __post_init__(self) -> None:
+        _str("federation_id", self.federation_id, _HEX32, "32 lowercase hex digits")
+        _int("rounds", self.rounds, 1)
+        # Numbers are stored as floats, so that a plan reads the same however it was made.
+        fraction = _float("fraction_train", self.fraction_train, 0.0, 1.0, open_low=True)
+        object.__setattr__(self, "fraction_train", fraction)
+        _int("local_epochs", self.local_epochs, 1)
+        _int("batch_size", self.batch_size, 1)
+        rate = _float("learning_rate", self.learning_rate, 0.0, math.inf, open_low=True)
+        object.__setattr__(self, "learning_rate", rate)
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(
+                f"plan.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
+            )
+        momentum = _float("momentum", self.momentum, 0.0, 1.0, open_low=False)
+        if momentum == 1.0:
+            raise ValueError("plan.momentum must be a number in [0, 1), got 1.0")
+        object.__setattr__(self, "momentum", momentum)
+        _int("model_seed", self.model_seed, 0)
+        _str("codec", self.codec, _CODEC, "a codec name such as 'bfv-q2'")
+        _str("key_fingerprint", self.key_fingerprint, _HEX32, "32 lowercase hex digits")
+        _int("vector_length", self.vector_length, 1)
+        _str("operator_key", self.operator_key, _HEX64, "64 lowercase hex digits")
+        try:
+            Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.operator_key))
+        except ValueError as exc:
+            raise ValueError("plan.operator_key is not an Ed25519 public key") from exc
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def create(
+        cls,
+        federation: FederationConfig,
+        codec: str,
+        key_fingerprint: str,
+        vector_length: int,
+        operator_key: str,
+        federation_id: str | None = None,
+    ) -> FederationPlan:
+        """The plan of ``federation``, with a fresh random federation id unless given.
+
+        Args:
+            federation: Rounds, sampling, local training and model seed.
+            codec: The update codec's name.
+            key_fingerprint: Hex fingerprint of the HE key (the codec's).
+            vector_length: The model's parameter count.
+            operator_key: The operator's public key, as :func:`generate_operator_key`
+                returns it.
+            federation_id: Only to rebuild a known plan; new federations get a random one.
+
+        """
+        return cls(
+            federation_id=federation_id or secrets.token_hex(16),
+            rounds=federation.rounds,
+            fraction_train=federation.fraction_train,
+            local_epochs=federation.local_epochs,
+            batch_size=federation.batch_size,
+            learning_rate=federation.learning_rate,
+            lr_schedule=federation.lr_schedule,
+            momentum=federation.momentum,
+            model_seed=federation.seed,
+            codec=codec,
+            key_fingerprint=key_fingerprint,
+            vector_length=vector_length,
+            operator_key=operator_key,
+        )
+
+    def learning_rate_at(self, server_round: int) -> float:
+        """The learning rate of ``server_round`` under the plan's schedule.
+
+        The same formula the server uses (:meth:`FederationConfig.learning_rate_at`).
+        """
+        schedule = FederationConfig(
+            rounds=self.rounds,
+            learning_rate=self.learning_rate,
+            lr_schedule=self.lr_schedule,  # type: ignore[arg-type]
+        )
+        return schedule.learning_rate_at(server_round)
+
+    def public_key(self) -> Ed25519PublicKey:
+        """The operator's public key."""
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.operator_key))
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict, with the format tag."""
+        return {"format": PLAN_FORMAT, **asdict(self)}
+
+    def to_json(self) -> str:
+        """The plan as JSON text."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: object) -> FederationPlan:
+        """Parse and check a dict made by :meth:`to_dict`.
+
+        Raises:
+            ValueError: the format tag is wrong, a key is missing or unknown, or a value
+                has the wrong type or range; the message names the key (``plan.rounds``).
+
+        """
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"plan must be a JSON object, got {type(raw).__name__}")
+        if raw.get("format") != PLAN_FORMAT:
+            raise ValueError(f"plan.format must be {PLAN_FORMAT!r}, got {raw.get('format')!r}")
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in raw]
+        if missing:
+            raise ValueError(f"plan lacks {', '.join(f'plan.{n}' for n in missing)}")
+        unknown = sorted(set(raw) - set(names) - {"format"})
+        if unknown:
+            raise ValueError(f"plan has unknown key(s): {', '.join(map(str, unknown))}")
+        return cls(**{n: raw[n] for n in names})
+
+    @classmethod
+    def from_json(cls, text: str) -> FederationPlan:
+        """Inverse of :meth:`to_json`.
+
+        Raises:
+            ValueError: not JSON, or not a valid plan.
+
+        """
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"plan is not JSON ({exc.args[0]})") from exc
+        return cls.from_dict(raw)
+
+    def save(self, path: Path) -> None:
+        """Write the plan to ``path`` (atomically; it is public)."""
+        from sepals.common.files import atomic_write
+
+        atomic_write(path, self.to_json().encode())
+
+    @classmethod
+    def load(cls, path: Path) -> FederationPlan:
+        """Read a plan file.
+
+        Raises:
+            ValueError: the file cannot be read or is not a valid plan (names the file).
+
+        """
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ValueError(f"cannot read plan {path}: {exc.strerror or exc}") from exc
+        try:
+            return cls.from_json(text)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- signatures
+def generate_operator_key() -> tuple[bytes, str]:
+    """A fresh operator signing key: ``(private key PEM (PKCS#8), public key hex)``."""
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return private, public.hex()
+
+
+def global_model_digest(global_model: tuple[bytes, float] | None) -> str:
+    """SHA-256 (hex) of a global model as a client reads it: payload and weight total.
+
+    ``None`` (round 1: no global model, every client builds the seeded one) has its own
+    digest, so a signed round-1 config cannot be replayed with a model either.
+    """
+    digest = hashlib.sha256(_GLOBAL_DOMAIN)
+    if global_model is None:
+        digest.update(b"\x00")
+    else:
+        payload, weight_total = global_model
+        digest.update(b"\x01" + struct.pack("<d", weight_total))
+        digest.update(payload)
+    return digest.hexdigest()
+
+
+def signed_bytes(message_type: str, config: Mapping[str, Any], global_digest: str) -> bytes:
+    """The bytes the operator signs, as canonical JSON.
+
+    They hold the message type, every config field but the signature, and the global
+    model's digest.
+
+    Raises:
+        ValueError: a config value is not a JSON scalar (or is NaN or infinite).
+
+    """
+    body = {k: v for k, v in config.items() if k != KEY_SIGNATURE}
+    for key, value in body.items():
+        if not isinstance(value, str | int | float | bool):
+            raise ValueError(f"config field {key!r} is a {type(value).__name__}")
+    doc = {"config": body, "global-sha256": global_digest, "message-type": message_type}
+    try:
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:
+        raise ValueError("config holds a non-finite number") from exc
+    return _SIGNED_DOMAIN + text.encode()
+
+
+class OperatorSigner:
+    """Signs round configs with the operator's key: the strategy's ``round_signer``.
+
+    ``EncryptedFedAvg(round_signer=OperatorSigner(pem, plan.federation_id))`` adds
+    ``federation-id`` and ``signature`` to every train and evaluate config.
+
+    Args:
+        private_key_pem: The operator's Ed25519 private key (PKCS#8 PEM, unencrypted),
+            as ``sepals provision`` writes it to ``server/operator.key``.
+        federation_id: The plan's federation id.
+
+    Raises:
+        ValueError: the key is not an Ed25519 private key, or the id is malformed.
+
+    """
+
+    def __init__(self, private_key_pem: bytes, federation_id: str) -> None:
+        try:
+            key = serialization.load_pem_private_key(private_key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ValueError("operator key is not an unencrypted PEM private key") from exc
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"operator key must be Ed25519, got {type(key).__name__}")
+        if not isinstance(federation_id, str) or not _HEX32.match(federation_id):
+            raise ValueError(
+                f"federation id must be 32 lowercase hex digits, got {federation_id!r}"
+            )
+        self._key = key
+        self.federation_id = federation_id
+        self.public_key_hex = (
+            key.public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            .hex()
+        )
+
+    def __repr__(self) -> str:
+        return f"OperatorSigner(federation_id={self.federation_id!r}, key={self.public_key_hex})"
+
+    @classmethod
+    def for_plan(cls, key_path: Path, plan: FederationPlan) -> OperatorSigner:
+        """The signer of ``plan`` with the private key at ``key_path``.
+
+        Raises:
+            ValueError: the file cannot be read, or its key is not the plan's operator key
+                (clients would refuse every round).
+
+        """
+        try:
+            pem = key_path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read operator key {key_path}: {exc.strerror or exc}") from exc
+        try:
+            signer = cls(pem, plan.federation_id)
+        except ValueError as exc:
+            raise ValueError(f"{key_path}: {exc}") from exc
+        if signer.public_key_hex != plan.operator_key:
+            raise ValueError(
+                f"{key_path} is not the operator key of federation {plan.federation_id}: "
+                "clients would refuse every round"
+            )
+        return signer
+
+    def sign(self, message_type: str, config: Mapping[str, Any], global_digest: str) -> str:
+        """Hex signature of a config (which must already carry the federation id)."""
+        return self._key.sign(signed_bytes(message_type, config, global_digest)).hex()
+
+    def __call__(self, message_type: str, config: dict[str, Any], arrays: Any) -> dict[str, Any]:
+        """``config`` with this federation's id and the signature added.
+
+        Args:
+            message_type: ``train`` or ``evaluate`` (Flower's ``MessageType``).
+            config: The round config (:meth:`RoundConfig.to_record_dict`).
+            arrays: The ``global`` ArrayRecord sent with it.
+
+        """
+        from sepals.common.protocol import read_global_record
+
+        out = {k: v for k, v in config.items() if k != KEY_SIGNATURE}
+        out[KEY_FEDERATION_ID] = self.federation_id
+        digest = global_model_digest(read_global_record(arrays))
+        out[KEY_SIGNATURE] = self.sign(message_type, out, digest)
+        return out
+
+
+def verify_round_signature(
+    plan: FederationPlan,
+    message_type: str,
+    config: Mapping[str, Any],
+    global_digest: str,
+) -> None:
+    """Check that ``config`` is this federation's and signed by its operator.
+
+    Raises:
+        PlanViolationError: ``foreign federation`` (missing or other federation id),
+            ``unsigned round`` or ``bad signature`` (wrong key, or anything changed
+            after signing: a field, the message type or the global model).
+
+    """
+    fed = config.get(KEY_FEDERATION_ID)
+    if fed != plan.federation_id:
+        raise PlanViolationError(
+            "foreign federation",
+            "no federation id" if fed is None else "the message carries another federation id",
+        )
+    signature = config.get(KEY_SIGNATURE)
+    if signature is None:
+        raise PlanViolationError("unsigned round")
+    try:
+        raw = bytes.fromhex(signature) if isinstance(signature, str) else b""
+        plan.public_key().verify(raw, signed_bytes(message_type, config, global_digest))
+    except (InvalidSignature, ValueError) as exc:
+        raise PlanViolationError("bad signature", type(exc).__name__) from exc
