@@ -22,6 +22,8 @@ from sepals.common.codec import UpdateCodec, make_server_codec
 from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.errors import InsecureFileError, PayloadError
 from sepals.common.files import check_usable_dir, require_private
+from sepals.common.plan import FederationPlan, OperatorSigner
+from sepals.common.protocol import plan_conflicts
 
 _TABLES = ("server", "federation", "encryption", "model", "nodes")
 _SERVER_KEYS = (
@@ -34,8 +36,11 @@ _SERVER_KEYS = (
     "nodes_dir",
     "node_wait_timeout",
     "min_available_clients",
+    "plan",
+    "operator_key",
 )
-_FILE_KEYS = ("ca_cert", "server_cert", "server_key", "public_context")
+_FILE_KEYS = ("ca_cert", "server_cert", "server_key", "public_context", "plan", "operator_key")
+_PRIVATE_KEYS = ("server_key", "operator_key")
 # Longest timeout accepted (seconds): a week. Larger values overflow timers.
 MAX_TIMEOUT = 7 * 24 * 3600.0
 # Largest example count a cap may allow: integers above 2**53 are not exact as floats.
@@ -288,7 +293,7 @@ def _check_server_files(
                 raise ValueError(f"{server.where(key)} {path} is not a file")
             if key == "public_context" and encryption.enabled and not exists:
                 raise ValueError(f"{server.where(key)} {path} does not exist")
-            if key == "server_key" and exists:
+            if key in _PRIVATE_KEYS and exists:
                 require_private(path, server.where(key), allow_insecure=insecure)
         except InsecureFileError as exc:
             raise ValueError(str(exc)) from exc
@@ -324,6 +329,8 @@ class ServerDeployConfig:
         server_key: TLS server private key.
         public_context: The public HE context (a secret one is refused).
         nodes_dir: Directory of node public keys (``*.pub``) to register.
+        plan: The federation's plan (``plan.json``), which every client holds a copy of.
+        operator_key: The operator's Ed25519 key that signs every round (0600).
         node_wait_timeout: Seconds each round waits for ``min_available_clients`` nodes.
         min_available_clients: Nodes to wait for before sampling (default: the
             federation's ``min_train_clients``); sampling then proceeds with whoever is
@@ -346,6 +353,8 @@ class ServerDeployConfig:
     server_key: Path | None
     public_context: Path | None
     nodes_dir: Path | None
+    plan: Path | None
+    operator_key: Path | None
     node_wait_timeout: float
     min_available_clients: int
     federation: FederationConfig
@@ -427,6 +436,8 @@ class ServerDeployConfig:
             server_key=paths["server_key"],
             public_context=paths["public_context"],
             nodes_dir=paths["nodes_dir"],
+            plan=paths["plan"],
+            operator_key=paths["operator_key"],
             node_wait_timeout=wait,
             min_available_clients=available,
             federation=federation,
@@ -435,6 +446,38 @@ class ServerDeployConfig:
             default_max_examples=default_cap,
             max_examples=MappingProxyType(caps),
         )
+
+    def signer(self, codec: UpdateCodec) -> OperatorSigner:
+        """The signer of this federation's rounds, after checking the plan against us.
+
+        Raises:
+            ValueError: the plan or operator key is missing or unusable, or
+                ``[federation]``, the codec, the key or the model size departs from the
+                plan (clients would refuse every round); the message names the fields.
+
+        """
+        for key in ("plan", "operator_key"):
+            if getattr(self, key) is None:
+                raise ValueError(
+                    f"[server] {key} is required: clients serve only rounds that follow "
+                    "the provisioned plan and carry the operator's signature"
+                )
+        try:
+            plan = FederationPlan.load(self.plan)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"[server] plan {self.plan}: {exc}") from exc
+        conflicts = plan_conflicts(
+            plan, self.federation, codec.name, codec.fingerprint_hex, self.parameters
+        )
+        if conflicts:
+            raise ValueError(
+                f"server.toml departs from the federation's plan in: {', '.join(conflicts)}; "
+                "clients would refuse every round (re-provision to change the plan)"
+            )
+        try:
+            return OperatorSigner.for_plan(self.operator_key, plan)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"[server] operator_key {self.operator_key}: {exc}") from exc
 
     def max_examples_for(self, name: str) -> int:
         """The ``num-examples`` cap of the node provisioned as ``name``."""

@@ -63,6 +63,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         node_wait_timeout=cfg.node_wait_timeout,
         min_available_nodes=cfg.min_available_clients,
         round_offset=done,
+        round_signer=cfg.signer(codec),
     )
     if checkpoint is not None:
         strategy.rng.bit_generator.state = checkpoint.rng_state

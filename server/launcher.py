@@ -117,7 +117,8 @@ class ServerLauncher:
 
         Raises:
             SecretKeyExposureError: the public context holds a secret key.
-            ValueError: a TLS file or the node keys are missing.
+            ValueError: a TLS file or the node keys are missing, or the configuration
+                departs from the federation's plan.
             CheckpointError: the state directory belongs to another federation.
 
         """
@@ -135,6 +136,7 @@ class ServerLauncher:
                     f"no node public keys (*.pub) in [server] nodes_dir {self.cfg.nodes_dir}; "
                     "node authentication would refuse every client"
                 )
+        self.cfg.signer(codec)
         self.state.load_checkpoint(codec, self.cfg.parameters)
         return codec
 

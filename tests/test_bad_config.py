@@ -30,6 +30,7 @@ from sepals.client.privacy import PrivacyLedger
 from sepals.common.cli import main as sepals_main
 from sepals.common.config import PrivacyConfig
 from sepals.common.ledger import LedgerFileError
+from sepals.common.plan import generate_operator_key
 from sepals.common.provision import ProvisionSpec, provision
 from sepals.server.cli import main as server_main
 from sepals.server.config import ServerDeployConfig, split_address
@@ -216,16 +217,29 @@ SERVER_TOML_CASES = [
     Case("parameters-zero", key("model", "parameters", "0"), "[model] parameters"),
     Case("parameters-string", key("model", "parameters", '"10"'), "[model] parameters"),
     Case("parameters-missing", key("model", "parameters", None), "[model] parameters"),
+    # The plan: the server may not depart from what every client holds.
+    Case("plan-drift-rounds", key("federation", "rounds", "7"), "rounds"),
+    Case("plan-drift-lr", key("federation", "learning_rate", "0.5"), "learning-rate"),
+    Case("plan-drift-params", key("model", "parameters", "2411"), "vector-length"),
+    Case("plan-missing", key("server", "plan", None), "[server] plan"),
+    Case("plan-garbage", replace_file("plan.json", b"{not json"), "[server] plan"),
+    Case("operator-key-missing", key("server", "operator_key", None), "[server] operator_key"),
+    Case("operator-key-open", chmod("operator.key", 0o644), "chmod 600"),
+    Case(
+        "operator-key-foreign",
+        replace_file("operator.key", generate_operator_key()[0]),
+        "not the operator key",
+    ),
     # [nodes]
-    Case("cap-zero", text("[nodes]\ndefault_max_examples = 0"), "[nodes] default_max_examples"),
-    Case("cap-float", text("[nodes]\ndefault_max_examples = 1.5"), "default_max_examples"),
-    Case("cap-bool", text("[nodes]\ndefault_max_examples = true"), "default_max_examples"),
-    Case("caps-not-table", text("[nodes]\nmax_examples = 5"), "[nodes] max_examples"),
+    Case("cap-zero", key("nodes", "default_max_examples", "0"), "[nodes] default_max_examples"),
+    Case("cap-float", key("nodes", "default_max_examples", "1.5"), "default_max_examples"),
+    Case("cap-bool", key("nodes", "default_max_examples", "true"), "default_max_examples"),
+    Case("caps-not-table", key("nodes", "max_examples", "5"), "[nodes] max_examples"),
     Case("cap-negative", text("[nodes.max_examples]\nclient-1 = -3"), "client-1"),
     Case("cap-string", text('[nodes.max_examples]\nclient-2 = "360"'), "client-2"),
     Case("cap-unknown-node", text("[nodes.max_examples]\nclient-9 = 5"), "client-9"),
     Case("cap-blank-name", text('[nodes.max_examples]\n"a b" = 5'), "[nodes.max_examples]"),
-    Case("nodes-unknown", text("[nodes]\nmax = 5"), "[nodes]"),
+    Case("nodes-unknown", key("nodes", "max", "5"), "[nodes]"),
     # the file itself
     Case("unknown-table", text("[serverr]\naddress = 1"), "serverr"),
     Case("top-level-key", raw(b"rounds = 3\n[model]\nparameters = 10\n"), "rounds"),
@@ -274,7 +288,8 @@ def test_the_unedited_config_and_its_nodes_table_are_accepted(
     toml = _server_copy(bundles, tmp_path)
     cfg = ServerDeployConfig.from_toml(toml)
     assert cfg.default_max_examples == 10_000 and dict(cfg.max_examples) == {}
-    text("[nodes]\ndefault_max_examples = 500\n[nodes.max_examples]\nclient-1 = 360")(toml)
+    key("nodes", "default_max_examples", "500")(toml)
+    text("[nodes.max_examples]\nclient-1 = 360")(toml)
     cfg = ServerDeployConfig.from_toml(toml)
     assert cfg.default_max_examples == 500
     assert dict(cfg.max_examples) == {"client-1": 360}
