@@ -30,6 +30,28 @@ def replace_one_epsilon(
         ValueError: a history entry is out of range.
 
     """
+    return pld_epsilon(history, delta, replace_one=True, discretization=discretization)
+
+
+def pld_epsilon(
+    history: Iterable[tuple[float, float, int]],
+    delta: float,
+    *,
+    replace_one: bool,
+    discretization: float = 3e-3,
+) -> float:
+    """Epsilon at ``delta`` of ``history`` with ``dp-accounting``'s PLD accountant.
+
+    Args:
+        history: ``(noise_multiplier, sample_rate, steps)`` runs, as in the ledger.
+        delta: Target delta.
+        replace_one: Replace-one neighbours; otherwise add/remove-one.
+        discretization: PLD value discretization interval (smaller is tighter, slower).
+
+    Raises:
+        ValueError: a history entry is out of range.
+
+    """
     import dp_accounting
     from dp_accounting import pld
 
@@ -40,7 +62,11 @@ def replace_one_epsilon(
         if not (sigma > 0 and 0 < q <= 1 and steps >= 0):
             raise ValueError(f"history entry out of range: {(sigma, q, steps)}")
     accountant = pld.PLDAccountant(
-        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE,
+        neighboring_relation=(
+            dp_accounting.NeighboringRelation.REPLACE_ONE
+            if replace_one
+            else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+        ),
         value_discretization_interval=discretization,
     )
     absl = logging.getLogger("absl")

@@ -200,6 +200,22 @@ def check_ledger(led: dict[str, Any], path: Path) -> None:
         raise bad("rounds", "a list of round numbers (integers >= 1)")
 
 
+def _pld(led: dict[str, Any]) -> str:
+    """Epsilon of the ledger's history under the PLD accountant, for both relations."""
+    from sepals.common.accounting import pld_epsilon
+
+    try:
+        history, delta = led.get("history", []), float(led["delta"])
+        add_remove = pld_epsilon(history, delta, replace_one=False)
+        replace = pld_epsilon(history, delta, replace_one=True)
+    except (ValueError, TypeError, KeyError, ArithmeticError):
+        return "n/a"
+    return (
+        f"epsilon {add_remove:.4f} (add/remove-one), {replace:.4f} (replace-one: "
+        "dataset size private)"
+    )
+
+
 def format_ledger(doc: dict[str, Any]) -> str:
     """A human-readable summary of a ledger document."""
     led = doc["ledger"]
@@ -216,7 +232,9 @@ def format_ledger(doc: dict[str, Any]) -> str:
         spent = float(eps or 0.0)
         lines += [
             f"epsilon spent    {spent:.4f} of {float(target):g} "
-            f"({100.0 * spent / float(target):.1f}%) at delta {float(led['delta']):g}",
+            f"({100.0 * spent / float(target):.1f}%) at delta {float(led['delta']):g}"
+            " (add/remove-one neighbours, dataset size public)",
+            f"PLD accountant   {_pld(led)}",
             f"accountant       {led.get('accountant')}",
             f"noise multiplier {led.get('noise_multiplier')}",
             f"sample rate      {led.get('sample_rate')}",

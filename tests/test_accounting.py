@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from sepals.client.privacy import compute_epsilon
-from sepals.common.accounting import replace_one_epsilon
+from sepals.common.accounting import pld_epsilon, replace_one_epsilon
 
 # The default digits run: sigma, sample rate and steps of one client after 30 rounds.
 HISTORY = ((1.4148, 1 / 9, 270),)
@@ -18,6 +18,8 @@ def test_replace_one_golden_value_and_ordering() -> None:
     fewer = replace_one_epsilon(((1.4148, 1 / 9, 90),), 1e-5)
     assert 0 < fewer < eps
     assert replace_one_epsilon((), 1e-5) == 0.0
+    # Add/remove-one under PLD: 7.32 in the same independent check (9% below RDP).
+    assert pld_epsilon(HISTORY, 1e-5, replace_one=False) == pytest.approx(7.32, abs=0.02)
 
 
 def test_replace_one_composes_runs() -> None:
