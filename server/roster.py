@@ -6,7 +6,10 @@ A :class:`NodeRoster` tells the server two things about the node behind a reply:
   deployment the name comes from ``node_names``, keyed by the Flower node id the
   SuperLink authenticated; what a client *claims* in its reply is ignored. In a
   simulation the harness runs every client itself, so ``trust_claimed_names`` takes the
-  claimed ``client-id``. With neither, the name is the node id as text.
+  claimed ``client-id``. With neither, the name is the node id as text. A strategy
+  built without a roster uses :data:`UNCONFIGURED`, which takes claimed names as
+  labels (the behaviour from before rosters), so a deployment must pass
+  ``node_names`` for its names to mean anything.
 * its **cap**, the most examples it may report (``num-examples`` of a train or an
   evaluate reply). A reply above its node's cap is excluded, so one client can never
   outweigh the others by claiming a huge dataset. Caps are set at provisioning in a
@@ -23,7 +26,7 @@ from types import MappingProxyType
 
 from sepals.common.errors import SepalsError
 
-# The default cap of a strategy built without a roster. It is above the training split
+# The cap of a node with no cap of its own, by default. It is above the training split
 # of every bundled dataset (mnist5k: 4,000 examples, one client holding all of them),
 # so a simulation runs unchanged, and it bounds any one reply's weight at 10,000.
 # Deployments and simulations should pass a roster with each node's own cap.
@@ -119,3 +122,9 @@ class NodeRoster:
     def cap_of(self, name: str) -> int:
         """The most examples the client ``name`` may report."""
         return self.caps.get(name, self.default_cap)
+
+
+# The roster of a strategy built without one: claimed names, as before rosters existed
+# (``sepals provision`` and the simulation harness both issue names that match
+# :data:`CLIENT_NAME`), and the default cap for everyone.
+UNCONFIGURED = NodeRoster(trust_claimed_names=True)

@@ -48,7 +48,7 @@ from sepals.server.replies import (
     parse_train_metrics,
     sanitize_text,
 )
-from sepals.server.roster import NodeRoster, RosterError
+from sepals.server.roster import UNCONFIGURED, NodeRoster, RosterError
 
 DIGEST_BYTES = 32  # SHA-256 of an accepted payload
 
@@ -215,9 +215,13 @@ class EncryptedFedAvg(Strategy):
             Flower's round ``r`` is federation round ``r + round_offset``.
         round_signer: Adds the operator's federation id and signature to every round
             config (clients refuse unsigned rounds when their plan names a key).
-        roster: Names and example caps of the nodes (default: ``NodeRoster()``, which
-            names a node by its id and caps every reply at
-            :data:`~sepals.server.roster.DEFAULT_EXAMPLE_CAP` examples).
+        roster: Names and example caps of the nodes. The default,
+            :data:`~sepals.server.roster.UNCONFIGURED`, keeps the behaviour from before
+            rosters: the ``client-id`` a reply claims is its name, a label with no
+            authority (no cap of its own), and every count is capped at
+            :data:`~sepals.server.roster.DEFAULT_EXAMPLE_CAP`. A deployment passes
+            ``node_names`` so that names are authenticated, and a simulation the
+            partition sizes as ``caps``.
         max_clients: Most nodes sampled and updates added per round (default: the
             codec's ``EncryptionConfig.max_clients``; no bound for the plain codec). When
             both are set, the smaller one holds.
@@ -280,7 +284,7 @@ class EncryptedFedAvg(Strategy):
                 f"min_train_clients={federation.min_train_clients} exceeds max_clients="
                 f"{self.max_clients}: no round could ever aggregate"
             )
-        self.roster = roster if roster is not None else NodeRoster()
+        self.roster = roster if roster is not None else UNCONFIGURED
         self.round_offset = round_offset
         self.round_signer = round_signer
         self.latest_global: ArrayRecord | None = None

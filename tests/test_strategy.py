@@ -29,7 +29,7 @@ from sepals.common.protocol import (
     payload_array,
     read_global_record,
 )
-from sepals.server.roster import DEFAULT_EXAMPLE_CAP, NodeRoster, RosterError
+from sepals.server.roster import DEFAULT_EXAMPLE_CAP, UNCONFIGURED, NodeRoster, RosterError
 from sepals.server.state import CheckpointError, StateDir
 from sepals.server.strategy import EncryptedFedAvg
 
@@ -310,7 +310,8 @@ def test_max_clients_settings():
 def test_replayed_ciphertext_is_refused_in_the_round_later_and_after_a_restart(bfv_keys, tmp_path):
     client, server = _bfv(bfv_keys)
     fed = FederationConfig(rounds=3, min_train_clients=1)
-    strategy = EncryptedFedAvg(server, LENGTH, fed)
+    roster = NodeRoster(node_names={1: "c1", 2: "c2", 3: "c3"})
+    strategy = EncryptedFedAvg(server, LENGTH, fed, roster=roster)
     honest, payloads, expected = _honest(client, np.random.default_rng(5))
     # node 3 replays node 1's ciphertext under node 1's client-id
     spoof = _reply(3, payloads[0], 30)
@@ -319,6 +320,11 @@ def test_replayed_ciphertext_is_refused_in_the_round_later_and_after_a_restart(b
     assert metrics["accepted"] == 2 and strategy.current_round.excluded == [
         (3, "duplicate ciphertext")
     ]
+    assert [c.client_id for c in strategy.current_round.clients] == ["c1", "c2"]
+    # without a roster the claimed name is taken, and only once per round
+    legacy = EncryptedFedAvg(server, LENGTH, fed)
+    legacy.aggregate_train(1, [*honest, spoof])
+    assert legacy.current_round.excluded == [(3, "second reply for the same client this round")]
     np.testing.assert_allclose(_fedavg(client, arrays)[0], expected, atol=1e-9)
     # a later round refuses it too
     _, metrics = strategy.aggregate_train(2, [_reply(3, payloads[1], 70)])
@@ -333,7 +339,7 @@ def test_replayed_ciphertext_is_refused_in_the_round_later_and_after_a_restart(b
         checkpoint.payload_digests == strategy.payload_digests
         and len(checkpoint.payload_digests) == 2
     )
-    resumed = EncryptedFedAvg(server, LENGTH, fed, round_offset=2)
+    resumed = EncryptedFedAvg(server, LENGTH, fed, round_offset=2, roster=roster)
     checkpoint.restore(resumed)
     assert resumed.latest_global is not None
     assert resumed.rng.random() == strategy.rng.random()
@@ -460,15 +466,19 @@ def test_a_simulation_trusts_claimed_names_once_per_round(bfv_keys):
     assert reasons[4] == "second reply for the same client this round"
 
 
-def test_without_a_roster_nodes_are_named_by_id(bfv_keys):
+def test_without_a_roster_claimed_names_are_labels_under_the_default_cap(bfv_keys):
     client, server = _bfv(bfv_keys)
     strategy = EncryptedFedAvg(server, LENGTH, FederationConfig(rounds=1, min_train_clients=1))
+    assert strategy.roster == UNCONFIGURED and UNCONFIGURED.caps == {}
     strategy.aggregate_train(1, [_reply(7, client.encode(np.ones(LENGTH)), DEFAULT_EXAMPLE_CAP)])
-    assert [c.client_id for c in strategy.current_round.clients] == ["7"]
-    strategy.aggregate_train(
-        2, [_reply(7, client.encode(np.ones(LENGTH)), DEFAULT_EXAMPLE_CAP + 1)]
-    )
+    assert [c.client_id for c in strategy.current_round.clients] == ["c7"]
+    over = _reply(7, client.encode(np.ones(LENGTH)), DEFAULT_EXAMPLE_CAP + 1)
+    strategy.aggregate_train(2, [over])
     assert strategy.current_round.accepted == 0
+    # a roster without names or trust names nodes by their id
+    strategy = EncryptedFedAvg(server, LENGTH, FederationConfig(rounds=1), roster=NodeRoster())
+    strategy.aggregate_train(1, [_reply(7, client.encode(np.ones(LENGTH)), 5)])
+    assert [c.client_id for c in strategy.current_round.clients] == ["7"]
 
 
 def test_replies_from_unsampled_or_repeated_nodes_are_excluded():
