@@ -243,16 +243,17 @@ class EncryptedFedAvg(Strategy):
     and ``accuracy`` in ``[0, 1]``.
 
     What a registered client that is malicious can still do: send any update the codec
-    accepts, that is, any values within ``update_bound`` (BFV) or
-    ``max_update_magnitude`` (CKKS; the plain codec has no bound), at any weight up to
-    its cap, and so poison the average by up to ``cap / weight_total`` of that bound per
-    round. Nothing proves that a ciphertext was made honestly, by DP-SGD on the client's
-    own data: the server can check a payload's form, key and length, never its content,
-    and the privacy figures a client reports are its own claims. Since all clients share
-    the decryption key, one that obtains another's ciphertext can also re-encrypt its
-    contents into fresh bytes that the duplicate check does not catch. Its evaluation
-    reports can likewise shift the federated loss and accuracy within their ranges, at
-    weight up to its cap.
+    accepts and claim any count up to its cap. Each value it encodes (``n * w``) is
+    bounded only by ``update_bound`` (BFV) or ``max_update_magnitude`` (CKKS; the plain
+    codec has no bound), so it can move every coordinate of the new global model by up
+    to that bound divided by the round's ``weight_total``, and dilute the honest updates
+    by up to ``cap / weight_total``. Nothing proves that a ciphertext was made honestly,
+    by DP-SGD on the client's own data: the server checks a payload's form, key and
+    length, never its content, and the privacy figures a client reports are its own
+    claims. Since all clients share the decryption key, one that obtains another's
+    ciphertext can also re-encrypt its contents into fresh bytes, which the duplicate
+    check does not catch. Its evaluation reports can likewise shift the federated loss
+    and accuracy within their ranges, at weight up to its cap.
 
     """
 
