@@ -5,12 +5,14 @@ metadata and ciphertexts, never a secret key or a plaintext model)::
 
     STATE/metrics.jsonl        one JSON object per finished round (RoundRecord)
     STATE/checkpoint.json      the last finished round: codec, key fingerprint, weight
-                               total, sampling-RNG state, SHA-256 of the model file
+                               total, sampling-RNG state, SHA-256 of the model file,
+                               SHA-256 of every update payload accepted so far
     STATE/global-model.spl     that round's encrypted global model (a codec payload)
     STATE/done.json            written when the configured rounds are all finished
 
 Checkpoints are written atomically, model file first, so ``checkpoint.json`` always
-names a complete model file.
+names a complete model file. The payload digests let a restarted server go on refusing
+replayed ciphertexts; a checkpoint written before they existed loads with none.
 
 Permissions: the directory is created with mode 0700; an existing one that group or
 other users may enter is tightened to 0700 with a warning (it belongs to sepals-server).
@@ -22,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.json"
 MODEL_FILE = "global-model.spl"
 DONE_FILE = "done.json"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 def atomic_write(path: Path, data: bytes, secret: bool = True) -> None:
@@ -62,12 +66,23 @@ class Checkpoint:
     payload: bytes | None
     weight_total: float
     rng_state: dict[str, Any]
+    payload_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
 
     def arrays(self) -> ArrayRecord:
         """The encrypted global model as the strategy passes it on (empty: round-0 model)."""
         if self.payload is None:
             return ArrayRecord()
         return global_record(self.payload, self.weight_total)
+
+    def restore(self, strategy: EncryptedFedAvg) -> None:
+        """Resume ``strategy`` from here: sampling RNG, global model, refused payloads.
+
+        The strategy must be built with ``round_offset=self.round``.
+        """
+        strategy.rng.bit_generator.state = self.rng_state
+        if self.payload is not None:
+            strategy.latest_global = self.arrays()
+        strategy.remember_payload_digests(self.payload_digests)
 
 
 class StateDir:
@@ -125,6 +140,7 @@ class StateDir:
             "weight_total": 0.0,
             "model_sha256": None,
             "rng_state": strategy.rng.bit_generator.state,
+            "payload_digests": sorted(d.hex() for d in strategy.payload_digests),
         }
         if parsed is not None:
             payload, meta["weight_total"] = parsed
@@ -174,7 +190,22 @@ class StateDir:
             payload=payload,
             weight_total=float(meta["weight_total"]),
             rng_state=dict(meta["rng_state"]),
+            payload_digests=self._digests(meta.get("payload_digests", [])),
         )
+
+    def _digests(self, raw: Any) -> frozenset[bytes]:
+        """The payload digests of a checkpoint (a list of SHA-256 hex strings)."""
+        if not isinstance(raw, list):
+            raise CheckpointError(f"checkpoint in {self.root}: payload_digests is not a list")
+        out = set()
+        for item in raw:
+            if not isinstance(item, str) or not _SHA256_HEX.fullmatch(item):
+                raise CheckpointError(
+                    f"checkpoint in {self.root}: payload_digests holds an entry that is not "
+                    "a SHA-256 hex digest"
+                )
+            out.add(bytes.fromhex(item))
+        return frozenset(out)
 
     def mark_done(self, rounds: int) -> None:
         """Record that all ``rounds`` are finished."""

@@ -9,11 +9,12 @@ sum and divide. With the plain codec the very same code runs FedAvg in the clear
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import DEBUG, ERROR, INFO, WARNING
 from time import sleep
 from typing import Any
 
@@ -23,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from sepals.common.codec import UpdateCodec
-from sepals.common.config import FederationConfig
+from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.errors import SepalsError
 from sepals.common.log import log
 from sepals.common.protocol import (
@@ -39,11 +40,26 @@ from sepals.common.protocol import (
     payload_from_array,
     read_global_record,
 )
+from sepals.server.replies import (
+    EvalMetrics,
+    ReplyRejected,
+    parse_accountant,
+    parse_eval_metrics,
+    parse_train_metrics,
+    sanitize_text,
+)
+from sepals.server.roster import UNCONFIGURED, NodeRoster, RosterError
+
+DIGEST_BYTES = 32  # SHA-256 of an accepted payload
 
 
 @dataclass(frozen=True)
 class ClientRoundReport:
-    """Plaintext metadata one client reported in one round."""
+    """Plaintext metadata one client reported in one round (checked, never raw).
+
+    ``client_id`` is the name the server's :class:`~sepals.server.roster.NodeRoster`
+    gives the node (in a deployment, the authenticated one), not what the client claims.
+    """
 
     node_id: int
     client_id: str
@@ -60,7 +76,11 @@ class ClientRoundReport:
 
 @dataclass
 class RoundRecord:
-    """What the server observed in one round (all plaintext metadata)."""
+    """What the server observed in one round (all plaintext metadata).
+
+    ``declined``, ``excluded`` and ``eval_excluded`` hold ``(node id, reason)``; every
+    reason is vetted or sanitized text (printable, at most 200 characters).
+    """
 
     round: int
     codec: str = ""
@@ -77,6 +97,8 @@ class RoundRecord:
     quant_error: float | None = None
     federated_loss: float | None = None
     federated_accuracy: float | None = None
+    evaluated: int = 0
+    eval_excluded: list[tuple[int, str]] = field(default_factory=list)
     train_seconds: float = 0.0
     evaluate_seconds: float = 0.0
     aggregate_seconds: float = 0.0
@@ -94,8 +116,88 @@ class RoundRecord:
 RoundSigner = Callable[[str, dict[str, Any], ArrayRecord], dict[str, Any]]
 
 
-def _opt_float(metrics: MetricRecord, key: str) -> float | None:
-    return float(metrics[key]) if key in metrics else None  # type: ignore[arg-type]
+def _codec_config(codec: UpdateCodec) -> EncryptionConfig | None:
+    # The HE codecs keep the EncryptionConfig that sized them (no public accessor).
+    config = getattr(codec, "_config", None)
+    if isinstance(config, EncryptionConfig) and config.scheme != "none":
+        return config
+    return None
+
+
+def codec_max_clients(codec: UpdateCodec) -> int | None:
+    """Most updates ``codec`` may add into one aggregate (``None``: the plain codec)."""
+    config = _codec_config(codec)
+    return None if config is None else config.max_clients
+
+
+def _codec_quant_step(codec: UpdateCodec) -> float | None:
+    config = _codec_config(codec)
+    return config.quant_step if config is not None and config.scheme == "bfv" else None
+
+
+def _src_node(msg: Message) -> int:
+    try:
+        node = msg.metadata.src_node_id
+        return node if isinstance(node, int) and not isinstance(node, bool) else -1
+    except Exception:
+        return -1
+
+
+def _error_of(msg: Message) -> tuple[int | None, str] | None:
+    """``(code, sanitized reason)`` of an error reply, ``None`` for a normal reply."""
+    if not msg.has_error():
+        return None
+    code: Any = msg.error.code
+    if not isinstance(code, int) or isinstance(code, bool):
+        code = None
+    reason = msg.error.reason
+    text = sanitize_text(reason) if reason else f"error code {code}"
+    return code, text
+
+
+def _reason_of(exc: Exception) -> str:
+    """A short, safe reason for excluding a reply whose handling raised ``exc``."""
+    if isinstance(exc, ReplyRejected | RosterError):
+        return sanitize_text(str(exc))
+    if isinstance(exc, SepalsError):
+        return sanitize_text(f"{type(exc).__name__}: {exc}")
+    return "malformed reply"
+
+
+def _weighted_mean(values: list[float], weights: list[int]) -> float:
+    """Weighted mean, kept inside ``[min(values), max(values)]`` despite rounding."""
+    total = sum(weights)
+    mean = sum(v * (w / total) for v, w in zip(values, weights, strict=True))
+    return min(max(mean, min(values)), max(values))
+
+
+@dataclass
+class _Intake:
+    """What one phase (train or evaluate) of a round has accepted so far."""
+
+    expected: frozenset[int] | None  # the sampled nodes, when this strategy sampled them
+    nodes: set[int] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)
+    digests: set[bytes] = field(default_factory=set)
+
+    def admit_node(self, node: int) -> None:
+        if self.expected is not None and node not in self.expected:
+            raise ReplyRejected("reply from a node that was not sampled this round")
+        if node in self.nodes:
+            raise ReplyRejected("second reply from the same node this round")
+        self.nodes.add(node)
+
+    def check_name(self, name: str) -> None:
+        if name in self.names:
+            raise ReplyRejected("second reply for the same client this round")
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    loaded: list[Any]
+    nbytes: int
+    digest: bytes
+    report: ClientRoundReport
 
 
 class EncryptedFedAvg(Strategy):
@@ -113,10 +215,45 @@ class EncryptedFedAvg(Strategy):
             Flower's round ``r`` is federation round ``r + round_offset``.
         round_signer: Adds the operator's federation id and signature to every round
             config (clients refuse unsigned rounds when their plan names a key).
+        roster: Names and example caps of the nodes. The default,
+            :data:`~sepals.server.roster.UNCONFIGURED`, keeps the behaviour from before
+            rosters: the ``client-id`` a reply claims is its name, a label with no
+            authority (no cap of its own), and every count is capped at
+            :data:`~sepals.server.roster.DEFAULT_EXAMPLE_CAP`. A deployment passes
+            ``node_names`` so that names are authenticated, and a simulation the
+            partition sizes as ``caps``.
+        max_clients: Most nodes sampled and updates added per round (default: the
+            codec's ``EncryptionConfig.max_clients``; no bound for the plain codec). When
+            both are set, the smaller one holds.
 
     A round changes the global model only if at least ``min_train_clients`` valid updates
     arrive before the round timeout. Sampled nodes that never reply (dropped, killed,
     partitioned) are counted as ``missing`` and the round goes on without them.
+
+    Every reply is checked on its own, and anything wrong with it (any exception while
+    handling it, too) excludes that reply alone, with a short reason in the round's
+    ``excluded`` (``eval_excluded`` for evaluation); the round goes on with the others.
+    A train reply is excluded unless: it comes from a sampled node, once per round, that
+    the roster knows; ``num-examples`` is an ``int`` in ``[1, cap]`` of that node;
+    every privacy and timing figure is finite and in range; its payload is valid for
+    this codec, key and model size and is not byte-identical to a payload accepted in
+    this round or any earlier one (SHA-256 digests, kept across restarts in the
+    checkpoint); and fewer than ``max_clients`` updates were accepted before it. An
+    evaluation reply needs ``num-examples`` in ``[1, cap]``, a finite ``loss >= 0``
+    and ``accuracy`` in ``[0, 1]``.
+
+    What a registered client that is malicious can still do: send any update the codec
+    accepts and claim any count up to its cap. Each value it encodes (``n * w``) is
+    bounded only by ``update_bound`` (BFV) or ``max_update_magnitude`` (CKKS; the plain
+    codec has no bound), so it can move every coordinate of the new global model by up
+    to that bound divided by the round's ``weight_total``, and dilute the honest updates
+    by up to ``cap / weight_total``. Nothing proves that a ciphertext was made honestly,
+    by DP-SGD on the client's own data: the server checks a payload's form, key and
+    length, never its content, and the privacy figures a client reports are its own
+    claims. Since all clients share the decryption key, one that obtains another's
+    ciphertext can also re-encrypt its contents into fresh bytes, which the duplicate
+    check does not catch. Its evaluation reports can likewise shift the federated loss
+    and accuracy within their ranges, at weight up to its cap.
 
     """
 
@@ -130,11 +267,25 @@ class EncryptedFedAvg(Strategy):
         node_wait_timeout: float = 300.0,
         round_offset: int = 0,
         round_signer: RoundSigner | None = None,
+        roster: NodeRoster | None = None,
+        max_clients: int | None = None,
     ) -> None:
         if vector_length < 1:
             raise ValueError(f"vector_length must be >= 1, got {vector_length}")
         if round_offset < 0:
             raise ValueError(f"round_offset must be >= 0, got {round_offset}")
+        if max_clients is not None and (
+            not isinstance(max_clients, int) or isinstance(max_clients, bool) or max_clients < 1
+        ):
+            raise ValueError(f"max_clients must be an integer >= 1, got {max_clients!r}")
+        bounds = [b for b in (codec_max_clients(codec), max_clients) if b is not None]
+        self.max_clients: int | None = min(bounds) if bounds else None
+        if self.max_clients is not None and federation.min_train_clients > self.max_clients:
+            raise ValueError(
+                f"min_train_clients={federation.min_train_clients} exceeds max_clients="
+                f"{self.max_clients}: no round could ever aggregate"
+            )
+        self.roster = roster if roster is not None else UNCONFIGURED
         self.round_offset = round_offset
         self.round_signer = round_signer
         self.latest_global: ArrayRecord | None = None
@@ -149,31 +300,56 @@ class EncryptedFedAvg(Strategy):
         self._current: RoundRecord | None = None
         self._t_round = 0.0
         self._t_eval = 0.0
+        self._quant_step = _codec_quant_step(codec)
+        self._digests: set[bytes] = set()
+        self._train_sampled: tuple[int, frozenset[int]] | None = None
+        self._eval_sampled: tuple[int, frozenset[int]] | None = None
 
     @property
     def current_round(self) -> RoundRecord | None:
         """The record of the round in progress (``None`` between rounds)."""
         return self._current
 
+    @property
+    def payload_digests(self) -> frozenset[bytes]:
+        """SHA-256 digests of every payload accepted so far (refused if sent again)."""
+        return frozenset(self._digests)
+
+    def remember_payload_digests(self, digests: Iterable[bytes]) -> None:
+        """Refuse these payload digests from now on (restored from a checkpoint).
+
+        Raises:
+            ValueError: a digest is not 32 bytes.
+
+        """
+        new = set()
+        for digest in digests:
+            if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
+                raise ValueError(f"a payload digest must be {DIGEST_BYTES} bytes")
+            new.add(digest)
+        self._digests |= new
+
     # ------------------------------------------------------------------ helpers
     def summary(self) -> None:
         """Log the strategy settings."""
         log(
             INFO,
-            "EncryptedFedAvg: codec=%s key=%s params=%s rounds=%s fraction_train=%s",
+            "EncryptedFedAvg: codec=%s key=%s params=%s rounds=%s fraction_train=%s max_clients=%s",
             self.codec.name,
             self.codec.fingerprint_hex,
             self.vector_length,
             self.federation.rounds,
             self.federation.fraction_train,
+            self.max_clients,
         )
 
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         """Sample ``max(minimum, ceil(fraction * connected))`` of the connected nodes.
 
-        Waits up to ``node_wait_timeout`` for ``min_available_nodes`` to connect. If even
-        ``minimum`` nodes are not there by then, nobody is sampled: a round that cannot
-        reach its minimum would only make clients spend privacy budget for nothing.
+        Never more than ``max_clients``. Waits up to ``node_wait_timeout`` for
+        ``min_available_nodes`` to connect. If even ``minimum`` nodes are not there by
+        then, nobody is sampled: a round that cannot reach its minimum would only make
+        clients spend privacy budget for nothing.
         """
         deadline = time.monotonic() + self.node_wait_timeout
         need = max(minimum, self.min_available_nodes)
@@ -197,6 +373,8 @@ class EncryptedFedAvg(Strategy):
             )
             return []
         k = min(len(nodes), max(minimum, math.ceil(fraction * len(nodes))))
+        if self.max_clients is not None:
+            k = min(k, self.max_clients)
         chosen = self.rng.choice(len(nodes), size=k, replace=False)
         return sorted(nodes[i] for i in chosen)
 
@@ -221,6 +399,25 @@ class EncryptedFedAvg(Strategy):
         parsed = read_global_record(arrays)
         return 0 if parsed is None else len(parsed[0])
 
+    @staticmethod
+    def _expected(sampled: tuple[int, frozenset[int]] | None, server_round: int) -> _Intake:
+        if sampled is not None and sampled[0] == server_round:
+            return _Intake(expected=sampled[1])
+        return _Intake(expected=None)
+
+    def _name_of(self, node: int, client_rec: Any) -> str:
+        claimed = client_rec.get("client-id") if client_rec is not None else None
+        name = self.roster.name_of(node, claimed)
+        if self.roster.node_names and claimed is not None and claimed != name:
+            log(
+                DEBUG,
+                "node %s claims client-id %s; recorded as %s",
+                node,
+                sanitize_text(claimed, 64),
+                name,
+            )
+        return name
+
     # ------------------------------------------------------------------ train
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -233,75 +430,107 @@ class EncryptedFedAvg(Strategy):
         nodes = self._sample(
             grid, self.federation.fraction_train, self.federation.min_train_clients
         )
+        self._train_sampled = (server_round, frozenset(nodes))
         record.sampled = len(nodes)
         record.download_bytes += self._global_bytes(arrays) * len(nodes)
         log(INFO, "round %s: training on %s nodes", server_round, len(nodes))
         return self._messages(server_round, arrays, nodes, MessageType.TRAIN)
 
-    def _validate_reply(self, msg: Message) -> tuple[list[Any], int, ClientRoundReport]:
+    def _admit_train(self, msg: Message, node: int, intake: _Intake) -> _Admitted:
+        """Check one train reply; raise (any exception) to exclude it."""
+        intake.admit_node(node)
         content = msg.content
         if KEY_UPDATE not in content.array_records or KEY_METRICS not in content.metric_records:
-            raise ValueError("reply lacks the 'update' ArrayRecord or the 'metrics' MetricRecord")
+            raise ReplyRejected(
+                "reply lacks the 'update' ArrayRecord or the 'metrics' MetricRecord"
+            )
+        client_rec = content.config_records.get(KEY_CLIENT)
+        name = self._name_of(node, client_rec)
+        intake.check_name(name)
+        metrics = parse_train_metrics(
+            content.metric_records[KEY_METRICS], self.roster.cap_of(name), self._quant_step
+        )
+        accountant = parse_accountant(
+            client_rec.get("accountant") if client_rec is not None else None
+        )
         update = content.array_records[KEY_UPDATE]
         if KEY_PAYLOAD not in update:
-            raise ValueError("update record lacks 'payload'")
-        payload = payload_from_array(update[KEY_PAYLOAD])
-        metrics = content.metric_records[KEY_METRICS]
-        n_raw = metrics.get("num-examples")
-        if not isinstance(n_raw, int | float) or not math.isfinite(n_raw) or n_raw <= 0:
-            raise ValueError(f"num-examples must be a positive number, got {n_raw!r}")
-        loaded = self.codec.validate(payload, self.vector_length)
-        client_rec = content.config_records.get(KEY_CLIENT)
-        client_id = str(client_rec["client-id"]) if client_rec and "client-id" in client_rec else ""
+            raise ReplyRejected("update record lacks 'payload'")
+        try:
+            payload = payload_from_array(update[KEY_PAYLOAD])
+        except Exception as exc:
+            raise ReplyRejected("update is not a sepals payload array") from exc
+        digest = hashlib.sha256(payload).digest()
+        if digest in self._digests or digest in intake.digests:
+            raise ReplyRejected("duplicate ciphertext")
+        try:
+            loaded = self.codec.validate(payload, self.vector_length)
+        except SepalsError:
+            raise
+        except Exception as exc:
+            raise ReplyRejected("malformed payload") from exc
+        if self.max_clients is not None and len(intake.digests) >= self.max_clients:
+            raise ReplyRejected(
+                f"max_clients={self.max_clients} updates already accepted this round"
+            )
         report = ClientRoundReport(
-            node_id=msg.metadata.src_node_id,
-            client_id=client_id or str(msg.metadata.src_node_id),
-            num_examples=int(n_raw),
-            epsilon=_opt_float(metrics, "epsilon"),
-            delta=_opt_float(metrics, "delta"),
-            noise_multiplier=_opt_float(metrics, "noise-multiplier"),
-            sample_rate=_opt_float(metrics, "sample-rate"),
-            total_steps=int(metrics.get("total-steps", 0)),  # type: ignore[arg-type]
-            rounds_participated=int(metrics.get("rounds-participated", 0)),  # type: ignore[arg-type]
-            accountant=(
-                str(client_rec["accountant"]) if client_rec and "accountant" in client_rec else None
-            ),
-            quant_error=_opt_float(metrics, "quant-error"),
+            node_id=node,
+            client_id=name,
+            num_examples=metrics.num_examples,
+            epsilon=metrics.epsilon,
+            delta=metrics.delta,
+            noise_multiplier=metrics.noise_multiplier,
+            sample_rate=metrics.sample_rate,
+            total_steps=metrics.total_steps,
+            rounds_participated=metrics.rounds_participated,
+            accountant=accountant,
+            quant_error=metrics.quant_error,
         )
-        return loaded, len(payload), report
+        return _Admitted(loaded, len(payload), digest, report)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate every reply, exclude bad ones with a logged reason, add the rest."""
+        """Check every reply on its own, exclude bad ones with a reason, add the rest."""
         server_round += self.round_offset
         if self._current is None or self._current.round != server_round:
             self._current = RoundRecord(round=server_round, codec=self.codec.name)
         record = self._current
+        intake = self._expected(self._train_sampled, server_round)
         loaded_all: list[list[Any]] = []
-        weight_total = 0.0
+        weight_total = 0
         for msg in replies:
             record.replied += 1
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                reason = msg.error.reason or f"error code {msg.error.code}"
-                if msg.error.code == ERR_BUDGET_EXHAUSTED:
+            node = _src_node(msg)
+            admitted: _Admitted | None = None
+            try:
+                error = _error_of(msg)
+                if error is None:
+                    admitted = self._admit_train(msg, node, intake)
+            except Exception as exc:
+                reason = _reason_of(exc)
+                if not isinstance(exc, SepalsError):
+                    log(DEBUG, "round %s: node %s: %s", server_round, node, type(exc).__name__)
+                record.excluded.append((node, reason))
+                log(WARNING, "round %s: excluding node %s: %s", server_round, node, reason)
+                continue
+            if admitted is None:
+                code, reason = error if error is not None else (None, "malformed reply")
+                if code == ERR_BUDGET_EXHAUSTED:
                     record.declined.append((node, reason))
                     log(INFO, "round %s: node %s declined: %s", server_round, node, reason)
                 else:
                     record.excluded.append((node, reason))
                     log(WARNING, "round %s: node %s failed: %s", server_round, node, reason)
                 continue
-            try:
-                loaded, nbytes, report = self._validate_reply(msg)
-            except (SepalsError, ValueError, KeyError, TypeError) as exc:
-                record.excluded.append((node, f"{type(exc).__name__}: {exc}"))
-                log(WARNING, "round %s: excluding node %s: %s", server_round, node, exc)
-                continue
-            loaded_all.append(loaded)
-            weight_total += report.num_examples
-            record.upload_bytes += nbytes
-            record.clients.append(report)
+            intake.digests.add(admitted.digest)
+            intake.names.add(admitted.report.client_id)
+            loaded_all.append(admitted.loaded)
+            weight_total += admitted.report.num_examples
+            record.upload_bytes += admitted.nbytes
+            record.clients.append(admitted.report)
+        # Accepted payloads are refused from now on, whether or not this round adds them.
+        self._digests |= intake.digests
         record.accepted = len(loaded_all)
         eps = [c.epsilon for c in record.clients if c.epsilon is not None]
         record.max_epsilon = max(eps) if eps else None
@@ -320,16 +549,29 @@ class EncryptedFedAvg(Strategy):
             )
             return None, self._train_metrics(record)
         t0 = time.perf_counter()
-        payload = self.codec.aggregate_loaded(loaded_all, self.vector_length)
+        try:
+            payload = self.codec.aggregate_loaded(loaded_all, self.vector_length)
+        except Exception as exc:
+            # Every payload passed validation, so this is a server-side fault; the round
+            # still completes, without a new model.
+            log(
+                ERROR,
+                "round %s: adding %s validated updates failed (%s); the global model is unchanged",
+                server_round,
+                len(loaded_all),
+                type(exc).__name__,
+            )
+            return None, self._train_metrics(record)
         record.aggregate_seconds = time.perf_counter() - t0
-        record.weight_total = weight_total
+        record.weight_total = float(weight_total)
         record.aggregated = True
-        self.latest_global = global_record(payload, weight_total)
+        self.latest_global = global_record(payload, float(weight_total))
         errors = [c.quant_error for c in record.clients]
         if errors and all(e is not None for e in errors):
             # Each client's rounding error is at most e_i on n_i * w_i, so the averaged
             # model is off by at most sum(e_i) / sum(n_i) in every coordinate.
-            record.quant_error = sum(e for e in errors if e is not None) / weight_total
+            bound = sum(e for e in errors if e is not None) / weight_total
+            record.quant_error = bound if math.isfinite(bound) else None
         log(
             INFO,
             "round %s: aggregated %s updates (%s declined, %s excluded)",
@@ -362,37 +604,58 @@ class EncryptedFedAvg(Strategy):
         server_round += self.round_offset
         self._t_eval = time.perf_counter()
         fraction = self.federation.fraction_evaluate
+        self._eval_sampled = (server_round, frozenset())
         if fraction <= 0.0 or read_global_record(arrays) is None:
             return []
         nodes = self._sample(grid, fraction, 1)
+        self._eval_sampled = (server_round, frozenset(nodes))
         if self._current is not None:
             self._current.download_bytes += self._global_bytes(arrays) * len(nodes)
         return self._messages(server_round, arrays, nodes, MessageType.EVALUATE)
 
+    def _admit_eval(self, msg: Message, node: int, intake: _Intake) -> EvalMetrics:
+        """Check one evaluate reply; raise (any exception) to exclude it."""
+        intake.admit_node(node)
+        content = msg.content
+        if KEY_METRICS not in content.metric_records:
+            raise ReplyRejected("reply lacks the 'metrics' MetricRecord")
+        name = self._name_of(node, content.config_records.get(KEY_CLIENT))
+        intake.check_name(name)
+        metrics = parse_eval_metrics(content.metric_records[KEY_METRICS], self.roster.cap_of(name))
+        intake.names.add(name)
+        return metrics
+
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Example-weighted mean of the clients' loss and accuracy."""
+        """Example-weighted mean of the valid replies' loss and accuracy."""
         server_round += self.round_offset
         record = self._current or RoundRecord(round=server_round)
-        total, loss, acc = 0.0, 0.0, 0.0
+        intake = self._expected(self._eval_sampled, server_round)
+        valid: list[EvalMetrics] = []
         for msg in replies:
-            if msg.has_error() or KEY_METRICS not in msg.content.metric_records:
-                continue
-            m = msg.content.metric_records[KEY_METRICS]
+            node = _src_node(msg)
             try:
-                n = float(m["num-examples"])  # type: ignore[arg-type]
-                lo, ac = float(m["loss"]), float(m["accuracy"])  # type: ignore[arg-type]
-            except (KeyError, TypeError, ValueError):
-                continue
-            if n <= 0 or not (math.isfinite(lo) and math.isfinite(ac)):
-                continue
-            total += n
-            loss += n * lo
-            acc += n * ac
+                error = _error_of(msg)
+                if error is not None:
+                    raise ReplyRejected(error[1])
+                valid.append(self._admit_eval(msg, node, intake))
+            except Exception as exc:
+                reason = _reason_of(exc)
+                record.eval_excluded.append((node, reason))
+                log(
+                    WARNING,
+                    "round %s: evaluation of node %s excluded: %s",
+                    server_round,
+                    node,
+                    reason,
+                )
+        record.evaluated = len(valid)
         result = None
-        if total > 0:
-            record.federated_loss, record.federated_accuracy = loss / total, acc / total
+        if valid:
+            weights = [m.num_examples for m in valid]
+            record.federated_loss = _weighted_mean([m.loss for m in valid], weights)
+            record.federated_accuracy = _weighted_mean([m.accuracy for m in valid], weights)
             result = MetricRecord(
                 {"loss": record.federated_loss, "accuracy": record.federated_accuracy}
             )

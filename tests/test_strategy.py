@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -14,8 +16,10 @@ from flwr.app import (
     RecordDict,
 )
 
+from sepals.common.bfv import BfvCodec
 from sepals.common.codec import CkksCodec, PlainCodec, generate_secret_context, unpack_payload
 from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.errors import MalformedPayloadError
 from sepals.common.protocol import (
     ERR_BUDGET_EXHAUSTED,
     KEY_CLIENT,
@@ -25,6 +29,8 @@ from sepals.common.protocol import (
     payload_array,
     read_global_record,
 )
+from sepals.server.roster import DEFAULT_EXAMPLE_CAP, UNCONFIGURED, NodeRoster, RosterError
+from sepals.server.state import CheckpointError, StateDir
 from sepals.server.strategy import EncryptedFedAvg
 
 CFG = EncryptionConfig(scheme="ckks")
@@ -134,3 +140,425 @@ def test_quantization_error_bound_of_the_round():
     strategy = EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=1))
     strategy.aggregate_train(1, [*replies, _reply(9, codec.encode(np.ones(LENGTH)), 5)])
     assert strategy.current_round.quant_error is None
+
+
+# --------------------------------------------------------------------------- issue 8
+# Each attack below crashed or skewed a round before; now the attacker's reply is
+# excluded with a reason and the round completes with the honest replies.
+
+BFV = EncryptionConfig()
+
+
+def _bfv(bfv_keys, config: EncryptionConfig = BFV) -> tuple[BfvCodec, BfvCodec]:
+    secret, public = bfv_keys
+    return BfvCodec.for_client(secret, config), BfvCodec.for_server(public, config)
+
+
+def _honest(client, rng, nodes=(1, 2), sizes=(30, 70)):
+    """Honest replies and the FedAvg they should produce (from what each encoded)."""
+    replies, payloads = [], []
+    for node, n in zip(nodes, sizes, strict=True):
+        payload = client.encode(rng.uniform(-1, 1, size=LENGTH) * n)
+        payloads.append(payload)
+        replies.append(_reply(node, payload, n))
+    expected = sum(client.decode(p) for p in payloads) / sum(sizes)
+    return replies, payloads, expected
+
+
+def _fedavg(client, arrays):
+    payload, weight_total = read_global_record(arrays)
+    return client.decode(payload) / weight_total, weight_total
+
+
+def _set_metric(msg: Message, key: str, value) -> Message:
+    # MetricRecord refuses strings and bools at construction; a hostile peer's record
+    # is not built through it, so write past the check.
+    msg.content.metric_records[KEY_METRICS]._data[key] = value
+    return msg
+
+
+def _drop_metric(msg: Message, key: str) -> Message:
+    del msg.content.metric_records[KEY_METRICS]._data[key]
+    return msg
+
+
+BAD_TRAIN_METRICS = [
+    ("total-steps", math.inf),
+    ("rounds-participated", math.inf),
+    ("total-steps", 1e300),
+    ("total-steps", 5.0),
+    ("total-steps", -1),
+    ("total-steps", 10**30),
+    ("rounds-participated", True),
+    ("rounds-participated", "3"),
+    ("steps", math.nan),
+    ("epsilon", math.nan),
+    ("epsilon", -0.5),
+    ("epsilon", math.inf),
+    ("epsilon", "8"),
+    ("epsilon", [1.0]),
+    ("delta", 0.0),
+    ("delta", 1.0),
+    ("noise-multiplier", -1.0),
+    ("noise-multiplier", math.inf),
+    ("sample-rate", 0.0),
+    ("sample-rate", 1.5),
+    ("quant-error", -1e-3),
+    ("quant-error", 1.0),  # above one BFV quantization step
+    ("train-seconds", math.inf),
+    ("encrypt-seconds", -2.0),
+]
+
+
+def test_non_finite_or_out_of_range_train_metrics_are_excluded(bfv_keys, caplog):
+    client, server = _bfv(bfv_keys)
+    strategy = EncryptedFedAvg(server, LENGTH, FederationConfig(rounds=1))
+    replies, _, expected = _honest(client, np.random.default_rng(1))
+    for i, (key, value) in enumerate(BAD_TRAIN_METRICS, start=10):
+        replies.append(_set_metric(_reply(i, client.encode(np.ones(LENGTH)), 10), key, value))
+    with caplog.at_level(logging.WARNING, logger="sepals"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["accepted"] == 2 and metrics["excluded"] == len(BAD_TRAIN_METRICS)
+    model, total = _fedavg(client, arrays)
+    assert total == 100
+    np.testing.assert_allclose(model, expected, atol=1e-9)
+    reasons = dict(strategy.current_round.excluded)
+    for i, (key, _) in enumerate(BAD_TRAIN_METRICS, start=10):
+        assert reasons[i].startswith(key), (key, reasons[i])
+    assert "inf" not in " ".join(reasons.values()).replace("[0, inf)", "")
+
+
+def test_accountant_must_be_a_known_name(bfv_keys):
+    client, server = _bfv(bfv_keys)
+    strategy = EncryptedFedAvg(server, LENGTH, FederationConfig(rounds=1, min_train_clients=1))
+    bad = _reply(1, client.encode(np.ones(LENGTH)), 5)
+    bad.content.config_records[KEY_CLIENT]["accountant"] = "rdp\x1b[2J"
+    arrays, metrics = strategy.aggregate_train(1, [bad])
+    assert arrays is None and metrics["excluded"] == 1
+    assert strategy.current_round.excluded == [(1, "accountant must be one of rdp, prv, gdp")]
+
+
+@pytest.mark.parametrize("n", [0.5, 1e15, 10**15, 361, 0, -3, True, 360.0, [30]])
+def test_num_examples_must_be_an_integer_within_the_node_cap(bfv_keys, n):
+    client, server = _bfv(bfv_keys)
+    roster = NodeRoster(default_cap=360)
+    fed = FederationConfig(rounds=1, min_train_clients=1)
+    strategy = EncryptedFedAvg(server, LENGTH, fed, roster=roster)
+    honest, _, expected = _honest(client, np.random.default_rng(2), nodes=(1,), sizes=(360,))
+    attacker = _set_metric(_reply(2, client.encode(np.full(LENGTH, 1e-3)), 1), "num-examples", n)
+    arrays, metrics = strategy.aggregate_train(1, [attacker, *honest])
+    assert metrics["accepted"] == 1 and metrics["excluded"] == 1
+    assert strategy.current_round.excluded == [(2, "num-examples must be an integer in [1, 360]")]
+    model, total = _fedavg(client, arrays)
+    assert total == 360
+    np.testing.assert_allclose(model, expected, atol=1e-9)
+
+
+def test_a_lone_fractional_count_no_longer_divides_by_zero(bfv_keys):
+    client, server = _bfv(bfv_keys)
+    strategy = EncryptedFedAvg(server, LENGTH, FederationConfig(rounds=1, min_train_clients=1))
+    lone = _set_metric(_reply(1, client.encode(np.ones(LENGTH)), 1), "num-examples", 0.5)
+    arrays, metrics = strategy.aggregate_train(1, [lone])
+    assert arrays is None and metrics["excluded"] == 1 and metrics["accepted"] == 0
+    missing = _drop_metric(_reply(2, client.encode(np.ones(LENGTH)), 1), "num-examples")
+    strategy.aggregate_train(2, [missing])
+    assert "num-examples" in strategy.current_round.excluded[0][1]
+
+
+class _Grid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def test_sampling_and_aggregation_never_exceed_max_clients(bfv_keys):
+    config = EncryptionConfig(max_clients=3)
+    client, server = _bfv(bfv_keys, config)
+    fed = FederationConfig(rounds=1, fraction_train=1.0, min_train_clients=1)
+    strategy = EncryptedFedAvg(server, LENGTH, fed, node_wait_timeout=0.01)
+    assert strategy.max_clients == 3
+    sent = list(
+        strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid(list(range(1, 11))))
+    )
+    assert len(sent) == 3
+    # Five valid replies (say, a grid that answers more nodes than were asked): three are
+    # added, the other two are excluded instead of crashing the codec.
+    strategy = EncryptedFedAvg(server, LENGTH, fed)
+    replies, _, expected = _honest(client, np.random.default_rng(4), (1, 2, 3), (10, 20, 30))
+    replies += [_reply(node, client.encode(np.ones(LENGTH) * 5), 5) for node in (4, 5)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["accepted"] == 3 and metrics["excluded"] == 2
+    assert [node for node, _ in strategy.current_round.excluded] == [4, 5]
+    assert all("max_clients=3" in r for _, r in strategy.current_round.excluded)
+    model, total = _fedavg(client, arrays)
+    assert total == 60
+    np.testing.assert_allclose(model, expected, atol=1e-9)
+
+
+def test_max_clients_settings():
+    fed = FederationConfig(rounds=1, min_train_clients=1)
+    assert EncryptedFedAvg(PlainCodec(), LENGTH, fed).max_clients is None
+    assert EncryptedFedAvg(PlainCodec(), LENGTH, fed, max_clients=4).max_clients == 4
+    with pytest.raises(ValueError, match="max_clients"):
+        EncryptedFedAvg(PlainCodec(), LENGTH, fed, max_clients=0)
+    with pytest.raises(ValueError, match="min_train_clients=3 exceeds max_clients=2"):
+        EncryptedFedAvg(PlainCodec(), LENGTH, FederationConfig(min_train_clients=3), max_clients=2)
+
+
+def test_replayed_ciphertext_is_refused_in_the_round_later_and_after_a_restart(bfv_keys, tmp_path):
+    client, server = _bfv(bfv_keys)
+    fed = FederationConfig(rounds=3, min_train_clients=1)
+    roster = NodeRoster(node_names={1: "c1", 2: "c2", 3: "c3"})
+    strategy = EncryptedFedAvg(server, LENGTH, fed, roster=roster)
+    honest, payloads, expected = _honest(client, np.random.default_rng(5))
+    # node 3 replays node 1's ciphertext under node 1's client-id
+    spoof = _reply(3, payloads[0], 30)
+    spoof.content.config_records[KEY_CLIENT]["client-id"] = "c1"
+    arrays, metrics = strategy.aggregate_train(1, [*honest, spoof])
+    assert metrics["accepted"] == 2 and strategy.current_round.excluded == [
+        (3, "duplicate ciphertext")
+    ]
+    assert [c.client_id for c in strategy.current_round.clients] == ["c1", "c2"]
+    # without a roster the claimed name is taken, and only once per round
+    legacy = EncryptedFedAvg(server, LENGTH, fed)
+    legacy.aggregate_train(1, [*honest, spoof])
+    assert legacy.current_round.excluded == [(3, "second reply for the same client this round")]
+    np.testing.assert_allclose(_fedavg(client, arrays)[0], expected, atol=1e-9)
+    # a later round refuses it too
+    _, metrics = strategy.aggregate_train(2, [_reply(3, payloads[1], 70)])
+    assert metrics["accepted"] == 0 and strategy.current_round.excluded == [
+        (3, "duplicate ciphertext")
+    ]
+    # and so does a restarted server resumed from the checkpoint
+    state = StateDir(tmp_path / "state")
+    state.save_checkpoint(strategy, 2)
+    checkpoint = state.load_checkpoint(server, LENGTH)
+    assert (
+        checkpoint.payload_digests == strategy.payload_digests
+        and len(checkpoint.payload_digests) == 2
+    )
+    resumed = EncryptedFedAvg(server, LENGTH, fed, round_offset=2, roster=roster)
+    checkpoint.restore(resumed)
+    assert resumed.latest_global is not None
+    assert resumed.rng.random() == strategy.rng.random()
+    fresh = client.encode(np.ones(LENGTH))
+    _, metrics = resumed.aggregate_train(1, [_reply(1, payloads[0], 30), _reply(2, fresh, 1)])
+    assert metrics["accepted"] == 1
+    assert resumed.current_round.excluded == [(1, "duplicate ciphertext")]
+
+
+def test_checkpoint_without_digests_loads_and_bad_digests_are_refused(tmp_path):
+    codec = PlainCodec()
+    strategy = EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=2, min_train_clients=1))
+    strategy.aggregate_train(1, [_reply(1, codec.encode(np.ones(LENGTH)), 1)])
+    state = StateDir(tmp_path)
+    state.save_checkpoint(strategy, 1)
+    path = tmp_path / "checkpoint.json"
+    meta = json.loads(path.read_text())
+    assert len(meta["payload_digests"]) == 1
+    del meta["payload_digests"]  # a checkpoint written before digests were kept
+    path.write_text(json.dumps(meta))
+    old = state.load_checkpoint(codec, LENGTH)
+    assert old is not None and old.payload_digests == frozenset()
+    old.restore(EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=2), round_offset=1))
+    for bad in (["zz" * 32], "abc", [1]):
+        meta["payload_digests"] = bad
+        path.write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match="payload_digests"):
+            state.load_checkpoint(codec, LENGTH)
+    with pytest.raises(ValueError, match="32 bytes"):
+        strategy.remember_payload_digests([b"short"])
+
+
+def _eval_reply(node: int, n, loss, acc, client_id: str | None = None) -> Message:
+    orig = Message(RecordDict(), dst_node_id=node, message_type=MessageType.EVALUATE)
+    metrics = MetricRecord({"num-examples": 1, "loss": 0.0, "accuracy": 0.0})
+    for key, value in (("num-examples", n), ("loss", loss), ("accuracy", acc)):
+        if value is None:
+            del metrics._data[key]
+        else:
+            metrics._data[key] = value
+    content = RecordDict(
+        {KEY_METRICS: metrics, KEY_CLIENT: ConfigRecord({"client-id": client_id or f"c{node}"})}
+    )
+    return Message(content, reply_to=orig)
+
+
+def test_evaluation_refuses_inflated_counts_and_impossible_accuracy():
+    strategy = EncryptedFedAvg(
+        PlainCodec(), LENGTH, FederationConfig(rounds=1), roster=NodeRoster(default_cap=500)
+    )
+    honest = [_eval_reply(1, 100, 0.5, 0.8), _eval_reply(2, 50, 0.7, 0.6)]
+    attacks = [
+        _eval_reply(3, 1e300, 0.0, 1.0),
+        _eval_reply(4, 10**9, 0.0, 1.0),
+        _eval_reply(5, 400, 0.0, 50),
+        _eval_reply(6, 400, 0.0, math.nan),
+        _eval_reply(7, 400, -1.0, 1.0),
+        _eval_reply(8, 400, math.inf, 1.0),
+        _eval_reply(9, 400, 0.0, None),
+        _eval_reply(10, True, 0.0, 1.0),
+        _eval_reply(11, 400, "0", 1.0),
+        _eval_reply(12, 400.0, 0.0, 1.0),
+    ]
+    failed = Message(
+        Error(code=1, reason="\x1b[1mboom\n" + "x" * 5000),
+        reply_to=Message(RecordDict(), dst_node_id=13, message_type=MessageType.EVALUATE),
+    )
+    result = strategy.aggregate_evaluate(1, [*attacks[:5], *honest, *attacks[5:], failed])
+    record = strategy.history[-1]
+    assert result["accuracy"] == pytest.approx((100 * 0.8 + 50 * 0.6) / 150)
+    assert result["loss"] == pytest.approx((100 * 0.5 + 50 * 0.7) / 150)
+    assert record.federated_accuracy == result["accuracy"] and record.evaluated == 2
+    reasons = dict(record.eval_excluded)
+    assert sorted(reasons) == list(range(3, 14))
+    for node in (3, 4, 10, 12):
+        assert reasons[node] == "num-examples must be an integer in [1, 500]"
+    assert reasons[5] == reasons[6] == reasons[9] == "accuracy must be a finite number in [0, 1]"
+    assert reasons[7] == reasons[8] == reasons[11] == "loss must be a finite number in [0, inf)"
+    assert reasons[13].startswith("?[1mboom?xxx") and len(reasons[13]) <= 200
+    # nothing valid: no federated figure at all, rather than a skewed one
+    strategy.aggregate_evaluate(2, attacks)
+    assert strategy.history[-1].federated_accuracy is None
+
+
+def test_a_deployment_names_nodes_by_authentication_and_caps_each(bfv_keys, caplog):
+    client, server = _bfv(bfv_keys)
+    roster = NodeRoster(default_cap=100, caps={"alice": 30}, node_names={1: "alice", 2: "bob"})
+    fed = FederationConfig(rounds=1, min_train_clients=1)
+    strategy = EncryptedFedAvg(server, LENGTH, fed, roster=roster)
+    impostor = _reply(1, client.encode(np.ones(LENGTH) * 30), 30)
+    impostor.content.config_records[KEY_CLIENT]["client-id"] = "bob"
+    stranger = _reply(3, client.encode(np.ones(LENGTH)), 1)
+    with caplog.at_level(logging.DEBUG, logger="sepals"):
+        strategy.aggregate_train(
+            1, [impostor, _reply(2, client.encode(np.ones(LENGTH) * 70), 70), stranger]
+        )
+    record = strategy.current_round
+    assert [(c.node_id, c.client_id) for c in record.clients] == [(1, "alice"), (2, "bob")]
+    assert record.excluded == [(3, "unknown node")]
+    assert "claims client-id bob; recorded as alice" in caplog.text
+    # alice's own cap is 30
+    strategy = EncryptedFedAvg(server, LENGTH, fed, roster=roster)
+    strategy.aggregate_train(1, [_reply(1, client.encode(np.ones(LENGTH)), 31)])
+    assert strategy.current_round.excluded == [(1, "num-examples must be an integer in [1, 30]")]
+
+
+def test_a_simulation_trusts_claimed_names_once_per_round(bfv_keys):
+    client, server = _bfv(bfv_keys)
+    roster = NodeRoster(default_cap=100, caps={"c1": 10}, trust_claimed_names=True)
+    fed = FederationConfig(rounds=1, min_train_clients=1)
+    strategy = EncryptedFedAvg(server, LENGTH, fed, roster=roster)
+    too_many = _reply(1, client.encode(np.ones(LENGTH)), 20)
+    bad_name = _reply(2, client.encode(np.ones(LENGTH)), 5)
+    bad_name.content.config_records[KEY_CLIENT]["client-id"] = "c2\nFAKE LOG LINE"
+    ok = _reply(3, client.encode(np.ones(LENGTH)), 5)
+    twin = _reply(4, client.encode(np.ones(LENGTH)), 5)
+    twin.content.config_records[KEY_CLIENT]["client-id"] = "c3"
+    strategy.aggregate_train(1, [too_many, bad_name, ok, twin])
+    record = strategy.current_round
+    assert [c.client_id for c in record.clients] == ["c3"]
+    reasons = dict(record.excluded)
+    assert reasons[1] == "num-examples must be an integer in [1, 10]"
+    assert reasons[2].startswith("client-id must be a client name")
+    assert reasons[4] == "second reply for the same client this round"
+
+
+def test_without_a_roster_claimed_names_are_labels_under_the_default_cap(bfv_keys):
+    client, server = _bfv(bfv_keys)
+    strategy = EncryptedFedAvg(server, LENGTH, FederationConfig(rounds=1, min_train_clients=1))
+    assert strategy.roster == UNCONFIGURED and UNCONFIGURED.caps == {}
+    strategy.aggregate_train(1, [_reply(7, client.encode(np.ones(LENGTH)), DEFAULT_EXAMPLE_CAP)])
+    assert [c.client_id for c in strategy.current_round.clients] == ["c7"]
+    over = _reply(7, client.encode(np.ones(LENGTH)), DEFAULT_EXAMPLE_CAP + 1)
+    strategy.aggregate_train(2, [over])
+    assert strategy.current_round.accepted == 0
+    # a roster without names or trust names nodes by their id
+    strategy = EncryptedFedAvg(server, LENGTH, FederationConfig(rounds=1), roster=NodeRoster())
+    strategy.aggregate_train(1, [_reply(7, client.encode(np.ones(LENGTH)), 5)])
+    assert [c.client_id for c in strategy.current_round.clients] == ["7"]
+
+
+def test_replies_from_unsampled_or_repeated_nodes_are_excluded():
+    codec = PlainCodec()
+    fed = FederationConfig(rounds=1, fraction_train=1.0, min_train_clients=1)
+    strategy = EncryptedFedAvg(codec, LENGTH, fed, node_wait_timeout=0.01)
+    list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid([1, 2])))
+    replies = [
+        _reply(1, codec.encode(np.ones(LENGTH)), 1),
+        _reply(1, codec.encode(np.ones(LENGTH) * 2), 2),
+        _reply(9, codec.encode(np.ones(LENGTH) * 3), 3),
+    ]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["accepted"] == 1
+    assert strategy.current_round.excluded == [
+        (1, "second reply from the same node this round"),
+        (9, "reply from a node that was not sampled this round"),
+    ]
+
+
+def test_any_exception_excludes_one_reply_with_a_sanitized_reason(caplog, monkeypatch):
+    codec = PlainCodec()
+    strategy = EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=1, min_train_clients=1))
+    poison = codec.encode(np.full(LENGTH, 7.0))
+    real_validate = codec.validate
+
+    def validate(payload, expected_length=None):
+        if payload == poison:
+            raise RuntimeError("\x1b]0;pwned\x07 secret-looking text")
+        if payload == b"SPL1-sepals-error":
+            raise MalformedPayloadError("bad \x1b[31m\n" + "y" * 1000)
+        return real_validate(payload, expected_length)
+
+    monkeypatch.setattr(codec, "validate", validate)
+
+    class BrokenRoster(NodeRoster):
+        def name_of(self, node_id, claimed):
+            if node_id == 6:
+                raise KeyError("\x1b[2J wiped")
+            return super().name_of(node_id, claimed)
+
+    strategy.roster = BrokenRoster()
+    good = _reply(1, codec.encode(np.ones(LENGTH) * 4), 4)
+    failed = _error(4, 1, "\x1b[31mred\r\nforged line " + "z" * 10_000)
+    declined = _error(5, ERR_BUDGET_EXHAUSTED, "budget\x00spent")
+    replies = [_reply(2, poison, 1), good, _reply(3, b"SPL1-sepals-error", 1), failed, declined]
+    replies.append(_reply(6, codec.encode(np.ones(LENGTH)), 1))
+    with caplog.at_level(logging.DEBUG, logger="sepals"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["accepted"] == 1
+    record = strategy.current_round
+    reasons = dict(record.excluded)
+    assert reasons[2] == "malformed payload"
+    assert reasons[6] == "malformed reply"
+    assert reasons[3].startswith("MalformedPayloadError: bad ?[31m?yyy") and len(reasons[3]) == 200
+    assert reasons[4].startswith("?[31mred??forged line zzz") and len(reasons[4]) == 200
+    assert record.declined == [(5, "budget?spent")]
+    for _, reason in [*record.excluded, *record.declined]:
+        assert reason.isprintable()
+    assert "\x1b" not in caplog.text and "pwned" not in caplog.text and "wiped" not in caplog.text
+
+
+def test_roster_checks_its_settings():
+    for kwargs in (
+        {"default_cap": 0},
+        {"default_cap": True},
+        {"default_cap": 1.5},
+        {"caps": {"a": 0}},
+        {"caps": {"bad name": 3}},
+        {"node_names": {1: ""}},
+        {"node_names": {-1: "a"}},
+        {"node_names": {1: "a"}, "trust_claimed_names": True},
+        {"trust_claimed_names": "yes"},
+    ):
+        with pytest.raises(ValueError):
+            NodeRoster(**kwargs)
+    roster = NodeRoster(caps={"a": 3}, node_names={4: "a"})
+    assert roster.name_of(4, "b") == "a" and roster.cap_of("a") == 3
+    assert roster.cap_of("b") == DEFAULT_EXAMPLE_CAP
+    with pytest.raises(RosterError, match="unknown node"):
+        roster.name_of(5, "a")
+    with pytest.raises(TypeError):
+        roster.caps["a"] = 100  # type: ignore[index]
