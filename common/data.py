@@ -221,6 +221,18 @@ def client_partition(
     return data.train.subset(train_parts[client]), data.test.subset(test_parts[client])
 
 
+def client_example_caps(name: str, num_clients: int, partition: str, seed: int) -> list[int]:
+    """Per simulated client, the most examples it can honestly claim in any reply.
+
+    That is the larger of its training and local test split: the example count of a
+    train reply and the count of an evaluate reply can never exceed it.
+    """
+    spec = str(PartitionSpec.parse(partition))
+    train = _cached_partitions(name, num_clients, spec, seed, "train")
+    test = _cached_partitions(name, num_clients, "iid", seed, "test")
+    return [max(len(a), len(b)) for a, b in zip(train, test, strict=True)]
+
+
 @functools.lru_cache(maxsize=16)
 def _cached_partitions(
     name: str, num_clients: int, partition: str, seed: int, split: str

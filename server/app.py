@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from sepals.common.codec import make_server_codec
 from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.log import log
+from sepals.server.roster import NodeRoster
 from sepals.server.strategy import EncryptedFedAvg, RoundRecord
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -37,6 +38,8 @@ class ServerSettings:
         evaluate_fn: Optional evaluation hook, called with the (encrypted) global model
             after every round; it runs wherever its key is, never in this process's
             strategy.
+        roster: Who the nodes are and how many examples each may claim (see
+            :class:`~sepals.server.roster.NodeRoster`).
 
     """
 
@@ -46,6 +49,7 @@ class ServerSettings:
     vector_length: int = 0
     on_round: Callable[[RoundRecord], None] | None = None
     evaluate_fn: EvaluateFn | None = None
+    roster: NodeRoster | None = None
 
 
 def build_strategy(settings: ServerSettings) -> EncryptedFedAvg:
@@ -56,6 +60,7 @@ def build_strategy(settings: ServerSettings) -> EncryptedFedAvg:
         vector_length=settings.vector_length,
         federation=settings.federation,
         on_round=settings.on_round,
+        roster=settings.roster,
     )
 
 

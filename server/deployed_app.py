@@ -18,6 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 from sepals.common.errors import SepalsError
 from sepals.common.log import LOGGER, log
 from sepals.server.config import ServerDeployConfig
+from sepals.server.nodes import read_node_names
+from sepals.server.roster import NodeRoster
 from sepals.server.state import StateDir
 from sepals.server.strategy import EncryptedFedAvg, RoundRecord
 
@@ -64,11 +66,16 @@ def _server_main(grid: Grid, context: Context) -> None:
         min_available_nodes=cfg.min_available_clients,
         round_offset=done,
         round_signer=cfg.signer(codec),
+        # Nodes are named by their authenticated key (STATE/nodes.json, written by
+        # sepals-server at registration), never by the id a reply claims.
+        roster=NodeRoster(
+            default_cap=cfg.default_max_examples,
+            caps=dict(cfg.max_examples),
+            node_names=read_node_names(cfg.state_dir),
+        ),
     )
     if checkpoint is not None:
-        strategy.rng.bit_generator.state = checkpoint.rng_state
-        if checkpoint.payload is not None:
-            strategy.latest_global = checkpoint.arrays()
+        checkpoint.restore(strategy)
 
     def sink(record: RoundRecord) -> None:
         state.save_checkpoint(strategy, record.round)

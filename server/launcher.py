@@ -295,6 +295,8 @@ class ServerLauncher:
 
         Writes ``STATE/nodes.json``, the node id -> client name map the ServerApp uses
         to name (and cap) each node by its authenticated key, never by what it claims.
+        With ``--insecure`` (no node authentication) the map is empty and nothing is
+        registered.
 
         Returns:
             That map.
@@ -308,6 +310,11 @@ class ServerLauncher:
         )
         from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+        if self.insecure:
+            # Without node authentication SuperNodes register themselves under fresh
+            # ids, so no key can be mapped: the ServerApp names nodes by id.
+            atomic_write(self.cfg.state_dir / NODES_FILE, b"{}", secret=True)
+            return {}
         control = self._control()
         wanted: dict[bytes, str] = {}
         for pub in self.cfg.node_keys():

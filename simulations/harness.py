@@ -232,9 +232,11 @@ def run_experiment(
 
     from sepals.client.app import make_client_app
     from sepals.client.training import make_dp_compatible
+    from sepals.common.data import client_example_caps
     from sepals.common.models import num_parameters
     from sepals.common.protocol import read_global_record
     from sepals.server.app import ServerSettings, build_strategy, make_server_app
+    from sepals.server.roster import NodeRoster
     from sepals.server.strategy import RoundRecord
 
     out = Path(config.out)
@@ -298,6 +300,7 @@ def run_experiment(
             progress(row)
         return MetricRecord({"loss": loss, "accuracy": acc})
 
+    caps = client_example_caps(config.dataset, config.clients, config.partition, fed.seed)
     settings = ServerSettings(
         federation=fed,
         encryption=config.encryption,
@@ -305,6 +308,13 @@ def run_experiment(
         vector_length=vector_length,
         on_round=on_round,
         evaluate_fn=evaluate_fn,
+        # The harness runs every client itself, so their claimed names are true; each
+        # may claim at most the examples its partition holds.
+        roster=NodeRoster(
+            trust_claimed_names=True,
+            caps={f"client-{pid}": cap for pid, cap in enumerate(caps)},
+            default_cap=max(caps),
+        ),
     )
     strategy = build_strategy(settings)
     operator_private, operator_public = generate_operator_key()
