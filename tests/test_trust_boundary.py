@@ -143,7 +143,7 @@ def test_outsiders_cannot_control_the_deployment(tmp_path: Path) -> None:
     toml = server_dir / "server.toml"
     text = toml.read_text()
     for old, new in [
-        (r"(?m)^round_timeout = .*", "round_timeout = 60.0"),
+        (r"(?m)^round_timeout = .*", "round_timeout = 150.0"),
         (r"(?m)^fraction_evaluate = .*", "fraction_evaluate = 0.0"),
     ]:
         text = re.sub(old, new, text)
@@ -262,12 +262,18 @@ def test_outsiders_cannot_control_the_deployment(tmp_path: Path) -> None:
         )
         assert metrics(state)[0]["accepted"] == 2
 
-        # No task token or secret appears in any process's command line.
+        # No task token or secret appears in the command line of any process of this
+        # federation (what `ps` shows every local user).
         server_tree = descendants(server.pid)
-        for pid, line in cmdlines().items():
-            assert "--token" not in line, line
-            assert not re.search(r"[0-9a-f]{64,}", line), (pid, line)
-        assert server_tree, "sepals-server started no processes?"
+        ours = server_tree | {p.pid for p in procs}
+        for proc in procs[1:]:
+            ours |= descendants(proc.pid)
+        lines = cmdlines()
+        for pid, line in lines.items():
+            if pid in ours or str(tmp_path) in line:
+                assert "--token" not in line, line
+                assert not re.search(r"[0-9a-f]{64,}", line), (pid, line)
+        assert len(server_tree) >= 3, "SuperLink, front and ServerApp should all run"
         assert not (state / "superexec.secret").exists()
 
         # The operator stops the server mid-federation: nothing it started survives.
