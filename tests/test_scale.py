@@ -191,3 +191,72 @@ def test_coarse_quantization_warns_once(caplog):
     assert coarse.max_quantized < 1024 <= fine.max_quantized
     assert math.isclose(coarse.quant_step, coarse.update_bound / (coarse.max_quantized - 1))
     assert EncryptionConfig(scheme="ckks", max_clients=1000).quant_warning is None
+
+
+def _report(with_round_zero: bool, target: float | None = 8.0) -> dict:
+    rows = [
+        {"round": r, "accuracy": 0.1 * r, "loss": 1.0 / r, "epsilon": 2.0 * r if target else None}
+        for r in range(1, 4)
+    ]
+    report = {
+        "config": {
+            "dataset": "synthetic:1,1",
+            "clients": 1000,
+            "partition": "iid",
+            "codec": "bfv-q2",
+            "federation": {"fraction_train": 0.1},
+            "privacy": {"target_epsilon": target, "delta": 1e-5},
+        },
+        "rounds": rows,
+    }
+    if with_round_zero:
+        rows.insert(0, {"round": 0, "accuracy": 0.09, "loss": 2.3, "epsilon": None})
+    else:
+        report["initial"] = {"accuracy": 0.09, "loss": 2.3}
+    return report
+
+
+@pytest.mark.parametrize("with_round_zero", [True, False])
+def test_plots_have_integer_round_ticks_round_zero_and_a_full_title(
+    tmp_path, monkeypatch, with_round_zero
+):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sepals.simulations import plots
+
+    report = _report(with_round_zero)
+    rows = plots.plot_rows(report)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    title = plots.plot_title(report)
+    assert "epsilon 8" in title and "fraction 0.1" in title and "1000 clients" in title
+
+    captured: list = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", captured.append)  # keep the figures to inspect
+    paths = plots.write_plots(report, tmp_path)
+    assert [p.name for p in paths] == ["accuracy.png", "epsilon.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    for fig in captured:
+        ax = fig.axes[0]
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+        assert 0 in ticks
+        xdata = list(ax.get_lines()[0].get_xdata())
+        assert xdata == [0, 1, 2, 3]
+        assert "fraction 0.1" in ax.get_title()
+        real_close(fig)
+    eps_line = captured[1].axes[0].get_lines()[0]
+    assert eps_line.get_ydata()[0] == 0.0  # no budget spent before round 1
+
+
+def test_epsilon_plot_says_dp_off_only_when_it_is(tmp_path):
+    from sepals.simulations import plots
+
+    off = plots.plot_title(_report(True, target=None))
+    assert "DP off" in off
+    assert "DP off" not in plots.plot_title(_report(True))
+    plots.write_plots(_report(True, target=None), tmp_path)
+    assert (tmp_path / "epsilon.png").exists()
