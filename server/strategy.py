@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import DEBUG, ERROR, INFO, WARNING
 from time import sleep
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from sepals.common.codec import UpdateCodec
-from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.config import EncryptionConfig, FederationConfig, sampled_per_round
 from sepals.common.errors import SepalsError
 from sepals.common.log import log
 from sepals.common.protocol import (
@@ -51,6 +51,9 @@ from sepals.server.replies import (
 from sepals.server.roster import UNCONFIGURED, NodeRoster, RosterError
 
 DIGEST_BYTES = 32  # SHA-256 of an accepted payload
+
+# Stable sampling keys: (grid, connected node ids) -> a key per node id.
+NodeOrder = Callable[[Grid, Sequence[int]], Mapping[int, str]]
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,15 @@ class EncryptedFedAvg(Strategy):
     check does not catch. Its evaluation reports can likewise shift the federated loss
     and accuracy within their ranges, at weight up to its cap.
 
+    Sampling draws from ``numpy.random.default_rng(federation.seed)`` over the connected
+    nodes sorted by :attr:`node_order`'s stable keys (default: by Flower node id). Flower
+    gives nodes random ids, so a reproducible run (same seed, same clients sampled at
+    any fraction) sets :attr:`node_order`; a simulation passes
+    :func:`simulation_node_order`.
+
     """
+
+    node_order: NodeOrder | None = None
 
     def __init__(
         self,
@@ -350,6 +361,9 @@ class EncryptedFedAvg(Strategy):
         ``min_available_nodes`` to connect. If even ``minimum`` nodes are not there by
         then, nobody is sampled: a round that cannot reach its minimum would only make
         clients spend privacy budget for nothing.
+
+        The nodes are ordered by their :attr:`node_order` keys before the draw, so
+        the same keys, seed and history give the same sample whatever Flower's node ids.
         """
         deadline = time.monotonic() + self.node_wait_timeout
         need = max(minimum, self.min_available_nodes)
@@ -372,11 +386,33 @@ class EncryptedFedAvg(Strategy):
                 minimum,
             )
             return []
-        k = min(len(nodes), max(minimum, math.ceil(fraction * len(nodes))))
+        nodes = self._stable_order(grid, nodes)
+        k = sampled_per_round(len(nodes), fraction, minimum)
         if self.max_clients is not None:
             k = min(k, self.max_clients)
         chosen = self.rng.choice(len(nodes), size=k, replace=False)
         return sorted(nodes[i] for i in chosen)
+
+    def _stable_order(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """``nodes`` sorted by their :attr:`node_order` keys (by node id without one).
+
+        Keys that are missing for some node, or not distinct, cannot order the nodes;
+        then the node-id order is kept, with a WARNING (the run goes on, unreproducibly).
+        """
+        if self.node_order is None:
+            return nodes
+        try:
+            keys = self.node_order(grid, nodes)
+            missing = [n for n in nodes if n not in keys]
+            if missing:
+                raise ValueError(f"no stable key for {len(missing)} of {len(nodes)} nodes")
+            if len({keys[n] for n in nodes}) != len(nodes):
+                raise ValueError("stable keys are not distinct")
+        except Exception as exc:  # sampling must go on
+            reason = str(exc)[:200] or type(exc).__name__
+            log(WARNING, "sampling by node id, not reproducible: %s", reason)
+            return nodes
+        return sorted(nodes, key=lambda n: keys[n])
 
     def _messages(
         self, server_round: int, arrays: ArrayRecord, node_ids: list[int], message_type: str
@@ -665,3 +701,27 @@ class EncryptedFedAvg(Strategy):
         if self.on_round is not None:
             self.on_round(record)
         return result
+
+
+def simulation_node_order(grid: Grid, node_ids: Sequence[int]) -> dict[int, str]:
+    """Stable keys of simulated nodes: ``client-K`` for the node of partition ``K``.
+
+    A :data:`NodeOrder` for Flower 1.41's simulation (``run_simulation`` and ``flwr
+    run`` with the simulation runtime). Its ``InMemoryGrid`` holds the in-memory link
+    state in which the simulation engine registered node ``K`` (``partition-id`` ``K``
+    in the node's ``node_config``) as the ``K``-th node (``vce_api._register_nodes``);
+    the link state keeps its nodes in registration order, which this reads. The keys
+    are the ``client-id`` names that sepals' simulated clients report.
+
+    Raises:
+        TypeError: ``grid`` is not a simulation's in-memory grid.
+
+    """
+    state = getattr(grid, "state", None)
+    get_node_info = getattr(state, "get_node_info", None)
+    if get_node_info is None:
+        raise TypeError(
+            f"{type(grid).__name__} is not a simulation grid: its node ids carry no partition ids"
+        )
+    order = {int(info.node_id): pid for pid, info in enumerate(get_node_info())}
+    return {n: f"client-{order[n]}" for n in node_ids if n in order}

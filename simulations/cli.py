@@ -72,7 +72,12 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """Turn parsed flags into a :class:`SimulationConfig` (raises ValueError on bad input)."""
-    from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+    from sepals.common.config import (
+        EncryptionConfig,
+        FederationConfig,
+        PrivacyConfig,
+        sampled_per_round,
+    )
     from sepals.simulations.harness import SimulationConfig
 
     d = DATASET_DEFAULTS[args.dataset]
@@ -99,10 +104,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
         max_grad_norm=pick("max_grad_norm"),
         accountant=args.accountant,
     )
-    # The federation has exactly --clients members, so that is the most updates an
-    # aggregate can hold: the BFV grid is as fine as that bound allows.
+    # An aggregate holds at most the clients sampled in one round (not the federation's
+    # size): the BFV grid is as fine as that bound allows.
     encryption = EncryptionConfig(
-        scheme="none" if args.no_encryption else args.scheme, max_clients=max(args.clients, 1)
+        scheme="none" if args.no_encryption else args.scheme,
+        max_clients=sampled_per_round(max(args.clients, 1), federation.fraction_train, 1),
     )
     return SimulationConfig(
         dataset=args.dataset,

@@ -94,9 +94,13 @@ class SimulationConfig:
             )
         if self.clients < 1:
             raise ValueError(f"clients must be >= 1, got {self.clients}")
-        if self.clients > self.encryption.max_clients and self.encryption.enabled:
+        from sepals.common.config import sampled_per_round
+
+        fed = self.federation
+        per_round = sampled_per_round(self.clients, fed.fraction_train, fed.min_train_clients)
+        if per_round > self.encryption.max_clients and self.encryption.enabled:
             raise ValueError(
-                f"{self.clients} clients exceed "
+                f"{per_round} clients sampled per round exceed "
                 f"encryption.max_clients={self.encryption.max_clients}"
             )
         PartitionSpec.parse(self.partition)

@@ -1,9 +1,40 @@
-"""PNG plots of a simulation report: accuracy and epsilon against round."""
+"""PNG plots of a simulation report: accuracy and epsilon against round.
+
+Rounds are integers and start at round 0, the evaluation of the initial model (a row
+with ``"round": 0`` in ``report["rounds"]``, or ``report["initial"]`` with its
+``accuracy``); no privacy is spent before round 1, so with DP on round 0's epsilon is
+plotted as 0. The title names the dataset, clients, fraction sampled per round,
+partition, privacy target and codec.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+
+def plot_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The report's round rows, sorted, with round 0 first when the report has it."""
+    rows = sorted(report.get("rounds", []), key=lambda r: int(r["round"]))
+    initial = report.get("initial")
+    has_zero = any(int(r["round"]) == 0 for r in rows)
+    if not has_zero and isinstance(initial, dict) and initial.get("accuracy") is not None:
+        rows.insert(0, {"round": 0, "epsilon": None, **initial})
+    return rows
+
+
+def plot_title(report: dict[str, Any]) -> str:
+    """The plots' title: dataset, clients, fraction, partition, epsilon and codec."""
+    cfg = report.get("config", {})
+    fraction = cfg.get("federation", {}).get("fraction_train")
+    target = cfg.get("privacy", {}).get("target_epsilon")
+    delta = cfg.get("privacy", {}).get("delta")
+    dp = "DP off" if target is None else f"epsilon {target:g}, delta {delta:g}"
+    frac = "" if fraction is None else f", fraction {fraction:g}"
+    return (
+        f"{cfg.get('dataset', '?')}, {cfg.get('clients', '?')} clients{frac}, "
+        f"{cfg.get('partition', '?')}\n{dp}, codec {cfg.get('codec', '?')}"
+    )
 
 
 def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
@@ -13,25 +44,38 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in report["rounds"]]
+    rows = plot_rows(report)
+    rounds = [int(r["round"]) for r in rows]
     written: list[Path] = []
-    cfg = report["config"]
-    title = f"{cfg['dataset']}, {cfg['clients']} clients, {cfg['partition']}, codec {cfg['codec']}"
+    cfg = report.get("config", {})
+    title = plot_title(report)
+    target = cfg.get("privacy", {}).get("target_epsilon")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [100 * r["accuracy"] for r in report["rounds"]], marker="o", ms=3)
+    acc = [float("nan") if r.get("accuracy") is None else 100 * r["accuracy"] for r in rows]
+    ax.plot(rounds, acc, marker="o", ms=3)
     ax.set_ylabel("test accuracy (%), held-out split")
     written.append(_save(plt, fig, ax, title, out / "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    eps = [r["epsilon"] for r in report["rounds"]]
-    if any(e is not None for e in eps):
+    eps: list[float | None] = [r.get("epsilon") for r in rows]
+    if target is not None and rounds and rounds[0] == 0 and eps[0] is None:
+        eps[0] = 0.0
+    if target is not None or any(e is not None for e in eps[1:]):
         ax.plot(rounds, [e if e is not None else float("nan") for e in eps], marker="o", ms=3)
-        target = cfg["privacy"]["target_epsilon"]
         if target is not None:
             ax.axhline(target, color="red", ls="--", lw=1, label=f"target epsilon = {target:g}")
             ax.legend()
-        ax.set_ylabel(f"max client epsilon (delta = {cfg['privacy']['delta']:g})")
+        if not any(e is not None for e in eps[1:]):
+            ax.text(
+                0.5,
+                0.5,
+                "no client reported epsilon",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
+        ax.set_ylabel(f"max client epsilon (delta = {cfg.get('privacy', {}).get('delta', 0):g})")
     else:
         ax.text(0.5, 0.5, "DP off", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel("epsilon")
@@ -40,8 +84,11 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _save(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:
-    """Label the round axis, title and grid the plot, write it to ``path`` and close it."""
+    """Label the round axis (integer ticks), title and grid the plot, write and close it."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -225,3 +226,39 @@ def test_config_layout_bounds():
         assert cfg.max_clients * cfg.max_quantized <= cap
         assert cfg.update_bound / cfg.quant_step + 1 <= cfg.max_quantized
         assert 2 * BFV_NOISE_PER_SUMMAND * cfg.max_clients <= 2**cfg.bfv_noise_margin_bits
+
+
+@pytest.mark.parametrize(("plain_bits", "coeff"), [(40, (60, 40)), (60, (60, 60, 40))])
+def test_plain_modulus_never_collides_with_a_coefficient_prime(plain_bits, coeff):
+    """A t of the same bit size as a coefficient prime: SEAL would pick that very prime."""
+    import tenseal.sealapi as seal
+
+    cfg = EncryptionConfig(max_clients=10, plain_modulus_bits=plain_bits, coeff_mod_bit_sizes=coeff)
+    n = cfg.poly_modulus_degree
+    primes = [m.value() for m in seal.CoeffModulus.Create(n, list(coeff))]
+    naive = seal.PlainModulus.Batching(n, plain_bits).value()
+    assert naive in primes  # the collision this guards against is real
+    secret = generate_secret_context(cfg)
+    client = BfvCodec.for_client(secret, cfg)
+    server = BfvCodec.for_server(public_bfv_bundle(secret), cfg)
+    t = client.plain_modulus
+    assert t not in primes and t % (2 * n) == 1 and t.bit_length() == plain_bits
+    assert all(math.gcd(t, q) == 1 for q in primes)
+    rng = np.random.default_rng(plain_bits)
+    length = PER_CT + 5
+    updates = [
+        rng.uniform(-cfg.update_bound, cfg.update_bound, length) for _ in range(cfg.max_clients)
+    ]
+    payloads = [client.encode(x, np.random.default_rng(i)) for i, x in enumerate(updates)]
+    ints = [client.quantize(x, np.random.default_rng(i))[0] for i, x in enumerate(updates)]
+    total = server.aggregate(payloads, expected_length=length)
+    assert client.integer_sum(total).tolist() == np.sum(ints, axis=0).tolist()
+
+
+def test_plain_modulus_unchanged_without_a_collision(bfv_keys):
+    """The default parameters keep SEAL's own batching prime (existing keys stay valid)."""
+    import tenseal.sealapi as seal
+
+    client = BfvCodec.for_client(bfv_keys[0], CFG)
+    n = CFG.poly_modulus_degree
+    assert client.plain_modulus == seal.PlainModulus.Batching(n, CFG.plain_modulus_bits).value()

@@ -125,3 +125,49 @@ def test_progress_line_shows_codec_and_quantization_error(capsys):
     assert "bfv-q2 q-err 1.2e-04" in capsys.readouterr().out
     _progress_line({**row, "codec": "ckks", "quant_error": None}, 30)
     assert "ckks q-err n/a" in capsys.readouterr().out
+
+
+def test_check_client_sizes_refuses_empty_clients_and_warns_below_two_batches():
+    from sepals.common.data import check_client_sizes
+
+    assert check_client_sizes([64, 100], batch_size=32) == []
+    warnings = check_client_sizes([64, 63, 5], batch_size=32)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("client-1 has 63 training examples")
+    assert "client-2" in warnings[1]
+    with pytest.raises(ValueError, match=r"2 of 4 clients get no training example: client-1, c3"):
+        check_client_sizes([5, 0, 7, 0], batch_size=1, names=["c0", "client-1", "c2", "c3"])
+    with pytest.raises(ValueError, match="and 5 more"):
+        check_client_sizes([0] * 15, batch_size=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        check_client_sizes([1], batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("clients", "spec", "match"),
+    [
+        (2000, "iid", "cannot split 1437 examples among 2000 clients"),
+        (800, "shards:2", "1600 shards"),
+        (800, "dirichlet:0.5", "cannot split 1437 examples among 800 clients with partition"),
+    ],
+)
+def test_partition_indices_fails_clearly(clients, spec, match, recwarn):
+    labels = load_dataset("digits").train.y
+    with pytest.raises(ValueError, match=match):
+        partition_indices(labels, clients, PartitionSpec.parse(spec), seed=0)
+    assert not [w for w in recwarn if "flwr_datasets" in str(w.filename)]
+
+
+def test_more_clients_than_test_examples_still_split():
+    """digits at 400 clients: 360 held-out examples, so some clients get no local test."""
+    from sepals.common.data import check_client_sizes, client_example_caps, client_train_sizes
+
+    sizes = client_train_sizes("digits", 400, "iid", 0)
+    assert sum(sizes) == 1437 and min(sizes) >= 3
+    assert len(check_client_sizes(sizes, batch_size=16)) == 400  # all below two batches
+    caps = client_example_caps("digits", 400, "iid", 0)
+    assert min(caps) >= min(sizes)
+    _, test = client_partition("digits", 400, "iid", 0, 399)
+    assert len(test) == 0
+    _, test = client_partition("digits", 400, "iid", 0, 0)
+    assert len(test) == 1
