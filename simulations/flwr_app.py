@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -43,6 +42,7 @@ from typing import Any
 
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
 from sepals.common.data import DATASET_NAMES, PartitionSpec
+from sepals.common.errors import SepalsError
 from sepals.common.log import LOGGER, log
 from sepals.common.plan import FederationPlan
 
@@ -167,13 +167,52 @@ def run_directory(run_id: int) -> Path:
 
 
 def _attach_log_handler() -> None:
-    """Show sepals' INFO lines in the run's log (Flower configures only its own logger)."""
+    """Show sepals' INFO lines in the run's log.
+
+    Flower's simulation process logs the root logger into the run's log; where nothing
+    does, a handler on stderr is added.
+    """
+    LOGGER.setLevel(logging.INFO)
+    if logging.getLogger().handlers:
+        return
     if not any(getattr(h, "_sepals_flwr", False) for h in LOGGER.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s :      [sepals] %(message)s"))
         handler._sepals_flwr = True  # type: ignore[attr-defined]
         LOGGER.addHandler(handler)
-    LOGGER.setLevel(logging.INFO)
+
+
+class RuntimeInstallError(SepalsError):
+    """Flower installed this app's dependencies at run time; sepals runs offline."""
+
+
+def check_no_runtime_install() -> None:
+    """Refuse to run inside an environment that Flower built at run time.
+
+    Flower 1.41 runs ``uv sync`` for an app's dependencies before loading it unless the
+    SuperLink was started with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``; it then
+    puts ``$FLWR_HOME/runtime-envs/<run>`` on ``sys.path``. (The project's
+    ``[tool.uv] offline = true`` keeps that ``uv sync`` from downloading anything.)
+
+    Raises:
+        RuntimeInstallError: such an environment is on ``sys.path``.
+
+    """
+    from flwr.supercore.utils import get_flwr_home
+
+    envs = (get_flwr_home() / "runtime-envs").resolve()
+    for entry in sys.path:
+        try:
+            inside = Path(entry).resolve().is_relative_to(envs)
+        except (OSError, ValueError):
+            continue
+        if inside:
+            raise RuntimeInstallError(
+                "Flower installed this app's dependencies at run time "
+                f"({entry}); run `flwr run .` with "
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 and restart the local "
+                "SuperLink (it keeps the environment it was started with)"
+            )
 
 
 def _wait_for_nodes(grid: Any, timeout: float) -> int:
@@ -217,6 +256,7 @@ def server_main(grid: Any, context: Any) -> None:
 
     Raises:
         ValueError: a bad run config (the message names the key).
+        RuntimeInstallError: Flower installed the app's dependencies at run time.
         NoRoundAggregatedError: no round aggregated any update.
 
     """
@@ -233,6 +273,7 @@ def server_main(grid: Any, context: Any) -> None:
 
     apply_process_env()
     _attach_log_handler()
+    check_no_runtime_install()
     job = FlowerJob.from_run_config(dict(context.run_config))
     fed = job.federation
     clients = _wait_for_nodes(grid, NODE_WAIT_SECONDS)
@@ -337,14 +378,3 @@ def client_runtime(context: Any) -> Any:
         plan=plan,
     )
     return provider(context)
-
-
-def disable_runtime_installs() -> None:
-    """Keep Flower from installing app dependencies at run time, and telemetry off.
-
-    Sets ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` and
-    ``FLWR_TELEMETRY_ENABLED=0`` in this process's environment unless already set;
-    ``flwr run`` passes them on to the local SuperLink it starts.
-    """
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

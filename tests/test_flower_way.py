@@ -7,6 +7,7 @@ directions; the slow test runs ``flwr run .`` itself in Flower's local simulatio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -37,8 +38,8 @@ from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_PAYLOAD, KEY_UPD
 from sepals.server.app import (
     MISMATCH_NOTE,
     NoRoundAggregatedError,
-    ServerSettings,
     SepalsFedAvg,
+    ServerSettings,
     build_strategy,
     require_aggregation,
 )
@@ -214,8 +215,11 @@ def test_sepals_messages_are_not_a_mismatch() -> None:
     strategy = _sepals_strategy()
     for msg in strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid()):  # type: ignore[arg-type]
         assert client_mismatch(msg) is None
-    bare = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
-                   message_type="train")
+    bare = Message(
+        RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=1,
+        message_type="train",
+    )
     assert client_mismatch(bare) is not None
     assert client_mismatch(Message(RecordDict(), dst_node_id=1, message_type="train")) is not None
 
@@ -239,7 +243,7 @@ def test_pyproject_names_real_flower_apps() -> None:
 
 
 def test_job_config_is_checked() -> None:
-    with pytest.raises(ValueError, match="unknown run config key.*'round'"):
+    with pytest.raises(ValueError, match=r"unknown run config key.*'round'"):
         FlowerJob.from_run_config({"round": 3})
     with pytest.raises(ValueError, match="'rounds' must be an integer"):
         FlowerJob.from_run_config({"rounds": 2.5})
@@ -329,13 +333,18 @@ def _pids_mentioning(text: str) -> list[int]:
     return pids
 
 
-def _freeze(python: str) -> str:
-    return subprocess.run(
-        [python, "-m", "pip", "freeze", "--disable-pip-version-check"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+def _installed() -> list[tuple[str, str]]:
+    """Every distribution installed in this environment, as ``(name, version)``."""
+    import importlib.metadata
+
+    return sorted((str(d.metadata["Name"]), d.version) for d in importlib.metadata.distributions())
+
+
+def _stop(pids: list[int]) -> None:
+    for pid in pids:
+        if pid != os.getpid():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
 
 
 @pytest.fixture
@@ -347,33 +356,28 @@ def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "HF_HUB_OFFLINE": "1",
+        # A private local SuperLink: its own ports, so no one else's is reused.
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     yield env
-    # `flwr run` leaves its local SuperLink running, detached; stop everything that
-    # runs with our private FLWR_HOME.
-    for pid in _pids_mentioning(home):
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except OSError:
-            pass
+    # Whatever a failed test left running with our private FLWR_HOME.
+    _stop(_pids_mentioning(home))
     deadline = time.monotonic() + 15
     while _pids_mentioning(home) and time.monotonic() < deadline:
         time.sleep(0.3)
     for pid in _pids_mentioning(home):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+        if pid != os.getpid():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
 def test_flwr_run_trains_the_default_job_offline(flwr_env: dict[str, str]) -> None:
     flwr = shutil.which("flwr", path=flwr_env["PATH"])
     assert flwr is not None
-    before = _freeze(sys.executable)
+    before = _installed()
     proc = subprocess.run(
         [
             flwr,
@@ -401,7 +405,35 @@ def test_flwr_run_trains_the_default_job_offline(flwr_env: dict[str, str]) -> No
     assert 0.0 < eps <= 8.0
     assert "federated accuracy" in line and "n/a" not in line
     assert "Installing application dependencies" not in out
-    assert _freeze(sys.executable) == before
+    assert _installed() == before
     assert not list((Path(flwr_env["FLWR_HOME"])).glob("runtime-envs/*"))
-    # The secret context was removed with the run; no plaintext model file was left.
+    # The secret context was removed with the run.
     assert not list(Path(flwr_env["FLWR_HOME"]).glob("sepals-runs/*/keys/clients.secret"))
+    # Flower 1.41 leaves its local SuperLink (and its SuperExec) running, detached; the
+    # run itself (simulation process, Ray, provisioner) left nothing behind.
+    home = flwr_env["FLWR_HOME"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = {pid: _cmdline(pid) for pid in _pids_mentioning(home)}
+        others = [c for c in left.values() if not _is_local_superlink(c)]
+        if not others:
+            break
+        time.sleep(0.5)
+    assert not others, others
+    assert any("flower-superlink" in c for c in left.values()), left
+    _stop(list(left))
+    deadline = time.monotonic() + 20
+    while _pids_mentioning(home) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _pids_mentioning(home) == []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _is_local_superlink(cmdline: str) -> bool:
+    return "flower-superlink" in cmdline or "flower-superexec" in cmdline
