@@ -256,6 +256,20 @@ def test_job_config_is_checked() -> None:
     assert FlowerJob.from_run_config({"fraction-train": 0.5}).encryption(10).max_clients == 5
 
 
+def test_a_runtime_installed_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sepals.simulations.flwr_app import RuntimeInstallError, check_no_runtime_install
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    check_no_runtime_install()  # control: nothing installed
+    site = tmp_path / "runtime-envs" / "123" / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(site))
+    with pytest.raises(RuntimeInstallError, match="FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"):
+        check_no_runtime_install()
+
+
 def test_flwr_serverapp_fails_when_no_round_aggregates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
