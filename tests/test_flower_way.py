@@ -407,13 +407,13 @@ def test_flwr_run_trains_the_default_job_offline(flwr_env: dict[str, str]) -> No
         env=flwr_env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=400,  # 141-172 s measured on the shared 2-core machine (load 5-9)
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Successfully started run" in out, out[-4000:]
     assert "2 of 2 rounds aggregated" in out, out[-4000:]
-    assert "codec bfv" in out or "bfv" in out
+    assert "epsilon 8.0, encryption bfv" in out, out[-4000:]
     line = next(ln for ln in out.splitlines() if "rounds aggregated" in ln)
     eps = float(line.split("epsilon ")[1].split()[0])
     assert 0.0 < eps <= 8.0
