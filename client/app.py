@@ -4,6 +4,14 @@
 the runtime from Flower's ``Context``) to a ``ClientApp``. The privacy ledger lives in
 ``Context.state`` (kept by the SuperNode across rounds) and, when the runtime names a
 ledger file, on disk as well.
+
+A message that does not follow the sepals protocol (a stock Flower strategy such as
+``FedAvg`` sends ``arrays`` and a ``config`` without the sepals round fields) gets one
+error reply naming the protocol mismatch, before the client loads anything.
+
+``app`` is the ClientApp that ``flwr run .`` loads (``[tool.flwr.app.components]`` in
+the project's ``pyproject.toml``); its clients are built by
+:func:`sepals.simulations.flwr_app.client_runtime`.
 """
 
 from __future__ import annotations
@@ -47,6 +55,45 @@ from sepals.common.protocol import (
 
 RuntimeProvider = Callable[[Context], ClientRuntime]
 LEDGER_STATE_KEY = "sepals-ledger"
+
+# Error code of the reply to a message that does not follow the sepals protocol.
+ERR_PROTOCOL_MISMATCH = 4105
+PROTOCOL_MISMATCH_REASON = (
+    "protocol mismatch: this is a sepals client; the server is not a sepals server"
+)
+# Round-config fields only a sepals server sends (a stock config has 'server-round').
+_SEPALS_CONFIG_FIELDS = ("codec", "key-fingerprint", "vector-length")
+
+
+def protocol_mismatch(msg: Message) -> str | None:
+    """What makes ``msg`` a message from a non-sepals server, or ``None`` if nothing does.
+
+    A sepals train or evaluate message carries a ``config`` ConfigRecord with the sepals
+    round fields and a ``global`` ArrayRecord (empty in round 1), and no other
+    ArrayRecord. A stock Flower strategy sends ``arrays`` and a ``config`` without them.
+    """
+    content = msg.content
+    config = content.config_records.get(KEY_CONFIG)
+    if config is None:
+        return f"message lacks the sepals {KEY_CONFIG!r} record"
+    missing = [k for k in _SEPALS_CONFIG_FIELDS if k not in config]
+    if missing:
+        return f"round config lacks the sepals field(s) {', '.join(map(repr, missing))}"
+    others = sorted(str(k) for k in content.array_records if k != KEY_GLOBAL)
+    if others:
+        return f"message carries ArrayRecord {others[0]!r} instead of the sepals {KEY_GLOBAL!r}"
+    return None
+
+
+def _mismatch_reply(msg: Message, context: Context, detail: str) -> Message:
+    log(
+        WARNING,
+        "node %s: %s (%s)",
+        context.node_id,
+        PROTOCOL_MISMATCH_REASON,
+        detail,
+    )
+    return Message(Error(code=ERR_PROTOCOL_MISMATCH, reason=PROTOCOL_MISMATCH_REASON), reply_to=msg)
 
 
 def load_ledger(context: Context, runtime: ClientRuntime) -> PrivacyLedger:
@@ -142,6 +189,10 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        mismatch = protocol_mismatch(msg)
+        if mismatch is not None:
+            return _mismatch_reply(msg, context, mismatch)
+
         def work() -> Message:
             runtime = provider(context)
             client = client_for(runtime)
@@ -171,6 +222,10 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        mismatch = protocol_mismatch(msg)
+        if mismatch is not None:
+            return _mismatch_reply(msg, context, mismatch)
+
         def work() -> Message:
             runtime = provider(context)
             client = client_for(runtime)
@@ -190,3 +245,13 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
         return _guarded(msg, context, "evaluate", work)
 
     return app
+
+
+def _flower_runtime(context: Context) -> ClientRuntime:
+    """The runtime of a node in ``flwr run .``'s default job (imported lazily)."""
+    from sepals.simulations.flwr_app import client_runtime
+
+    return client_runtime(context)
+
+
+app = make_client_app(_flower_runtime)

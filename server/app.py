@@ -5,24 +5,39 @@
 HE context (a secret one is refused) and never holds a plaintext model: the initial
 model is built by every client from a shared seed, and every later global model is a
 ciphertext sum.
+
+``app`` is the ServerApp that ``flwr run .`` loads (``[tool.flwr.app.components]`` in
+the project's ``pyproject.toml``): it runs the default job of
+:mod:`sepals.simulations.flwr_app` in Flower's local simulation. The strategy that
+:func:`build_strategy` returns recognises replies from a stock Flower ClientApp and
+excludes them with one clear reason (a protocol mismatch) instead of a traceback.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from logging import INFO
+from logging import DEBUG, ERROR, INFO
+from typing import Any
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from sepals.common.codec import make_server_codec
 from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.errors import SepalsError
 from sepals.common.log import log
+from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
 from sepals.server.roster import NodeRoster
 from sepals.server.strategy import EncryptedFedAvg, RoundRecord
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+
+# Flower's error code for a reply whose ClientApp raised (flwr.common.constant.ErrorCode).
+_CLIENT_APP_RAISED = 2
+# Records that a stock Flower app reads or writes and a sepals party never does.
+_STOCK_RECORDS = ("arrays", "config")
+MISMATCH_NOTE = "protocol mismatch: not a sepals client"
 
 
 @dataclass(frozen=True)
@@ -52,10 +67,145 @@ class ServerSettings:
     roster: NodeRoster | None = None
 
 
+class NoRoundAggregatedError(SepalsError):
+    """A run ended without any round adding an update: nothing was trained."""
+
+
+def protocol_mismatch(msg: Message) -> str | None:
+    """Why ``msg`` comes from a stock Flower ClientApp rather than a sepals one, or ``None``.
+
+    Two signs, each of which a sepals client never shows (it turns every failure into
+    an error reply of its own): an error reply saying that the ClientApp raised on a
+    stock Flower record name (``'arrays'`` or ``'config'``: a ``KeyError`` from looking
+    for Flower's records in a sepals message), and a normal reply
+    that lacks the sepals ``update`` record but carries an ArrayRecord under another
+    name (Flower's ``arrays``). Anything else is left to the strategy's own checks.
+    """
+    try:
+        if msg.has_error():
+            code = msg.error.code
+            reason = str(msg.error.reason or "")
+            # Flower's reason quotes only str(exc), which for KeyError('arrays') is "'arrays'".
+            if code == _CLIENT_APP_RAISED:
+                for key in _STOCK_RECORDS:
+                    if f"'{key}'" in reason or f'"{key}"' in reason:
+                        return (
+                            f"{MISMATCH_NOTE}: its ClientApp looked for Flower's '{key}' "
+                            "record, which a sepals message does not carry"
+                        )
+            return None
+        content = msg.content
+        if KEY_UPDATE in content.array_records or KEY_CLIENT in content.config_records:
+            return None
+        others = sorted(str(k) for k in content.array_records)
+        if others:
+            return (
+                f"{MISMATCH_NOTE}: reply lacks the sepals '{KEY_UPDATE}' record "
+                f"(it carries ArrayRecord '{others[0]}')"
+            )
+        if KEY_METRICS not in content.metric_records and len(content) > 0:
+            return f"{MISMATCH_NOTE}: reply carries none of the sepals records"
+    except Exception:
+        return None
+    return None
+
+
+def _node_of(msg: Message) -> int:
+    try:
+        node = msg.metadata.src_node_id
+        return node if isinstance(node, int) and not isinstance(node, bool) else -1
+    except Exception:
+        return -1
+
+
+class SepalsFedAvg(EncryptedFedAvg):
+    """:class:`EncryptedFedAvg` that names a stock Flower ClientApp a protocol mismatch.
+
+    A reply that :func:`protocol_mismatch` recognises is excluded before the
+    strategy's checks, with that one reason; it is logged once per node at ``ERROR``
+    (later rounds record it in the round's ``excluded`` without logging again).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mismatched_nodes: dict[int, str] = {}
+
+    def _split(self, replies: Iterable[Message]) -> tuple[list[Message], list[tuple[int, str]]]:
+        keep: list[Message] = []
+        mismatched: list[tuple[int, str]] = []
+        for msg in replies:
+            reason = protocol_mismatch(msg)
+            if reason is None:
+                keep.append(msg)
+                continue
+            node = _node_of(msg)
+            mismatched.append((node, reason))
+            if node not in self.mismatched_nodes:
+                self.mismatched_nodes[node] = reason
+                log(ERROR, "node %s is excluded: %s", node, reason)
+            else:
+                log(DEBUG, "node %s: %s", node, reason)
+        return keep, mismatched
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Exclude stock-Flower replies with a clear reason, then aggregate the rest."""
+        keep, mismatched = self._split(replies)
+        result = super().aggregate_train(server_round, keep)
+        record = self.current_round
+        if record is not None and mismatched:
+            record.replied += len(mismatched)
+            record.excluded.extend(mismatched)
+        return result
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Exclude stock-Flower evaluation replies with a clear reason, then average."""
+        keep, mismatched = self._split(replies)
+        record = self.current_round
+        if record is not None:
+            record.eval_excluded.extend(mismatched)
+        return super().aggregate_evaluate(server_round, keep)
+
+
+def require_aggregation(strategy: EncryptedFedAvg) -> None:
+    """Raise unless some round of ``strategy``'s run added at least one update.
+
+    Raises:
+        NoRoundAggregatedError: no round aggregated; the message says why the updates
+            were missing (protocol mismatch, exclusions, declines or silence).
+
+    """
+    history = strategy.history
+    if any(r.aggregated for r in history):
+        return
+    reasons: dict[str, int] = {}
+    for record in history:
+        for _node, reason in [*record.excluded, *record.declined]:
+            reasons[reason] = reasons.get(reason, 0) + 1
+    mismatched = strategy.mismatched_nodes if isinstance(strategy, SepalsFedAvg) else {}
+    if mismatched:
+        why = f"{len(mismatched)} node(s) are not sepals clients ({MISMATCH_NOTE})"
+    elif reasons:
+        top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+        why = "replies excluded or declined: " + "; ".join(f"{r} (x{n})" for r, n in top)
+    else:
+        why = "no valid update arrived in any round"
+    raise NoRoundAggregatedError(
+        f"no round aggregated any update in {len(history)} round(s): {why}"
+    )
+
+
 def build_strategy(settings: ServerSettings) -> EncryptedFedAvg:
-    """The strategy for ``settings``; refuses a secret HE context."""
+    """The strategy for ``settings``; refuses a secret HE context.
+
+    It is a :class:`SepalsFedAvg`, so a stock Flower ClientApp's replies are excluded
+    with a protocol-mismatch reason.
+    """
     codec = make_server_codec(settings.encryption, settings.public_context)
-    return EncryptedFedAvg(
+    return SepalsFedAvg(
         codec=codec,
         vector_length=settings.vector_length,
         federation=settings.federation,
@@ -90,3 +240,20 @@ def make_server_app(settings: ServerSettings, strategy: EncryptedFedAvg | None =
         )
 
     return app
+
+
+app = ServerApp()
+
+
+@app.main()
+def _flower_main(grid: Grid, context: Context) -> None:
+    """The ServerApp of ``flwr run .``: the default job (see :mod:`sepals.simulations.flwr_app`).
+
+    Imported lazily so that importing this module stays light. The ServerApp only ever
+    holds the public HE context: a provisioning subprocess writes the clients' secret
+    context. It raises :class:`NoRoundAggregatedError` when no round aggregated, so
+    that Flower marks the run failed.
+    """
+    from sepals.simulations.flwr_app import server_main
+
+    server_main(grid, context)

@@ -1,0 +1,380 @@
+"""The default job of ``flwr run .``: sepals as a Flower app in Flower's local simulation.
+
+The project's ``pyproject.toml`` names ``sepals.server.app:app`` and
+``sepals.client.app:app`` as its Flower components; both call into this module. The job
+is the one ``sepals-sim`` runs by default: digits, IID, DP-SGD at epsilon 8 and BFV
+encryption, with every setting in ``[tool.flwr.app.config]`` (override them with
+``flwr run . --run-config "rounds=5 epsilon=4.0"``). The federation size is Flower's
+(``--federation-config "num-supernodes=N"``); node ``i`` of ``N`` trains on partition
+``i`` of ``N``.
+
+The parties stay apart as in :mod:`sepals.simulations.harness`:
+
+* the ServerApp (:func:`server_main`) asks a provisioning subprocess for the HE keys;
+  the subprocess writes the clients' secret context to ``RUN/keys/clients.secret``
+  (mode 0600) and hands back only the public context, so the ServerApp process never
+  holds a secret key. ``RUN`` is ``$FLWR_HOME/sepals-runs/<run id>``;
+* the ServerApp, as the operator, fixes a signed
+  :class:`~sepals.common.plan.FederationPlan` and writes it to ``RUN/plan.json``; it signs
+  every round with a fresh operator key that never leaves its process;
+* every ClientApp (:func:`client_runtime`) reads the plan and the secret context from
+  ``RUN`` and serves only the rounds the plan allows. The secret file is deleted when
+  the ServerApp ends.
+
+Evaluation is federated: clients decrypt the global model and report accuracy on their
+local test split, which Flower logs as the round's aggregated evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import math
+import multiprocessing
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.data import DATASET_NAMES, PartitionSpec
+from sepals.common.errors import SepalsError
+from sepals.common.log import LOGGER, log
+from sepals.common.plan import FederationPlan
+
+RUNS_DIR = "sepals-runs"
+PLAN_FILE = "plan.json"
+JOB_FILE = "job.json"
+SECRET_FILE = "clients.secret"
+NODE_WAIT_SECONDS = 60.0
+
+# Run-config keys and their types; defaults live in the pyproject's [tool.flwr.app.config].
+_INT_KEYS = ("rounds", "min-train-clients", "local-epochs", "batch-size", "seed")
+_FLOAT_KEYS = ("fraction-train", "fraction-evaluate", "lr", "epsilon", "delta", "max-grad-norm")
+_STR_KEYS = ("dataset", "partition", "scheme", "accountant")
+RUN_CONFIG_KEYS = _INT_KEYS + _FLOAT_KEYS + _STR_KEYS
+
+
+def _get(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    value = config.get(key, default)
+    if key in _INT_KEYS and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ValueError(f"run config {key!r} must be an integer, got {value!r}")
+    if key in _FLOAT_KEYS:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"run config {key!r} must be a number, got {value!r}")
+        value = float(value)
+    if key in _STR_KEYS and not isinstance(value, str):
+        raise ValueError(f"run config {key!r} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FlowerJob:
+    """The settings of a ``flwr run .`` job.
+
+    Attributes:
+        dataset: A bundled dataset (``digits``, ``breast_cancer``, ``mnist5k``).
+        partition: ``iid``, ``dirichlet:ALPHA`` or ``shards:K``.
+        federation: Rounds, sampling and local training.
+        privacy: Every client's budget (``target_epsilon=None``: DP off).
+        scheme: ``bfv``, ``ckks`` or ``none`` (encryption off).
+
+    """
+
+    dataset: str = "digits"
+    partition: str = "iid"
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    scheme: str = "bfv"
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(
+                f"run config 'dataset' must be one of {', '.join(DATASET_NAMES)}, "
+                f"got {self.dataset!r}"
+            )
+        PartitionSpec.parse(self.partition)
+        if self.scheme not in ("bfv", "ckks", "none"):
+            raise ValueError(f"run config 'scheme' must be bfv, ckks or none, got {self.scheme!r}")
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> FlowerJob:
+        """The job that Flower's run config describes (missing keys take the defaults).
+
+        Raises:
+            ValueError: an unknown key, a value of the wrong type, or a bad setting; the
+                message names the key.
+
+        """
+        unknown = sorted(set(config) - set(RUN_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(
+                f"unknown run config key(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(RUN_CONFIG_KEYS)}"
+            )
+        fed = FederationConfig()
+        priv = PrivacyConfig()
+        epsilon = _get(config, "epsilon", 8.0)
+        if epsilon < 0:
+            raise ValueError(f"run config 'epsilon' must be >= 0 (0 turns DP off), got {epsilon}")
+        federation = FederationConfig(
+            rounds=_get(config, "rounds", 30),
+            fraction_train=_get(config, "fraction-train", 1.0),
+            min_train_clients=_get(config, "min-train-clients", 1),
+            fraction_evaluate=_get(config, "fraction-evaluate", 1.0),
+            local_epochs=_get(config, "local-epochs", 1),
+            batch_size=_get(config, "batch-size", 16),
+            learning_rate=_get(config, "lr", 0.2),
+            momentum=fed.momentum,
+            seed=_get(config, "seed", 0),
+        )
+        privacy = PrivacyConfig(
+            target_epsilon=epsilon if epsilon > 0 else None,
+            delta=_get(config, "delta", priv.delta),
+            max_grad_norm=_get(config, "max-grad-norm", 1.0),
+            accountant=_get(config, "accountant", priv.accountant),
+        )
+        return cls(
+            dataset=_get(config, "dataset", "digits"),
+            partition=_get(config, "partition", "iid"),
+            federation=federation,
+            privacy=privacy,
+            scheme=_get(config, "scheme", "bfv"),
+        )
+
+    def sampled_per_round(self, clients: int) -> int:
+        """How many of ``clients`` nodes the strategy samples in a round."""
+        fed = self.federation
+        return min(clients, max(fed.min_train_clients, math.ceil(fed.fraction_train * clients)))
+
+    def encryption(self, clients: int) -> EncryptionConfig:
+        """Encryption sized for the updates one aggregate holds with ``clients`` nodes."""
+        return EncryptionConfig(
+            scheme=self.scheme,  # type: ignore[arg-type]
+            max_clients=max(1, self.sampled_per_round(clients)),
+        )
+
+
+def run_directory(run_id: int) -> Path:
+    """``$FLWR_HOME/sepals-runs/<run_id>``: where a run's plan and client key live."""
+    from flwr.supercore.utils import get_flwr_home
+
+    return get_flwr_home() / RUNS_DIR / str(int(run_id))
+
+
+def _attach_log_handler() -> None:
+    """Show sepals' INFO lines in the run's log.
+
+    Flower's simulation process logs the root logger into the run's log; where nothing
+    does, a handler on stderr is added.
+    """
+    LOGGER.setLevel(logging.INFO)
+    if logging.getLogger().handlers:
+        return
+    if not any(getattr(h, "_sepals_flwr", False) for h in LOGGER.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s :      [sepals] %(message)s"))
+        handler._sepals_flwr = True  # type: ignore[attr-defined]
+        LOGGER.addHandler(handler)
+
+
+class RuntimeInstallError(SepalsError):
+    """Flower installed this app's dependencies at run time; sepals runs offline."""
+
+
+def check_no_runtime_install() -> None:
+    """Refuse to run inside an environment that Flower built at run time.
+
+    Flower 1.41 runs ``uv sync`` for an app's dependencies before loading it unless the
+    SuperLink was started with ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``; it then
+    puts ``$FLWR_HOME/runtime-envs/<run>`` on ``sys.path``. (The project's
+    ``[tool.uv] offline = true`` keeps that ``uv sync`` from downloading anything.)
+
+    Raises:
+        RuntimeInstallError: such an environment is on ``sys.path``.
+
+    """
+    from flwr.supercore.utils import get_flwr_home
+
+    envs = (get_flwr_home() / "runtime-envs").resolve()
+    for entry in sys.path:
+        try:
+            inside = Path(entry).resolve().is_relative_to(envs)
+        except (OSError, ValueError):
+            continue
+        if inside:
+            raise RuntimeInstallError(
+                "Flower installed this app's dependencies at run time "
+                f"({entry}); run `flwr run .` with "
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 and restart the local "
+                "SuperLink (it keeps the environment it was started with)"
+            )
+
+
+def _wait_for_nodes(grid: Any, timeout: float) -> int:
+    """The number of connected nodes, once it is positive and has settled."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if count > 0 and count == last:
+            return count
+        if time.monotonic() > deadline:
+            if count > 0:
+                return count
+            raise RuntimeError(f"no SuperNode connected within {timeout:.0f} s")
+        last = count
+        time.sleep(0.5)
+
+
+def provision_keys(encryption: EncryptionConfig, keys_dir: Path) -> tuple[str | None, bytes | None]:
+    """Create the run's HE keys in a subprocess: ``(secret file, public context)``.
+
+    The subprocess (:func:`sepals.simulations.harness._provision_keys`) writes the secret
+    context to ``keys_dir/clients.secret`` with mode 0600 and returns only the public
+    context, so the caller's process never holds the secret key. ``(None, None)`` when
+    encryption is off.
+    """
+    if not encryption.enabled:
+        return None, None
+    from sepals.simulations.harness import _provision_keys
+
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret_path = str((keys_dir / SECRET_FILE).resolve())
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(1, mp_context=ctx) as provisioner:
+        public = provisioner.submit(_provision_keys, encryption, secret_path).result()
+    return secret_path, public
+
+
+def server_main(grid: Any, context: Any) -> None:
+    """Run the default job as the ServerApp of ``flwr run .``.
+
+    Raises:
+        ValueError: a bad run config (the message names the key).
+        RuntimeInstallError: Flower installed the app's dependencies at run time.
+        NoRoundAggregatedError: no round aggregated any update.
+
+    """
+    from flwr.app import ArrayRecord
+
+    from sepals.client.training import make_dp_compatible
+    from sepals.common.data import client_example_caps, load_dataset
+    from sepals.common.files import atomic_write
+    from sepals.common.models import num_parameters
+    from sepals.common.plan import OperatorSigner, generate_operator_key
+    from sepals.server.app import ServerSettings, build_strategy, require_aggregation
+    from sepals.server.roster import NodeRoster
+    from sepals.simulations.harness import apply_process_env
+
+    apply_process_env()
+    _attach_log_handler()
+    check_no_runtime_install()
+    job = FlowerJob.from_run_config(dict(context.run_config))
+    fed = job.federation
+    clients = _wait_for_nodes(grid, NODE_WAIT_SECONDS)
+    encryption = job.encryption(clients)
+    run_dir = run_directory(context.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log(
+        INFO,
+        "sepals flwr app: %s on %s nodes (%s), %s rounds, epsilon %s, encryption %s",
+        job.dataset,
+        clients,
+        job.partition,
+        fed.rounds,
+        job.privacy.target_epsilon if job.privacy.enabled else "off",
+        encryption.scheme,
+    )
+    data = load_dataset(job.dataset, fed.seed)
+    vector_length = num_parameters(make_dp_compatible(data.model_factory())())
+    secret_path, public_context = provision_keys(encryption, run_dir / "keys")
+    try:
+        caps = client_example_caps(job.dataset, clients, job.partition, fed.seed)
+        settings = ServerSettings(
+            federation=fed,
+            encryption=encryption,
+            public_context=public_context,
+            vector_length=vector_length,
+            # Flower's simulation runs every client from this app, so the names they
+            # claim are true; each may claim at most the examples its partition holds.
+            roster=NodeRoster(
+                trust_claimed_names=True,
+                caps={f"client-{pid}": cap for pid, cap in enumerate(caps)},
+                default_cap=max(caps),
+            ),
+        )
+        strategy = build_strategy(settings)
+        operator_private, operator_public = generate_operator_key()
+        plan = FederationPlan.create(
+            fed, strategy.codec.name, strategy.codec.fingerprint_hex, vector_length, operator_public
+        )
+        strategy.round_signer = OperatorSigner(operator_private, plan.federation_id)
+        plan.save(run_dir / PLAN_FILE)
+        job_record = {"clients": clients, "secret": secret_path, "scheme": encryption.scheme}
+        atomic_write(run_dir / JOB_FILE, json.dumps(job_record).encode())
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(),
+            num_rounds=fed.rounds,
+            timeout=fed.round_timeout,
+        )
+    finally:
+        if secret_path is not None:
+            Path(secret_path).unlink(missing_ok=True)
+    aggregated = sum(1 for r in strategy.history if r.aggregated)
+    eps = [r.max_epsilon for r in strategy.history if r.max_epsilon is not None]
+    accs = [r.federated_accuracy for r in strategy.history if r.federated_accuracy is not None]
+    log(
+        INFO,
+        "sepals flwr app: %s of %s rounds aggregated | epsilon %s | federated accuracy %s",
+        aggregated,
+        len(strategy.history),
+        f"{max(eps):.3f}" if eps else "off",
+        f"{100 * accs[-1]:.2f}%" if accs else "n/a",
+    )
+    require_aggregation(strategy)
+
+
+def client_runtime(context: Any) -> Any:
+    """The :class:`~sepals.client.core.ClientRuntime` of a node in ``flwr run .``'s job.
+
+    Node ``partition-id`` of ``num-partitions`` (Flower's simulation node config) trains
+    on that partition of the job's dataset. The plan and the secret context come from the
+    run directory the ServerApp's provisioning step wrote.
+
+    Raises:
+        ValueError: the run directory lacks the plan or job file, or the node config
+            lacks the partition fields.
+
+    """
+    from sepals.simulations.harness import SimulatedClientProvider
+
+    job = FlowerJob.from_run_config(dict(context.run_config))
+    run_dir = run_directory(context.run_id)
+    try:
+        record = json.loads((run_dir / JOB_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"no sepals job in {run_dir}: {exc}") from exc
+    plan = FederationPlan.load(run_dir / PLAN_FILE)
+    node_config = context.node_config
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise ValueError("node config lacks 'partition-id' / 'num-partitions'")
+    clients = int(node_config["num-partitions"])
+    if clients != int(record["clients"]):
+        raise ValueError(f"node config has {clients} partitions, the job {record['clients']}")
+    provider = SimulatedClientProvider(
+        dataset=job.dataset,
+        clients=clients,
+        partition=job.partition,
+        seed=job.federation.seed,
+        privacy=job.privacy,
+        encryption=job.encryption(clients),
+        secret_path=record["secret"],
+        plan=plan,
+    )
+    return provider(context)
