@@ -6,16 +6,25 @@ are standardized with the statistics of the training split only.
 
 Simulate it from the command line::
 
-    sepals-sim --app examples/regression_app.py:make_app --clients 5 --rounds 10
+    sepals-sim --app examples/regression_app.py:make_app --clients 5 --rounds 10 \
+        --lr 0.1 --batch-size 16
 
 or from Python (``python examples/regression_app.py`` runs exactly this)::
 
     from sepals.simulations import simulate
 
     report, model = simulate(
-        "examples/regression_app.py:make_app", clients=5, rounds=10, out="runs/diabetes"
+        "examples/regression_app.py:make_app",
+        clients=5,
+        rounds=10,
+        learning_rate=0.1,
+        batch_size=16,
+        out="runs/diabetes",
     )
     print(report["initial"]["metric"], "->", report["final"]["metric"])
+
+``model`` is a ``torch.nn.Module`` holding the final global weights, which the
+evaluator decrypted and saved to ``runs/diabetes/model.pt``.
 """
 
 from __future__ import annotations
@@ -79,6 +88,11 @@ if __name__ == "__main__":
     from sepals.simulations import simulate
 
     report, model = simulate(
-        "examples/regression_app.py:make_app", clients=5, rounds=10, out="runs/diabetes"
+        "examples/regression_app.py:make_app",
+        clients=5,
+        rounds=10,
+        learning_rate=0.1,
+        batch_size=16,
+        out="runs/diabetes",
     )
     print(report["initial"]["metric"], "->", report["final"]["metric"])

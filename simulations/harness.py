@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import functools
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -38,7 +39,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -529,18 +530,16 @@ def _named(
     return [{"client": names(n), "reason": clean_reason(reason, limit)} for n, reason in pairs]
 
 
-def _wait_for_workers(cpus: int, timeout: float = 180.0) -> None:
-    """Block until Ray is up and its client actors hold their CPUs (or ``timeout``)."""
+def _wait_for_workers(actors: int, timeout: float = 180.0) -> None:
+    """Block until Ray is up and ``actors`` client actors are alive (or ``timeout``)."""
     import ray
+    from ray._private import state
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if ray.is_initialized():
-                total = ray.cluster_resources().get("CPU", 0.0)
-                free = ray.available_resources().get("CPU", 0.0)
-                if total > 0 and free < 1.0:
-                    return
+            if ray.is_initialized() and len(state.actors(actor_state_name="ALIVE")) >= actors:
+                return
         except Exception:  # Ray still starting: try again
             pass
         time.sleep(0.2)
@@ -691,6 +690,7 @@ def run_experiment(
             "excluded": _named(rec.excluded, name_of),
             "federated_accuracy": rec.federated_accuracy,
             "federated_loss": rec.federated_loss,
+            "federated_metric": rec.federated_metric,
             "aggregate_seconds": rec.aggregate_seconds,
             "codec": rec.codec,
             "quant_error": rec.quant_error,
@@ -742,7 +742,14 @@ def run_experiment(
     backend_config = {
         # On a GPU, the clients running at once share it.
         "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / cpus if on_gpu else 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR"},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            # Worker logs (ANSI-coloured, per actor) reach the terminal only when the
+            # sepals logger is verbose; round lines name every failure anyway.
+            "log_to_driver": logging.getLogger("sepals").isEnabledFor(INFO),
+        },
     }
     model_path = out / "model.pt"
     try:

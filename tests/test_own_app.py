@@ -217,6 +217,17 @@ def test_cli_takes_the_apps_privacy_unless_told():
     assert cli.config_from_args(cli.build_parser().parse_args([])).privacy.target_epsilon == 8.0
 
 
+def test_server_accepts_an_apps_own_metric_in_evaluate_replies():
+    from sepals.server.replies import ReplyRejected, parse_eval_metrics
+
+    m = parse_eval_metrics({"num-examples": 5, "loss": 0.3, "metric": -2.5}, 10)
+    assert (m.accuracy, m.metric) == (None, -2.5)
+    with pytest.raises(ReplyRejected, match="metric must be a finite number"):
+        parse_eval_metrics({"num-examples": 5, "loss": 0.3, "metric": float("nan")}, 10)
+    with pytest.raises(ReplyRejected, match="accuracy must be"):
+        parse_eval_metrics({"num-examples": 5, "loss": 0.3}, 10)
+
+
 def test_simulate_rejects_what_is_not_an_app():
     from sepals.simulations import simulate
 
@@ -312,7 +323,10 @@ def test_simulate_an_edge_app_object_with_client_data(tmp_path):
     report, model = simulate(
         app, clients=2, rounds=3, encryption="none", out=tmp_path / "run", cpus=2,
         learning_rate=0.1, batch_size=16, progress=rows.append, device="cpu",
+        fraction_evaluate=1.0,
     )
+    assert all(r["federated_metric"] is not None for r in rows)
+    assert rows[-1]["federated_accuracy"] is None
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[-1]["accuracy"] is None and rows[-1]["metric"] == report["final"]["metric"]
     assert report["final"]["metric"] < 0.5 * report["initial"]["metric"]
