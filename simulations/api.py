@@ -98,7 +98,9 @@ def simulate(
         progress: Called with each round's row.
 
     Returns:
-        ``(report, model)``.
+        ``(report, model)``. ``report["final"]["aggregated_rounds"]`` counts the rounds
+        that changed the model; when it is 0 (every update excluded or declined), the
+        model is the shared round-0 initialisation.
 
     Raises:
         ValueError: a bad setting, or an app that cannot be loaded or split.
