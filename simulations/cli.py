@@ -201,13 +201,14 @@ def _progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accurac
     eps = row["epsilon"]
     qerr = row.get("quant_error")
     loss = row["loss"]
+    value = row.get("metric", row.get("accuracy"))
     extra = ""
     if row.get("declined"):
         extra += f" | declined: {_who(row['declined'])}"
     if row.get("excluded"):
         extra += f" | excluded: {_who(row['excluded'])}"
     print(
-        f"round {row['round']:>3}/{rounds} | {format_metric(metric_name, row['metric'])} | "
+        f"round {row['round']:>3}/{rounds} | {format_metric(metric_name, value)} | "
         f"loss {'n/a' if loss is None else f'{loss:.4f}'} | "
         f"eps {'  off' if eps is None else f'{eps:5.2f}'} | "
         f"up {row['upload_bytes'] / 1e3:8.1f} kB | down {row['download_bytes'] / 1e3:8.1f} kB | "
