@@ -27,6 +27,8 @@ from torch.utils.data import Dataset
 
 from sepals.client.privacy import PrivacyLedger, planned_participation
 from sepals.client.training import (
+    LossFn,
+    MetricFn,
     TrainOutcome,
     TrainSettings,
     dp_schedule,
@@ -70,6 +72,12 @@ class ClientRuntime:
             spend is written there atomically before the update leaves the client, and
             the file is authoritative across restarts. ``None`` keeps the ledger only in
             Flower's ``Context.state`` (simulations).
+        loss_fn: The training and evaluation loss, the batch mean as a 0-dim tensor
+            (``None``: cross-entropy).
+        metric: The evaluation metric over all outputs and targets (``None``: accuracy).
+        metric_name: The metric's name in reports.
+        device: Where training runs: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+            Encoding and decoding stay on the CPU.
 
     """
 
@@ -84,6 +92,10 @@ class ClientRuntime:
     seed: int = 0
     deterministic_noise: bool = False
     ledger_path: Path | None = None
+    loss_fn: LossFn | None = None
+    metric: MetricFn | None = None
+    metric_name: str = "accuracy"
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -207,7 +219,15 @@ class SepalsClient:
         ledger.check_budget(steps)
         weights = self.global_weights(cfg, global_model)
         outcome = train_round(
-            self.factory, weights, rt.train_data, settings, rt.privacy, ledger, cfg.server_round
+            self.factory,
+            weights,
+            rt.train_data,
+            settings,
+            rt.privacy,
+            ledger,
+            cfg.server_round,
+            loss_fn=rt.loss_fn,
+            device=rt.device,
         )
         rounding = (
             np.random.default_rng(_derive_seed(rt.seed, rt.client_id, cfg.server_round, "rounding"))
@@ -231,12 +251,25 @@ class SepalsClient:
     def evaluate(
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None
     ) -> dict[str, float | int]:
-        """Evaluate the decrypted global model of an admitted round on the local test data."""
-        if self.runtime.test_data is None:
+        """Evaluate the decrypted global model of an admitted round on the local test data.
+
+        The reply carries ``loss`` (the app's loss) and, with the default metric,
+        ``accuracy``; an app's own metric goes as ``metric`` instead.
+        """
+        rt = self.runtime
+        if rt.test_data is None:
             raise ValueError("this client has no test data")
         weights = self.global_weights(cfg, global_model)
-        loss, acc, count = evaluate_model(self.factory, weights, self.runtime.test_data)
-        return {"num-examples": count, "loss": loss, "accuracy": acc}
+        loss, value, count = evaluate_model(
+            self.factory,
+            weights,
+            rt.test_data,
+            loss_fn=rt.loss_fn,
+            metric=rt.metric,
+            device=rt.device,
+        )
+        key = "accuracy" if rt.metric is None else "metric"
+        return {"num-examples": count, "loss": loss, key: value}
 
 
 def train_metrics(outcome: TrainOutcome, quant_error: float | None) -> dict[str, float | int]:

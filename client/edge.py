@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -63,6 +63,7 @@ from sepals.client.connect import (
     wait_for_server,
 )
 from sepals.client.core import ClientRuntime
+from sepals.client.training import DEVICE_CHOICES, LossFn, MetricFn
 from sepals.common.config import PrivacyConfig
 from sepals.common.files import atomic_write, require_private
 from sepals.common.ledger import LedgerLock
@@ -100,32 +101,78 @@ def _as_dataset(data: Dataset | DataLoader | None) -> Dataset | None:  # type: i
     return data
 
 
+ClientDataFn = Callable[[int, int], "tuple[Dataset[Any], Dataset[Any] | None]"]
+
+
 @dataclass(frozen=True)
 class EdgeApp:
-    """What an edge app brings to a federation.
+    """What an edge app brings to a federation, deployed or simulated.
 
     Attributes:
         model_factory: Builds a fresh, untrained model. Every client of a federation must
             build the same architecture; BatchNorm is replaced by GroupNorm for DP-SGD.
         train_data: Training data: a torch ``Dataset`` of ``(x, y)`` pairs, or a
             ``DataLoader`` (its dataset is used; batching is set by the federation,
-            because DP-SGD samples batches itself).
-        test_data: Optional local test data for federated evaluation.
+            because DP-SGD samples batches itself). In a simulation it is split among
+            the clients (``--partition``). May be ``None`` only when ``client_data``
+            is given.
+        test_data: Optional test data: a client's local test data for federated
+            evaluation; in a simulation, the held-out set of the central evaluation,
+            also split IID among the clients for federated evaluation.
         privacy: This client's (epsilon, delta) budget and clipping norm.
+        loss_fn: The loss, ``loss_fn(output, target)`` returning the MEAN over the batch
+            as a 0-dim tensor (e.g. ``torch.nn.functional.mse_loss``); DP-SGD scales
+            per-sample gradients for a mean. ``None``: cross-entropy.
+        metric: The evaluation metric, ``metric(outputs, targets)`` over the whole
+            evaluation set (CPU tensors) -> float. ``None``: accuracy.
+        metric_name: The metric's name in reports (``accuracy`` by default).
+        higher_is_better: Whether a larger metric is better (``False`` for an error).
+        client_data: Simulation only: ``client_data(client, clients)`` returns client
+            ``client``'s ``(train, test-or-None)`` datasets, instead of splitting
+            ``train_data``.
+        device: Where this app trains: ``auto`` (CUDA when torch sees one), ``cpu`` or
+            ``cuda``. A simulation's ``--device`` other than ``auto`` overrides it.
 
     """
 
     model_factory: ModelFactory
-    train_data: Dataset | DataLoader  # type: ignore[type-arg]
+    train_data: Dataset | DataLoader | None = None  # type: ignore[type-arg]
     test_data: Dataset | DataLoader | None = None  # type: ignore[type-arg]
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    loss_fn: LossFn | None = None
+    metric: MetricFn | None = None
+    metric_name: str = "accuracy"
+    higher_is_better: bool = True
+    client_data: ClientDataFn | None = None
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         if not callable(self.model_factory):
             raise ValueError("model_factory must be a callable that returns a torch module")
+        for name in ("loss_fn", "metric", "client_data"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise ValueError(f"{name} must be callable or None")
+        if not isinstance(self.metric_name, str) or not self.metric_name.strip():
+            raise ValueError("metric_name must be a non-empty string")
+        if self.metric is not None and self.metric_name == "accuracy":
+            raise ValueError("an app with its own metric must name it (metric_name)")
+        if self.device not in DEVICE_CHOICES and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         train = _as_dataset(self.train_data)
-        if train is None or len(train) == 0:  # type: ignore[arg-type]
+        if train is None and self.client_data is None:
+            raise ValueError("train_data must hold at least one example (or give client_data)")
+        if train is not None and len(train) == 0:  # type: ignore[arg-type]
             raise ValueError("train_data must hold at least one example")
+
+    @property
+    def train_dataset(self) -> Dataset | None:  # type: ignore[type-arg]
+        """``train_data`` as a ``Dataset`` (``None`` if the app gives only ``client_data``)."""
+        return _as_dataset(self.train_data)
+
+    @property
+    def test_dataset(self) -> Dataset | None:  # type: ignore[type-arg]
+        """``test_data`` as a ``Dataset``, or ``None``."""
+        return _as_dataset(self.test_data)
 
 
 def _import_target(target: str) -> Any:
@@ -205,17 +252,25 @@ def _edge_runtime(
     bundle: ClientBundle, app: EdgeApp, ledger_path: Path, seed: int
 ) -> ClientRuntime:
     """The client runtime of ``app`` joining with ``bundle``."""
+    if app.train_dataset is None:
+        raise ValueError(
+            "an edge client needs the app's train_data (client_data is for simulations)"
+        )
     return ClientRuntime(
         client_id=bundle.name,
         model_factory=app.model_factory,
-        train_data=_as_dataset(app.train_data),  # type: ignore[arg-type]
-        test_data=_as_dataset(app.test_data),
+        train_data=app.train_dataset,
+        test_data=app.test_dataset,
         privacy=app.privacy,
         encryption=bundle.encryption,
         plan=bundle.plan,
         secret_context=bundle.read_secret_context(),
         seed=seed,
         ledger_path=ledger_path,
+        loss_fn=app.loss_fn,
+        metric=app.metric,
+        metric_name=app.metric_name,
+        device=app.device,
     )
 
 

@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +29,44 @@ from sepals.common.models import ModelFactory, get_flat, set_flat
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# An app's loss: ``loss_fn(output, target)`` -> a 0-dim tensor, the MEAN over the batch
+# (Opacus scales per-sample gradients for ``loss_reduction="mean"``).
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# An app's metric: ``metric(outputs, targets)`` over the whole evaluation set -> a float.
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device that ``device`` names: ``auto`` (or ``None``) picks CUDA if present.
+
+    Raises:
+        ValueError: ``device`` is not a device name, or names CUDA on a machine without it.
+
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    return resolved
+
+
+def _mean_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    loss = loss_fn(out, y)
+    # (Under ghost clipping the loss is Opacus's wrapper, not a plain tensor.)
+    if type(loss) is torch.Tensor and loss.dim() != 0:
+        raise ValueError(
+            "loss_fn must return a 0-dim tensor: the mean loss over the batch "
+            "(reduction='mean')"
+        )
+    return loss
 
 
 @dataclass(frozen=True)
@@ -111,8 +149,9 @@ def make_dp_compatible(factory: ModelFactory) -> ModelFactory:
     return fixed
 
 
-def _noise_generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
+def _noise_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    # Opacus draws the noise on the parameters' device, so the generator must live there.
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     return gen
 
@@ -146,6 +185,8 @@ def train_round(
     server_round: int,
     *,
     poisson_sampling: bool = True,
+    loss_fn: LossFn | None = None,
+    device: str | torch.device = "cpu",
 ) -> TrainOutcome:
     """Train one round locally and return the new weights and ledger.
 
@@ -162,12 +203,19 @@ def train_round(
         server_round: The round number recorded in the ledger.
         poisson_sampling: Keep ``True``; ``False`` exists for equivalence tests only and
             voids the accountant's subsampling assumption.
+        loss_fn: The training loss, ``loss_fn(output, target)`` returning the batch
+            MEAN as a 0-dim tensor (default: cross-entropy). DP-SGD clips per-sample
+            gradients of this loss, scaled for a mean reduction.
+        device: Where the model and batches live (``cpu``, ``cuda``, ``auto``). Weights
+            come back on the CPU.
 
     """
     t0 = time.perf_counter()
+    dev = resolve_device(device)
     model = factory()
     if initial_weights is not None:
         set_flat(model, np.asarray(initial_weights))
+    model.to(dev)
     model.train()
     n = len(data)  # type: ignore[arg-type]
     if n < 1:
@@ -178,7 +226,7 @@ def train_round(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
     )
-    criterion = nn.CrossEntropyLoss()
+    criterion: Any = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
 
     engine = None
     if privacy.enabled:
@@ -199,7 +247,7 @@ def train_round(
             max_grad_norm=privacy.max_grad_norm,
             poisson_sampling=poisson_sampling,
             grad_sample_mode=settings.grad_sample_mode,
-            noise_generator=_noise_generator(settings.noise_seed),
+            noise_generator=_noise_generator(settings.noise_seed, dev),
             criterion=criterion,
         )
         if len(wrapped) == 4:  # ghost clipping also wraps the loss (two backward passes)
@@ -213,10 +261,11 @@ def train_round(
     steps = 0
     loss_sum, loss_batches = 0.0, 0
     for _ in range(settings.epochs):
-        for x, y in loader:
+        for x_batch, y_batch in loader:
+            x, y = x_batch.to(dev), y_batch.to(dev)
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
-            loss = criterion(out, y) if len(y) else out.sum() * 0.0
+            loss = _mean_loss(criterion, out, y) if len(y) else out.sum() * 0.0
             loss.backward()
             optimizer.step()
             steps += 1
@@ -246,22 +295,46 @@ def evaluate_model(
     weights: npt.NDArray[np.floating] | None,  # type: ignore[type-arg]
     data: Dataset,  # type: ignore[type-arg]
     batch_size: int = 256,
+    *,
+    loss_fn: LossFn | None = None,
+    metric: MetricFn | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[float, float, int]:
-    """Mean cross-entropy loss, accuracy and example count of ``weights`` on ``data``."""
+    """Mean loss, metric and example count of ``weights`` on ``data``.
+
+    The defaults are cross-entropy and accuracy. A custom ``loss_fn`` (batch mean) is
+    averaged over the examples; a custom ``metric`` sees every output and target at
+    once, on the CPU.
+    """
+    dev = resolve_device(device)
     model = factory()
     if weights is not None:
         set_flat(model, np.asarray(weights))
+    model.to(dev)
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
+    outputs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
     with torch.no_grad():
-        for x, y in DataLoader(data, batch_size=batch_size):
+        for x_batch, y_batch in DataLoader(data, batch_size=batch_size):
+            x, y = x_batch.to(dev), y_batch.to(dev)
             out = model(x)
-            loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(dim=1) == y).sum())
+            if loss_fn is None:
+                loss_sum += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            else:
+                loss_sum += float(_mean_loss(loss_fn, out, y)) * len(y)
+            if metric is None:
+                correct += int((out.argmax(dim=1) == y).sum())
+            else:
+                outputs.append(out.cpu())
+                targets.append(y.cpu())
             count += len(y)
     if count == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    return loss_sum / count, correct / count, count
+    if metric is None:
+        return loss_sum / count, correct / count, count
+    value = float(metric(torch.cat(outputs), torch.cat(targets)))
+    return loss_sum / count, value, count
 
 
 def dp_schedule(num_examples: int, settings: TrainSettings) -> tuple[float, int]:

@@ -75,6 +75,7 @@ NON_NEGATIVE = Interval(0.0, math.inf, hi_open=True)
 PROBABILITY = Interval(0.0, 1.0)
 DELTA = Interval(0.0, 1.0, lo_open=True, hi_open=True)
 SAMPLE_RATE = Interval(0.0, 1.0, lo_open=True)
+FINITE = Interval(-math.inf, math.inf, lo_open=True, hi_open=True)
 
 
 def _is_int(value: object) -> bool:
@@ -177,14 +178,16 @@ class EvalMetrics:
 
     num_examples: int
     loss: float
-    accuracy: float
+    accuracy: float | None
+    metric: float | None = None
 
 
 def parse_eval_metrics(metrics: Mapping[str, object], cap: int) -> EvalMetrics:
-    """Check an evaluate reply's metrics, all required.
+    """Check an evaluate reply's metrics.
 
     ``num-examples`` must be an ``int`` in ``[1, cap]``, ``loss`` a finite number
-    ``>= 0`` and ``accuracy`` a finite number in ``[0, 1]``.
+    ``>= 0`` and ``accuracy`` a finite number in ``[0, 1]``; a client whose app has its
+    own metric sends ``metric`` (any finite number) instead of ``accuracy``.
 
     Raises:
         ReplyRejected: a field is missing, of the wrong type, not finite or out of range.
@@ -193,11 +196,12 @@ def parse_eval_metrics(metrics: Mapping[str, object], cap: int) -> EvalMetrics:
     n = get_count(metrics, cap)
     loss = get_float(metrics, "loss", NON_NEGATIVE)
     accuracy = get_float(metrics, "accuracy", PROBABILITY)
+    metric = get_float(metrics, "metric", FINITE)
     if loss is None:
         raise ReplyRejected(f"loss must be a finite number in {NON_NEGATIVE}")
-    if accuracy is None:
+    if accuracy is None and metric is None:
         raise ReplyRejected(f"accuracy must be a finite number in {PROBABILITY}")
-    return EvalMetrics(num_examples=n, loss=loss, accuracy=accuracy)
+    return EvalMetrics(num_examples=n, loss=loss, accuracy=accuracy, metric=metric)
 
 
 def parse_accountant(value: object) -> str | None:

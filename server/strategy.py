@@ -100,6 +100,7 @@ class RoundRecord:
     quant_error: float | None = None
     federated_loss: float | None = None
     federated_accuracy: float | None = None
+    federated_metric: float | None = None
     evaluated: int = 0
     eval_excluded: list[tuple[int, str]] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -691,9 +692,23 @@ class EncryptedFedAvg(Strategy):
         if valid:
             weights = [m.num_examples for m in valid]
             record.federated_loss = _weighted_mean([m.loss for m in valid], weights)
-            record.federated_accuracy = _weighted_mean([m.accuracy for m in valid], weights)
+            # An app with its own metric reports ``metric`` instead of ``accuracy``.
+            acc = [(m.accuracy, m.num_examples) for m in valid if m.accuracy is not None]
+            own = [(m.metric, m.num_examples) for m in valid if m.metric is not None]
+            if acc:
+                record.federated_accuracy = _weighted_mean([a for a, _ in acc], [w for _, w in acc])
+            if own:
+                record.federated_metric = _weighted_mean([v for v, _ in own], [w for _, w in own])
             result = MetricRecord(
-                {"loss": record.federated_loss, "accuracy": record.federated_accuracy}
+                {
+                    k: v
+                    for k, v in (
+                        ("loss", record.federated_loss),
+                        ("accuracy", record.federated_accuracy),
+                        ("metric", record.federated_metric),
+                    )
+                    if v is not None
+                }
             )
         record.evaluate_seconds = time.perf_counter() - self._t_eval
         self.history.append(record)

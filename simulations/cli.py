@@ -1,7 +1,11 @@
-"""``sepals-sim``: a private, encrypted federated simulation on bundled data.
+"""``sepals-sim``: a private, encrypted federated simulation on bundled data or your app.
 
 Run ``sepals-sim --help`` for the flags. Defaults: digits, 10 clients, IID, DP-SGD with
-epsilon 8 and delta 1e-5, encryption on with the compact BFV codec.
+epsilon 8 and delta 1e-5, encryption on with the compact BFV codec. ``--app
+module:attr`` (or ``file.py:attr``) simulates your own :class:`sepals.client.EdgeApp`
+instead, the same object a deployed client passes to ``join_federation``.
+
+Exit codes: 0 done, 1 no round aggregated any update, 2 bad flags or app.
 """
 
 from __future__ import annotations
@@ -23,16 +27,44 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", choices=["digits", "breast_cancer", "mnist5k"], default="digits")
+    p.add_argument(
+        "--app",
+        default=None,
+        help="simulate your own EdgeApp: module:attr or path/to/file.py:attr (replaces "
+        "--dataset; its train data is split with --partition)",
+    )
+    p.add_argument(
+        "--app-arg",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="a string argument of the --app factory (repeatable)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where clients train: auto = the app's choice, else CUDA when present",
+    )
     p.add_argument("--clients", type=int, default=10, help="number of simulated clients")
     p.add_argument(
         "--rounds", type=int, default=None, help="federated rounds (default per dataset)"
     )
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of clients per round")
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
-    p.add_argument("--epsilon", type=float, default=8.0, help="per-client epsilon; 0 turns DP off")
-    p.add_argument("--delta", type=float, default=1e-5, help="per-client delta")
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        help="per-client epsilon; 0 turns DP off (default 8, or the --app's own budget)",
+    )
+    p.add_argument(
+        "--delta", type=float, default=None, help="per-client delta (default 1e-5 or the app's)"
+    )
     p.add_argument("--max-grad-norm", type=float, default=None, help="DP clipping norm C")
-    p.add_argument("--accountant", choices=["rdp", "prv", "gdp"], default="rdp")
+    p.add_argument(
+        "--accountant", choices=["rdp", "prv", "gdp"], default=None, help="default rdp or the app's"
+    )
     p.add_argument("--local-epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="local SGD learning rate")
@@ -68,6 +100,19 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "mnist5k": {"rounds": 20, "local_epochs": 1, "batch_size": 32, "lr": 0.1, "max_grad_norm": 1.0},
 }
+# Defaults for an --app (its own privacy budget supplies delta, C and the accountant).
+APP_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 1, "batch_size": 32, "lr": 0.05}
+
+
+def parse_app_args(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """``["K=V", ...]`` as pairs (raises ValueError on an item without ``=``)."""
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--app-arg must be KEY=VALUE, got {item!r}")
+        pairs.append((key.strip(), value))
+    return tuple(pairs)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -80,14 +125,29 @@ def config_from_args(args: argparse.Namespace) -> Any:
     )
     from sepals.simulations.harness import SimulationConfig
 
-    d = DATASET_DEFAULTS[args.dataset]
+    app_args = parse_app_args(args.app_arg)
+    if app_args and args.app is None:
+        raise ValueError("--app-arg needs --app")
+    base = PrivacyConfig(target_epsilon=8.0, delta=1e-5, accountant="rdp")
+    if args.app is not None:
+        from sepals.client.edge import load_edge_app
+        from sepals.simulations.harness import absolute_spec
+
+        base = load_edge_app(absolute_spec(args.app), dict(app_args)).privacy
+        d = {**APP_DEFAULTS, "max_grad_norm": base.max_grad_norm}
+    else:
+        d = DATASET_DEFAULTS[args.dataset]
 
     def pick(name: str) -> Any:
         value = getattr(args, name)
         return d[name] if value is None else value
 
-    if args.epsilon < 0:
+    if args.epsilon is not None and args.epsilon < 0:
         raise ValueError(f"--epsilon must be >= 0 (0 turns DP off), got {args.epsilon}")
+    if args.epsilon is None:
+        epsilon = base.target_epsilon
+    else:
+        epsilon = args.epsilon if args.epsilon > 0 else None
     federation = FederationConfig(
         rounds=pick("rounds"),
         fraction_train=args.fraction,
@@ -99,10 +159,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
         seed=args.seed,
     )
     privacy = PrivacyConfig(
-        target_epsilon=args.epsilon if args.epsilon > 0 else None,
-        delta=args.delta,
+        target_epsilon=epsilon,
+        delta=base.delta if args.delta is None else args.delta,
         max_grad_norm=pick("max_grad_norm"),
-        accountant=args.accountant,
+        accountant=base.accountant if args.accountant is None else args.accountant,
+        noise_multiplier=base.noise_multiplier if args.epsilon is None else None,
     )
     # An aggregate holds at most the clients sampled in one round (not the federation's
     # size): the BFV grid is as fine as that bound allows.
@@ -119,18 +180,43 @@ def config_from_args(args: argparse.Namespace) -> Any:
         encryption=encryption,
         out=args.out,
         cpus=args.cpus,
+        app=args.app,
+        app_args=app_args,
+        device=args.device,
     )
 
 
-def _progress_line(row: dict[str, Any], rounds: int) -> None:
+def _who(entries: list[dict[str, str]]) -> str:
+    from sepals.simulations.harness import LINE_REASON_CHARS, clean_reason
+
+    return ", ".join(
+        f"{e['client']} ({clean_reason(e['reason'], LINE_REASON_CHARS)})" for e in entries
+    )
+
+
+def format_metric(name: str, value: float | None) -> str:
+    """``acc  93.10%`` for accuracy, ``NAME 0.1234`` for an app's own metric."""
+    if value is None:
+        return f"{'acc' if name == 'accuracy' else name} n/a"
+    if name == "accuracy":
+        return f"acc {100 * value:6.2f}%"
+    return f"{name} {value:.4f}"
+
+
+def _progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accuracy") -> None:
     eps = row["epsilon"]
     qerr = row.get("quant_error")
+    loss = row["loss"]
+    value = row.get("metric", row.get("accuracy"))
     extra = ""
-    if row["clients_declined"] or row["clients_excluded"]:
-        extra = f" | declined {row['clients_declined']} excluded {row['clients_excluded']}"
+    if row.get("declined"):
+        extra += f" | declined: {_who(row['declined'])}"
+    if row.get("excluded"):
+        extra += f" | excluded: {_who(row['excluded'])}"
     print(
-        f"round {row['round']:>3}/{rounds} | acc {100 * row['accuracy']:6.2f}% | "
-        f"loss {row['loss']:.4f} | eps {'  off' if eps is None else f'{eps:5.2f}'} | "
+        f"round {row['round']:>3}/{rounds} | {format_metric(metric_name, value)} | "
+        f"loss {'n/a' if loss is None else f'{loss:.4f}'} | "
+        f"eps {'  off' if eps is None else f'{eps:5.2f}'} | "
         f"up {row['upload_bytes'] / 1e3:8.1f} kB | down {row['download_bytes'] / 1e3:8.1f} kB | "
         f"{row['seconds']:5.2f} s | {row.get('codec', '?')} q-err "
         f"{'n/a' if qerr is None else f'{qerr:.1e}'}{extra}",
@@ -164,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ValueError as exc:
-        print(f"sepals-sim: error: {exc}", file=sys.stderr)
+        print(f"sepals-sim: error: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
     from sepals.simulations.harness import run_experiment, summarize
 
@@ -172,14 +258,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     pc = config.privacy
     dp = f"eps={pc.target_epsilon:g} delta={pc.delta:g}" if pc.enabled else "off"
     print(
-        f"sepals-sim: {config.dataset}, {config.clients} clients, {config.partition}, "
-        f"{fed.rounds} rounds, DP {dp}, encryption {config.encryption.scheme}; "
-        f"output in {os.path.abspath(config.out)}",
+        f"starting: {config.clients} clients, {config.label}, {config.partition}, "
+        f"{fed.rounds} rounds, fraction {fed.fraction_train:g}, DP {dp}, encryption "
+        f"{config.encryption.scheme}, device {config.device}; provisioning keys, starting "
+        f"Ray; output in {os.path.abspath(config.out)}",
         flush=True,
     )
-    report = run_experiment(config, progress=lambda row: _progress_line(row, fed.rounds))
+    metric = ["accuracy"]
+
+    def started(info: dict[str, Any]) -> None:
+        print(
+            f"started in {info['startup_seconds']:.1f} s | round 0: "
+            f"{format_metric(metric[0], info.get('metric'))}",
+            flush=True,
+        )
+
+    if config.app is not None:
+        from sepals.client.edge import load_edge_app
+        from sepals.simulations.harness import absolute_spec
+
+        metric[0] = load_edge_app(absolute_spec(config.app), dict(config.app_args)).metric_name
+    try:
+        report = run_experiment(
+            config,
+            progress=lambda row: _progress_line(row, fed.rounds, metric[0]),
+            on_start=started,
+        )
+    except ValueError as exc:
+        print(f"sepals-sim: error: {exc}".replace("\n", " "), file=sys.stderr)
+        return 2
     print(summarize(report), flush=True)
-    print(f"report: {os.path.join(os.path.abspath(config.out), 'report.json')}", flush=True)
+    out = os.path.abspath(config.out)
+    print(f"report: {os.path.join(out, 'report.json')}", flush=True)
+    if report["final"].get("model"):
+        print(f"model: {os.path.join(out, report['final']['model'])}", flush=True)
+    if not report["final"].get("aggregated_rounds"):
+        print(
+            f"sepals-sim: error: no round aggregated any update ({fed.rounds} rounds); "
+            "see the excluded and declined clients in the report",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

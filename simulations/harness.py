@@ -29,19 +29,31 @@ from __future__ import annotations
 import concurrent.futures as cf
 import functools
 import json
+import logging
 import multiprocessing
 import os
+import re
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
 
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
-from sepals.common.data import DATASET_NAMES, PartitionSpec, load_dataset
+from sepals.common.data import DATASET_NAMES, PartitionSpec, load_dataset, partition_indices
 from sepals.common.files import atomic_write
+from sepals.common.log import log
 from sepals.common.plan import FederationPlan, OperatorSigner, generate_operator_key
+
+if TYPE_CHECKING:
+    from sepals.client.edge import EdgeApp
 
 # Flower sends anonymous usage telemetry unless told not to. A privacy product does not.
 PROCESS_ENV_DEFAULTS = {
@@ -67,7 +79,7 @@ class SimulationConfig:
     """Every setting of a simulation run.
 
     Attributes:
-        dataset: ``digits``, ``breast_cancer`` or ``mnist5k``.
+        dataset: ``digits``, ``breast_cancer`` or ``mnist5k`` (ignored with ``app``).
         clients: Number of simulated clients (SuperNodes).
         partition: ``iid``, ``dirichlet:ALPHA`` or ``shards:K``.
         federation: Rounds, sampling and local training.
@@ -75,6 +87,11 @@ class SimulationConfig:
         encryption: Encryption settings (``scheme="none"`` turns it off).
         out: Output folder for ``report.json``, plots and keys.
         cpus: CPUs Ray may use (default: all).
+        app: An own app instead of a bundled dataset: ``module:attr`` or
+            ``path/to/file.py:attr`` naming a :class:`~sepals.client.EdgeApp` or a
+            function returning one (see :func:`sepals.client.load_edge_app`).
+        app_args: ``(name, value)`` string arguments for that function.
+        device: ``auto`` (the app's device, else CUDA when present), ``cpu`` or ``cuda``.
 
     """
 
@@ -86,9 +103,12 @@ class SimulationConfig:
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     out: str = "runs/latest"
     cpus: int | None = None
+    app: str | None = None
+    app_args: tuple[tuple[str, str], ...] = ()
+    device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASET_NAMES:
+        if self.app is None and self.dataset not in DATASET_NAMES:
             raise ValueError(
                 f"dataset must be one of {', '.join(DATASET_NAMES)}, got {self.dataset!r}"
             )
@@ -106,11 +126,24 @@ class SimulationConfig:
         PartitionSpec.parse(self.partition)
         if self.cpus is not None and self.cpus < 1:
             raise ValueError(f"cpus must be >= 1, got {self.cpus}")
+        if self.app_args and self.app is None:
+            raise ValueError("app_args need an app")
+        from sepals.client.training import resolve_device
+
+        resolve_device(self.device)  # fails fast on a bad name or a missing CUDA
+
+    @property
+    def label(self) -> str:
+        """What is simulated: the dataset's name, or the app's spec."""
+        return self.dataset if self.app is None else self.app
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view of every effective setting."""
         return {
-            "dataset": self.dataset,
+            "dataset": self.label,
+            "app": self.app,
+            "app_args": dict(self.app_args),
+            "device": self.device,
             "clients": self.clients,
             "partition": str(PartitionSpec.parse(self.partition)),
             "federation": self.federation.to_dict(),
@@ -119,6 +152,198 @@ class SimulationConfig:
             "out": self.out,
             "cpus": self.cpus or os.cpu_count(),
         }
+
+
+# --------------------------------------------------------------------------- own apps
+@dataclass(frozen=True)
+class AppSource:
+    """How a process that is not the main one finds the simulated :class:`EdgeApp`.
+
+    Models and datasets need not pickle, so Ray workers and the evaluator get the app's
+    *spec* (``module:attr`` or an absolute ``file.py:attr``, plus its arguments) and
+    import it themselves, once per process. An ``EdgeApp`` object handed to
+    :func:`sepals.simulations.simulate` travels instead as ``cloudpickle`` bytes
+    (``pickled``): functions of ``__main__`` go by value, others by module name, which
+    the workers must be able to import.
+
+    Attributes:
+        spec: The app's spec (``None`` when ``pickled`` is given).
+        args: String arguments of the spec's factory.
+        pickled: The cloudpickled ``EdgeApp``.
+        cwd: The main process's working directory, put on ``sys.path`` before importing.
+
+    """
+
+    spec: str | None = None
+    args: tuple[tuple[str, str], ...] = ()
+    pickled: bytes | None = field(default=None, repr=False)
+    cwd: str = ""
+
+    def load(self) -> EdgeApp:
+        """The app (imported or unpickled once per process)."""
+        return _load_app(self)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_app(source: AppSource) -> EdgeApp:
+    import sys
+
+    from sepals.client.edge import EdgeApp, load_edge_app
+
+    if source.cwd and source.cwd not in sys.path:
+        sys.path.insert(0, source.cwd)
+    if source.pickled is not None:
+        import cloudpickle
+
+        app = cloudpickle.loads(source.pickled)
+        if not isinstance(app, EdgeApp):
+            raise ValueError(f"the pickled app is a {type(app).__name__}, not an EdgeApp")
+        return app
+    if source.spec is None:
+        raise ValueError("an AppSource needs a spec or a pickled app")
+    return load_edge_app(source.spec, dict(source.args))
+
+
+def pickle_app(app: EdgeApp) -> bytes:
+    """``app`` as cloudpickle bytes, the user's own code by value.
+
+    Functions of modules outside the installed packages (a test file, a script run as
+    a module, a notebook) are pickled by value, since the Ray workers and the evaluator
+    may not be able to import them; installed libraries go by reference.
+
+    Raises:
+        ValueError: the app does not pickle.
+
+    """
+    import inspect
+    import sysconfig
+
+    import cloudpickle
+
+    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    own: list[Any] = []
+    for fn in (app.model_factory, app.loss_fn, app.metric, app.client_data):
+        module = inspect.getmodule(fn) if fn is not None else None
+        path = getattr(module, "__file__", None)
+        if module is None or path is None or module.__name__ == "__main__":
+            continue
+        if module.__name__.split(".")[0] in ("sepals", "torch") or any(
+            str(Path(path).resolve()).startswith(str(Path(p).resolve())) for p in installed
+        ):
+            continue
+        if module not in own:
+            own.append(module)
+    try:
+        for module in own:
+            cloudpickle.register_pickle_by_value(module)
+        return cloudpickle.dumps(app)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise ValueError(
+            f"the EdgeApp does not pickle ({type(exc).__name__}: {exc}); pass its "
+            "'module:attr' or 'file.py:attr' spec instead"
+        ) from exc
+    finally:
+        for module in own:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a ``file.py`` target made absolute (workers may run elsewhere)."""
+    target, sep, attr = spec.rpartition(":")
+    if sep and target.endswith(".py"):
+        return f"{Path(target).expanduser().resolve()}:{attr}"
+    return spec
+
+
+def _labels_of(ds: Any) -> npt.NDArray[Any]:
+    """The targets of a dataset of ``(x, y)`` pairs, one row per example."""
+    import torch
+
+    if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) >= 2:
+        y = ds.tensors[1]
+    else:
+        y = torch.stack([torch.as_tensor(ds[i][1]) for i in range(len(ds))])
+    arr = y.detach().cpu().numpy()
+    return arr.reshape(len(arr), -1)
+
+
+def _partition_labels(targets: npt.NDArray[Any], spec: PartitionSpec) -> npt.NDArray[np.int64]:
+    """Integer labels to partition by: class labels as they are, others binned."""
+    n = len(targets)
+    if spec.kind == "iid":
+        return np.zeros(n, dtype=np.int64)
+    if targets.shape[1] != 1:
+        raise ValueError(
+            f"partition {spec} needs one target per example; this app's targets have "
+            f"{targets.shape[1]} values each (use iid or give client_data)"
+        )
+    y = targets[:, 0]
+    if np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0):
+        return y.astype(np.int64)
+    # A continuous target: partition by its decile (label skew becomes target skew).
+    edges = np.quantile(y, np.linspace(0.0, 1.0, 11)[1:-1])
+    return np.digitize(y, edges).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=8)
+def _app_partitions(
+    source: AppSource, clients: int, partition: str, seed: int
+) -> tuple[list[npt.NDArray[np.int64]], list[npt.NDArray[np.int64]] | None]:
+    """Row indices of every client's train and (IID) test share of the app's data."""
+    app = source.load()
+    train, test = app.train_dataset, app.test_dataset
+    if train is None:
+        raise ValueError("the app gives neither train_data nor client_data")
+    spec = PartitionSpec.parse(partition)
+    labels = _partition_labels(_labels_of(train), spec)
+    train_parts = partition_indices(labels, clients, spec, seed)
+    test_parts = None
+    if test is not None and len(test) >= clients:  # type: ignore[arg-type]
+        zeros = np.zeros(len(test), dtype=np.int64)  # type: ignore[arg-type]
+        test_parts = partition_indices(zeros, clients, PartitionSpec("iid"), seed)
+    return train_parts, test_parts
+
+
+def app_client_data(
+    source: AppSource, clients: int, partition: str, seed: int, client: int
+) -> tuple[Any, Any]:
+    """Client ``client``'s ``(train, test-or-None)`` datasets of an own app."""
+    from torch.utils.data import Subset
+
+    app = source.load()
+    if app.client_data is not None:
+        train, test = app.client_data(client, clients)
+        return train, test
+    train_parts, test_parts = _app_partitions(source, clients, partition, seed)
+    test = None
+    if test_parts is not None and app.test_dataset is not None:
+        test = Subset(app.test_dataset, test_parts[client].tolist())
+    return Subset(app.train_dataset, train_parts[client].tolist()), test  # type: ignore[arg-type]
+
+
+def _app_caps(source: AppSource, clients: int, partition: str, seed: int) -> list[int]:
+    """Per client, the most examples it may claim; fails if a client has no training data."""
+    caps: list[int] = []
+    empty: list[int] = []
+    for pid in range(clients):
+        train, test = app_client_data(source, clients, partition, seed, pid)
+        n_train = len(train)
+        if n_train < 1:
+            empty.append(pid)
+        caps.append(max(n_train, len(test) if test is not None else 0, 1))
+    if empty:
+        raise ValueError(
+            f"{len(empty)} of {clients} clients get no training example (first: "
+            f"client-{empty[0]}); use fewer clients or another partition"
+        )
+    return caps
+
+
+def _pick_device(flag: str, app: EdgeApp | None) -> str:
+    """The device clients use: the flag unless ``auto``, then the app's, then auto."""
+    if flag != "auto" or app is None:
+        return flag
+    return app.device
 
 
 # --------------------------------------------------------------------------- parties
@@ -135,7 +360,12 @@ _EVAL_STATE: dict[str, Any] = {}
 
 
 def _evaluator_init(
-    dataset: str, seed: int, encryption: EncryptionConfig, secret_path: str | None
+    dataset: str | None,
+    app: AppSource | None,
+    seed: int,
+    encryption: EncryptionConfig,
+    secret_path: str | None,
+    device: str,
 ) -> None:
     import torch
 
@@ -143,24 +373,65 @@ def _evaluator_init(
     from sepals.common.codec import make_client_codec
 
     torch.set_num_threads(1)
-    data = load_dataset(dataset, seed)
     secret = Path(secret_path).read_bytes() if secret_path else None
     _EVAL_STATE["codec"] = make_client_codec(encryption, secret)
-    _EVAL_STATE["factory"] = make_dp_compatible(data.model_factory())
-    _EVAL_STATE["test"] = data.test.to_torch()
+    _EVAL_STATE["device"] = device
+    if app is not None:
+        edge = app.load()
+        _EVAL_STATE["factory"] = make_dp_compatible(edge.model_factory)
+        _EVAL_STATE["test"] = edge.test_dataset
+        _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = edge.loss_fn, edge.metric
+    else:
+        data = load_dataset(dataset or "", seed)
+        _EVAL_STATE["factory"] = make_dp_compatible(data.model_factory())
+        _EVAL_STATE["test"] = data.test.to_torch()
+        _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = None, None
 
 
 def _evaluator_run(
     global_model: tuple[bytes, float] | None, model_seed: int
-) -> tuple[float, float]:
-    """Evaluator (subprocess): decrypt a global model, return (loss, accuracy)."""
+) -> tuple[float | None, float | None, str | None]:
+    """Evaluator (subprocess): decrypt a global model, keep it, return (loss, metric, error).
+
+    Without test data, the model is still decrypted and kept, and loss and metric are
+    ``None``; so they are when the app's loss or metric fails (``error`` says why).
+    """
     from sepals.client.training import evaluate_model
     from sepals.common.protocol import decode_global_model
 
     factory = _EVAL_STATE["factory"]
     weights = decode_global_model(_EVAL_STATE["codec"], factory, global_model, model_seed)
-    loss, acc, _ = evaluate_model(factory, weights, _EVAL_STATE["test"])
-    return loss, acc
+    _EVAL_STATE["latest"] = weights
+    if _EVAL_STATE["test"] is None:
+        return None, None, None
+    try:
+        loss, value, _ = evaluate_model(
+            factory,
+            weights,
+            _EVAL_STATE["test"],
+            loss_fn=_EVAL_STATE["loss_fn"],
+            metric=_EVAL_STATE["metric"],
+            device=_EVAL_STATE["device"],
+        )
+    except Exception as exc:  # the app's own loss or metric
+        return None, None, clean_reason(f"{type(exc).__name__}: {exc}")
+    return loss, value, None
+
+
+def _evaluator_save(path: str) -> str:
+    """Evaluator (subprocess): write the latest decrypted global model's ``state_dict``."""
+    import io
+
+    import torch
+
+    from sepals.common.models import set_flat
+
+    model = _EVAL_STATE["factory"]()
+    set_flat(model, _EVAL_STATE["latest"])
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    atomic_write(Path(path), buffer.getvalue())
+    return path
 
 
 @dataclass(frozen=True)
@@ -175,10 +446,22 @@ class SimulatedClientProvider:
     encryption: EncryptionConfig
     secret_path: str | None
     plan: FederationPlan
+    app: AppSource | None = None
+    device: str = "auto"
+    nodes_dir: str | None = None
 
     def __call__(self, context: Any) -> Any:
         """The :class:`ClientRuntime` of the node in ``context``."""
-        return _simulated_runtime(self, int(context.node_config["partition-id"]))
+        pid = int(context.node_config["partition-id"])
+        if self.nodes_dir is not None:
+            _note_node(self.nodes_dir, int(context.node_id), pid)
+        return _simulated_runtime(self, pid)
+
+
+@functools.lru_cache(maxsize=4096)
+def _note_node(nodes_dir: str, node_id: int, pid: int) -> None:
+    """Tell the harness which client a Flower node id plays (for names in round lines)."""
+    atomic_write(Path(nodes_dir) / str(node_id), f"client-{pid}".encode())
 
 
 @functools.lru_cache(maxsize=64)
@@ -190,23 +473,80 @@ def _simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
     from sepals.common.data import client_partition
 
     torch.set_num_threads(1)
+    secret = Path(provider.secret_path).read_bytes() if provider.secret_path else None
+    common = {
+        "client_id": f"client-{pid}",
+        "privacy": provider.privacy,
+        "encryption": provider.encryption,
+        "plan": provider.plan,
+        "secret_context": secret,
+        "seed": provider.seed,
+        "deterministic_noise": True,
+    }
+    if provider.app is not None:
+        app = provider.app.load()
+        train_ds, test_ds = app_client_data(
+            provider.app, provider.clients, provider.partition, provider.seed, pid
+        )
+        return ClientRuntime(
+            model_factory=app.model_factory,
+            train_data=train_ds,
+            test_data=test_ds,
+            loss_fn=app.loss_fn,
+            metric=app.metric,
+            metric_name=app.metric_name,
+            device=_pick_device(provider.device, app),
+            **common,
+        )
     train, test = client_partition(
         provider.dataset, provider.clients, provider.partition, provider.seed, pid
     )
     data = load_dataset(provider.dataset, provider.seed)
-    secret = Path(provider.secret_path).read_bytes() if provider.secret_path else None
     return ClientRuntime(
-        client_id=f"client-{pid}",
         model_factory=data.model_factory(),
         train_data=train.to_torch(),
         test_data=test.to_torch(),
-        privacy=provider.privacy,
-        encryption=provider.encryption,
-        plan=provider.plan,
-        secret_context=secret,
-        seed=provider.seed,
-        deterministic_noise=True,
+        device=provider.device,
+        **common,
     )
+
+
+# --------------------------------------------------------------------------- output
+_ANSI = re.compile(r"(\x1b|\?)\[[0-9;]*[A-Za-z]")
+REPORT_REASON_CHARS = 300
+LINE_REASON_CHARS = 60
+
+
+def clean_reason(text: str, limit: int = REPORT_REASON_CHARS) -> str:
+    """``text`` without ANSI codes or traceback lines, on one line, at most ``limit`` chars."""
+    text = _ANSI.sub("", str(text))
+    if "Traceback" in text:
+        # Keep the exception line, not the stack.
+        tail = re.findall(r"([A-Za-z_.]*(?:Error|Exception)\b[^?\n]*)", text)
+        text = tail[-1] if tail else text.split("Traceback", 1)[0] or "client failure"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _named(
+    pairs: list[tuple[int, str]], names: Callable[[int], str], limit: int = REPORT_REASON_CHARS
+) -> list[dict[str, str]]:
+    return [{"client": names(n), "reason": clean_reason(reason, limit)} for n, reason in pairs]
+
+
+def _wait_for_workers(actors: int, timeout: float = 180.0) -> None:
+    """Block until Ray is up and ``actors`` client actors are alive (or ``timeout``)."""
+    import ray
+    from ray._private import state
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ray.is_initialized() and len(state.actors(actor_state_name="ALIVE")) >= actors:
+                return
+        except Exception:  # Ray still starting: try again
+            pass
+        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- run
@@ -217,17 +557,27 @@ def run_experiment(
     config: SimulationConfig,
     progress: ProgressFn | None = None,
     client_mods: list[Any] | None = None,
+    *,
+    app: EdgeApp | None = None,
+    on_start: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Run one simulation and write ``report.json`` and plots into ``config.out``.
+    """Run one simulation and write ``report.json``, ``model.pt`` and plots into ``config.out``.
 
     Args:
         config: The run's settings.
         progress: Called with each round's row (see ``report.json``'s ``rounds``).
         client_mods: Flower client mods wrapped around every simulated ClientApp, e.g.
             to inject faulty or adversarial clients in experiments.
+        app: An :class:`EdgeApp` object to simulate instead of ``config.app``'s spec;
+            it must pickle with ``cloudpickle`` (see :class:`AppSource`).
+        on_start: Called once keys, Ray and its workers are up, before round 1, with
+            ``{"startup_seconds": ...}``.
 
     Returns:
         The report, as written to ``report.json``.
+
+    Raises:
+        ValueError: the app cannot be loaded or gives a client no training data.
 
     """
     apply_process_env()
@@ -235,7 +585,7 @@ def run_experiment(
     from flwr.simulation import run_simulation
 
     from sepals.client.app import make_client_app
-    from sepals.client.training import make_dp_compatible
+    from sepals.client.training import make_dp_compatible, resolve_device
     from sepals.common.data import client_example_caps
     from sepals.common.models import num_parameters
     from sepals.common.protocol import read_global_record
@@ -246,9 +596,26 @@ def run_experiment(
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     fed = config.federation
-    data = load_dataset(config.dataset, fed.seed)
-    vector_length = num_parameters(make_dp_compatible(data.model_factory())())
     t_start = time.perf_counter()
+    source: AppSource | None = None
+    edge: EdgeApp | None = None
+    if app is not None:
+        source = AppSource(pickled=pickle_app(app), cwd=os.getcwd())
+    elif config.app is not None:
+        source = AppSource(absolute_spec(config.app), tuple(config.app_args), cwd=os.getcwd())
+    if source is not None:
+        edge = source.load()
+        factory = make_dp_compatible(edge.model_factory)
+        caps = _app_caps(source, config.clients, config.partition, fed.seed)
+        metric_name, higher_is_better = edge.metric_name, edge.higher_is_better
+    else:
+        data = load_dataset(config.dataset, fed.seed)
+        factory = make_dp_compatible(data.model_factory())
+        caps = client_example_caps(config.dataset, config.clients, config.partition, fed.seed)
+        metric_name, higher_is_better = "accuracy", True
+    vector_length = num_parameters(factory())
+    device = _pick_device(config.device, edge)
+    on_gpu = resolve_device(device).type == "cuda"
     ctx = multiprocessing.get_context("spawn")
 
     secret_path: str | None = None
@@ -264,47 +631,80 @@ def run_experiment(
         1,
         mp_context=ctx,
         initializer=_evaluator_init,
-        initargs=(config.dataset, fed.seed, config.encryption, secret_path),
+        initargs=(config.dataset, source, fed.seed, config.encryption, secret_path, device),
     )
+    cpus = config.cpus or os.cpu_count() or 1
+    nodes_dir = tempfile.mkdtemp(prefix=".nodes-", dir=out)
+    node_names: dict[int, str] = {}
+
+    def name_of(node: int) -> str:
+        if node not in node_names:
+            path = Path(nodes_dir) / str(node)
+            if path.is_file():
+                node_names[node] = path.read_text()
+        return node_names.get(node, f"node {node}")
+
     rows: list[dict[str, Any]] = []
+    initial: dict[str, Any] = {}
     pending: dict[int, RoundRecord] = {}
     last_time = [time.perf_counter()]
+    startup: dict[str, float] = {}
+    custom_metric = metric_name != "accuracy"
+    eval_errors: list[str] = []
 
     def on_round(record: RoundRecord) -> None:
         pending[record.round] = record
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         global_model = read_global_record(arrays)
-        loss, acc = evaluator.submit(_evaluator_run, global_model, fed.seed).result()
-        now = time.perf_counter()
+        loss, value, error = evaluator.submit(_evaluator_run, global_model, fed.seed).result()
+        if error is not None and error not in eval_errors:
+            eval_errors.append(error)
+            log(WARNING, "central evaluation failed: %s", error)
+        metrics = MetricRecord(
+            {k: v for k, v in (("loss", loss), (metric_name, value)) if v is not None}
+        )
         if server_round == 0:
-            last_time[0] = now
-            return MetricRecord({"loss": loss, "accuracy": acc})
+            initial.update({"loss": loss, "metric": value})
+            if not custom_metric:
+                initial["accuracy"] = value
+            _wait_for_workers(cpus)
+            startup["seconds"] = time.perf_counter() - t_start
+            if on_start is not None:
+                on_start({"startup_seconds": startup["seconds"], "round": 0, **initial})
+            # Round 1's clock starts when the server starts round 1.
+            last_time[0] = time.perf_counter()
+            return metrics
+        now = time.perf_counter()
         rec = pending.get(server_round, RoundRecord(round=server_round))
         row = {
             "round": server_round,
-            "accuracy": acc,
+            "accuracy": None if custom_metric else value,
+            "metric": value,
             "loss": loss,
             "epsilon": rec.max_epsilon,
             "upload_bytes": rec.upload_bytes,
             "download_bytes": rec.download_bytes,
             "seconds": now - last_time[0],
+            "aggregated": rec.aggregated,
             "clients_accepted": rec.accepted,
             "clients_declined": len(rec.declined),
             "clients_excluded": len(rec.excluded),
+            "declined": _named(rec.declined, name_of),
+            "excluded": _named(rec.excluded, name_of),
             "federated_accuracy": rec.federated_accuracy,
             "federated_loss": rec.federated_loss,
+            "federated_metric": rec.federated_metric,
             "aggregate_seconds": rec.aggregate_seconds,
             "codec": rec.codec,
             "quant_error": rec.quant_error,
         }
-        last_time[0] = now
         rows.append(row)
         if progress is not None:
             progress(row)
-        return MetricRecord({"loss": loss, "accuracy": acc})
+        last_time[0] = time.perf_counter()
+        return metrics
 
-    caps = client_example_caps(config.dataset, config.clients, config.partition, fed.seed)
     settings = ServerSettings(
         federation=fed,
         encryption=config.encryption,
@@ -337,14 +737,25 @@ def run_experiment(
             encryption=config.encryption,
             secret_path=secret_path,
             plan=plan,
+            app=source,
+            device=config.device,
+            nodes_dir=nodes_dir,
         ),
         mods=client_mods,
     )
-    cpus = config.cpus or os.cpu_count() or 1
     backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "ERROR"},
+        # On a GPU, the clients running at once share it.
+        "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / cpus if on_gpu else 0.0},
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": "ERROR",
+            # Worker logs (ANSI-coloured, per actor) reach the terminal only when the
+            # sepals logger is verbose; round lines name every failure anyway.
+            "log_to_driver": logging.getLogger("sepals").isEnabledFor(INFO),
+        },
     }
+    model_path = out / "model.pt"
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -354,15 +765,27 @@ def run_experiment(
                 num_supernodes=config.clients,
                 backend_config=backend_config,  # type: ignore[arg-type]
             )
+        saved = bool(initial) and evaluator.submit(_evaluator_save, str(model_path)).result()
     finally:
         evaluator.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(nodes_dir, ignore_errors=True)
     wall = time.perf_counter() - t_start
 
     report = build_report(config, rows, strategy.history, vector_length, wall, strategy.codec.name)
+    report["config"]["metric"] = {"name": metric_name, "higher_is_better": higher_is_better}
+    report["initial"] = initial
+    report["final"]["metric"] = rows[-1]["metric"] if rows else None
+    report["final"]["metric_name"] = metric_name
+    report["final"]["model"] = model_path.name if saved else None
+    report["final"]["startup_seconds"] = startup.get("seconds")
+    report["final"]["aggregated_rounds"] = sum(1 for r in strategy.history if r.aggregated)
+    report["final"]["evaluation_errors"] = eval_errors
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    from sepals.simulations.plots import write_plots
+    if not custom_metric and all(r["accuracy"] is not None for r in rows):
+        # (The plots show accuracy; a run with its own metric gets report.json only.)
+        from sepals.simulations.plots import write_plots
 
-    write_plots(report, out)
+        write_plots(report, out)
     return report
 
 
@@ -418,8 +841,16 @@ def summarize(report: dict[str, Any]) -> str:
     f = report["final"]
     eps = f["epsilon"]
     qerr = f.get("max_quant_error")
+    name = f.get("metric_name", "accuracy")
+    value = f.get("metric", f.get("accuracy"))
+    if value is None:
+        shown = f"final {name} n/a"
+    elif name == "accuracy":
+        shown = f"final accuracy {100 * value:.2f}%"
+    else:
+        shown = f"final {name} {value:.4f}"
     return (
-        f"final accuracy {100 * f['accuracy']:.2f}% | epsilon "
+        f"{shown} | epsilon "
         f"{'off' if eps is None else f'{eps:.3f}'} | {f['wall_seconds']:.1f} s | "
         f"up {f['upload_bytes'] / 1e6:.2f} MB, down {f['download_bytes'] / 1e6:.2f} MB | "
         f"codec {f.get('codec', '?')}, max quantization error "

@@ -1,0 +1,169 @@
+"""``sepals.simulations.simulate``: simulate your own app from Python.
+
+The same :class:`~sepals.client.EdgeApp` that a deployed client passes to
+``join_federation`` runs here on Flower's simulation engine, with the parties kept
+apart as in ``sepals-sim`` (a provisioner subprocess writes the clients' secret key; the
+server in this process holds only the public one; Ray workers train; an evaluator
+subprocess decrypts every global model). The trained model comes back from the
+evaluator's ``state_dict`` file, never from the server::
+
+    from sepals.simulations import simulate
+
+    report, model = simulate("examples/regression_app.py:make_app", clients=5, rounds=5)
+
+``app`` is either a spec string (``module:attr`` or ``path/to/file.py:attr``, plus
+``app_args``), which every process imports on its own, or an ``EdgeApp`` object, which
+must pickle with ``cloudpickle`` (functions defined in ``__main__`` or in a module the
+Ray workers can import). A spec is the safer choice for models or datasets that do not
+pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sepals.client.edge import EdgeApp
+    from sepals.simulations.harness import ProgressFn
+
+
+class SimulationResult(NamedTuple):
+    """What :func:`simulate` returns: ``report, model = simulate(...)``.
+
+    Attributes:
+        report: The run's report, as written to ``OUT/report.json``.
+        model: The final global model (the app's DP-compatible architecture) with the
+            weights the evaluator decrypted and saved to ``OUT/model.pt``.
+
+    """
+
+    report: dict[str, Any]
+    model: nn.Module
+
+
+def simulate(
+    app: str | EdgeApp,
+    *,
+    clients: int = 10,
+    rounds: int = 10,
+    fraction: float = 1.0,
+    partition: str = "iid",
+    epsilon: float | None = None,
+    privacy: PrivacyConfig | None = None,
+    encryption: str | EncryptionConfig = "bfv",
+    seed: int = 0,
+    out: str | os.PathLike[str] = "runs/latest",
+    device: str = "auto",
+    local_epochs: int = 1,
+    batch_size: int = 32,
+    learning_rate: float = 0.05,
+    fraction_evaluate: float = 0.0,
+    app_args: Mapping[str, str] | None = None,
+    cpus: int | None = None,
+    progress: ProgressFn | None = None,
+) -> SimulationResult:
+    """Simulate ``app`` over ``clients`` clients and return the report and trained model.
+
+    Args:
+        app: ``module:attr`` / ``path/to/file.py:attr`` naming an ``EdgeApp`` (or a
+            function returning one), or an ``EdgeApp`` object that ``cloudpickle`` can
+            serialize.
+        clients: Number of simulated clients; the app's ``train_data`` is split among
+            them (unless it gives ``client_data``).
+        rounds: Federated rounds.
+        fraction: Fraction of clients sampled each round.
+        partition: ``iid``, ``dirichlet:ALPHA`` or ``shards:K`` (flwr-datasets
+            partitioners; a continuous target is partitioned by its decile).
+        epsilon: Every client's total epsilon; ``0`` turns DP off. ``None`` keeps the
+            app's own ``privacy``.
+        privacy: Every client's whole privacy budget (overrides the app's and
+            ``epsilon``).
+        encryption: ``bfv``, ``ckks``, ``none``, or an :class:`EncryptionConfig`.
+        seed: Seed of partitioning, sampling, batches and the simulated DP noise.
+        out: Output folder: ``report.json``, ``model.pt``, plots, ``keys/``.
+        device: ``auto`` (the app's device, else CUDA when present), ``cpu`` or ``cuda``.
+        local_epochs: Local epochs per round.
+        batch_size: (Expected) local batch size.
+        learning_rate: Local SGD learning rate.
+        fraction_evaluate: Fraction of clients running federated evaluation each round.
+        app_args: String arguments of the spec's factory (spec only).
+        cpus: CPUs Ray may use (default: all).
+        progress: Called with each round's row.
+
+    Returns:
+        ``(report, model)``. ``report["final"]["aggregated_rounds"]`` counts the rounds
+        that changed the model; when it is 0 (every update excluded or declined), the
+        model is the shared round-0 initialisation.
+
+    Raises:
+        ValueError: a bad setting, or an app that cannot be loaded or split.
+
+    """
+    import torch
+
+    from sepals.client.edge import EdgeApp, load_edge_app
+    from sepals.client.training import make_dp_compatible
+    from sepals.simulations.harness import (
+        SimulationConfig,
+        absolute_spec,
+        apply_process_env,
+        run_experiment,
+    )
+
+    apply_process_env()
+    if isinstance(app, EdgeApp):
+        if app_args:
+            raise ValueError("app_args are for a spec string, not an EdgeApp object")
+        edge, spec, obj = app, "<EdgeApp object>", app
+    elif isinstance(app, str):
+        spec = absolute_spec(app)
+        edge, obj = load_edge_app(spec, dict(app_args or {})), None
+    else:
+        raise ValueError(f"app must be a spec string or an EdgeApp, got {type(app).__name__}")
+    if privacy is None:
+        privacy = edge.privacy
+        if epsilon is not None:
+            if epsilon < 0:
+                raise ValueError(f"epsilon must be >= 0 (0 turns DP off), got {epsilon}")
+            privacy = PrivacyConfig(
+                target_epsilon=epsilon if epsilon > 0 else None,
+                delta=privacy.delta,
+                max_grad_norm=privacy.max_grad_norm,
+                accountant=privacy.accountant,
+            )
+    if isinstance(encryption, str):
+        encryption = EncryptionConfig(scheme=encryption, max_clients=max(clients, 1))  # type: ignore[arg-type]
+    config = SimulationConfig(
+        clients=clients,
+        partition=partition,
+        federation=FederationConfig(
+            rounds=rounds,
+            fraction_train=fraction,
+            min_train_clients=1,
+            fraction_evaluate=fraction_evaluate,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=seed,
+        ),
+        privacy=privacy,
+        encryption=encryption,
+        out=str(out),
+        cpus=cpus,
+        app=spec,
+        app_args=tuple((k, str(v)) for k, v in (app_args or {}).items()),
+        device=device,
+    )
+    report = run_experiment(config, progress=progress, app=obj)
+    model = make_dp_compatible(edge.model_factory)()
+    if report["final"].get("model"):
+        state = torch.load(Path(out) / report["final"]["model"], weights_only=True)
+        model.load_state_dict(state)
+    return SimulationResult(report, model)
