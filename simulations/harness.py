@@ -47,7 +47,16 @@ import numpy as np
 import numpy.typing as npt
 
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
-from sepals.common.data import DATASET_NAMES, PartitionSpec, load_dataset, partition_indices
+from sepals.common.data import (
+    PartitionSpec,
+    check_client_sizes,
+    check_dataset_name,
+    check_partition,
+    client_train_sizes,
+    dataset_model_factory,
+    load_dataset,
+    partition_indices,
+)
 from sepals.common.files import atomic_write
 from sepals.common.log import log
 from sepals.common.plan import FederationPlan, OperatorSigner, generate_operator_key
@@ -108,10 +117,9 @@ class SimulationConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.app is None and self.dataset not in DATASET_NAMES:
-            raise ValueError(
-                f"dataset must be one of {', '.join(DATASET_NAMES)}, got {self.dataset!r}"
-            )
+        if self.app is None:
+            check_dataset_name(self.dataset)
+            check_partition(self.dataset, self.partition)
         if self.clients < 1:
             raise ValueError(f"clients must be >= 1, got {self.clients}")
         from sepals.common.config import sampled_per_round
@@ -366,6 +374,7 @@ def _evaluator_init(
     encryption: EncryptionConfig,
     secret_path: str | None,
     device: str,
+    clients: int,
 ) -> None:
     import torch
 
@@ -382,7 +391,7 @@ def _evaluator_init(
         _EVAL_STATE["test"] = edge.test_dataset
         _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = edge.loss_fn, edge.metric
     else:
-        data = load_dataset(dataset or "", seed)
+        data = load_dataset(dataset or "", seed, num_clients=clients)
         _EVAL_STATE["factory"] = make_dp_compatible(data.model_factory())
         _EVAL_STATE["test"] = data.test.to_torch()
         _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = None, None
@@ -501,9 +510,8 @@ def _simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
     train, test = client_partition(
         provider.dataset, provider.clients, provider.partition, provider.seed, pid
     )
-    data = load_dataset(provider.dataset, provider.seed)
     return ClientRuntime(
-        model_factory=data.model_factory(),
+        model_factory=dataset_model_factory(provider.dataset),
         train_data=train.to_torch(),
         test_data=test.to_torch(),
         device=provider.device,
@@ -591,7 +599,7 @@ def run_experiment(
     from sepals.common.protocol import read_global_record
     from sepals.server.app import ServerSettings, build_strategy, make_server_app
     from sepals.server.roster import NodeRoster
-    from sepals.server.strategy import RoundRecord
+    from sepals.server.strategy import RoundRecord, simulation_node_order
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -609,8 +617,10 @@ def run_experiment(
         caps = _app_caps(source, config.clients, config.partition, fed.seed)
         metric_name, higher_is_better = edge.metric_name, edge.higher_is_better
     else:
-        data = load_dataset(config.dataset, fed.seed)
-        factory = make_dp_compatible(data.model_factory())
+        factory = make_dp_compatible(dataset_model_factory(config.dataset))
+        sizes = client_train_sizes(config.dataset, config.clients, config.partition, fed.seed)
+        for warning in check_client_sizes(sizes, fed.batch_size):
+            log(WARNING, "%s", warning)
         caps = client_example_caps(config.dataset, config.clients, config.partition, fed.seed)
         metric_name, higher_is_better = "accuracy", True
     vector_length = num_parameters(factory())
@@ -631,7 +641,15 @@ def run_experiment(
         1,
         mp_context=ctx,
         initializer=_evaluator_init,
-        initargs=(config.dataset, source, fed.seed, config.encryption, secret_path, device),
+        initargs=(
+            config.dataset,
+            source,
+            fed.seed,
+            config.encryption,
+            secret_path,
+            device,
+            config.clients,
+        ),
     )
     cpus = config.cpus or os.cpu_count() or 1
     nodes_dir = tempfile.mkdtemp(prefix=".nodes-", dir=out)
@@ -721,6 +739,10 @@ def run_experiment(
         ),
     )
     strategy = build_strategy(settings)
+    # Sample over stable client ids (client-K), not Flower's random node ids, so a seeded
+    # run samples the same clients at any fraction; and wait until every node is there.
+    strategy.node_order = simulation_node_order
+    strategy.min_available_nodes = config.clients
     operator_private, operator_public = generate_operator_key()
     plan = FederationPlan.create(
         fed, strategy.codec.name, strategy.codec.fingerprint_hex, vector_length, operator_public
