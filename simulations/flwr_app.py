@@ -266,10 +266,12 @@ def server_main(grid: Any, context: Any) -> None:
     from sepals.common.data import client_example_caps, load_dataset
     from sepals.common.files import atomic_write
     from sepals.common.models import num_parameters
-    from sepals.common.plan import OperatorSigner, generate_operator_key
     from sepals.server.app import ServerSettings, build_strategy, require_aggregation
-    from sepals.server.roster import NodeRoster
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.harness import (
+        apply_process_env,
+        sign_simulated_rounds,
+        simulation_roster,
+    )
 
     apply_process_env()
     _attach_log_handler()
@@ -300,20 +302,10 @@ def server_main(grid: Any, context: Any) -> None:
             encryption=encryption,
             public_context=public_context,
             vector_length=vector_length,
-            # Flower's simulation runs every client from this app, so the names they
-            # claim are true; each may claim at most the examples its partition holds.
-            roster=NodeRoster(
-                trust_claimed_names=True,
-                caps={f"client-{pid}": cap for pid, cap in enumerate(caps)},
-                default_cap=max(caps),
-            ),
+            roster=simulation_roster(caps),
         )
         strategy = build_strategy(settings)
-        operator_private, operator_public = generate_operator_key()
-        plan = FederationPlan.create(
-            fed, strategy.codec.name, strategy.codec.fingerprint_hex, vector_length, operator_public
-        )
-        strategy.round_signer = OperatorSigner(operator_private, plan.federation_id)
+        plan = sign_simulated_rounds(strategy, fed, vector_length)
         plan.save(run_dir / PLAN_FILE)
         job_record = {"clients": clients, "secret": secret_path, "scheme": encryption.scheme}
         atomic_write(run_dir / JOB_FILE, json.dumps(job_record).encode())

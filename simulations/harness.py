@@ -561,6 +561,34 @@ def _wait_for_workers(actors: int, timeout: float = 180.0) -> None:
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
+def simulation_roster(caps: list[int]) -> Any:
+    """The node roster of a simulation: client ``client-K`` may claim ``caps[K]`` examples.
+
+    The simulation runs every client itself, so the names the clients claim are true.
+    """
+    from sepals.server.roster import NodeRoster
+
+    return NodeRoster(
+        trust_claimed_names=True,
+        caps={f"client-{pid}": cap for pid, cap in enumerate(caps)},
+        default_cap=max(caps),
+    )
+
+
+def sign_simulated_rounds(strategy: Any, fed: FederationConfig, vector_length: int) -> Any:
+    """Give ``strategy`` a fresh in-memory operator key; return the plan clients follow.
+
+    The plan is made from the strategy's own settings, so the simulated server and its
+    clients agree on it; the key never leaves this process.
+    """
+    operator_private, operator_public = generate_operator_key()
+    plan = FederationPlan.create(
+        fed, strategy.codec.name, strategy.codec.fingerprint_hex, vector_length, operator_public
+    )
+    strategy.round_signer = OperatorSigner(operator_private, plan.federation_id)
+    return plan
+
+
 def run_experiment(
     config: SimulationConfig,
     progress: ProgressFn | None = None,
@@ -598,7 +626,6 @@ def run_experiment(
     from sepals.common.models import num_parameters
     from sepals.common.protocol import read_global_record
     from sepals.server.app import ServerSettings, build_strategy, make_server_app
-    from sepals.server.roster import NodeRoster
     from sepals.server.strategy import RoundRecord, simulation_node_order
 
     out = Path(config.out)
@@ -730,24 +757,14 @@ def run_experiment(
         vector_length=vector_length,
         on_round=on_round,
         evaluate_fn=evaluate_fn,
-        # The harness runs every client itself, so their claimed names are true; each
-        # may claim at most the examples its partition holds.
-        roster=NodeRoster(
-            trust_claimed_names=True,
-            caps={f"client-{pid}": cap for pid, cap in enumerate(caps)},
-            default_cap=max(caps),
-        ),
+        roster=simulation_roster(caps),
     )
     strategy = build_strategy(settings)
     # Sample over stable client ids (client-K), not Flower's random node ids, so a seeded
     # run samples the same clients at any fraction; and wait until every node is there.
     strategy.node_order = simulation_node_order
     strategy.min_available_nodes = config.clients
-    operator_private, operator_public = generate_operator_key()
-    plan = FederationPlan.create(
-        fed, strategy.codec.name, strategy.codec.fingerprint_hex, vector_length, operator_public
-    )
-    strategy.round_signer = OperatorSigner(operator_private, plan.federation_id)
+    plan = sign_simulated_rounds(strategy, fed, vector_length)
     server_app = make_server_app(settings, strategy)
     client_app = make_client_app(
         SimulatedClientProvider(
