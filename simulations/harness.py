@@ -820,11 +820,9 @@ def run_experiment(
     report["final"]["aggregated_rounds"] = sum(1 for r in strategy.history if r.aggregated)
     report["final"]["evaluation_errors"] = eval_errors
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    if not custom_metric and all(r["accuracy"] is not None for r in rows):
-        # (The plots show accuracy; a run with its own metric gets report.json only.)
-        from sepals.simulations.plots import write_plots
+    from sepals.simulations.plots import write_plots
 
-        write_plots(report, out)
+    write_plots(report, out)
     return report
 
 

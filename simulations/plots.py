@@ -1,16 +1,32 @@
-"""PNG plots of a simulation report: accuracy and epsilon against round.
+"""PNG plots of a simulation report: the model's metric and epsilon against round.
 
+The metric is accuracy for the built-in datasets (``accuracy.png``) or an app's own
+metric (``<name>.png``, e.g. ``r2.png``), as ``report["config"]["metric"]`` names it.
 Rounds are integers and start at round 0, the evaluation of the initial model (a row
-with ``"round": 0`` in ``report["rounds"]``, or ``report["initial"]`` with its
-``accuracy``); no privacy is spent before round 1, so with DP on round 0's epsilon is
-plotted as 0. The title names the dataset, clients, fraction sampled per round,
-partition, privacy target and codec.
+with ``"round": 0`` in ``report["rounds"]``, or ``report["initial"]``); no privacy is
+spent before round 1, so with DP on round 0's epsilon is plotted as 0. The title names
+the dataset, clients, fraction sampled per round, partition, privacy target and codec.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+
+
+def metric_name(report: dict[str, Any]) -> str:
+    """The name of the report's metric (``accuracy`` unless the app brought its own)."""
+    metric = report.get("config", {}).get("metric")
+    name = metric.get("name") if isinstance(metric, dict) else None
+    return str(name) if name else "accuracy"
+
+
+def _metric(row: dict[str, Any], name: str) -> float | None:
+    value = row.get("metric")
+    if value is None and name == "accuracy":
+        value = row.get("accuracy")
+    return None if value is None else float(value)
 
 
 def plot_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -18,7 +34,8 @@ def plot_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = sorted(report.get("rounds", []), key=lambda r: int(r["round"]))
     initial = report.get("initial")
     has_zero = any(int(r["round"]) == 0 for r in rows)
-    if not has_zero and isinstance(initial, dict) and initial.get("accuracy") is not None:
+    name = metric_name(report)
+    if not has_zero and isinstance(initial, dict) and _metric(initial, name) is not None:
         rows.insert(0, {"round": 0, "epsilon": None, **initial})
     return rows
 
@@ -38,7 +55,12 @@ def plot_title(report: dict[str, Any]) -> str:
 
 
 def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
-    """Write ``accuracy.png`` and ``epsilon.png`` into ``out`` and return their paths."""
+    """Write ``<metric>.png`` (``accuracy.png`` by default) and ``epsilon.png`` into ``out``.
+
+    Returns:
+        The paths written.
+
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -52,10 +74,15 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     target = cfg.get("privacy", {}).get("target_epsilon")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    acc = [float("nan") if r.get("accuracy") is None else 100 * r["accuracy"] for r in rows]
-    ax.plot(rounds, acc, marker="o", ms=3)
-    ax.set_ylabel("test accuracy (%), held-out split")
-    written.append(_save(plt, fig, ax, title, out / "accuracy.png"))
+    name = metric_name(report)
+    values = [_metric(r, name) for r in rows]
+    scale = 100.0 if name == "accuracy" else 1.0
+    ax.plot(rounds, [float("nan") if v is None else scale * v for v in values], marker="o", ms=3)
+    ax.set_ylabel(
+        "test accuracy (%), held-out split" if name == "accuracy" else f"test {name}, held-out"
+    )
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "metric"
+    written.append(_save(plt, fig, ax, title, out / f"{safe}.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     eps: list[float | None] = [r.get("epsilon") for r in rows]

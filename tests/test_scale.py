@@ -260,3 +260,29 @@ def test_epsilon_plot_says_dp_off_only_when_it_is(tmp_path):
     assert "DP off" not in plots.plot_title(_report(True))
     plots.write_plots(_report(True, target=None), tmp_path)
     assert (tmp_path / "epsilon.png").exists()
+
+
+def test_an_apps_own_metric_is_plotted_under_its_name(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sepals.simulations import plots
+
+    report = _report(False)
+    report["config"]["metric"] = {"name": "r2", "higher_is_better": True}
+    report["initial"] = {"loss": 0.9, "metric": -0.2}
+    for row in report["rounds"]:
+        row["accuracy"], row["metric"] = None, 0.1 * row["round"]
+    captured: list = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", captured.append)
+    paths = plots.write_plots(report, tmp_path)
+    assert [p.name for p in paths] == ["r2.png", "epsilon.png"]
+    line = captured[0].axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [0, 1, 2, 3]
+    assert list(line.get_ydata()) == pytest.approx([-0.2, 0.1, 0.2, 0.3])
+    assert "r2" in captured[0].axes[0].get_ylabel()
+    for fig in captured:
+        real_close(fig)
