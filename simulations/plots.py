@@ -48,8 +48,10 @@ def plot_title(report: dict[str, Any]) -> str:
     delta = cfg.get("privacy", {}).get("delta")
     dp = "DP off" if target is None else f"epsilon {target:g}, delta {delta:g}"
     frac = "" if fraction is None else f", fraction {fraction:g}"
+    # An app is named by its spec, often an absolute path: keep the file name and attr.
+    dataset = str(cfg.get("dataset", "?")).rsplit("/", 1)[-1]
     return (
-        f"{cfg.get('dataset', '?')}, {cfg.get('clients', '?')} clients{frac}, "
+        f"{dataset}, {cfg.get('clients', '?')} clients{frac}, "
         f"{cfg.get('partition', '?')}\n{dp}, codec {cfg.get('codec', '?')}"
     )
 

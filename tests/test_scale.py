@@ -272,6 +272,7 @@ def test_an_apps_own_metric_is_plotted_under_its_name(tmp_path, monkeypatch):
 
     report = _report(False)
     report["config"]["metric"] = {"name": "r2", "higher_is_better": True}
+    report["config"]["dataset"] = "/home/me/work/examples/regression_app.py:make_app"
     report["initial"] = {"loss": 0.9, "metric": -0.2}
     for row in report["rounds"]:
         row["accuracy"], row["metric"] = None, 0.1 * row["round"]
@@ -284,5 +285,6 @@ def test_an_apps_own_metric_is_plotted_under_its_name(tmp_path, monkeypatch):
     assert list(line.get_xdata()) == [0, 1, 2, 3]
     assert list(line.get_ydata()) == pytest.approx([-0.2, 0.1, 0.2, 0.3])
     assert "r2" in captured[0].axes[0].get_ylabel()
+    assert captured[0].axes[0].get_title().startswith("regression_app.py:make_app, 1000 clients")
     for fig in captured:
         real_close(fig)
