@@ -337,6 +337,7 @@ class BfvCodec(UpdateCodec):
 
     codec_id = CODEC_BFV
     name = "bfv-q2"
+    _config: EncryptionConfig
 
     def __init__(self, bundle: bytes, config: EncryptionConfig, *, need_secret: bool) -> None:
         import tenseal.sealapi as seal

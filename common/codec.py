@@ -126,6 +126,13 @@ class UpdateCodec(ABC):
 
     codec_id: ClassVar[int]
     name: ClassVar[str]
+    # The settings that sized an HE codec (its subclasses set it); none for plaintext.
+    _config: EncryptionConfig | None = None
+
+    @property
+    def encryption(self) -> EncryptionConfig | None:
+        """The encryption settings this codec was built with (``None``: plaintext)."""
+        return self._config
 
     @property
     @abstractmethod
@@ -345,6 +352,7 @@ class CkksCodec(UpdateCodec):
 
     codec_id = CODEC_CKKS
     name = "ckks"
+    _config: EncryptionConfig
 
     def __init__(self, context: ts.Context, config: EncryptionConfig) -> None:
         self._ctx = context

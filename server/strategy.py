@@ -13,7 +13,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from logging import DEBUG, ERROR, INFO, WARNING
 from time import sleep
 from typing import Any
@@ -121,11 +121,8 @@ RoundSigner = Callable[[str, dict[str, Any], ArrayRecord], dict[str, Any]]
 
 
 def _codec_config(codec: UpdateCodec) -> EncryptionConfig | None:
-    # The HE codecs keep the EncryptionConfig that sized them (no public accessor).
-    config = getattr(codec, "_config", None)
-    if isinstance(config, EncryptionConfig) and config.scheme != "none":
-        return config
-    return None
+    config = codec.encryption
+    return config if config is not None and config.scheme != "none" else None
 
 
 def codec_max_clients(codec: UpdateCodec) -> int | None:
@@ -511,17 +508,7 @@ class EncryptedFedAvg(Strategy):
                 f"max_clients={self.max_clients} updates already accepted this round"
             )
         report = ClientRoundReport(
-            node_id=node,
-            client_id=name,
-            num_examples=metrics.num_examples,
-            epsilon=metrics.epsilon,
-            delta=metrics.delta,
-            noise_multiplier=metrics.noise_multiplier,
-            sample_rate=metrics.sample_rate,
-            total_steps=metrics.total_steps,
-            rounds_participated=metrics.rounds_participated,
-            accountant=accountant,
-            quant_error=metrics.quant_error,
+            node_id=node, client_id=name, accountant=accountant, **asdict(metrics)
         )
         return _Admitted(loaded, len(payload), digest, report)
 

@@ -25,7 +25,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import (
+    EncryptionConfig,
+    FederationConfig,
+    PrivacyConfig,
+    sampled_per_round,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -139,7 +144,11 @@ def simulate(
                 accountant=privacy.accountant,
             )
     if isinstance(encryption, str):
-        encryption = EncryptionConfig(scheme=encryption, max_clients=max(clients, 1))  # type: ignore[arg-type]
+        # Sized like sepals-sim: for the most updates one aggregate holds.
+        encryption = EncryptionConfig(
+            scheme=encryption,  # type: ignore[arg-type]
+            max_clients=sampled_per_round(max(clients, 1), fraction, 1),
+        )
     config = SimulationConfig(
         clients=clients,
         partition=partition,

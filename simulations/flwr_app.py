@@ -30,7 +30,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import logging
-import math
 import multiprocessing
 import sys
 import time
@@ -40,7 +39,12 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import (
+    EncryptionConfig,
+    FederationConfig,
+    PrivacyConfig,
+    sampled_per_round,
+)
 from sepals.common.data import DATASET_NAMES, PartitionSpec
 from sepals.common.errors import SepalsError
 from sepals.common.log import LOGGER, log
@@ -146,16 +150,14 @@ class FlowerJob:
             scheme=_get(config, "scheme", "bfv"),
         )
 
-    def sampled_per_round(self, clients: int) -> int:
-        """How many of ``clients`` nodes the strategy samples in a round."""
-        fed = self.federation
-        return min(clients, max(fed.min_train_clients, math.ceil(fed.fraction_train * clients)))
-
     def encryption(self, clients: int) -> EncryptionConfig:
         """Encryption sized for the updates one aggregate holds with ``clients`` nodes."""
+        fed = self.federation
         return EncryptionConfig(
             scheme=self.scheme,  # type: ignore[arg-type]
-            max_clients=max(1, self.sampled_per_round(clients)),
+            max_clients=sampled_per_round(
+                max(clients, 1), fed.fraction_train, fed.min_train_clients
+            ),
         )
 
 
