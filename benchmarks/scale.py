@@ -16,7 +16,7 @@ whole run <= 180 s, ratio <= 1.3, overhead <= 20 ms, peak RSS <= 6 GB; each is p
 as met or MISSED, never asserted.
 
 Usage: ``python -m benchmarks.scale [--clients N] [--fraction F] [--rounds R] [--cpus C]
-[--dataset NAME] [--out DIR]``
+[--dataset NAME] [--out DIR] [--only plain|private] [--verbose]``
 """
 
 from __future__ import annotations
@@ -168,19 +168,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-scale")
+    p.add_argument(
+        "--only",
+        choices=("plain", "private"),
+        help="run one of the two federations (for profiling; prints no comparison)",
+    )
+    p.add_argument("--verbose", action="store_true", help="show sepals' and Flower's log")
     args = p.parse_args(argv)
 
     from sepals.common.config import sampled_per_round
+    from sepals.simulations.cli import configure_logging
     from sepals.simulations.harness import apply_process_env
 
     apply_process_env()
+    configure_logging(args.verbose)
     sampled = sampled_per_round(args.clients, args.fraction, 1)
     print(
         f"scale benchmark: {args.dataset}, {args.clients} clients, {sampled} per round, "
         f"{args.rounds} rounds, {args.cpus} CPUs",
         flush=True,
     )
-    results = [run_one(args, private=False), run_one(args, private=True)]
+    kinds = {"plain": [False], "private": [True], None: [False, True]}[args.only]
+    results = [run_one(args, private=private) for private in kinds]
     for r in results:
         acc = "n/a" if r.accuracy is None else f"{100 * r.accuracy:.2f}%"
         eps = "off" if r.epsilon is None else f"{r.epsilon:.2f}"
@@ -189,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             f"accuracy {acc} | epsilon {eps}",
             flush=True,
         )
+    if len(results) == 1:
+        return 0
     plain, private = results
     ratio = private.seconds / plain.seconds
     overhead_ms = 1e3 * (private.seconds - plain.seconds) / (args.rounds * sampled)

@@ -14,6 +14,7 @@ plan alone; nothing a message says can change it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -113,6 +114,17 @@ def _derive_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+@functools.lru_cache(maxsize=4)
+def _client_codec(config: EncryptionConfig, secret_context: bytes | None) -> UpdateCodec:
+    """The client codec for a key bundle, loaded once per process.
+
+    Loading a BFV key builds a SEAL context (tens of milliseconds). A simulation worker
+    plays many clients with the same bundle; a codec keeps no per-client state (its
+    randomness is drawn per call), so they share one.
+    """
+    return make_client_codec(config, secret_context)
+
+
 class SepalsClient:
     """One client's side of the protocol.
 
@@ -125,7 +137,7 @@ class SepalsClient:
         self.runtime = runtime
         self.plan = runtime.plan
         self.factory: ModelFactory = make_dp_compatible(runtime.model_factory)
-        self.codec: UpdateCodec = make_client_codec(runtime.encryption, runtime.secret_context)
+        self.codec: UpdateCodec = _client_codec(runtime.encryption, runtime.secret_context)
         if self.plan.codec != self.codec.name:
             raise ValueError(
                 f"the federation's plan uses codec {self.plan.codec!r}, this client's "

@@ -6,7 +6,17 @@ the client joined, and the resulting epsilon. It is a frozen value: each round y
 new ledger, which the client stores *before* it sends its update.
 
 The math (calibrating sigma, composing epsilon) is delegated to Opacus's accountants in
-:func:`calibrate_noise_multiplier` and :func:`compute_epsilon`.
+:func:`calibrate_noise_multiplier` and :func:`compute_epsilon`. For the default RDP
+accountant two things keep it cheap enough for a thousand clients a round:
+
+* Opacus's RDP of the subsampled Gaussian is linear in the steps, so the per-step RDP
+  of each ``(q, sigma)`` is computed once per process and scaled; the epsilon is the one
+  Opacus's ``RDPAccountant`` reports, to the bit.
+* Sigma is calibrated over the *integer* orders among Opacus's default orders, whose
+  RDP has a closed form (about 20x faster than the fractional orders' series). They are
+  a subset of the orders the reported epsilon minimises over, so the reported epsilon
+  can only be lower than the calibration's: sigma is at most a few percent larger than
+  the all-orders calibration would give, never smaller.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sepals.common.config import PrivacyConfig
 from sepals.common.errors import BudgetExhaustedError
@@ -36,27 +48,66 @@ def _make_accountant(name: str) -> Any:
     return create_accountant(mechanism=name)
 
 
+def _rdp_orders() -> list[float]:
+    from opacus.accountants import RDPAccountant
+
+    return [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]
+
+
+def calibration_orders() -> list[float]:
+    """The integer orders among Opacus's default RDP orders (2-10 and 12-63)."""
+    return [a for a in _rdp_orders() if a.is_integer()]
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(sample_rate: float, sigma: float) -> tuple[float, ...]:
+    """Opacus's RDP of one subsampled-Gaussian step at each default order (memoised)."""
+    from opacus.accountants.analysis import rdp
+
+    per_step = rdp.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=_rdp_orders())
+    return tuple(float(v) for v in np.asarray(per_step))
+
+
+def _rdp_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> float:
+    """What Opacus's ``RDPAccountant.get_epsilon`` returns, from memoised per-step RDP.
+
+    ``compute_rdp`` returns the per-step vector times the steps, and the accountant sums
+    one such vector per history entry; this does the same arithmetic in the same order.
+    """
+    from opacus.accountants.analysis import rdp
+
+    total = sum(np.asarray(_rdp_per_step(q, s)) * n for s, q, n in history)
+    eps, _ = rdp.get_privacy_spent(orders=_rdp_orders(), rdp=total, delta=delta)
+    return float(eps)
+
+
 def compute_epsilon(accountant: str, history: tuple[HistoryEntry, ...], delta: float) -> float:
     """Epsilon that Opacus's ``accountant`` composes over ``history`` at ``delta``."""
     if not history:
         return 0.0
-    acc = _make_accountant(accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    entries = tuple((float(s), float(q), int(n)) for s, q, n in history)
     with warnings.catch_warnings():
         # RDP warns when the best order is the largest one tried; the bound is then
         # merely loose (conservative), never wrong.
         warnings.filterwarnings("ignore", message="Optimal order is the")
+        if accountant == "rdp":
+            return _rdp_epsilon(entries, delta)
+        acc = _make_accountant(accountant)
+        acc.history = list(entries)
         return float(acc.get_epsilon(delta=delta))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
     """Smallest sigma (to Opacus's 0.01 epsilon tolerance) that keeps ``steps`` within budget.
 
-    Calibration is the expensive part of DP accounting (0.1-5 s). It is done once per
-    client for its planned participation and memoised per process, never per round.
+    Opacus's ``get_noise_multiplier`` does the search. With the RDP accountant it
+    searches over :func:`calibration_orders` (see the module docstring), so the epsilon
+    :func:`compute_epsilon` reports for the result is at most ``target_epsilon``, often
+    slightly below. Calibration is done once per client for its planned participation
+    and memoised per process, never per round.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -64,6 +115,7 @@ def calibrate_noise_multiplier(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+    extra: dict[str, Any] = {"alphas": calibration_orders()} if accountant == "rdp" else {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
         sigma = get_noise_multiplier(
@@ -73,6 +125,7 @@ def calibrate_noise_multiplier(
             steps=steps,
             accountant=accountant,
             epsilon_tolerance=0.01,
+            **extra,
         )
     return float(sigma)
 

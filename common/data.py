@@ -389,8 +389,8 @@ def check_client_sizes(
         names: The clients' names (default ``client-K`` for the K-th size).
 
     Returns:
-        Warnings, one per client with fewer than two batches (``2 * batch_size``
-        examples) to train on; empty when every client has at least two.
+        One warning naming the clients with fewer than two batches (``2 * batch_size``
+        examples) to train on, and how many they are; empty when every client has two.
 
     Raises:
         ValueError: some client has no training example at all (it names them).
@@ -407,10 +407,12 @@ def check_client_sizes(
             f"{len(empty)} of {len(sizes)} clients get no training example: "
             f"{_name_list(empty)}; use fewer clients, another partition or a larger dataset"
         )
+    small = [f"{lab} ({n})" for lab, n in zip(labels, sizes, strict=True) if n < 2 * batch_size]
+    if not small:
+        return []
     return [
-        f"{lab} has {n} training examples, fewer than two batches of {batch_size}"
-        for lab, n in zip(labels, sizes, strict=True)
-        if n < 2 * batch_size
+        f"{len(small)} of {len(sizes)} clients have fewer than two batches of {batch_size} "
+        f"training examples: {_name_list(small)}"
     ]
 
 

@@ -27,7 +27,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(dir_fd)
 
 
-def atomic_write(path: Path, data: bytes, secret: bool = False) -> None:
+def atomic_write(path: Path, data: bytes, secret: bool = False, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never half.
 
     The bytes go to a new temporary file in the same directory, named
@@ -43,6 +43,8 @@ def atomic_write(path: Path, data: bytes, secret: bool = False) -> None:
         path: The destination.
         data: The new content.
         secret: Mode 0600 instead of 0644.
+        durable: Fsync the file and the directory. ``False`` keeps the atomicity but
+            not the durability across a crash (for notes that are cheap to lose).
 
     Raises:
         FileExistsError: something already exists at the temporary name (an attack:
@@ -59,12 +61,14 @@ def atomic_write(path: Path, data: bytes, secret: bool = False) -> None:
             os.fchmod(fh.fileno(), mode)  # exact mode, whatever the umask
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def insecure_mode_problem(path: Path, what: str, *, directory: bool = False) -> str | None:

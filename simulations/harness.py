@@ -470,7 +470,13 @@ class SimulatedClientProvider:
 @functools.lru_cache(maxsize=4096)
 def _note_node(nodes_dir: str, node_id: int, pid: int) -> None:
     """Tell the harness which client a Flower node id plays (for names in round lines)."""
-    atomic_write(Path(nodes_dir) / str(node_id), f"client-{pid}".encode())
+    atomic_write(Path(nodes_dir) / str(node_id), f"client-{pid}".encode(), durable=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_secret(path: str) -> bytes:
+    """The clients' key bundle, read once per worker process (one bytes object)."""
+    return Path(path).read_bytes()
 
 
 @functools.lru_cache(maxsize=64)
@@ -482,7 +488,7 @@ def _simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
     from sepals.common.data import client_partition
 
     torch.set_num_threads(1)
-    secret = Path(provider.secret_path).read_bytes() if provider.secret_path else None
+    secret = _read_secret(provider.secret_path) if provider.secret_path else None
     common = {
         "client_id": f"client-{pid}",
         "privacy": provider.privacy,
@@ -627,6 +633,7 @@ def run_experiment(
     from sepals.common.protocol import read_global_record
     from sepals.server.app import ServerSettings, build_strategy, make_server_app
     from sepals.server.strategy import RoundRecord, simulation_node_order
+    from sepals.simulations.vce_poller import install as install_vce_poller
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -795,6 +802,7 @@ def run_experiment(
         },
     }
     model_path = out / "model.pt"
+    install_vce_poller()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -132,9 +132,12 @@ def test_check_client_sizes_refuses_empty_clients_and_warns_below_two_batches():
 
     assert check_client_sizes([64, 100], batch_size=32) == []
     warnings = check_client_sizes([64, 63, 5], batch_size=32)
-    assert len(warnings) == 2
-    assert warnings[0].startswith("client-1 has 63 training examples")
-    assert "client-2" in warnings[1]
+    assert warnings == [
+        "2 of 3 clients have fewer than two batches of 32 training examples: "
+        "client-1 (63), client-2 (5)"
+    ]
+    (many,) = check_client_sizes([1] * 30, batch_size=1)
+    assert many.startswith("30 of 30 clients") and many.endswith("and 20 more")
     with pytest.raises(ValueError, match=r"2 of 4 clients get no training example: client-1, c3"):
         check_client_sizes([5, 0, 7, 0], batch_size=1, names=["c0", "client-1", "c2", "c3"])
     with pytest.raises(ValueError, match="and 5 more"):
@@ -164,7 +167,8 @@ def test_more_clients_than_test_examples_still_split():
 
     sizes = client_train_sizes("digits", 400, "iid", 0)
     assert sum(sizes) == 1437 and min(sizes) >= 3
-    assert len(check_client_sizes(sizes, batch_size=16)) == 400  # all below two batches
+    (warning,) = check_client_sizes(sizes, batch_size=16)
+    assert warning.startswith("400 of 400 clients have fewer than two batches")
     caps = client_example_caps("digits", 400, "iid", 0)
     assert min(caps) >= min(sizes)
     _, test = client_partition("digits", 400, "iid", 0, 399)

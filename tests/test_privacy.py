@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -149,6 +153,48 @@ def test_calibration_hits_target_from_below():
     eps = compute_epsilon("rdp", ((sigma, 1 / 19, 19 * 50),), 1e-5)
     assert 2.98 <= eps <= 3.0
     assert sigma == pytest.approx(2.55, abs=0.05)  # design brief: eps=3 over 50 rounds
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    entries=st.lists(
+        st.tuples(
+            st.floats(min_value=0.3, max_value=20.0),
+            st.sampled_from([1.0, 0.5, 1 / 3, 0.1, 1 / 19, 0.01]),
+            st.integers(min_value=1, max_value=5000),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    delta=st.sampled_from([1e-5, 1e-6, 1e-3]),
+)
+def test_rdp_epsilon_is_opacus_to_the_bit(entries, delta):
+    """The memoised per-step RDP gives exactly what Opacus's accountant reports."""
+    history = tuple(entries)
+    acc = RDPAccountant()
+    acc.history = list(history)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        expected = acc.get_epsilon(delta=delta)
+    assert compute_epsilon("rdp", history, delta) == expected
+    assert compute_epsilon("rdp", history, delta) == expected  # memoised: same again
+
+
+@pytest.mark.parametrize(
+    ("target", "batches", "rounds"), [(8.0, 9, 30), (8.0, 2, 5), (8.0, 63, 5), (1.0, 9, 30)]
+)
+def test_calibration_over_integer_orders_is_sound_and_close(target, batches, rounds):
+    """Integer-order sigma never undercuts the all-orders one, and costs at most 3%."""
+    q, steps = 1 / batches, batches * rounds
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, "rdp")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        all_orders = get_noise_multiplier(
+            target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps
+        )
+    assert all_orders <= sigma <= 1.03 * all_orders
+    eps = compute_epsilon("rdp", ((sigma, q, steps),), 1e-5)
+    assert 0.95 * target <= eps <= target
 
 
 def test_ledger_json_round_trip():
