@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the dataset's")
+    p.add_argument("--lr", type=float, default=None, help="default: the dataset's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/bench-scale")
     p.add_argument(
@@ -175,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--verbose", action="store_true", help="show sepals' and Flower's log")
     args = p.parse_args(argv)
+    from sepals.simulations.cli import DATASET_DEFAULTS
+
+    defaults = DATASET_DEFAULTS[args.dataset.split(":", 1)[0]]
+    if args.batch_size is None:
+        args.batch_size = defaults["batch_size"]
+    if args.lr is None:
+        args.lr = defaults["lr"]
 
     from sepals.common.config import sampled_per_round
     from sepals.simulations.cli import configure_logging

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
 from sepals.common.config import PrivacyConfig
@@ -63,8 +63,7 @@ def _mean_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> torch.Ten
     # (Under ghost clipping the loss is Opacus's wrapper, not a plain tensor.)
     if type(loss) is torch.Tensor and loss.dim() != 0:
         raise ValueError(
-            "loss_fn must return a 0-dim tensor: the mean loss over the batch "
-            "(reduction='mean')"
+            "loss_fn must return a 0-dim tensor: the mean loss over the batch (reduction='mean')"
         )
     return loss
 
@@ -174,6 +173,54 @@ def _silence_opacus_notices(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+class _BatchedTensors(Dataset):  # type: ignore[type-arg]
+    """A ``TensorDataset`` that hands the loader whole batches, one indexing per tensor.
+
+    PyTorch's loader fetches a batch through ``__getitems__`` when a dataset has it and
+    passes the result to ``collate_fn``; with :func:`_as_batch` as ``collate_fn`` a batch
+    costs one ``tensor[indices]`` per tensor instead of one ``__getitem__`` per example
+    and a stack. Which examples form a batch is still the sampler's choice (Opacus's
+    Poisson sampler under DP). An empty index list gives ``[]``, which Opacus's collate
+    wrapper turns into its zero-size batch, as for any dataset.
+    """
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.tensors = data.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        if len(indices) == 0:
+            return []
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return [t[idx] for t in self.tensors]
+
+
+def _as_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    return batch
+
+
+def make_loader(
+    data: Dataset,
+    batch_size: int,
+    generator: torch.Generator,  # type: ignore[type-arg]
+) -> DataLoader:  # type: ignore[type-arg]
+    """The shuffled training loader; batches of a ``TensorDataset`` are fetched whole."""
+    if type(data) is TensorDataset:
+        return DataLoader(
+            _BatchedTensors(data),
+            batch_size=batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=_as_batch,
+        )
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+
+
 @_silence_opacus_notices
 def train_round(
     factory: ModelFactory,
@@ -222,7 +269,7 @@ def train_round(
         raise ValueError("cannot train on an empty dataset")
     loader_gen = torch.Generator()
     loader_gen.manual_seed(settings.data_seed)
-    loader = DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=loader_gen)
+    loader = make_loader(data, settings.batch_size, loader_gen)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
     )
