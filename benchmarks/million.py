@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
     from sepals.client.edge import EdgeApp
 
 TARGET_RATIO = 1.2
+#: ``progress(label, row)``: ``label`` is ``plain`` or ``encrypted``; ``row`` is the
+#: harness's start-up row (``round`` 0, ``startup_seconds``) or a round's row.
+ProgressFn = Callable[[str, dict[str, Any]], None]
 TARGET_PARAMETERS = 1_000_000
 IN_FEATURES = 64
 NUM_CLASSES = 10
@@ -178,7 +182,15 @@ class MillionResult:
 
 
 def _run(
-    app: EdgeApp, *, encrypted: bool, rounds: int, clients: int, cpus: int, seed: int, out: Path
+    app: EdgeApp,
+    *,
+    encrypted: bool,
+    rounds: int,
+    clients: int,
+    cpus: int,
+    seed: int,
+    out: Path,
+    progress: ProgressFn | None,
 ) -> RunFigures:
     from sepals.common.config import (
         EncryptionConfig,
@@ -207,8 +219,14 @@ def _run(
         app="benchmarks.million:make_app",
         device="cpu",
     )
+    label = "encrypted" if encrypted else "plain"
+
+    def report_row(row: dict[str, Any]) -> None:
+        if progress is not None:
+            progress(label, row)
+
     t0 = time.perf_counter()
-    report = run_experiment(config, app=app)
+    report = run_experiment(config, report_row, app=app, on_start=report_row)
     return figures_of(report, time.perf_counter() - t0)
 
 
@@ -218,6 +236,8 @@ def run_million(
     cpus: int = 2,
     seed: int = 0,
     out: str = "runs/bench-million",
+    *,
+    progress: ProgressFn | None = None,
 ) -> MillionResult:
     """Run the plain and the encrypted federation, one after the other, and compare.
 
@@ -231,6 +251,8 @@ def run_million(
         cpus: CPUs Ray may use.
         seed: Seed of the data split, sampling, batches and the simulated DP noise.
         out: Folder of the two runs' outputs (``plain/`` and ``encrypted/``).
+        progress: Called with each run's start-up row and round rows (see
+            :data:`ProgressFn`).
 
     Returns:
         The figures of both runs.
@@ -257,6 +279,7 @@ def run_million(
             cpus=cpus,
             seed=seed,
             out=Path(out) / label,
+            progress=progress,
         )
         for label in ("plain", "encrypted")
     }
@@ -308,6 +331,21 @@ def format_result(r: MillionResult) -> str:
     return "\n".join(lines)
 
 
+def format_row(label: str, row: dict[str, Any]) -> str:
+    """One progress line: a run's start-up or one of its rounds."""
+    if "startup_seconds" in row:
+        return f"{label:>9}: start-up {row['startup_seconds']:.1f} s"
+    return (
+        f"{label:>9}: round {row['round']} {row['seconds']:.1f} s | accuracy "
+        f"{_pct(row.get('accuracy'))} | epsilon {_eps(row.get('epsilon'))} | "
+        f"{row['clients_accepted']} clients accepted"
+    )
+
+
+def _print_row(label: str, row: dict[str, Any]) -> None:
+    print(format_row(label, row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run both federations and print the comparison."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.million", description=__doc__)
@@ -332,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     result = run_million(
-        rounds=args.rounds, clients=args.clients, cpus=args.cpus, seed=args.seed, out=args.out
+        rounds=args.rounds,
+        clients=args.clients,
+        cpus=args.cpus,
+        seed=args.seed,
+        out=args.out,
+        progress=_print_row,
     )
     print(format_result(result), flush=True)
     return 0
