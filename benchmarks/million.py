@@ -65,17 +65,18 @@ def make_model() -> nn.Module:
     return MLP(IN_FEATURES, NUM_CLASSES, hidden=(HIDDEN,))
 
 
-def make_app(seed: int = 0) -> EdgeApp:
+def make_app(seed: int | str = 0) -> EdgeApp:
     """The benchmark's app: the wide MLP on digits' train and held-out test splits.
 
     The split is the one ``sepals-sim --dataset digits`` uses (stratified 80/20,
-    ``seed``); the privacy budget is (epsilon 8, delta 1e-5).
+    ``seed``, an int or, from ``sepals-sim --app benchmarks.million:make_app``, its
+    string); the privacy budget is (epsilon 8, delta 1e-5).
     """
     from sepals.client.edge import EdgeApp
     from sepals.common.config import PrivacyConfig
     from sepals.common.data import load_dataset
 
-    splits = load_dataset("digits", seed)
+    splits = load_dataset("digits", int(seed))
     return EdgeApp(
         model_factory=make_model,
         train_data=splits.train.to_torch(),

@@ -24,7 +24,7 @@ def test_mlp_parameters_counts_weights_and_biases() -> None:
 
 
 def test_app_matches_the_model_and_digits() -> None:
-    app = million.make_app(seed=0)
+    app = million.make_app(seed="0")
     x, y = app.train_dataset[0]  # type: ignore[index]
     assert x.shape == (million.IN_FEATURES,)
     assert 0 <= int(y) < million.NUM_CLASSES
