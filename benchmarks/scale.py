@@ -16,7 +16,11 @@ whole run <= 180 s, ratio <= 1.3, overhead <= 20 ms, peak RSS <= 6 GB; each is p
 as met or MISSED, never asserted.
 
 Usage: ``python -m benchmarks.scale [--clients N] [--fraction F] [--rounds R] [--cpus C]
-[--dataset NAME] [--out DIR] [--only plain|private] [--verbose]``
+[--dataset NAME] [--out DIR] [--only plain|private] [--million-rounds R] [--verbose]``
+
+After the two 1,000-client runs it runs :func:`benchmarks.million.run_million`: a
+1M-parameter model, 10 clients, encryption on against off (DP on in both), target
+<= 1.2x, printed the same way (``--million-rounds 0`` skips it).
 """
 
 from __future__ import annotations
@@ -173,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("plain", "private"),
         help="run one of the two federations (for profiling; prints no comparison)",
     )
+    p.add_argument(
+        "--million-rounds",
+        type=int,
+        default=3,
+        help="rounds of the 1M-parameter comparison (benchmarks.million); 0 skips it",
+    )
     p.add_argument("--verbose", action="store_true", help="show sepals' and Flower's log")
     args = p.parse_args(argv)
     from sepals.simulations.cli import DATASET_DEFAULTS
@@ -197,6 +207,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     kinds = {"plain": [False], "private": [True], None: [False, True]}[args.only]
     results = [run_one(args, private=private) for private in kinds]
+    _report_scale(args, sampled, results)
+    if args.million_rounds > 0 and args.only is None:
+        from benchmarks.million import format_result, run_million
+
+        print(
+            f"1M-parameter model, 10 clients, {args.million_rounds} rounds: encryption on "
+            "against off, DP on in both (benchmarks.million)",
+            flush=True,
+        )
+        million = run_million(
+            rounds=args.million_rounds,
+            clients=10,
+            cpus=args.cpus,
+            seed=args.seed,
+            out=str(Path(args.out) / "million"),
+        )
+        print(format_result(million), flush=True)
+    return 0
+
+
+def _report_scale(args: argparse.Namespace, sampled: int, results: list[RunResult]) -> None:
+    """Print each 1,000-client run and, with both, the comparison against the targets."""
     for r in results:
         acc = "n/a" if r.accuracy is None else f"{100 * r.accuracy:.2f}%"
         eps = "off" if r.epsilon is None else f"{r.epsilon:.2f}"
@@ -206,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if len(results) == 1:
-        return 0
+        return
     plain, private = results
     ratio = private.seconds / plain.seconds
     overhead_ms = 1e3 * (private.seconds - plain.seconds) / (args.rounds * sampled)
@@ -227,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         f"peak RSS of the process tree {peak_gb:.2f} GB (target <= {TARGET_RSS_GB:.0f} GB): "
         f"{_verdict(peak_gb <= TARGET_RSS_GB)}"
     )
-    return 0
 
 
 if __name__ == "__main__":
