@@ -205,9 +205,9 @@ def _as_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def make_loader(
-    data: Dataset,
+    data: Dataset,  # type: ignore[type-arg]
     batch_size: int,
-    generator: torch.Generator,  # type: ignore[type-arg]
+    generator: torch.Generator,
 ) -> DataLoader:  # type: ignore[type-arg]
     """The shuffled training loader; batches of a ``TensorDataset`` are fetched whole."""
     if type(data) is TensorDataset:
