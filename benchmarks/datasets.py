@@ -14,7 +14,7 @@ non-private accuracy is *clearly above* the majority-class rate: at least
 never asserted.
 
 Every job uses the dataset's own ``sepals-sim`` defaults, except the rounds given by
-``--rounds D=R`` (none by default). The default run takes about 15 minutes on 2 cores.
+``--rounds D=R`` (none by default). The default run takes about 14 minutes on 2 cores.
 
 Usage: ``python -m benchmarks.datasets [--datasets digits,breast_cancer,mnist5k]
 [--partitions iid,dirichlet:0.5] [--seed S] [--rounds D=R ...] [--cpus N] [--out DIR]``
