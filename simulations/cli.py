@@ -96,14 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
 # Tuned defaults per dataset (used where a flag is not given).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"rounds": 30, "local_epochs": 1, "batch_size": 16, "lr": 0.2, "max_grad_norm": 1.0},
+    # Tuned on a validation split carved out of the train split (see the README).
     "breast_cancer": {
-        "rounds": 20,
+        "rounds": 10,
         "local_epochs": 1,
         "batch_size": 16,
-        "lr": 0.05,
+        "lr": 0.1,
         "max_grad_norm": 1.0,
     },
-    "mnist5k": {"rounds": 20, "local_epochs": 1, "batch_size": 32, "lr": 0.1, "max_grad_norm": 1.0},
+    # lr tuned for the default private job (validation split; see the README).
+    "mnist5k": {"rounds": 20, "local_epochs": 1, "batch_size": 32, "lr": 0.2, "max_grad_norm": 1.0},
     # Chosen on seed 1 (reports use seed 0) at 1,000 clients, 10% a round, 20 rounds:
     # every batch size / learning rate tried gave 21-24% without DP; this is among the
     # best and needs the fewest DP-SGD steps (README, "synthetic data").
