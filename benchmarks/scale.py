@@ -10,8 +10,8 @@ Runs, in this process and one after the other, the same federation twice through
 Default federation: ``synthetic:1,1``, 1,000 clients, 10% (100) sampled per round, 20
 rounds, 2 CPUs. It prints each run's whole time, the ratio, sepals' overhead per
 sampled client per round (``(t_private - t_plain) / (rounds * sampled)``) and the peak
-resident memory of the whole process tree (this process, Ray and its workers, the
-provisioner and the evaluator), sampled every 0.2 s from ``/proc``. Targets (issue 9):
+resident memory of the whole process tree (this process, Ray and its workers and the
+evaluator), sampled every 0.2 s from ``/proc``. Targets (issue 9):
 whole run <= 180 s, ratio <= 1.3, overhead <= 20 ms, peak RSS <= 6 GB; each is printed
 as met or MISSED, never asserted.
 

@@ -2,9 +2,9 @@
 
 The same :class:`~sepals.client.EdgeApp` that a deployed client passes to
 ``join_federation`` runs here on Flower's simulation engine, with the parties kept
-apart as in ``sepals-sim`` (a provisioner subprocess writes the clients' secret key; the
-server in this process holds only the public one; Ray workers train; an evaluator
-subprocess decrypts every global model). The trained model comes back from the
+apart as in ``sepals-sim`` (an evaluator subprocess creates the keys and writes the
+clients' secret key; the server in this process holds only the public one; Ray workers
+train; the evaluator decrypts every global model). The trained model comes back from the
 evaluator's ``state_dict`` file, never from the server::
 
     from sepals.simulations import simulate

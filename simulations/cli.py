@@ -106,9 +106,9 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     # lr tuned for the default private job (validation split; see the README).
     "mnist5k": {"rounds": 20, "local_epochs": 1, "batch_size": 32, "lr": 0.2, "max_grad_norm": 1.0},
-    # Chosen on seed 1 (reports use seed 0) at 1,000 clients, 10% a round, 20 rounds:
-    # every batch size / learning rate tried gave 21-24% without DP; this is among the
-    # best and needs the fewest DP-SGD steps (README, "synthetic data").
+    # Chosen on seed 1 (reports use seed 0) at 1,000 clients, 10% a round, 20 rounds,
+    # without DP: among the best settings tried (README, "1,000 clients") and the one
+    # that needs the fewest DP-SGD steps.
     "synthetic": {
         "rounds": 20,
         "local_epochs": 1,

@@ -2,15 +2,14 @@
 
 One machine plays every party, but the parties stay apart:
 
-* a *provisioner* subprocess creates the CKKS keys, writes the clients' secret context
-  to ``OUT/keys/clients.secret`` (mode 0600) and hands the main process only the public
-  context;
+* the *evaluator* subprocess creates the HE keys, writes the clients' key bundle to
+  ``OUT/keys/clients.secret`` (mode 0600) and hands the main process only the public
+  context; it then decrypts each round's global model and measures accuracy on the
+  held-out test split. This is the harness's central evaluation; the server never
+  sees its inputs in the clear;
 * the *server* (ServerApp thread in this process) holds only the public context;
 * the *clients* (ClientApps in Ray workers) read the secret context from the key file,
-  as a deployed client reads it from its bundle;
-* the *evaluator* subprocess, which also reads the key file, decrypts each round's
-  global model and measures accuracy on the held-out test split. This is the harness's
-  central evaluation; the server never sees its inputs in the clear.
+  as a deployed client reads it from its bundle.
 
 As in a deployment, the harness fixes a :class:`~sepals.common.plan.FederationPlan`
 before the run and hands it to every client, which calibrates its noise from it and
@@ -356,7 +355,7 @@ def _pick_device(flag: str, app: EdgeApp | None) -> str:
 
 # --------------------------------------------------------------------------- parties
 def _provision_keys(encryption: EncryptionConfig, secret_path: str) -> bytes:
-    """Provisioner (runs in a subprocess): write the secret context, return the public one."""
+    """Key holder (runs in a subprocess): write the secret context, return the public one."""
     from sepals.common.codec import generate_secret_context, public_context_bytes
 
     secret = generate_secret_context(encryption)
@@ -367,23 +366,34 @@ def _provision_keys(encryption: EncryptionConfig, secret_path: str) -> bytes:
 _EVAL_STATE: dict[str, Any] = {}
 
 
-def _evaluator_init(
-    dataset: str | None,
-    app: AppSource | None,
-    seed: int,
-    encryption: EncryptionConfig,
-    secret_path: str | None,
-    device: str,
-    clients: int,
-) -> None:
+def _evaluator_keys(encryption: EncryptionConfig, secret_path: str | None) -> bytes | None:
+    """Evaluator (subprocess): create the HE keys (if on) and keep the clients' codec.
+
+    Returns the public context for the server, ``None`` without encryption. The secret
+    key leaves this process only in the 0600 key file the simulated clients read.
+    """
     import torch
 
-    from sepals.client.training import make_dp_compatible
     from sepals.common.codec import make_client_codec
 
     torch.set_num_threads(1)
-    secret = Path(secret_path).read_bytes() if secret_path else None
+    public = None
+    secret = None
+    if encryption.enabled:
+        if secret_path is None:
+            raise ValueError("encryption is on but no key file path was given")
+        public = _provision_keys(encryption, secret_path)
+        secret = Path(secret_path).read_bytes()
     _EVAL_STATE["codec"] = make_client_codec(encryption, secret)
+    return public
+
+
+def _evaluator_data(
+    dataset: str | None, app: AppSource | None, seed: int, device: str, clients: int
+) -> None:
+    """Evaluator (subprocess): load the model factory and the held-out test split."""
+    from sepals.client.training import make_dp_compatible
+
     _EVAL_STATE["device"] = device
     if app is not None:
         edge = app.load()
@@ -663,27 +673,18 @@ def run_experiment(
     ctx = multiprocessing.get_context("spawn")
 
     secret_path: str | None = None
-    public_context: bytes | None = None
-    with cf.ProcessPoolExecutor(1, mp_context=ctx) as provisioner:
-        if config.encryption.enabled:
-            secret_path = str((out / "keys" / "clients.secret").resolve())
-            public_context = provisioner.submit(
-                _provision_keys, config.encryption, secret_path
-            ).result()
-
-    evaluator = cf.ProcessPoolExecutor(
-        1,
-        mp_context=ctx,
-        initializer=_evaluator_init,
-        initargs=(
-            config.dataset,
-            source,
-            fed.seed,
-            config.encryption,
-            secret_path,
-            device,
-            config.clients,
-        ),
+    if config.encryption.enabled:
+        secret_path = str((out / "keys" / "clients.secret").resolve())
+    # One subprocess holds the key: it creates it, then evaluates. Its test data loads
+    # while Ray starts; the single worker runs the tasks in order.
+    evaluator = cf.ProcessPoolExecutor(1, mp_context=ctx)
+    try:
+        public_context = evaluator.submit(_evaluator_keys, config.encryption, secret_path).result()
+    except BaseException:
+        evaluator.shutdown(wait=True, cancel_futures=True)
+        raise
+    evaluator_ready = evaluator.submit(
+        _evaluator_data, config.dataset, source, fed.seed, device, config.clients
     )
     cpus = config.cpus or os.cpu_count() or 1
     nodes_dir = tempfile.mkdtemp(prefix=".nodes-", dir=out)
@@ -709,6 +710,7 @@ def run_experiment(
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         global_model = read_global_record(arrays)
+        evaluator_ready.result()  # raises the evaluator's own error, if loading failed
         loss, value, error = evaluator.submit(_evaluator_run, global_model, fed.seed).result()
         if error is not None and error not in eval_errors:
             eval_errors.append(error)
