@@ -354,13 +354,20 @@ def _pick_device(flag: str, app: EdgeApp | None) -> str:
 
 
 # --------------------------------------------------------------------------- parties
-def _provision_keys(encryption: EncryptionConfig, secret_path: str) -> bytes:
-    """Key holder (runs in a subprocess): write the secret context, return the public one."""
-    from sepals.common.codec import generate_secret_context, public_context_bytes
+def _write_secret_context(encryption: EncryptionConfig, secret_path: str) -> bytes:
+    """Key holder (in a subprocess): create the secret context, write it (0600), return it."""
+    from sepals.common.codec import generate_secret_context
 
     secret = generate_secret_context(encryption)
     atomic_write(Path(secret_path), secret, secret=True)
-    return public_context_bytes(secret)
+    return secret
+
+
+def _provision_keys(encryption: EncryptionConfig, secret_path: str) -> bytes:
+    """Key holder (runs in a subprocess): write the secret context, return the public one."""
+    from sepals.common.codec import public_context_bytes
+
+    return public_context_bytes(_write_secret_context(encryption, secret_path))
 
 
 _EVAL_STATE: dict[str, Any] = {}
@@ -374,7 +381,7 @@ def _evaluator_keys(encryption: EncryptionConfig, secret_path: str | None) -> by
     """
     import torch
 
-    from sepals.common.codec import make_client_codec
+    from sepals.common.codec import make_client_codec, public_context_bytes
 
     torch.set_num_threads(1)
     public = None
@@ -382,8 +389,8 @@ def _evaluator_keys(encryption: EncryptionConfig, secret_path: str | None) -> by
     if encryption.enabled:
         if secret_path is None:
             raise ValueError("encryption is on but no key file path was given")
-        public = _provision_keys(encryption, secret_path)
-        secret = Path(secret_path).read_bytes()
+        secret = _write_secret_context(encryption, secret_path)
+        public = public_context_bytes(secret)
     _EVAL_STATE["codec"] = make_client_codec(encryption, secret)
     return public
 
