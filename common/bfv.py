@@ -482,17 +482,39 @@ class BfvCodec(UpdateCodec):
         return np.concatenate([lo, hi], axis=1).reshape(-1)[:length]
 
     # ------------------------------------------------------------------ client side
+    def slot_count(self, length: int) -> int:
+        """Slots of a payload of ``length`` values (every ciphertext's, padding included)."""
+        return -(-length // self._config.values_per_ciphertext) * self._config.poly_modulus_degree
+
     def encode_update(
-        self, vector: FloatVector, rng: np.random.Generator | None = None
+        self,
+        vector: FloatVector,
+        rng: np.random.Generator | None = None,
+        slot_mask: npt.NDArray[np.uint64] | None = None,
     ) -> tuple[bytes, float | None]:
-        """Quantize, pack and encrypt; return the payload and the rounding error."""
+        """Quantize, pack and encrypt; return the payload and the rounding error.
+
+        ``slot_mask`` (residues below t, :meth:`slot_count` of them) is added to the packed
+        slots modulo t before encryption: then every encrypted slot is uniform modulo t.
+        """
         import tenseal.sealapi as seal
 
         if self._encryptor is None:
             raise MissingSecretKeyError("encryption needs the secret BFV key bundle")
         q, error = self.quantize(vector, rng)
+        rows = self._pack(q)
+        n = self._config.poly_modulus_degree
+        if slot_mask is not None:
+            if slot_mask.shape != (len(rows) * n,):
+                raise ValueError(
+                    f"slot mask has {slot_mask.size} values, the update {len(rows) * n} slots"
+                )
+            t = self._t
+            masked = np.stack(rows) % t  # residues of the signed packed values
+            masked = (masked.astype(np.uint64) + slot_mask.reshape(len(rows), n)) % np.uint64(t)
+            rows = list(masked)
         chunks = []
-        for row in self._pack(q):
+        for row in rows:
             plain = seal.Plaintext()
             self._encoder.encode(row.tolist(), plain)
             chunks.append(self._files.dump(self._encryptor.encrypt_symmetric(plain)))
@@ -576,7 +598,9 @@ class BfvCodec(UpdateCodec):
             loaded.append(ct)
         return loaded
 
-    def _sum_chunks(self, loaded: Sequence[list[Any]]) -> list[bytes]:
+    def _sum_chunks(
+        self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None
+    ) -> list[bytes]:
         if len(loaded) > self._config.max_clients:
             raise ValueError(
                 f"refusing to add {len(loaded)} updates: max_clients="
@@ -595,6 +619,18 @@ class BfvCodec(UpdateCodec):
         for payload in loaded[2:]:
             for total, ct in zip(totals, payload, strict=True):
                 self._evaluator.add_inplace(total, ct)
+        if slot_offset is not None:
+            n = self._config.poly_modulus_degree
+            if slot_offset.shape != (len(totals) * n,):
+                raise ValueError(
+                    f"slot offset has {slot_offset.size} values, the sum {len(totals) * n} slots"
+                )
+            if len(loaded) == 1:
+                totals = [seal.Ciphertext(t) for t in totals]  # never alter a loaded payload
+            for i, total in enumerate(totals):
+                plain = seal.Plaintext()
+                self._encoder.encode(slot_offset[i * n : (i + 1) * n].tolist(), plain)
+                self._evaluator.add_plain_inplace(total, plain)
         return [self._files.dump(t) for t in totals]
 
     def noise_budget_bits(self, payload: bytes) -> int:

@@ -169,8 +169,14 @@ class UpdateCodec(ABC):
         """Deserialize and check the chunks of a payload whose header is valid."""
 
     @abstractmethod
-    def _sum_chunks(self, loaded: Sequence[list[Any]]) -> list[bytes]:
-        """Add the loaded chunks of several payloads, chunk by chunk."""
+    def _sum_chunks(
+        self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None
+    ) -> list[bytes]:
+        """Add the loaded chunks of several payloads, chunk by chunk.
+
+        ``slot_offset`` (BFV only) is a plaintext added to the sum's slots modulo t: the
+        negated masks when masking is on.
+        """
 
     def check_header(self, header: PayloadHeader, expected_length: int | None) -> None:
         """Check codec id, key fingerprint and vector length of a payload header."""
@@ -215,11 +221,27 @@ class UpdateCodec(ABC):
         length = unpack_payload(payloads[0])[0].length
         return self.aggregate_loaded(loaded, length)
 
-    def aggregate_loaded(self, loaded: Sequence[list[Any]], length: int) -> bytes:
-        """Add payloads that :meth:`validate` already returned."""
+    def aggregate_loaded(
+        self,
+        loaded: Sequence[list[Any]],
+        length: int,
+        slot_offset: npt.NDArray[np.uint64] | None = None,
+    ) -> bytes:
+        """Add payloads that :meth:`validate` already returned (and ``slot_offset``).
+
+        Raises:
+            ValueError: nothing to add, or a slot offset for a codec without slots.
+
+        """
         if not loaded:
             raise ValueError("aggregate_loaded needs at least one validated payload")
-        return pack_payload(self.codec_id, self.fingerprint, length, self._sum_chunks(loaded))
+        chunks = self._sum_chunks(loaded, slot_offset)
+        return pack_payload(self.codec_id, self.fingerprint, length, chunks)
+
+
+def _no_slots(codec: UpdateCodec, slot_offset: object) -> None:
+    if slot_offset is not None:
+        raise ValueError(f"codec {codec.name} has no integer slots to offset (masking is BFV only)")
 
 
 def _as_finite_vector(vector: FloatVector) -> npt.NDArray[np.float64]:
@@ -268,7 +290,10 @@ class PlainCodec(UpdateCodec):
             raise NonFiniteUpdateError("plain update holds NaN or infinite values")
         return [values]
 
-    def _sum_chunks(self, loaded: Sequence[list[Any]]) -> list[bytes]:
+    def _sum_chunks(
+        self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None
+    ) -> list[bytes]:
+        _no_slots(self, slot_offset)
         total = np.zeros_like(loaded[0][0], dtype=np.float64)
         for (values,) in loaded:
             total += values
@@ -464,7 +489,10 @@ class CkksCodec(UpdateCodec):
             loaded.append(vec)
         return loaded
 
-    def _sum_chunks(self, loaded: Sequence[list[Any]]) -> list[bytes]:
+    def _sum_chunks(
+        self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None
+    ) -> list[bytes]:
+        _no_slots(self, slot_offset)
         if len(loaded) > self._config.max_clients:
             raise ValueError(
                 f"refusing to add {len(loaded)} updates: max_clients={self._config.max_clients} "

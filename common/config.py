@@ -359,8 +359,12 @@ class FederationConfig:
             ``learning_rate`` in the last round, which damps the DP noise of the final
             rounds; ``constant`` keeps it.
         momentum: Local SGD momentum.
-        round_timeout: Seconds the server waits for replies in one round.
+        round_timeout: Seconds the server waits for replies in one round (and in each
+            masking stage of it).
         seed: Seed of node sampling and of the shared model initialisation.
+        mask_neighbours: Pairwise masking under BFV (:mod:`sepals.common.masking`): each
+            client's neighbour count ``k``; 0 turns masking off.
+        mask_threshold: The Shamir threshold ``T`` of masking (0 when it is off).
 
     """
 
@@ -375,6 +379,8 @@ class FederationConfig:
     momentum: float = 0.9
     round_timeout: float = 600.0
     seed: int = 0
+    mask_neighbours: int = 0
+    mask_threshold: int = 0
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -401,6 +407,19 @@ class FederationConfig:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
         if self.round_timeout <= 0:
             raise ValueError(f"round_timeout must be positive, got {self.round_timeout!r}")
+        if (self.mask_neighbours == 0) != (self.mask_threshold == 0) or not (
+            0 <= self.mask_threshold <= self.mask_neighbours
+        ):
+            raise ValueError(
+                "mask_neighbours and mask_threshold must both be 0 (masking off) or satisfy "
+                f"1 <= mask_threshold <= mask_neighbours, got {self.mask_neighbours} and "
+                f"{self.mask_threshold}"
+            )
+
+    @property
+    def masking(self) -> bool:
+        """Whether rounds use pairwise masks."""
+        return self.mask_neighbours > 0
 
     def learning_rate_at(self, server_round: int) -> float:
         """The local learning rate of ``server_round`` (from 1) under the schedule."""

@@ -48,3 +48,7 @@ class InsecureFileError(SepalsError):
 
 class LedgerLockedError(SepalsError):
     """Another process holds the privacy ledger (two clients must never share one)."""
+
+
+class MaskProtocolError(SepalsError):
+    """A masking message is malformed, inconsistent or not allowed at this point."""

@@ -95,6 +95,9 @@ def _str(name: str, value: object, pattern: re.Pattern[str], what: str) -> str:
     return value
 
 
+_OPTIONAL_FIELDS = frozenset({"mask_neighbours", "mask_threshold"})
+
+
 @dataclass(frozen=True)
 class FederationPlan:
     """What a federation will do, fixed at provisioning; every client holds a copy.
@@ -114,6 +117,10 @@ class FederationPlan:
         key_fingerprint: Hex fingerprint of the federation's HE key (16 bytes).
         vector_length: Parameter count of the federation's model.
         operator_key: The operator's Ed25519 public key, raw, as 64 hex digits.
+        mask_neighbours: Pairwise-masking degree ``k`` (0: no masking). With masking
+            on, a client uploads only masked updates, shares its secrets with threshold
+            ``mask_threshold`` and nothing a message says can change either.
+        mask_threshold: Pairwise-masking Shamir threshold ``T`` (0: no masking).
 
     """
 
@@ -130,6 +137,8 @@ class FederationPlan:
     key_fingerprint: str
     vector_length: int
     operator_key: str
+    mask_neighbours: int = 0
+    mask_threshold: int = 0
 
     def __post_init__(self) -> None:
         _str("federation_id", self.federation_id, _HEX32, "32 lowercase hex digits")
@@ -158,6 +167,14 @@ class FederationPlan:
             Ed25519PublicKey.from_public_bytes(bytes.fromhex(self.operator_key))
         except ValueError as exc:
             raise ValueError("plan.operator_key is not an Ed25519 public key") from exc
+        _int("mask_neighbours", self.mask_neighbours, 0)
+        _int("mask_threshold", self.mask_threshold, 0)
+        if (self.mask_neighbours == 0) != (self.mask_threshold == 0) or (
+            self.mask_threshold > self.mask_neighbours
+        ):
+            raise ValueError(
+                "plan.mask_threshold must be 0 with masking off, else in [1, mask_neighbours]"
+            )
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -196,6 +213,8 @@ class FederationPlan:
             key_fingerprint=key_fingerprint,
             vector_length=vector_length,
             operator_key=operator_key,
+            mask_neighbours=federation.mask_neighbours,
+            mask_threshold=federation.mask_threshold,
         )
 
     def learning_rate_at(self, server_round: int) -> float:
@@ -237,13 +256,14 @@ class FederationPlan:
         if raw.get("format") != PLAN_FORMAT:
             raise ValueError(f"plan.format must be {PLAN_FORMAT!r}, got {raw.get('format')!r}")
         names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in raw]
+        # Plans written before masking existed lack its fields: masking stays off.
+        missing = [n for n in names if n not in raw and n not in _OPTIONAL_FIELDS]
         if missing:
             raise ValueError(f"plan lacks {', '.join(f'plan.{n}' for n in missing)}")
         unknown = sorted(set(raw) - set(names) - {"format"})
         if unknown:
             raise ValueError(f"plan has unknown key(s): {', '.join(map(str, unknown))}")
-        return cls(**{n: raw[n] for n in names})
+        return cls(**{n: raw[n] for n in names if n in raw})
 
     @classmethod
     def from_json(cls, text: str) -> FederationPlan:

@@ -75,6 +75,8 @@ class RoundConfig:
         codec: Name of the update codec (``bfv-q2``, ``ckks`` or ``plain-fp32``).
         key_fingerprint: Hex fingerprint of the HE key the server expects.
         vector_length: Number of model parameters.
+        mask_neighbours: Masking graph degree (0: no masking).
+        mask_threshold: Masking Shamir threshold (0: no masking).
 
     """
 
@@ -89,6 +91,8 @@ class RoundConfig:
     codec: str
     key_fingerprint: str
     vector_length: int
+    mask_neighbours: int = 0
+    mask_threshold: int = 0
 
     @classmethod
     def build(
@@ -112,6 +116,8 @@ class RoundConfig:
             codec=codec,
             key_fingerprint=key_fingerprint,
             vector_length=vector_length,
+            mask_neighbours=federation.mask_neighbours,
+            mask_threshold=federation.mask_threshold,
         )
 
     @classmethod
@@ -129,6 +135,8 @@ class RoundConfig:
             codec=plan.codec,
             key_fingerprint=plan.key_fingerprint,
             vector_length=plan.vector_length,
+            mask_neighbours=plan.mask_neighbours,
+            mask_threshold=plan.mask_threshold,
         )
 
     @classmethod

@@ -1,0 +1,250 @@
+"""The server's side of pairwise masking: relay keys and shares, rebuild, unmask.
+
+:class:`MaskRound` holds one round's masking state on the server. It sees public keys,
+commitments, sealed shares it cannot open, and, after the uploads, the shares that
+survivors reveal: enough to rebuild the self-mask seeds of the clients that uploaded and
+the mask keys of the ones that dropped, never both for one client. From those it computes
+the slot offset (minus the self masks, minus the pairwise masks that dropped clients left
+uncancelled) that the BFV codec adds to the sum as a plaintext; it never sees an update.
+
+Every rebuilt secret is checked against what its owner published before the uploads (the
+mask public key; a SHA-256 commitment to the self-mask seed), so wrong shares make the
+round fail with a clear reason instead of corrupting the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sepals.common.errors import MaskProtocolError
+from sepals.common.mask_shares import combine_secret
+from sepals.common.masking import (
+    MaskParams,
+    SlotVector,
+    add_mod,
+    check_node_id,
+    graph_seed,
+    mask_public_key,
+    mask_vector,
+    neighbour_graph,
+    pair_seeds_of,
+    self_mask_commitment,
+    sub_mod,
+)
+
+KIND_SELF = 0
+KIND_PAIR = 1
+_KEY_BYTES = 32
+
+
+class MaskRoundAbandoned(MaskProtocolError):
+    """The round's masks cannot be removed; nothing of it is aggregated."""
+
+
+def _bytes32(record: Mapping[str, Any], key: str) -> bytes:
+    value = record.get(key)
+    if not isinstance(value, bytes) or len(value) != _KEY_BYTES:
+        raise MaskProtocolError(f"'{key}' must be {_KEY_BYTES} bytes")
+    return value
+
+
+@dataclass
+class MaskRound:
+    """One round's masking, driven by the strategy stage by stage.
+
+    Args:
+        params: The plan's degree and threshold.
+        federation_id: The plan's federation id (it seeds the graph).
+        server_round: The federation round.
+
+    """
+
+    params: MaskParams
+    federation_id: str
+    server_round: int
+    keys: dict[int, tuple[bytes, bytes, bytes]] = field(default_factory=dict)
+    graph: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    sealed: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    sharers: tuple[int, ...] = ()
+    survivors: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()
+    revealed: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
+    revealers: set[int] = field(default_factory=set)
+
+    # ------------------------------------------------------------------ stage 1
+    def admit_keys(self, node: int, record: Mapping[str, Any]) -> None:
+        """Record a client's public keys and commitment (its stage-1 reply)."""
+        check_node_id(node)
+        if node in self.keys:
+            raise MaskProtocolError("second key reply from the same node")
+        mask_pk = _bytes32(record, "mask-pk")
+        share_pk = _bytes32(record, "share-pk")
+        commit = _bytes32(record, "commit")
+        if mask_pk == share_pk or any(mask_pk in (k[0], k[1]) for k in self.keys.values()):
+            raise MaskProtocolError("public key reused")
+        self.keys[node] = (mask_pk, share_pk, commit)
+
+    @property
+    def members(self) -> list[int]:
+        """The clients whose keys arrived (stage 1's survivors), ascending."""
+        return sorted(self.keys)
+
+    def members_record(self) -> dict[str, Any]:
+        """Stage 2's message body, the same for every member; fixes the round's graph."""
+        members = self.members
+        degree = self.params.degree(len(members))
+        self.graph = neighbour_graph(
+            members, degree, graph_seed(self.federation_id, self.server_round)
+        )
+        return {
+            "members": members,
+            "mask-pks": [self.keys[n][0] for n in members],
+            "share-pks": [self.keys[n][1] for n in members],
+        }
+
+    # ------------------------------------------------------------------ stage 2
+    def admit_shares(self, node: int, record: Mapping[str, Any]) -> None:
+        """Record the sealed shares a member sent (its stage-2 reply)."""
+        if node not in self.graph:
+            raise MaskProtocolError("shares from a node that is not a member")
+        if node in self.sealed:
+            raise MaskProtocolError("second share reply from the same node")
+        to, sealed = record.get("to"), record.get("sealed")
+        if not isinstance(to, list) or not isinstance(sealed, list) or len(to) != len(sealed):
+            raise MaskProtocolError("malformed share reply")
+        if sorted(to) != list(self.graph[node]) or len(set(to)) != len(to):
+            raise MaskProtocolError("shares not addressed to exactly the node's neighbours")
+        if not all(isinstance(b, bytes) and 0 < len(b) <= 1024 for b in sealed):
+            raise MaskProtocolError("malformed sealed share")
+        self.sealed[node] = dict(zip(to, sealed, strict=True))
+
+    def close_sharing(self) -> tuple[int, ...]:
+        """Fix the sharers: members that shared and keep ``T`` sharing neighbours.
+
+        A client with fewer than ``T`` neighbours among the sharers could not have its
+        secret rebuilt; it is left out (repeatedly, since that can thin others' counts).
+        """
+        sharers = set(self.sealed)
+        t = self.params.threshold
+        while True:
+            thin = {n for n in sharers if len(set(self.graph[n]) & sharers) < t}
+            if not thin:
+                break
+            sharers -= thin
+        self.sharers = tuple(sorted(sharers))
+        return self.sharers
+
+    def train_record(self, node: int) -> dict[str, Any]:
+        """The masking part of ``node``'s train message: sharers and its sealed shares."""
+        senders = [p for p in self.graph[node] if p in self.sharers]
+        return {
+            "sharers": list(self.sharers),
+            "from": senders,
+            "sealed": [self.sealed[p][node] for p in senders],
+        }
+
+    # ------------------------------------------------------------------ stage 4
+    def unmask_record(self, uploaded: Iterable[int]) -> dict[str, Any]:
+        """Stage 4's message body: who uploaded (survivors) and who did not (dropped)."""
+        done = set(uploaded)
+        self.survivors = tuple(n for n in self.sharers if n in done)
+        self.dropped = tuple(n for n in self.sharers if n not in done)
+        return {"survivors": list(self.survivors), "dropped": list(self.dropped)}
+
+    def admit_reveal(self, node: int, record: Mapping[str, Any]) -> None:
+        """Record the shares a survivor revealed (its stage-4 reply)."""
+        if node not in self.survivors:
+            raise MaskProtocolError("revealed shares from a node that is not a survivor")
+        if node in self.revealers:
+            raise MaskProtocolError("second reveal from the same node")
+        peers, kinds, shares = record.get("peers"), record.get("kinds"), record.get("shares")
+        if not (
+            isinstance(peers, list)
+            and isinstance(kinds, list)
+            and isinstance(shares, list)
+            and len(peers) == len(kinds) == len(shares)
+        ):
+            raise MaskProtocolError("malformed reveal")
+        expected = sorted(p for p in self.graph[node] if p in self.sharers)
+        if sorted(peers) != expected:
+            raise MaskProtocolError("reveal does not cover exactly the node's neighbours")
+        survivors = set(self.survivors)
+        for peer, kind in zip(peers, kinds, strict=True):
+            if kind != (KIND_SELF if peer in survivors else KIND_PAIR):
+                raise MaskProtocolError("revealed a share of the wrong kind")
+        self.revealers.add(node)
+        for peer, kind, share in zip(peers, kinds, shares, strict=True):
+            self.revealed.setdefault((peer, kind), []).append(share)
+
+    def _secret(self, node: int, kind: int) -> bytes:
+        shares = self.revealed.get((node, kind), [])
+        t = self.params.threshold
+        if len(shares) < t:
+            what = "self-mask seed" if kind == KIND_SELF else "mask key"
+            raise MaskRoundAbandoned(
+                f"{len(shares)} shares of the {what} of node {node} arrived, {t} needed"
+            )
+        secret = combine_secret(shares, t)
+        mask_pk, _, commit = self.keys[node]
+        if kind == KIND_SELF and self_mask_commitment(secret) != commit:
+            raise MaskRoundAbandoned(f"shares of node {node} rebuild a wrong self-mask seed")
+        if kind == KIND_PAIR and mask_public_key(secret) != mask_pk:
+            raise MaskRoundAbandoned(f"shares of node {node} rebuild a wrong mask key")
+        return secret
+
+    def slot_offset(self, slots: int, modulus: int, threads: int = 2) -> SlotVector:
+        """What the server adds to the survivors' sum: every leftover mask, negated.
+
+        Raises:
+            MaskRoundAbandoned: a secret cannot be rebuilt (too few shares, or shares that
+                rebuild something other than what its owner committed to).
+
+        """
+        if len(self.survivors) < self.params.threshold:
+            raise MaskRoundAbandoned(
+                f"{len(self.survivors)} survivors, fewer than the threshold {self.params.threshold}"
+            )
+        minus = [self._secret(n, KIND_SELF) for n in self.survivors]
+        plus: list[bytes] = []
+        minus_pairs: list[bytes] = []
+        survivors = set(self.survivors)
+        for d in self.dropped:
+            peers = [(j, self.keys[j][0]) for j in self.graph[d] if j in survivors]
+            key = self._secret(d, KIND_PAIR)
+            for sign, seed in pair_seeds_of(d, key, peers, self.federation_id, self.server_round):
+                # Survivor j added -sign * mask (its sign is the opposite of d's).
+                (plus if sign > 0 else minus_pairs).append(seed)
+        jobs = [(s, 1) for s in plus] + [(s, -1) for s in minus + minus_pairs]
+        return _signed_sum(jobs, slots, modulus, threads)
+
+
+def _signed_sum(
+    jobs: list[tuple[bytes, int]], slots: int, modulus: int, threads: int
+) -> SlotVector:
+    """``sum(sign * PRG(seed)) mod modulus`` over ``jobs``, on ``threads`` threads."""
+
+    def part(chunk: list[tuple[bytes, int]]) -> SlotVector:
+        acc = np.zeros(slots, dtype=np.uint64)
+        for seed, sign in chunk:
+            vec = mask_vector(seed, slots, modulus)
+            if sign > 0:
+                add_mod(acc, vec, modulus)
+            else:
+                sub_mod(acc, vec, modulus)
+        return acc
+
+    threads = max(1, min(threads, len(jobs)))
+    chunks = [jobs[i::threads] for i in range(threads)]
+    if threads == 1:
+        return part(jobs)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        parts = list(pool.map(part, chunks))
+    total = parts[0]
+    for p in parts[1:]:
+        add_mod(total, p, modulus)
+    return total
