@@ -509,10 +509,9 @@ class BfvCodec(UpdateCodec):
                 raise ValueError(
                     f"slot mask has {slot_mask.size} values, the update {len(rows) * n} slots"
                 )
-            t = self._t
-            masked = np.stack(rows) % t  # residues of the signed packed values
-            masked = (masked.astype(np.uint64) + slot_mask.reshape(len(rows), n)) % np.uint64(t)
-            rows = list(masked)
+            residues = (np.stack(rows) % self._t).astype(np.uint64)  # of the signed values
+            masked = (residues + slot_mask.reshape(len(rows), n)) % np.uint64(self._t)
+            rows = list(masked.astype(np.int64))  # residues below t < 2^62 fit
         chunks = []
         for row in rows:
             plain = seal.Plaintext()
