@@ -40,9 +40,11 @@ from sepals.common.masking import (
     neighbours_of,
     new_key_pair,
     new_secret,
+    pack_ids,
     pair_seeds_of,
     private_key_bytes,
     self_mask_commitment,
+    unpack_ids,
 )
 from sepals.common.plan import FederationPlan
 
@@ -98,12 +100,10 @@ class MaskState:
 
 
 def _ids(values: object, what: str) -> list[int]:
-    if not isinstance(values, list):
-        raise MaskProtocolError(f"{what} is not a list of node ids")
     try:
-        nodes = [check_node_id(v) for v in values]
+        nodes = unpack_ids(values)
     except ValueError as exc:
-        raise MaskProtocolError(f"{what} holds something that is not a node id") from exc
+        raise MaskProtocolError(f"{what} is not a packed list of node ids") from exc
     if len(set(nodes)) != len(nodes):
         raise MaskProtocolError(f"{what} repeats a node")
     return nodes
@@ -196,7 +196,7 @@ def share_secrets(
         share_pks=tuple(share_pks[i].hex() for i in order),
         neighbours=neighbours,
     )
-    return state, {"to": list(neighbours), "sealed": sealed}
+    return state, {"to": pack_ids(neighbours), "sealed": sealed}
 
 
 def open_and_mask(
@@ -285,4 +285,4 @@ def reveal_shares(
             shares.append(bytes.fromhex(pair))
     # Forget every secret of the round; remember only that it was answered.
     done = MaskState(server_round=server_round, node=state.node, stage="unmasked")
-    return done, {"peers": peers, "kinds": kinds, "shares": shares}
+    return done, {"peers": pack_ids(peers), "kinds": kinds, "shares": shares}

@@ -134,6 +134,24 @@ def check_node_id(node: object) -> int:
     return node
 
 
+def pack_ids(nodes: Iterable[int]) -> bytes:
+    """Node ids as little-endian u64s (Flower's records carry only signed 64-bit ints)."""
+    ids = [check_node_id(n) for n in nodes]
+    return struct.pack(f"<{len(ids)}Q", *ids)
+
+
+def unpack_ids(data: object) -> list[int]:
+    """Inverse of :func:`pack_ids`.
+
+    Raises:
+        ValueError: ``data`` is not bytes holding whole u64s.
+
+    """
+    if not isinstance(data, bytes) or len(data) % 8:
+        raise ValueError("a node list must be bytes of little-endian u64s")
+    return list(struct.unpack(f"<{len(data) // 8}Q", data))
+
+
 def graph_seed(federation_id: str, server_round: int) -> bytes:
     """The public seed that orders a round's members on the ring."""
     return hashlib.sha256(

@@ -32,9 +32,11 @@ from sepals.common.masking import (
     mask_public_key,
     mask_vector,
     neighbour_graph,
+    pack_ids,
     pair_seeds_of,
     self_mask_commitment,
     sub_mod,
+    unpack_ids,
 )
 
 KIND_SELF = 0
@@ -102,7 +104,7 @@ class MaskRound:
             members, degree, graph_seed(self.federation_id, self.server_round)
         )
         return {
-            "members": members,
+            "members": pack_ids(members),
             "mask-pks": [self.keys[n][0] for n in members],
             "share-pks": [self.keys[n][1] for n in members],
         }
@@ -114,8 +116,12 @@ class MaskRound:
             raise MaskProtocolError("shares from a node that is not a member")
         if node in self.sealed:
             raise MaskProtocolError("second share reply from the same node")
-        to, sealed = record.get("to"), record.get("sealed")
-        if not isinstance(to, list) or not isinstance(sealed, list) or len(to) != len(sealed):
+        sealed = record.get("sealed")
+        try:
+            to = unpack_ids(record.get("to"))
+        except ValueError as exc:
+            raise MaskProtocolError("malformed share reply") from exc
+        if not isinstance(sealed, list) or len(to) != len(sealed):
             raise MaskProtocolError("malformed share reply")
         if sorted(to) != list(self.graph[node]) or len(set(to)) != len(to):
             raise MaskProtocolError("shares not addressed to exactly the node's neighbours")
@@ -143,8 +149,8 @@ class MaskRound:
         """The masking part of ``node``'s train message: sharers and its sealed shares."""
         senders = [p for p in self.graph[node] if p in self.sharers]
         return {
-            "sharers": list(self.sharers),
-            "from": senders,
+            "sharers": pack_ids(self.sharers),
+            "from": pack_ids(senders),
             "sealed": [self.sealed[p][node] for p in senders],
         }
 
@@ -154,7 +160,7 @@ class MaskRound:
         done = set(uploaded)
         self.survivors = tuple(n for n in self.sharers if n in done)
         self.dropped = tuple(n for n in self.sharers if n not in done)
-        return {"survivors": list(self.survivors), "dropped": list(self.dropped)}
+        return {"survivors": pack_ids(self.survivors), "dropped": pack_ids(self.dropped)}
 
     def admit_reveal(self, node: int, record: Mapping[str, Any]) -> None:
         """Record the shares a survivor revealed (its stage-4 reply)."""
@@ -162,12 +168,16 @@ class MaskRound:
             raise MaskProtocolError("revealed shares from a node that is not a survivor")
         if node in self.revealers:
             raise MaskProtocolError("second reveal from the same node")
-        peers, kinds, shares = record.get("peers"), record.get("kinds"), record.get("shares")
+        kinds, shares = record.get("kinds"), record.get("shares")
+        try:
+            peers = unpack_ids(record.get("peers"))
+        except ValueError as exc:
+            raise MaskProtocolError("malformed reveal") from exc
         if not (
-            isinstance(peers, list)
-            and isinstance(kinds, list)
+            isinstance(kinds, list)
             and isinstance(shares, list)
             and len(peers) == len(kinds) == len(shares)
+            and all(isinstance(x, bytes) for x in shares)
         ):
             raise MaskProtocolError("malformed reveal")
         expected = sorted(p for p in self.graph[node] if p in self.sharers)
