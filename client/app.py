@@ -20,18 +20,23 @@ import functools
 import traceback
 from collections.abc import Callable
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from sepals.client import masking
 from sepals.client.core import ClientRuntime, SepalsClient
+from sepals.client.masking import MaskState
 from sepals.client.privacy import PrivacyLedger
+from sepals.common.bfv import BfvCodec
 from sepals.common.errors import (
     BudgetExhaustedError,
     ForeignKeyError,
     LedgerLockedError,
     MalformedPayloadError,
+    MaskProtocolError,
     NonFiniteUpdateError,
     SepalsError,
 )
@@ -42,19 +47,23 @@ from sepals.common.protocol import (
     ERR_BAD_GLOBAL,
     ERR_BUDGET_EXHAUSTED,
     ERR_CLIENT_FAILURE,
+    ERR_MASKING,
     ERR_PLAN_MISMATCH,
     KEY_CLIENT,
     KEY_CONFIG,
     KEY_GLOBAL,
+    KEY_MASK,
     KEY_METRICS,
     KEY_PAYLOAD,
     KEY_UPDATE,
+    RoundConfig,
     payload_array,
     read_global_record,
 )
 
 RuntimeProvider = Callable[[Context], ClientRuntime]
 LEDGER_STATE_KEY = "sepals-ledger"
+MASK_STATE_KEY = "sepals-mask"
 
 # Error code of the reply to a message that does not follow the sepals protocol.
 ERR_PROTOCOL_MISMATCH = 4105
@@ -139,6 +148,7 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
 # exception's own text (which may quote paths, values or library internals) stays in
 # the client's log.
 _VETTED: tuple[tuple[type[Exception], int, str], ...] = (
+    (MaskProtocolError, ERR_MASKING, "masking refused"),
     (ForeignKeyError, ERR_BAD_GLOBAL, "global model under another key"),
     (MalformedPayloadError, ERR_BAD_GLOBAL, "malformed global model"),
     (NonFiniteUpdateError, ERR_CLIENT_FAILURE, "non-finite update"),
@@ -177,6 +187,41 @@ def _guarded(msg: Message, context: Context, action: str, work: Callable[[], Mes
         return _error_reply(msg, code, reason)
 
 
+def load_mask_state(context: Context) -> MaskState | None:
+    """The masking state of the node's current round, if any (``context.state``)."""
+    record = context.state.get(MASK_STATE_KEY)
+    if isinstance(record, ConfigRecord) and "json" in record:
+        return MaskState.from_json(str(record["json"]))
+    return None
+
+
+def store_mask_state(context: Context, state: MaskState) -> None:
+    """Keep ``state`` in ``context.state`` until the next masking stage."""
+    context.state[MASK_STATE_KEY] = ConfigRecord({"json": state.to_json()})
+
+
+def _mask_record(msg: Message, client: SepalsClient) -> Any:
+    """The message's ``mask`` record, which the client's plan must call for.
+
+    Raises:
+        PlanViolationError: the plan masks and the message has no ``mask`` record, or
+            the other way round: a client never uploads an unmasked update when its plan
+            masks.
+
+    """
+    record = msg.content.config_records.get(KEY_MASK)
+    if (record is None) == (client.plan.mask_neighbours > 0):
+        raise PlanViolationError(
+            "plan mismatch: masking",
+            "unmasked round of a masked plan" if record is None else "mask of an unmasked plan",
+        )
+    return record
+
+
+def _node_of(msg: Message, context: Context) -> int:
+    return int(msg.metadata.dst_node_id or context.node_id)
+
+
 def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) -> ClientApp:
     """A ``ClientApp`` that trains and evaluates with the runtime ``provider`` builds.
 
@@ -204,7 +249,19 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
                 global_model,
                 ledger,
             )
-            reply = client.train(cfg, global_model, ledger)
+            mask_record = _mask_record(msg, client)
+            slot_mask = None
+            if mask_record is not None:
+                # Shares are opened before training: a broken setup costs no budget.
+                state, slot_mask = masking.open_and_mask(
+                    client.plan,
+                    load_mask_state(context),
+                    cfg.server_round,
+                    mask_record,
+                    *_slots(client, cfg),
+                )
+                store_mask_state(context, state)
+            reply = client.train(cfg, global_model, ledger, slot_mask)
             # The spend is recorded before the update leaves the client.
             store_ledger(context, runtime, reply.ledger)
             content = RecordDict(
@@ -219,6 +276,73 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
             return Message(content, reply_to=msg)
 
         return _guarded(msg, context, "train", work)
+
+    def mask_stage(
+        msg: Message,
+        context: Context,
+        action: str,
+        step: Callable[[SepalsClient, RoundConfig, Any, MaskState | None], tuple[MaskState, Any]],
+        with_ledger: bool = False,
+    ) -> Message:
+        mismatch = protocol_mismatch(msg)
+        if mismatch is not None:
+            return _mismatch_reply(msg, context, mismatch)
+
+        def work() -> Message:
+            runtime = provider(context)
+            client = client_for(runtime)
+            ledger = load_ledger(context, runtime) if with_ledger else None
+            cfg = client.admit(
+                msg.metadata.message_type,
+                msg.content.config_records.get(KEY_CONFIG),
+                read_global_record(msg.content.array_records.get(KEY_GLOBAL)),
+                ledger,
+            )
+            if client.plan.mask_neighbours == 0:
+                raise PlanViolationError("plan mismatch: masking", "mask stage of an unmasked plan")
+            if ledger is not None:
+                client.check_budget(cfg, ledger)
+            record = msg.content.config_records.get(KEY_MASK, ConfigRecord())
+            state, body = step(client, cfg, record, load_mask_state(context))
+            store_mask_state(context, state)
+            content = RecordDict(
+                {
+                    KEY_MASK: ConfigRecord(body),
+                    KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id}),
+                }
+            )
+            return Message(content, reply_to=msg)
+
+        return _guarded(msg, context, action, work)
+
+    @app.train("mask_keys")
+    def mask_keys(msg: Message, context: Context) -> Message:
+        node = _node_of(msg, context)
+        return mask_stage(
+            msg,
+            context,
+            "start masking",
+            lambda _c, cfg, _r, _s: masking.start_round(cfg.server_round, node),
+            with_ledger=True,
+        )
+
+    @app.train("mask_shares")
+    def mask_shares(msg: Message, context: Context) -> Message:
+        return mask_stage(
+            msg,
+            context,
+            "share mask secrets",
+            lambda c, cfg, r, s: masking.share_secrets(c.plan, s, cfg.server_round, r),
+        )
+
+    @app.train("mask_unmask")
+    def mask_unmask(msg: Message, context: Context) -> Message:
+        return mask_stage(
+            msg,
+            context,
+            "reveal mask shares",
+            lambda c, cfg, r, s: masking.reveal_shares(c.plan, s, cfg.server_round, r),
+        )
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -245,6 +369,14 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
         return _guarded(msg, context, "evaluate", work)
 
     return app
+
+
+def _slots(client: SepalsClient, cfg: RoundConfig) -> tuple[int, int]:
+    """Slot count and plaintext modulus of this client's BFV payloads."""
+    codec = client.codec
+    if not isinstance(codec, BfvCodec):
+        raise PlanViolationError("plan mismatch: masking", "masking needs the BFV codec")
+    return codec.slot_count(cfg.vector_length), codec.plain_modulus
 
 
 def _flower_runtime(context: Context) -> ClientRuntime:

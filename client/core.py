@@ -37,6 +37,7 @@ from sepals.client.training import (
     make_dp_compatible,
     train_round,
 )
+from sepals.common.bfv import BfvCodec
 from sepals.common.codec import UpdateCodec, make_client_codec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import MalformedPayloadError
@@ -199,11 +200,17 @@ class SepalsClient:
         return weights
 
     def train(
-        self, cfg: RoundConfig, global_model: tuple[bytes, float] | None, ledger: PrivacyLedger
+        self,
+        cfg: RoundConfig,
+        global_model: tuple[bytes, float] | None,
+        ledger: PrivacyLedger,
+        slot_mask: npt.NDArray[np.uint64] | None = None,
     ) -> TrainReply:
         """Run one admitted round: budget check, DP-SGD, ledger update, encrypted update.
 
-        ``cfg`` comes from :meth:`admit`. Sigma is calibrated (once, on first use) from
+        ``cfg`` comes from :meth:`admit`. ``slot_mask`` (BFV only) is the round's total
+        mask (:mod:`sepals.client.masking`), added to the update's slots before encryption.
+        Sigma is calibrated (once, on first use) from
         the plan's rounds, sampling fraction, batch size and epochs, never from a message.
 
         Raises:
@@ -211,23 +218,8 @@ class SepalsClient:
             MalformedPayloadError: the global model does not decrypt to the plan's size.
 
         """
-        rt, plan = self.runtime, self.plan
-        settings = TrainSettings(
-            epochs=plan.local_epochs,
-            batch_size=plan.batch_size,
-            learning_rate=plan.learning_rate_at(cfg.server_round),
-            momentum=plan.momentum,
-            data_seed=_derive_seed(rt.seed, rt.client_id, cfg.server_round, "data"),
-            noise_seed=(
-                _derive_seed(rt.seed, rt.client_id, cfg.server_round, "noise")
-                if rt.deterministic_noise
-                else None
-            ),
-        )
-        n = len(rt.train_data)  # type: ignore[arg-type]
-        sample_rate, steps = dp_schedule(n, settings)
-        planned = planned_participation(plan.rounds, plan.fraction_train)
-        ledger = ledger.calibrated(rt.privacy, sample_rate, steps, planned)
+        rt = self.runtime
+        settings, ledger, steps = self._scheduled(cfg, ledger)
         ledger.check_budget(steps)
         weights = self.global_weights(cfg, global_model)
         outcome = train_round(
@@ -246,9 +238,13 @@ class SepalsClient:
             if rt.deterministic_noise
             else None  # stochastic rounding seeded from OS entropy
         )
-        payload, quant_error = self.codec.encode_update(
-            outcome.weights * float(outcome.num_examples), rounding
-        )
+        weighted = outcome.weights * float(outcome.num_examples)
+        if slot_mask is None:
+            payload, quant_error = self.codec.encode_update(weighted, rounding)
+        elif isinstance(self.codec, BfvCodec):
+            payload, quant_error = self.codec.encode_update(weighted, rounding, slot_mask=slot_mask)
+        else:
+            raise ValueError(f"masking needs the BFV codec, this client has {self.codec.name}")
         log(
             DEBUG,
             "client %s round %s: %s steps in %.1f s",
@@ -259,6 +255,37 @@ class SepalsClient:
         )
         metrics = train_metrics(outcome, quant_error)
         return TrainReply(payload, outcome.num_examples, metrics, outcome.ledger)
+
+    def check_budget(self, cfg: RoundConfig, ledger: PrivacyLedger) -> None:
+        """Raise :class:`BudgetExhaustedError` if training ``cfg``'s round would exceed it.
+
+        What :meth:`train` checks first, without training: a client declines a round's
+        masking setup when it could not train in it.
+        """
+        _, calibrated, steps = self._scheduled(cfg, ledger)
+        calibrated.check_budget(steps)
+
+    def _scheduled(
+        self, cfg: RoundConfig, ledger: PrivacyLedger
+    ) -> tuple[TrainSettings, PrivacyLedger, int]:
+        """The round's training settings, the calibrated ledger and its DP steps."""
+        rt, plan = self.runtime, self.plan
+        settings = TrainSettings(
+            epochs=plan.local_epochs,
+            batch_size=plan.batch_size,
+            learning_rate=plan.learning_rate_at(cfg.server_round),
+            momentum=plan.momentum,
+            data_seed=_derive_seed(rt.seed, rt.client_id, cfg.server_round, "data"),
+            noise_seed=(
+                _derive_seed(rt.seed, rt.client_id, cfg.server_round, "noise")
+                if rt.deterministic_noise
+                else None
+            ),
+        )
+        n = len(rt.train_data)  # type: ignore[arg-type]
+        sample_rate, steps = dp_schedule(n, settings)
+        planned = planned_participation(plan.rounds, plan.fraction_train)
+        return settings, ledger.calibrated(rt.privacy, sample_rate, steps, planned), steps
 
     def evaluate(
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None

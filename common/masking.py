@@ -31,7 +31,7 @@ import math
 import os
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from sepals.common.config import FederationConfig
 
 SEED_BYTES = 32  # a pairwise mask seed: an AES-256 key
 SECRET_BYTES = 16  # a shared secret: a self-mask seed (AES-128 key) or a mask-key seed
@@ -125,6 +127,22 @@ def resolve_mask_params(
         )
     t = default_threshold(min(k, max(sampled - 1, 1))) if threshold is None else threshold
     return MaskParams(neighbours=k, threshold=t)
+
+
+def masked_federation(
+    federation: FederationConfig,
+    sampled: int,
+    neighbours: int | None = None,
+    threshold: int | None = None,
+) -> FederationConfig:
+    """``federation`` with masking on, for rounds of ``sampled`` clients (``None``: default).
+
+    Raises:
+        ValueError: as :func:`resolve_mask_params`.
+
+    """
+    params = resolve_mask_params(sampled, neighbours, threshold)
+    return replace(federation, mask_neighbours=params.neighbours, mask_threshold=params.threshold)
 
 
 def check_node_id(node: object) -> int:

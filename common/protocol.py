@@ -44,6 +44,14 @@ KEY_METRICS = "metrics"
 KEY_CLIENT = "client"
 KEY_PAYLOAD = "payload"
 KEY_WEIGHT_TOTAL = "weight-total"
+# Pairwise masking (sepals.common.masking): the ``mask`` ConfigRecord of the masking
+# stages' messages and replies, and the stages' message types (Flower actions of
+# ``train``). Each stage message also carries the signed round ``config`` and an empty
+# ``global`` record.
+KEY_MASK = "mask"
+MASK_KEYS = "train.mask_keys"
+MASK_SHARES = "train.mask_shares"
+MASK_UNMASK = "train.mask_unmask"
 PAYLOAD_STYPE = "sepals.payload.v1"
 PAYLOAD_DTYPE = "bytes"
 
@@ -56,6 +64,9 @@ ERR_BAD_UPDATE = 4103
 # The round departs from the client's plan, is not the operator's (unsigned, badly
 # signed, another federation), repeats a round already trained, or lies past the plan.
 ERR_PLAN_MISMATCH = 4104
+# A masking stage the client refuses (malformed, inconsistent, out of order, or a second
+# unmask request of a round); the reason is a fixed phrase.
+ERR_MASKING = 4106
 ERR_CLIENT_FAILURE = 4199
 
 

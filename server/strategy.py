@@ -25,21 +25,27 @@ from flwr.serverapp.strategy import Strategy
 
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig, FederationConfig, sampled_per_round
-from sepals.common.errors import SepalsError
+from sepals.common.errors import MaskProtocolError, SepalsError
 from sepals.common.log import log
+from sepals.common.masking import MaskParams
 from sepals.common.protocol import (
     ERR_BUDGET_EXHAUSTED,
     KEY_CLIENT,
     KEY_CONFIG,
     KEY_GLOBAL,
+    KEY_MASK,
     KEY_METRICS,
     KEY_PAYLOAD,
     KEY_UPDATE,
+    MASK_KEYS,
+    MASK_SHARES,
+    MASK_UNMASK,
     RoundConfig,
     global_record,
     payload_from_array,
     read_global_record,
 )
+from sepals.server.masking import MaskRound
 from sepals.server.replies import (
     EvalMetrics,
     ReplyRejected,
@@ -83,6 +89,11 @@ class RoundRecord:
 
     ``declined``, ``excluded`` and ``eval_excluded`` hold ``(node id, reason)``; every
     reason is vetted or sanitized text (printable, at most 200 characters).
+
+    With masking: ``mask_members`` clients shared their secrets, ``mask_survivors`` of
+    them had their update added and ``mask_dropouts`` did not; ``masks_removed`` says
+    whether the masks were removed (the round aggregated), ``mask_abandoned`` why not,
+    and ``mask_seconds`` is the server's time in the masking stages' own work.
     """
 
     round: int
@@ -106,6 +117,14 @@ class RoundRecord:
     train_seconds: float = 0.0
     evaluate_seconds: float = 0.0
     aggregate_seconds: float = 0.0
+    masking: bool = False
+    mask_threshold: int = 0
+    mask_members: int = 0
+    mask_survivors: int = 0
+    mask_dropouts: int = 0
+    masks_removed: bool = False
+    mask_abandoned: str | None = None
+    mask_seconds: float = 0.0
     clients: list[ClientRoundReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,6 +332,16 @@ class EncryptedFedAvg(Strategy):
         self._digests: set[bytes] = set()
         self._train_sampled: tuple[int, frozenset[int]] | None = None
         self._eval_sampled: tuple[int, frozenset[int]] | None = None
+        self.masking: MaskParams | None = None
+        if federation.masking:
+            if _codec_quant_step(codec) is None:
+                raise ValueError(
+                    f"masking needs the BFV codec (integer slots), not {codec.name!r}; set "
+                    "mask_neighbours and mask_threshold to 0 to turn it off"
+                )
+            self.masking = MaskParams(federation.mask_neighbours, federation.mask_threshold)
+        self._mask_round: MaskRound | None = None
+        self._grid: Grid | None = None
 
     @property
     def current_round(self) -> RoundRecord | None:
@@ -413,8 +442,14 @@ class EncryptedFedAvg(Strategy):
         return sorted(nodes, key=lambda n: keys[n])
 
     def _messages(
-        self, server_round: int, arrays: ArrayRecord, node_ids: list[int], message_type: str
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        node_ids: Sequence[int],
+        message_type: str,
+        mask: Callable[[int], dict[str, Any]] | None = None,
     ) -> list[Message]:
+        """Signed round messages; ``mask`` gives each node's ``mask`` record, if any."""
         cfg = RoundConfig.build(
             self.federation,
             server_round,
@@ -425,8 +460,110 @@ class EncryptedFedAvg(Strategy):
         config = cfg.to_record_dict()
         if self.round_signer is not None:
             config = self.round_signer(message_type, config, arrays)
-        record = RecordDict({KEY_GLOBAL: arrays, KEY_CONFIG: ConfigRecord(config)})
-        return [Message(record, dst_node_id=n, message_type=message_type) for n in node_ids]
+        signed = ConfigRecord(config)
+        out = []
+        for n in node_ids:
+            records: dict[str, Any] = {KEY_GLOBAL: arrays, KEY_CONFIG: signed}
+            if mask is not None:
+                records[KEY_MASK] = ConfigRecord(mask(n))
+            out.append(Message(RecordDict(records), dst_node_id=n, message_type=message_type))
+        return out
+
+    @property
+    def federation_id(self) -> str:
+        """The federation id the round signer stamps (it seeds the masking graph)."""
+        return str(getattr(self.round_signer, "federation_id", ""))
+
+    def _mask_stage(
+        self,
+        grid: Grid,
+        server_round: int,
+        nodes: Sequence[int],
+        message_type: str,
+        body: Callable[[int], dict[str, Any]] | None,
+        admit: Callable[[int, Any], None],
+    ) -> None:
+        """Send one masking stage to ``nodes`` and ``admit`` each valid reply's record.
+
+        A reply that is an error, comes from another node, lacks the ``mask`` record or
+        fails ``admit`` is left out with a logged reason; the stage goes on.
+        """
+        record = self._current
+        messages = self._messages(server_round, ArrayRecord(), nodes, message_type, body)
+        replies = grid.send_and_receive(messages, timeout=self.federation.round_timeout)
+        expected = set(nodes)
+        seen: set[int] = set()
+        for msg in replies:
+            node = _src_node(msg)
+            try:
+                error = _error_of(msg)
+                if error is not None:
+                    code, reason = error
+                    if code == ERR_BUDGET_EXHAUSTED and record is not None:
+                        record.declined.append((node, reason))
+                        log(INFO, "round %s: node %s declined: %s", server_round, node, reason)
+                        continue
+                    raise ReplyRejected(reason)
+                if node not in expected or node in seen:
+                    raise ReplyRejected("masking reply from an unexpected node")
+                seen.add(node)
+                mask = msg.content.config_records.get(KEY_MASK)
+                if mask is None:
+                    raise ReplyRejected("masking reply lacks the 'mask' record")
+                t0 = time.perf_counter()
+                admit(node, mask)
+                if record is not None:
+                    record.mask_seconds += time.perf_counter() - t0
+            except Exception as exc:
+                reason = (
+                    sanitize_text(str(exc)) if isinstance(exc, SepalsError) else (_reason_of(exc))
+                )
+                log(
+                    WARNING,
+                    "round %s: %s of node %s left out: %s",
+                    server_round,
+                    message_type,
+                    node,
+                    reason,
+                )
+
+    def _mask_setup(
+        self, grid: Grid, server_round: int, nodes: list[int], masking: MaskParams
+    ) -> list[int]:
+        """Stages 1 and 2: keys and sealed shares; return the sharers (or [] to skip)."""
+        record = self._current
+        need = max(masking.threshold, self.federation.min_train_clients)
+        mask_round = MaskRound(masking, self.federation_id, server_round)
+        self._mask_round = mask_round
+        self._grid = grid
+        self._mask_stage(grid, server_round, nodes, MASK_KEYS, None, mask_round.admit_keys)
+        members = mask_round.members
+        if len(members) >= need:
+            t0 = time.perf_counter()
+            body = mask_round.members_record()
+            if record is not None:
+                record.mask_seconds += time.perf_counter() - t0
+            self._mask_stage(
+                grid, server_round, members, MASK_SHARES, lambda _n: body, mask_round.admit_shares
+            )
+        sharers = list(mask_round.close_sharing()) if len(members) >= need else []
+        if record is not None:
+            record.mask_members = len(sharers)
+        if len(sharers) < need:
+            reason = (
+                f"{len(sharers)} clients completed the masking setup, fewer than the "
+                f"{need} the round needs"
+            )
+            self._abandon_masking(server_round, reason)
+            return []
+        return sharers
+
+    def _abandon_masking(self, server_round: int, reason: str) -> None:
+        if self._current is not None:
+            self._current.mask_abandoned = reason
+        log(
+            WARNING, "round %s: masking abandoned, global model unchanged: %s", server_round, reason
+        )
 
     @staticmethod
     def _global_bytes(arrays: ArrayRecord) -> int:
@@ -464,11 +601,20 @@ class EncryptedFedAvg(Strategy):
         nodes = self._sample(
             grid, self.federation.fraction_train, self.federation.min_train_clients
         )
-        self._train_sampled = (server_round, frozenset(nodes))
         record.sampled = len(nodes)
+        mask_body: Callable[[int], dict[str, Any]] | None = None
+        self._mask_round = None
+        if self.masking is not None:
+            record.masking = True
+            record.mask_threshold = self.masking.threshold
+            if nodes:
+                nodes = self._mask_setup(grid, server_round, nodes, self.masking)
+            if self._mask_round is not None and nodes:
+                mask_body = self._mask_round.train_record
+        self._train_sampled = (server_round, frozenset(nodes))
         record.download_bytes += self._global_bytes(arrays) * len(nodes)
         log(INFO, "round %s: training on %s nodes", server_round, len(nodes))
-        return self._messages(server_round, arrays, nodes, MessageType.TRAIN)
+        return self._messages(server_round, arrays, nodes, MessageType.TRAIN, mask_body)
 
     def _admit_train(self, msg: Message, node: int, intake: _Intake) -> _Admitted:
         """Check one train reply; raise (any exception) to exclude it."""
@@ -572,9 +718,15 @@ class EncryptedFedAvg(Strategy):
                 self.federation.min_train_clients,
             )
             return None, self._train_metrics(record)
+        offset = None
+        if self.masking is not None:
+            accepted_nodes = [c.node_id for c in record.clients]
+            offset = self._unmask(server_round, accepted_nodes)
+            if offset is None:
+                return None, self._train_metrics(record)
         t0 = time.perf_counter()
         try:
-            payload = self.codec.aggregate_loaded(loaded_all, self.vector_length)
+            payload = self.codec.aggregate_loaded(loaded_all, self.vector_length, offset)
         except Exception as exc:
             # Every payload passed validation, so this is a server-side fault; the round
             # still completes, without a new model.
@@ -589,6 +741,7 @@ class EncryptedFedAvg(Strategy):
         record.aggregate_seconds = time.perf_counter() - t0
         record.weight_total = float(weight_total)
         record.aggregated = True
+        record.masks_removed = offset is not None
         self.latest_global = global_record(payload, float(weight_total))
         errors = [c.quant_error for c in record.clients]
         if errors and all(e is not None for e in errors):
@@ -605,6 +758,45 @@ class EncryptedFedAvg(Strategy):
             len(record.excluded),
         )
         return self.latest_global, self._train_metrics(record)
+
+    def _unmask(self, server_round: int, survivors: list[int]) -> Any:
+        """Stage 4: collect revealed shares; return the slot offset, or ``None`` (abandoned).
+
+        Only the clients whose update was accepted are survivors; every other sharer (no
+        reply in time, declined, excluded) counts as dropped.
+        """
+        record, mask_round, grid = self._current, self._mask_round, self._grid
+        if mask_round is None or grid is None:
+            self._abandon_masking(server_round, "no masking setup for this round")
+            return None
+        t0 = time.perf_counter()
+        body = mask_round.unmask_record(survivors)
+        if record is not None:
+            record.mask_survivors = len(mask_round.survivors)
+            record.mask_dropouts = len(mask_round.dropped)
+            record.mask_seconds += time.perf_counter() - t0
+        self._mask_stage(
+            grid,
+            server_round,
+            list(mask_round.survivors),
+            MASK_UNMASK,
+            lambda _n: body,
+            mask_round.admit_reveal,
+        )
+        t0 = time.perf_counter()
+        try:
+            codec: Any = self.codec
+            offset = mask_round.slot_offset(
+                codec.slot_count(self.vector_length), codec.plain_modulus
+            )
+        except MaskProtocolError as exc:
+            self._abandon_masking(server_round, sanitize_text(str(exc)))
+            return None
+        finally:
+            if record is not None:
+                record.mask_seconds += time.perf_counter() - t0
+            self._mask_round = None
+        return offset
 
     @staticmethod
     def _train_metrics(record: RoundRecord) -> MetricRecord:

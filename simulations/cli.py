@@ -86,6 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="HE codec: bfv (quantized, packed, seeded; default) or ckks (the earlier codec)",
     )
     p.add_argument("--no-encryption", action="store_true", help="send plaintext fp32 updates")
+    p.add_argument(
+        "--no-masking",
+        action="store_true",
+        help="BFV without pairwise masks (for comparison; masks are on by default with BFV)",
+    )
+    p.add_argument(
+        "--mask-neighbours",
+        type=int,
+        default=None,
+        help="masking graph degree k (default: 2*ceil(1.5*log2 n), every other client up to ~24)",
+    )
+    p.add_argument(
+        "--mask-threshold",
+        type=int,
+        default=None,
+        help="masking Shamir threshold T (default: floor(2k/3)+1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="output folder")
     p.add_argument("--cpus", type=int, default=None, help="CPUs for Ray (default: all)")
@@ -191,10 +208,21 @@ def config_from_args(args: argparse.Namespace) -> Any:
         scheme="none" if args.no_encryption else args.scheme,
         max_clients=sampled_per_round(max(args.clients, 1), federation.fraction_train, 1),
     )
+    tuned = args.mask_neighbours is not None or args.mask_threshold is not None
+    if tuned and (args.no_masking or encryption.scheme != "bfv"):
+        raise ValueError("--mask-neighbours and --mask-threshold need masking on and BFV")
+    if tuned:
+        from sepals.common.masking import masked_federation
+
+        sampled = sampled_per_round(max(args.clients, 1), federation.fraction_train, 1)
+        federation = masked_federation(
+            federation, sampled, args.mask_neighbours, args.mask_threshold
+        )
     return SimulationConfig(
         dataset=args.dataset,
         clients=args.clients,
         partition=args.partition,
+        masking=not args.no_masking,
         federation=federation,
         privacy=privacy,
         encryption=encryption,
@@ -228,7 +256,7 @@ def _progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accurac
     qerr = row.get("quant_error")
     loss = row["loss"]
     value = row.get("metric", row.get("accuracy"))
-    extra = ""
+    extra = _mask_text(row)
     if row.get("declined"):
         extra += f" | declined: {_who(row['declined'])}"
     if row.get("excluded"):
@@ -241,6 +269,20 @@ def _progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accurac
         f"{row['seconds']:5.2f} s | {row.get('codec', '?')} q-err "
         f"{'n/a' if qerr is None else f'{qerr:.1e}'}{extra}",
         flush=True,
+    )
+
+
+def _mask_text(row: dict[str, Any]) -> str:
+    """The round line's masking part: survivors, dropouts, and whether masks came off."""
+    mask = row.get("mask")
+    if not mask:
+        return ""
+    if mask.get("abandoned"):
+        return f" | masking abandoned: {mask['abandoned'][:80]}"
+    state = "masks removed" if mask.get("removed") else "masks kept"
+    return (
+        f" | masked {mask['survivors']}/{mask['members']} (T={mask['threshold']}, "
+        f"{mask['dropouts']} dropped) {state}"
     )
 
 

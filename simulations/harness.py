@@ -26,6 +26,7 @@ deprecated; the deprecation notice is silenced for this call only.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import functools
 import json
 import logging
@@ -45,7 +46,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import (
+    EncryptionConfig,
+    FederationConfig,
+    PrivacyConfig,
+    sampled_per_round,
+)
 from sepals.common.data import (
     PartitionSpec,
     check_client_sizes,
@@ -58,6 +64,7 @@ from sepals.common.data import (
 )
 from sepals.common.files import atomic_write
 from sepals.common.log import log
+from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan, OperatorSigner, generate_operator_key
 
 if TYPE_CHECKING:
@@ -100,6 +107,9 @@ class SimulationConfig:
             function returning one (see :func:`sepals.client.load_edge_app`).
         app_args: ``(name, value)`` string arguments for that function.
         device: ``auto`` (the app's device, else CUDA when present), ``cpu`` or ``cuda``.
+        masking: Pairwise masks under BFV (:mod:`sepals.common.masking`), with the
+            default degree and threshold unless ``federation`` sets them; ignored for
+            other codecs, and off (with a warning) below two clients per round.
 
     """
 
@@ -114,6 +124,7 @@ class SimulationConfig:
     app: str | None = None
     app_args: tuple[tuple[str, str], ...] = ()
     device: str = "auto"
+    masking: bool = True
 
     def __post_init__(self) -> None:
         if self.app is None:
@@ -135,6 +146,10 @@ class SimulationConfig:
             raise ValueError(f"cpus must be >= 1, got {self.cpus}")
         if self.app_args and self.app is None:
             raise ValueError("app_args need an app")
+        if fed.masking and self.encryption.scheme != "bfv":
+            raise ValueError(
+                f"masking needs the BFV codec, not encryption scheme {self.encryption.scheme!r}"
+            )
         from sepals.client.training import resolve_device
 
         resolve_device(self.device)  # fails fast on a bad name or a missing CUDA
@@ -598,6 +613,18 @@ def simulation_roster(caps: list[int]) -> Any:
     )
 
 
+def simulated_federation(config: SimulationConfig) -> FederationConfig:
+    """The run's federation settings, with masking resolved (see ``config.masking``)."""
+    fed = config.federation
+    if fed.masking or not config.masking or config.encryption.scheme != "bfv":
+        return fed
+    sampled = sampled_per_round(config.clients, fed.fraction_train, fed.min_train_clients)
+    if sampled < 2:
+        log(WARNING, "masking is off: it needs at least 2 clients per round, not %s", sampled)
+        return fed
+    return masked_federation(fed, sampled)
+
+
 def sign_simulated_rounds(strategy: Any, fed: FederationConfig, vector_length: int) -> Any:
     """Give ``strategy`` a fresh in-memory operator key; return the plan clients follow.
 
@@ -654,7 +681,8 @@ def run_experiment(
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    fed = config.federation
+    fed = simulated_federation(config)
+    config = dataclasses.replace(config, federation=fed)  # the report shows the settings run
     t_start = time.perf_counter()
     source: AppSource | None = None
     edge: EdgeApp | None = None
@@ -759,6 +787,19 @@ def run_experiment(
             "aggregate_seconds": rec.aggregate_seconds,
             "codec": rec.codec,
             "quant_error": rec.quant_error,
+            "mask": (
+                {
+                    "threshold": rec.mask_threshold,
+                    "members": rec.mask_members,
+                    "survivors": rec.mask_survivors,
+                    "dropouts": rec.mask_dropouts,
+                    "removed": rec.masks_removed,
+                    "abandoned": rec.mask_abandoned,
+                    "server_seconds": rec.mask_seconds,
+                }
+                if rec.masking
+                else None
+            ),
         }
         rows.append(row)
         if progress is not None:
@@ -835,6 +876,16 @@ def run_experiment(
     report["final"]["model"] = model_path.name if saved else None
     report["final"]["startup_seconds"] = startup.get("seconds")
     report["final"]["aggregated_rounds"] = sum(1 for r in strategy.history if r.aggregated)
+    report["final"]["masking"] = (
+        {
+            "neighbours": fed.mask_neighbours,
+            "threshold": fed.mask_threshold,
+            "rounds_masks_removed": sum(1 for r in strategy.history if r.masks_removed),
+            "rounds_abandoned": sum(1 for r in strategy.history if r.mask_abandoned),
+        }
+        if fed.masking
+        else None
+    )
     report["final"]["evaluation_errors"] = eval_errors
     (out / "report.json").write_text(json.dumps(report, indent=2))
     from sepals.simulations.plots import write_plots
@@ -908,5 +959,14 @@ def summarize(report: dict[str, Any]) -> str:
         f"{'off' if eps is None else f'{eps:.3f}'} | {f['wall_seconds']:.1f} s | "
         f"up {f['upload_bytes'] / 1e6:.2f} MB, down {f['download_bytes'] / 1e6:.2f} MB | "
         f"codec {f.get('codec', '?')}, max quantization error "
-        f"{'n/a' if qerr is None else f'{qerr:.1e}'}"
+        f"{'n/a' if qerr is None else f'{qerr:.1e}'}{_masking_summary(f.get('masking'))}"
+    )
+
+
+def _masking_summary(masking: dict[str, Any] | None) -> str:
+    if not masking:
+        return ""
+    return (
+        f" | masking k={masking['neighbours']} T={masking['threshold']}, masks removed in "
+        f"{masking['rounds_masks_removed']} rounds"
     )
