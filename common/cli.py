@@ -36,6 +36,9 @@ def _provision(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
             max_examples=args.max_examples,
+            masking=not args.no_masking,
+            mask_neighbours=args.mask_neighbours,
+            mask_threshold=args.mask_threshold,
         )
         result = provision(spec)
     except (ValueError, FileExistsError) as exc:
@@ -51,6 +54,11 @@ def _provision(args: argparse.Namespace) -> int:
         f"{plan.fraction_train:g}, {plan.local_epochs} local epoch(s), batch {plan.batch_size}, "
         f"learning rate {plan.learning_rate:g} ({plan.lr_schedule}); clients serve only this"
     )
+    if plan.mask_neighbours:
+        print(
+            f"masking: each client masks with {plan.mask_neighbours} neighbours (fewer in "
+            f"smaller rounds); threshold T = {plan.mask_threshold}"
+        )
     if not spec.keep_ca_key:
         print("the CA private key was discarded (use --keep-ca-key to keep it offline)")
     return 0
@@ -138,6 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=default.max_clients,
         help=f"most updates in one aggregate; sizes the codec (default {default.max_clients})",
+    )
+    prov.add_argument(
+        "--no-masking",
+        action="store_true",
+        help="BFV without pairwise masks (masks are on by default with BFV)",
+    )
+    prov.add_argument(
+        "--mask-neighbours",
+        type=int,
+        default=None,
+        help="masking graph degree k (default: 2*ceil(1.5*log2 n) for n clients per round)",
+    )
+    prov.add_argument(
+        "--mask-threshold",
+        type=int,
+        default=None,
+        help="masking Shamir threshold T (default: floor(2k/3)+1)",
     )
     prov.set_defaults(func=_provision)
     ledger = sub.add_parser("ledger", help="privacy ledgers")

@@ -50,8 +50,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.config import EncryptionConfig, FederationConfig, sampled_per_round
 from sepals.common.files import atomic_write
+from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan, generate_operator_key
 
 BUNDLE_FILE = "bundle.json"
@@ -105,6 +106,11 @@ class ProvisionSpec:
         seed: Seed of the shared round-0 model and of the server's node sampling.
         max_examples: The most ``num-examples`` a node may claim (the server caps each
             reply's FedAvg weight with it; ``[nodes] default_max_examples``).
+        masking: Pairwise masks under BFV (on by default; ignored for other schemes, and
+            off below two clients per round).
+        mask_neighbours: Masking graph degree ``k`` (``None``: the default for the
+            clients sampled per round).
+        mask_threshold: Masking Shamir threshold ``T`` (``None``: ``floor(2k/3) + 1``).
 
     """
 
@@ -126,6 +132,9 @@ class ProvisionSpec:
     momentum: float = 0.9
     seed: int = 0
     max_examples: int = 10000
+    masking: bool = True
+    mask_neighbours: int | None = None
+    mask_threshold: int | None = None
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -161,7 +170,7 @@ class ProvisionSpec:
             ValueError: a setting is out of range (the message names it).
 
         """
-        return FederationConfig(
+        federation = FederationConfig(
             rounds=self.rounds,
             fraction_train=self.fraction_train,
             min_train_clients=max(1, min(2, self.clients)),
@@ -174,6 +183,14 @@ class ProvisionSpec:
             round_timeout=600.0,
             seed=self.seed,
         )
+        tuned = self.mask_neighbours is not None or self.mask_threshold is not None
+        masked = self.masking and self.encryption.scheme == "bfv"
+        if tuned and not masked:
+            raise ValueError("mask_neighbours and mask_threshold need masking on and BFV")
+        sampled = sampled_per_round(self.clients, self.fraction_train, federation.min_train_clients)
+        if not masked or (sampled < 2 and not tuned):
+            return federation
+        return masked_federation(federation, sampled, self.mask_neighbours, self.mask_threshold)
 
     @property
     def address(self) -> str:
@@ -306,6 +323,8 @@ def _server_toml(spec: ProvisionSpec, parameters: int) -> str:
             "lr_schedule",
             "momentum",
             "seed",
+            "mask_neighbours",
+            "mask_threshold",
         )
     )
     return f"""# sepals-server configuration (written by `sepals provision`).
