@@ -14,7 +14,8 @@ One round, for a client whose plan turns masking on (``mask_neighbours > 0``):
 4. ``train.mask_unmask``: given the survivors and the dropped, it checks that together
    they are exactly the members it masked with, that it is a survivor and that at least
    ``T`` survived; then it reveals, per neighbour, the self-mask share of a survivor or
-   the mask-key share of a dropped one. It answers one unmask request per round, so it
+   the mask-key share of a dropped one, plus the share of its own self-mask seed that it
+   kept. It answers one unmask request per round, so it
    never reveals both kinds of share of one peer, and then forgets the round's secrets.
 
 The state between stages lives in the node's Flower ``Context.state`` (in the SuperNode
@@ -69,6 +70,8 @@ class MaskState:
         neighbours: Its neighbours among ``members``.
         sharers: The members that shared (stage 3): the ones it masked with.
         held: Per neighbour that shared, hex of ``(pair share, self share)`` it holds.
+        own_share: Hex of the share of its own self-mask seed it keeps (a survivor
+            reveals it too, so ``T`` survivors suffice to rebuild a survivor's seed).
 
     """
 
@@ -84,6 +87,7 @@ class MaskState:
     neighbours: tuple[int, ...] = ()
     sharers: tuple[int, ...] = ()
     held: tuple[tuple[int, str, str], ...] = ()
+    own_share: str = ""
 
     def to_json(self) -> str:
         """JSON text (kept in the node's context state)."""
@@ -173,7 +177,8 @@ def share_secrets(
     seed = graph_seed(plan.federation_id, server_round)
     neighbours = neighbours_of(state.node, members, degree, seed)
     pair_shares = split_secret(bytes.fromhex(state.mask_sk), plan.mask_threshold, degree)
-    self_shares = split_secret(bytes.fromhex(state.self_seed), plan.mask_threshold, degree)
+    # One share of the self-mask seed more than of the mask key: this client keeps it.
+    self_shares = split_secret(bytes.fromhex(state.self_seed), plan.mask_threshold, degree + 1)
     sealed = [
         seal_shares(
             share_sk,
@@ -195,6 +200,7 @@ def share_secrets(
         mask_pks=tuple(mask_pks[i].hex() for i in order),
         share_pks=tuple(share_pks[i].hex() for i in order),
         neighbours=neighbours,
+        own_share=self_shares[degree].hex(),
     )
     return state, {"to": pack_ids(neighbours), "sealed": sealed}
 
@@ -274,7 +280,7 @@ def reveal_shares(
         raise MaskProtocolError("this client is not among the survivors")
     if len(survivors) < plan.mask_threshold:
         raise MaskProtocolError(f"{len(survivors)} survivors, fewer than the threshold")
-    peers, kinds, shares = [], [], []
+    peers, kinds, shares = [state.node], [KIND_SELF], [bytes.fromhex(state.own_share)]
     for peer, pair, own in state.held:
         peers.append(peer)
         if peer in survivors:

@@ -180,9 +180,9 @@ class MaskRound:
             and all(isinstance(x, bytes) for x in shares)
         ):
             raise MaskProtocolError("malformed reveal")
-        expected = sorted(p for p in self.graph[node] if p in self.sharers)
+        expected = sorted([node, *(p for p in self.graph[node] if p in self.sharers)])
         if sorted(peers) != expected:
-            raise MaskProtocolError("reveal does not cover exactly the node's neighbours")
+            raise MaskProtocolError("reveal does not cover exactly the node and its neighbours")
         survivors = set(self.survivors)
         for peer, kind in zip(peers, kinds, strict=True):
             if kind != (KIND_SELF if peer in survivors else KIND_PAIR):

@@ -775,6 +775,13 @@ class EncryptedFedAvg(Strategy):
             record.mask_survivors = len(mask_round.survivors)
             record.mask_dropouts = len(mask_round.dropped)
             record.mask_seconds += time.perf_counter() - t0
+        threshold = mask_round.params.threshold
+        if len(mask_round.survivors) < threshold:
+            # No secret could be rebuilt, and every client would refuse to reveal.
+            self._mask_round = None
+            reason = f"{len(mask_round.survivors)} survivors, fewer than the threshold {threshold}"
+            self._abandon_masking(server_round, reason)
+            return None
         self._mask_stage(
             grid,
             server_round,
