@@ -48,6 +48,7 @@ from sepals.common.config import (
 from sepals.common.data import DATASET_NAMES, PartitionSpec
 from sepals.common.errors import SepalsError
 from sepals.common.log import LOGGER, log
+from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan
 
 RUNS_DIR = "sepals-runs"
@@ -57,7 +58,7 @@ SECRET_FILE = "clients.secret"
 NODE_WAIT_SECONDS = 60.0
 
 # Run-config keys and their types; defaults live in the pyproject's [tool.flwr.app.config].
-_INT_KEYS = ("rounds", "min-train-clients", "local-epochs", "batch-size", "seed")
+_INT_KEYS = ("rounds", "min-train-clients", "local-epochs", "batch-size", "seed", "masking")
 _FLOAT_KEYS = ("fraction-train", "fraction-evaluate", "lr", "epsilon", "delta", "max-grad-norm")
 _STR_KEYS = ("dataset", "partition", "scheme", "accountant")
 RUN_CONFIG_KEYS = _INT_KEYS + _FLOAT_KEYS + _STR_KEYS
@@ -86,6 +87,8 @@ class FlowerJob:
         federation: Rounds, sampling and local training.
         privacy: Every client's budget (``target_epsilon=None``: DP off).
         scheme: ``bfv``, ``ckks`` or ``none`` (encryption off).
+        masking: Pairwise masks with BFV (run config ``masking``, 1 or 0; default 1),
+            with the default degree and threshold for the clients sampled per round.
 
     """
 
@@ -94,6 +97,7 @@ class FlowerJob:
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     scheme: str = "bfv"
+    masking: bool = True
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASET_NAMES:
@@ -148,7 +152,16 @@ class FlowerJob:
             federation=federation,
             privacy=privacy,
             scheme=_get(config, "scheme", "bfv"),
+            masking=_get(config, "masking", 1) != 0,
         )
+
+    def masked(self, clients: int) -> FederationConfig:
+        """The federation with masking resolved for ``clients`` nodes (see ``masking``)."""
+        fed = self.federation
+        sampled = sampled_per_round(max(clients, 1), fed.fraction_train, fed.min_train_clients)
+        if not self.masking or self.scheme != "bfv" or sampled < 2:
+            return fed
+        return masked_federation(fed, sampled)
 
     def encryption(self, clients: int) -> EncryptionConfig:
         """Encryption sized for the updates one aggregate holds with ``clients`` nodes."""
@@ -279,8 +292,8 @@ def server_main(grid: Any, context: Any) -> None:
     _attach_log_handler()
     check_no_runtime_install()
     job = FlowerJob.from_run_config(dict(context.run_config))
-    fed = job.federation
     clients = _wait_for_nodes(grid, NODE_WAIT_SECONDS)
+    fed = job.masked(clients)
     encryption = job.encryption(clients)
     run_dir = run_directory(context.run_id)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -58,6 +58,11 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
             str(port),
             "--rounds",
             "3",
+            # Masking is on (BFV's default). Three clients give each two neighbours; with
+            # T = 1 a round survives the client this test kills (the default T = 2 would
+            # abandon that round, as tests/test_masking_flow.py checks).
+            "--mask-threshold",
+            "1",
         ],
         check=True,
         capture_output=True,
@@ -136,6 +141,10 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
     lines = metrics(state)
     assert [m["round"] for m in lines] == [1, 2, 3], lines
     assert all(m["aggregated"] for m in lines), lines
+    # Every update was masked, and the masks came off: all three clients masked in
+    # rounds 1 and 3, the two alive in round 2.
+    assert [(m["masking"], m["masks_removed"]) for m in lines] == [(True, True)] * 3, lines
+    assert [m["mask_members"] for m in lines] == [3, 2, 3], lines
     assert lines[2]["accepted"] == 3, lines
     assert "rounds 3..3" in (state / "server.log").read_text()
 
