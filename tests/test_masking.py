@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare, ks_2samp
 
@@ -274,7 +274,7 @@ def test_one_dropout_beyond_the_limit_abandons_the_round(graph: str) -> None:
         run.server.slot_offset(run.slots, run.modulus)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(3, 12),
     k=st.sampled_from([2, 4, 6, None]),
@@ -284,13 +284,17 @@ def test_masks_and_offset_cancel_for_any_dropouts(n: int, k: int | None, data: A
     """Protocol level: survivors' masks plus the offset vanish, or the round is abandoned."""
     if k is not None and k >= n - 1:
         k = None
-    run = start(n, k)
-    dropped = set(data.draw(st.sets(st.sampled_from(run.nodes), max_size=n)))
+    degree = resolve_mask_params(n, k).degree(n)
+    threshold = data.draw(st.integers(1, degree), label="threshold")
+    run = start(n, k, threshold)
+    dropped = set(data.draw(st.sets(st.sampled_from(run.nodes), max_size=n // 2), label="drop"))
     unmask(run, [x for x in run.nodes if x not in dropped])
     if not recoverable(run, dropped):
+        event("abandoned")
         with pytest.raises(MaskRoundAbandoned):
             run.server.slot_offset(run.slots, run.modulus)
         return
+    event("unmasked with dropouts" if dropped else "unmasked")
     total = run.server.slot_offset(run.slots, run.modulus)
     for node in run.server.survivors:
         add_mod(total, run.masks[node], run.modulus)
@@ -707,6 +711,40 @@ def test_server_admits_only_sound_reveals(masked_round: Run) -> None:
         run.server.admit_reveal(dropped, reply)
     _, reply2 = cm.reveal_shares(run.plan, run.states[second], ROUND, record)
     run.server.admit_reveal(second, reply2)
+
+
+@pytest.mark.parametrize("variant", ["short", "not-bytes", "index-of-another", "index-zero"])
+def test_a_malformed_revealed_share_is_excluded_and_the_round_still_unmasks(
+    masked_round: Run, variant: str
+) -> None:
+    """One survivor's bad share is refused at admission, not left to break the rebuild."""
+    run = masked_round
+    record = run.server.unmask_record(run.nodes)
+    replies = {}
+    for node in run.nodes:
+        run.states[node], replies[node] = cm.reveal_shares(
+            run.plan, run.states[node], ROUND, record
+        )
+    honest, bad, peer = run.nodes[0], run.nodes[1], run.nodes[2]
+    at = replies[bad]["peers"].index(peer)
+    share = replies[bad]["shares"][at]
+    other = replies[honest]["shares"][replies[honest]["peers"].index(peer)]
+    replies[bad]["shares"][at] = {
+        "short": share[:-1],
+        "not-bytes": share.hex(),
+        "index-of-another": other[:2] + share[2:],  # a repeated Shamir index
+        "index-zero": bytes(2) + share[2:],
+    }[variant]
+    with pytest.raises(MaskProtocolError, match="malformed or not the one it holds"):
+        run.server.admit_reveal(bad, replies[bad])
+    for node in run.nodes:
+        if node != bad:
+            run.server.admit_reveal(node, replies[node])
+    # Five survivors revealed, T = 4: every self-mask seed still has T shares.
+    total = run.server.slot_offset(run.slots, run.modulus)
+    for node in run.server.survivors:
+        add_mod(total, run.masks[node], run.modulus)
+    assert not total.any()
 
 
 def _flip(share: bytes) -> bytes:
