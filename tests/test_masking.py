@@ -438,7 +438,7 @@ def test_inconsistent_unmask_requests_are_refused(masked_round: Run, name: str, 
         "self-dropped": _request(run, others, [me]),
         "too-few": _request(run, run.nodes[: run.t - 1], run.nodes[run.t - 1 :]),
         "repeated": _request(run, [*run.nodes, me], []),
-        "not-ids": _request(run, [*run.nodes[:-1], "x"], [run.nodes[-1]]),
+        "not-ids": _request(run, [*run.nodes[:-1], "x"], [run.nodes[-1]]),  # type: ignore[list-item]
     }
     with pytest.raises(MaskProtocolError, match=match):
         cm.reveal_shares(run.plan, run.states[me], ROUND, requests[name])
