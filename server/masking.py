@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from sepals.common.errors import MaskProtocolError
-from sepals.common.mask_shares import combine_secret
+from sepals.common.mask_shares import SHARE_BYTES, combine_secret
 from sepals.common.masking import (
     MaskParams,
     SlotVector,
@@ -187,6 +187,14 @@ class MaskRound:
         for peer, kind in zip(peers, kinds, strict=True):
             if kind != (KIND_SELF if peer in survivors else KIND_PAIR):
                 raise MaskProtocolError("revealed a share of the wrong kind")
+        for peer, share in zip(peers, shares, strict=True):
+            # ``peer`` gave its neighbours shares 1, 2, ... in ascending id order.
+            if (
+                not isinstance(share, bytes)
+                or len(share) != SHARE_BYTES
+                or int.from_bytes(share[:2], "little") != self.graph[peer].index(node) + 1
+            ):
+                raise MaskProtocolError("revealed share is malformed or not the one it holds")
         self.revealers.add(node)
         for peer, kind, share in zip(peers, kinds, shares, strict=True):
             self.revealed.setdefault((peer, kind), []).append(share)
