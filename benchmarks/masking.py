@@ -477,6 +477,7 @@ class MaskingResult:
     client_examples: int
     client_train_seconds: float
     client_encode_seconds: float
+    client_decode_seconds: float
     client_unmasked_seconds: float
     client_stage_seconds: dict[str, float]
     client_masked_encode_extra_seconds: float
@@ -487,6 +488,7 @@ class MaskingResult:
     server_prg_seconds: float
     server_prg_vectors: int
     server_prg_vector_ms_single_thread: float
+    server_add_mod_ms: float
     server_add_offset_extra_seconds: float
     server_aggregate_seconds: float
     server_unmask_seconds: float
@@ -615,6 +617,7 @@ def run_benchmark(
             _timed(lambda: client_codec.encode_update(update, gen, slot_mask=rnd.mask))[1]
         )
     encode_seconds = statistics.median(encode_plain)
+    decode_seconds = median_seconds(lambda: client_codec.decode(plain_payload), repeats)
     encode_extra = max(0.0, statistics.median(encode_masked) - encode_seconds)
     # Stages again, ``repeats`` times, for medians (each a fresh round; setup untimed).
     stage_runs = [rnd.times] + [
@@ -635,6 +638,8 @@ def run_benchmark(
     offset_seconds = statistics.median(s for _, s in offset_runs)
     reconstruct = statistics.median(reconstruct_all(server) for _ in range(repeats))
     prg_one = median_seconds(lambda: mask_vector(bytes(32), slots, t), repeats)
+    acc = np.zeros(slots, dtype=np.uint64)
+    add_one = median_seconds(lambda: add_mod(acc, offset, t), repeats)
     cancels = False
     if rnd.survivors_mask_sum is not None:
         check = rnd.survivors_mask_sum.copy()
@@ -668,6 +673,7 @@ def run_benchmark(
         client_examples=examples,
         client_train_seconds=train_seconds,
         client_encode_seconds=encode_seconds,
+        client_decode_seconds=decode_seconds,
         client_unmasked_seconds=unmasked,
         client_stage_seconds=stages,
         client_masked_encode_extra_seconds=encode_extra,
@@ -678,6 +684,7 @@ def run_benchmark(
         server_prg_seconds=max(0.0, offset_seconds - reconstruct),
         server_prg_vectors=prg_vectors(server),
         server_prg_vector_ms_single_thread=1000 * prg_one,
+        server_add_mod_ms=1000 * add_one,
         server_add_offset_extra_seconds=add_extra,
         server_aggregate_seconds=aggregate,
         server_unmask_seconds=unmask,
@@ -715,6 +722,9 @@ def format_result(r: MaskingResult) -> str:
         f"client ({r.client_examples} examples, 1 torch thread): unmasked round "
         f"{r.client_unmasked_seconds:.3f} s = DP training {r.client_train_seconds:.3f} s + "
         f"BFV encode {r.client_encode_seconds:.3f} s",
+        f"  (informational: from round 2 on a client also decrypts the global model, "
+        f"{r.client_decode_seconds:.3f} s; with it masking adds "
+        f"{r.client_added_seconds / (r.client_unmasked_seconds + r.client_decode_seconds):.1%})",
         f"client masking: keys {st['keys'] * 1e3:.1f} ms, shares {st['shares'] * 1e3:.1f} ms, "
         f"open+mask {st['mask'] * 1e3:.1f} ms, masked-encode extra "
         f"{r.client_masked_encode_extra_seconds * 1e3:.1f} ms, reveal "
@@ -722,8 +732,9 @@ def format_result(r: MaskingResult) -> str:
         f"server unmask: offset {r.server_offset_seconds:.3f} s = Shamir reconstruction "
         f"{r.server_reconstruct_seconds:.3f} s ({r.clients - r.dropouts} self seeds + "
         f"{r.dropouts} mask keys) + PRG and pair seeds {r.server_prg_seconds:.3f} s "
-        f"({r.server_prg_vectors} vectors, {r.server_prg_vector_ms_single_thread:.1f} ms each "
-        f"on one thread); adding it to the sum +{r.server_add_offset_extra_seconds:.3f} s",
+        f"({r.server_prg_vectors} vectors; one thread: AES-CTR expansion "
+        f"{r.server_prg_vector_ms_single_thread:.1f} ms, add_mod {r.server_add_mod_ms:.1f} ms "
+        f"per vector); adding it to the sum +{r.server_add_offset_extra_seconds:.3f} s",
         "server offset cancels the survivors' masks exactly: "
         + ("yes" if r.offset_cancels_masks else "NO"),
         "masking messages of one client per round (estimated bytes): "

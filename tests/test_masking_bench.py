@@ -199,6 +199,7 @@ def test_result_rows_report_missed_targets() -> None:
         client_examples=100,
         client_train_seconds=1.0,
         client_encode_seconds=1.0,
+        client_decode_seconds=0.5,
         client_unmasked_seconds=2.0,
         client_stage_seconds={"keys": 0.0, "shares": 0.0, "mask": 0.5, "reveal": 0.0},
         client_masked_encode_extra_seconds=0.0,
@@ -209,6 +210,7 @@ def test_result_rows_report_missed_targets() -> None:
         server_prg_seconds=1.0,
         server_prg_vectors=20,
         server_prg_vector_ms_single_thread=3.0,
+        server_add_mod_ms=1.0,
         server_add_offset_extra_seconds=0.1,
         server_aggregate_seconds=1.0,
         server_unmask_seconds=1.6,
@@ -235,3 +237,16 @@ def test_run_wall_is_a_marked_hook() -> None:
 def test_cli_refuses_bad_repeats(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--repeats", "0"]) == 2
     assert "--repeats" in capsys.readouterr().err
+
+
+def test_run_benchmark_at_a_tiny_size() -> None:
+    result = bench.run_benchmark(
+        bench.Sizes(parameters=200, clients=5, dropout_fraction=0.2), repeats=1
+    )
+    assert (result.clients, result.dropouts, result.neighbours, result.threshold) == (5, 1, 4, 3)
+    assert result.offset_cancels_masks
+    assert result.upload_bytes_masked > 0 and result.upload_bytes_unmasked > 0
+    assert result.client_added_seconds > 0 and result.client_unmasked_seconds > 0
+    assert result.server_prg_vectors == 4 + 4  # 4 self masks; the dropped one's 4 pairs
+    assert set(result.client_stage_seconds) == {"keys", "shares", "mask", "reveal"}
+    assert [r.verdict for r in result.rows()][-1] == "not run"
