@@ -624,12 +624,15 @@ class BfvCodec(UpdateCodec):
                 raise ValueError(
                     f"slot offset has {slot_offset.size} values, the sum {len(totals) * n} slots"
                 )
-            if len(loaded) == 1:
-                totals = [seal.Ciphertext(t) for t in totals]  # never alter a loaded payload
+            shifted = []
             for i, total in enumerate(totals):
                 plain = seal.Plaintext()
                 self._encoder.encode(slot_offset[i * n : (i + 1) * n].tolist(), plain)
-                self._evaluator.add_plain_inplace(total, plain)
+                # Into a fresh ciphertext: with one payload, ``total`` is the loaded one.
+                dest = seal.Ciphertext(self._ctx)
+                self._evaluator.add_plain(total, plain, dest)
+                shifted.append(dest)
+            totals = shifted
         return [self._files.dump(t) for t in totals]
 
     def noise_budget_bits(self, payload: bytes) -> int:

@@ -188,11 +188,15 @@ class MaskRound:
             if kind != (KIND_SELF if peer in survivors else KIND_PAIR):
                 raise MaskProtocolError("revealed a share of the wrong kind")
         for peer, share in zip(peers, shares, strict=True):
-            # ``peer`` gave its neighbours shares 1, 2, ... in ascending id order.
+            # ``peer`` gave its neighbours shares 1, 2, ... in ascending id order and kept
+            # the next one of its self-mask seed.
+            index = (
+                len(self.graph[node]) + 1 if peer == node else self.graph[peer].index(node) + 1
+            )
             if (
                 not isinstance(share, bytes)
                 or len(share) != SHARE_BYTES
-                or int.from_bytes(share[:2], "little") != self.graph[peer].index(node) + 1
+                or int.from_bytes(share[:2], "little") != index
             ):
                 raise MaskProtocolError("revealed share is malformed or not the one it holds")
         self.revealers.add(node)
