@@ -211,13 +211,24 @@ def neighbour_graph(members: Sequence[int], degree: int, seed: bytes) -> dict[in
     return graph
 
 
+_zeros = b""  # a shared all-zero input for the AES-CTR keystream, grown on demand
+
+
+def _zero_bytes(size: int) -> bytes:
+    global _zeros
+    if len(_zeros) < size:
+        _zeros = bytes(size)
+    return _zeros
+
+
 def mask_vector(seed: bytes, length: int, modulus: int) -> SlotVector:
     """``length`` values uniform on ``[0, modulus)``, expanded from a 16- or 32-byte seed.
 
     AES-CTR keystream (AES-128 or AES-256 by the seed's size) read as little-endian 64-bit
     words, each cut to the bit length of ``modulus`` and kept only if below it (rejection
-    sampling: exactly uniform). Deterministic: the same seed gives the same vector on
-    every party.
+    sampling: exactly uniform; a rejected word is replaced, in order, by the next
+    accepted words after the first ``length``). Deterministic: the same seed gives the
+    same vector on every party.
     """
     if len(seed) not in (SECRET_BYTES, SEED_BYTES):
         raise ValueError(f"a mask seed has {SECRET_BYTES} or {SEED_BYTES} bytes, got {len(seed)}")
@@ -225,19 +236,46 @@ def mask_vector(seed: bytes, length: int, modulus: int) -> SlotVector:
         raise ValueError(f"modulus must lie in [2, 2^62), got {modulus}")
     keep = np.uint64((1 << modulus.bit_length()) - 1)
     stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    out = np.frombuffer(stream.update(bytes(8 * length)), dtype="<u8").astype(np.uint64)
+    # update_into wants room for one block more than it writes.
+    buf = np.empty(length + 2, dtype="<u8")
+    stream.update_into(memoryview(_zero_bytes(8 * length))[: 8 * length], buf.data.cast("B"))
+    out = buf[:length]
     out &= keep
-    bad = np.flatnonzero(out >= modulus)
-    # Rejected words are replaced, in order, by the stream's next accepted words.
-    filled = 0
-    while filled < bad.size:
-        need = bad.size - filled
-        words = np.frombuffer(stream.update(bytes(8 * (need + 8))), dtype="<u8") & keep
-        good = words[words < modulus]
-        take = min(good.size, need)
-        out[bad[filled : filled + take]] = good[:take]
-        filled += take
-    return out
+    if length and int(out.max()) >= modulus:
+        bad = np.flatnonzero(out >= modulus)
+        filled = 0
+        while filled < bad.size:
+            need = bad.size - filled
+            words = np.frombuffer(stream.update(bytes(8 * (need + 8))), dtype="<u8") & keep
+            good = words[words < modulus]
+            take = min(good.size, need)
+            out[bad[filled : filled + take]] = good[:take]
+            filled += take
+    return out.astype(np.uint64, copy=False)
+
+
+def signed_mask_sum(terms: Sequence[tuple[int, bytes]], length: int, modulus: int) -> SlotVector:
+    """``sum(sign * mask_vector(seed)) mod modulus`` over ``(sign, seed)`` terms.
+
+    Sums of raw residues are kept apart by sign and reduced once (every ``2**(63 - b)``
+    terms for a ``b``-bit modulus, so no sum can overflow 64 bits).
+    """
+    plus = np.zeros(length, dtype=np.uint64)
+    minus = np.zeros(length, dtype=np.uint64)
+    room = 1 << max(63 - modulus.bit_length(), 0)
+    counts = [0, 0]
+    t = np.uint64(modulus)
+    for sign, seed in terms:
+        acc, k = (plus, 0) if sign > 0 else (minus, 1)
+        acc += mask_vector(seed, length, modulus)
+        counts[k] += 1
+        if counts[k] == room:
+            np.remainder(acc, t, out=acc)
+            counts[k] = 1
+    np.remainder(plus, t, out=plus)
+    np.remainder(minus, t, out=minus)
+    sub_mod(plus, minus, modulus)
+    return plus
 
 
 def add_mod(acc: SlotVector, values: SlotVector, modulus: int) -> None:
@@ -336,14 +374,7 @@ def client_mask(
         pair_seeds: ``(sign, seed)`` per neighbour, sign from :func:`pair_sign`.
 
     """
-    total = mask_vector(self_seed, length, modulus)
-    for sign, seed in pair_seeds:
-        vec = mask_vector(seed, length, modulus)
-        if sign > 0:
-            add_mod(total, vec, modulus)
-        else:
-            sub_mod(total, vec, modulus)
-    return total
+    return signed_mask_sum([(1, self_seed), *pair_seeds], length, modulus)
 
 
 def pair_seeds_of(

@@ -15,27 +15,22 @@ round fail with a clear reason instead of corrupting the model.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from sepals.common.errors import MaskProtocolError
 from sepals.common.mask_shares import SHARE_BYTES, combine_secret
 from sepals.common.masking import (
     MaskParams,
     SlotVector,
-    add_mod,
     check_node_id,
     graph_seed,
     mask_public_key,
-    mask_vector,
     neighbour_graph,
     pack_ids,
     pair_seeds_of,
     self_mask_commitment,
-    sub_mod,
+    signed_mask_sum,
     unpack_ids,
 )
 
@@ -190,9 +185,7 @@ class MaskRound:
         for peer, share in zip(peers, shares, strict=True):
             # ``peer`` gave its neighbours shares 1, 2, ... in ascending id order and kept
             # the next one of its self-mask seed.
-            index = (
-                len(self.graph[node]) + 1 if peer == node else self.graph[peer].index(node) + 1
-            )
+            index = len(self.graph[node]) + 1 if peer == node else self.graph[peer].index(node) + 1
             if (
                 not isinstance(share, bytes)
                 or len(share) != SHARE_BYTES
@@ -219,7 +212,7 @@ class MaskRound:
             raise MaskRoundAbandoned(f"shares of node {node} rebuild a wrong mask key")
         return secret
 
-    def slot_offset(self, slots: int, modulus: int, threads: int = 2) -> SlotVector:
+    def slot_offset(self, slots: int, modulus: int) -> SlotVector:
         """What the server adds to the survivors' sum: every leftover mask, negated.
 
         Raises:
@@ -241,32 +234,5 @@ class MaskRound:
             for sign, seed in pair_seeds_of(d, key, peers, self.federation_id, self.server_round):
                 # Survivor j added -sign * mask (its sign is the opposite of d's).
                 (plus if sign > 0 else minus_pairs).append(seed)
-        jobs = [(s, 1) for s in plus] + [(s, -1) for s in minus + minus_pairs]
-        return _signed_sum(jobs, slots, modulus, threads)
-
-
-def _signed_sum(
-    jobs: list[tuple[bytes, int]], slots: int, modulus: int, threads: int
-) -> SlotVector:
-    """``sum(sign * PRG(seed)) mod modulus`` over ``jobs``, on ``threads`` threads."""
-
-    def part(chunk: list[tuple[bytes, int]]) -> SlotVector:
-        acc = np.zeros(slots, dtype=np.uint64)
-        for seed, sign in chunk:
-            vec = mask_vector(seed, slots, modulus)
-            if sign > 0:
-                add_mod(acc, vec, modulus)
-            else:
-                sub_mod(acc, vec, modulus)
-        return acc
-
-    threads = max(1, min(threads, len(jobs)))
-    chunks = [jobs[i::threads] for i in range(threads)]
-    if threads == 1:
-        return part(jobs)
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        parts = list(pool.map(part, chunks))
-    total = parts[0]
-    for p in parts[1:]:
-        add_mod(total, p, modulus)
-    return total
+        terms = [(1, s) for s in plus] + [(-1, s) for s in minus + minus_pairs]
+        return signed_mask_sum(terms, slots, modulus)
