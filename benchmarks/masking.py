@@ -27,9 +27,9 @@ measured figure, its ratio against the unmasked baseline, and ``met`` or ``MISSE
 3. **Bytes** (target: the masked upload is at most :data:`TARGET_UPLOAD_RATIO` times the
    unmasked one), plus the bytes of each masking message of one client in one round,
    estimated from its records (``bytes`` values by length, an int as 8 bytes).
-4. **Wall time** (target: at most :data:`TARGET_WALL_RATIO`): :func:`run_wall` is a hook,
-   not implemented until the simulation can turn masking off; ``--skip-wall`` (the
-   default) skips it.
+4. **Wall time** (target: at most :data:`TARGET_WALL_RATIO`): :func:`run_wall` runs the
+   default simulation (the README's main job) with and without masking, and checks that
+   both reach the same accuracy; ``--skip-wall`` skips it.
 
 Usage: ``python -m benchmarks.masking [--quick] [--json PATH] [--repeats R] [--seed S]``
 
@@ -43,6 +43,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -530,6 +531,7 @@ class MaskingResult:
             )
         else:
             ratio = float(self.wall["ratio"])
+            gap = 100 * abs(self.wall["accuracy_masked"] - self.wall["accuracy_unmasked"])
             rows.append(
                 Row(
                     f"wall: simulation <= {TARGET_WALL_RATIO:g}x",
@@ -538,26 +540,56 @@ class MaskingResult:
                     verdict(ratio, TARGET_WALL_RATIO),
                 )
             )
+            rows.append(
+                Row(
+                    "accuracy: masked within 0.1 points",
+                    f"{100 * self.wall['accuracy_masked']:.2f}% vs "
+                    f"{100 * self.wall['accuracy_unmasked']:.2f}%",
+                    f"{gap:.2f} points",
+                    verdict(gap, 0.1),
+                )
+            )
         return rows
 
 
-def run_wall(repeats: int) -> dict[str, Any]:
-    """HOOK (issue 10, target 4): wall time of the default simulation, masked vs not.
+def run_wall(repeats: int, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Target 4: wall time of the default simulation (``sepals-sim``), masked against not.
 
-    To be completed once the simulation config has ``masking`` and ``sepals-sim`` has
-    ``--no-masking``: run the default simulation ``repeats`` times with masking on and
-    off (same seed), and return ``{"seconds_masked", "seconds_unmasked", "ratio",
-    "accuracy_masked", "accuracy_unmasked"}`` (medians; accuracies must agree within
-    0.1 points, the sums being exact). ``--no-skip-wall`` calls it.
-
-    Raises:
-        NotImplementedError: always, until the simulation can turn masking off.
-
+    Runs the README's main job ``repeats`` times each way in this process, alternating
+    which goes first, and returns the medians of the whole runs' wall seconds (start-up
+    included), their ratio, and both final accuracies (the sums are exact and every run
+    is seeded, so they must agree within 0.1 points).
     """
-    raise NotImplementedError(
-        "run_wall needs the simulation's masking switch (SimulationConfig.masking, "
-        f"--no-masking); asked for {repeats} repeats"
-    )
+    from sepals.simulations.cli import build_parser, config_from_args
+    from sepals.simulations.harness import run_experiment
+
+    seconds: dict[str, list[float]] = {"masked": [], "unmasked": []}
+    accuracy: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="sepals-maskwall-") as tmp:
+        for i in range(repeats):
+            order = ("masked", "unmasked") if i % 2 == 0 else ("unmasked", "masked")
+            for kind in order:
+                argv = ["--out", str(Path(tmp) / f"{kind}-{i}")]
+                if kind == "unmasked":
+                    argv.append("--no-masking")
+                report = run_experiment(config_from_args(build_parser().parse_args(argv)))
+                final = report["final"]
+                seconds[kind].append(float(final["wall_seconds"]))
+                accuracy[kind] = float(final["accuracy"])
+                if progress is not None:
+                    progress(
+                        f"simulation {kind} {i + 1}/{repeats}: {seconds[kind][-1]:.1f} s, "
+                        f"accuracy {100 * accuracy[kind]:.2f}%"
+                    )
+    masked, unmasked = statistics.median(seconds["masked"]), statistics.median(seconds["unmasked"])
+    return {
+        "seconds_masked": masked,
+        "seconds_unmasked": unmasked,
+        "ratio": masked / unmasked,
+        "accuracy_masked": accuracy["masked"],
+        "accuracy_unmasked": accuracy["unmasked"],
+        "runs": seconds,
+    }
 
 
 def run_benchmark(
@@ -756,9 +788,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--skip-wall",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="skip target 4, the simulation wall time (default: skip; hook not yet done)",
+        default=False,
+        help="skip target 4, the default simulation's wall time masked against not (~4 min)",
     )
+    p.add_argument("--wall-repeats", type=int, default=2, help="simulation runs each way (median)")
     p.add_argument("--verbose", action="store_true", help="show sepals' and Flower's log")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -781,10 +814,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes, repeats=args.repeats, seed=args.seed, progress=lambda s: print("..", s, flush=True)
     )
     if not args.skip_wall:
-        try:
-            result.wall = run_wall(args.repeats)
-        except NotImplementedError as exc:
-            print(f"wall time not measured: {exc}", flush=True)
+        result.wall = run_wall(args.wall_repeats, progress=lambda s: print("..", s, flush=True))
     print(format_result(result), flush=True)
     if args.json is not None:
         Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n")

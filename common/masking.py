@@ -254,28 +254,43 @@ def mask_vector(seed: bytes, length: int, modulus: int) -> SlotVector:
     return out.astype(np.uint64, copy=False)
 
 
-def signed_mask_sum(terms: Sequence[tuple[int, bytes]], length: int, modulus: int) -> SlotVector:
-    """``sum(sign * mask_vector(seed)) mod modulus`` over ``(sign, seed)`` terms.
+class MaskSum:
+    """Accumulates ``sum(sign * mask_vector(seed)) mod modulus`` one term at a time.
 
-    Sums of raw residues are kept apart by sign and reduced once (every ``2**(63 - b)``
-    terms for a ``b``-bit modulus, so no sum can overflow 64 bits).
+    Sums of raw residues are kept apart by sign and reduced rarely (every
+    ``2**(63 - b)`` terms for a ``b``-bit modulus, so no sum can overflow 64 bits).
     """
-    plus = np.zeros(length, dtype=np.uint64)
-    minus = np.zeros(length, dtype=np.uint64)
-    room = 1 << max(63 - modulus.bit_length(), 0)
-    counts = [0, 0]
-    t = np.uint64(modulus)
+
+    def __init__(self, length: int, modulus: int) -> None:
+        self.length, self.modulus = length, modulus
+        self._sums = (np.zeros(length, dtype=np.uint64), np.zeros(length, dtype=np.uint64))
+        self._counts = [0, 0]
+        self._room = 1 << max(63 - modulus.bit_length(), 0)
+
+    def add(self, sign: int, seed: bytes) -> None:
+        """Add (``sign > 0``) or subtract the mask expanded from ``seed``."""
+        k = 0 if sign > 0 else 1
+        acc = self._sums[k]
+        acc += mask_vector(seed, self.length, self.modulus)
+        self._counts[k] += 1
+        if self._counts[k] == self._room:
+            np.remainder(acc, np.uint64(self.modulus), out=acc)
+            self._counts[k] = 1
+
+    def value(self) -> SlotVector:
+        """The sum so far, as residues below the modulus."""
+        t = np.uint64(self.modulus)
+        plus, minus = np.remainder(self._sums[0], t), np.remainder(self._sums[1], t)
+        sub_mod(plus, minus, self.modulus)
+        return plus
+
+
+def signed_mask_sum(terms: Sequence[tuple[int, bytes]], length: int, modulus: int) -> SlotVector:
+    """``sum(sign * mask_vector(seed)) mod modulus`` over ``(sign, seed)`` terms."""
+    total = MaskSum(length, modulus)
     for sign, seed in terms:
-        acc, k = (plus, 0) if sign > 0 else (minus, 1)
-        acc += mask_vector(seed, length, modulus)
-        counts[k] += 1
-        if counts[k] == room:
-            np.remainder(acc, t, out=acc)
-            counts[k] = 1
-    np.remainder(plus, t, out=plus)
-    np.remainder(minus, t, out=minus)
-    sub_mod(plus, minus, modulus)
-    return plus
+        total.add(sign, seed)
+    return total.value()
 
 
 def add_mod(acc: SlotVector, values: SlotVector, modulus: int) -> None:
