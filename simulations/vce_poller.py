@@ -11,7 +11,8 @@ run, which on a 2-core machine starves the Ray workers that do the training.
 :func:`add_pending_messages_to_queue` does the same job: it first reads which nodes
 have an undelivered message (one scan of the store) and asks the state only for those
 nodes, through the same ``get_message_ins`` call Flower makes, so delivery, expiry
-checks and the ``delivered_at`` stamp stay Flower's own. :func:`install` swaps it in.
+checks and the ``delivered_at`` stamp stay Flower's own. Being cheap, it scans every
+20 ms instead of 0.1 s. :func:`install` swaps it in.
 
 This leans on two Flower internals, pinned by ``flwr>=1.41,<1.42`` in
 ``pyproject.toml``: the module-level name ``vce_api.add_messages_to_queue`` (looked up
@@ -30,6 +31,10 @@ from typing import Any
 from sepals.common.log import log
 
 PINNED_FLOWER = "1.41."
+# Seconds between scans. A scan costs one pass over the stored messages (not nodes x
+# messages), so scanning every 20 ms is cheap; it shortens the wait of every message
+# exchange, which a masked round has four of.
+POLL_SECONDS = 0.02
 
 
 def pending_nodes(state: Any) -> set[int]:
@@ -54,7 +59,7 @@ def add_pending_messages_to_queue(
         for node_id in sorted(pending_nodes(state) & nodes):
             for msg in state.get_message_ins(node_id=node_id, limit=1):
                 queue.put(msg)
-        f_stop.wait(0.1)
+        f_stop.wait(POLL_SECONDS)
 
 
 def install() -> bool:

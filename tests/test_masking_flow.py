@@ -10,7 +10,9 @@ aggregates.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -31,7 +33,7 @@ from sepals.common.protocol import (
     MASK_UNMASK,
     read_global_record,
 )
-from sepals.server.strategy import EncryptedFedAvg
+from sepals.server.strategy import EncryptedFedAvg, exchange
 from sepals.simulations.harness import sign_simulated_rounds
 
 pytestmark = pytest.mark.usefixtures("run_identity")
@@ -257,3 +259,40 @@ def test_masking_needs_bfv() -> None:
     fed = dataclasses.replace(FederationConfig(), mask_neighbours=2, mask_threshold=2)
     with pytest.raises(ValueError, match="masking needs the BFV codec"):
         EncryptedFedAvg(PlainCodec(), LENGTH, fed)
+
+
+class _PushPullGrid:
+    """Replies become available ``delay`` seconds after the push; one never comes."""
+
+    def __init__(self, delay: float, silent: int) -> None:
+        self.delay, self.silent = delay, silent
+        self.pulls = 0
+        self._due: dict[str, tuple[float, Any]] = {}
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for i, msg in enumerate(messages):
+            mid = f"m{i}"
+            ids.append(mid)
+            if i != self.silent:
+                reply = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid))
+                self._due[mid] = (time.monotonic() + self.delay, reply)
+        return ids
+
+    def pull_messages(self, ids: Iterable[str]) -> list[Any]:
+        self.pulls += 1
+        now = time.monotonic()
+        ready = [m for m in ids if m in self._due and self._due[m][0] <= now]
+        return [self._due.pop(m)[1] for m in ready]
+
+
+def test_exchange_collects_replies_until_all_are_in_or_the_timeout() -> None:
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
+    grid = _PushPullGrid(delay=0.05, silent=-1)
+    t0 = time.monotonic()
+    assert len(exchange(grid, msgs, timeout=5.0)) == 3  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 1.0  # returned as soon as all were in, not at the timeout
+    grid = _PushPullGrid(delay=0.0, silent=1)
+    t0 = time.monotonic()
+    assert len(exchange(grid, msgs, timeout=0.3)) == 2  # type: ignore[arg-type]
+    assert 0.3 <= time.monotonic() - t0 < 2.0
