@@ -271,7 +271,7 @@ class _PushPullGrid:
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
-        for i, msg in enumerate(messages):
+        for i, _msg in enumerate(messages):
             mid = f"m{i}"
             ids.append(mid)
             if i != self.silent:
