@@ -395,6 +395,56 @@ def test_fixed_and_different_inputs_are_indistinguishable(
     assert p_clear < ALPHA
 
 
+def _lying_server_attack(colluding: int, told_survived: int) -> tuple[Run, int, bytes | None]:
+    """A server that tells clients different survivor sets, against the victim ``nodes[0]``.
+
+    Complete graph of six (k = 5, T = 4). The victim uploaded and is told it survived (so
+    it reveals its own kept share); ``colluding`` neighbours hand over both shares they
+    hold of it; of the honest neighbours, ``told_survived`` are told it survived (they
+    reveal its self-mask share), the rest that it dropped (they reveal its mask-key
+    share). Returns the victim's total mask if the server could rebuild it, else None.
+    """
+    run = start(6)
+    victim, *neighbours = run.nodes
+    colluders, honest = neighbours[:colluding], neighbours[colluding:]
+    survived = _request(run, run.nodes, [])
+    dropped = _request(run, run.nodes[1:], [victim])
+    got: dict[int, list[bytes]] = {KIND_SELF: [], KIND_PAIR: []}
+    for c in colluders:
+        [(pair, own)] = [(p, o) for sender, p, o in run.states[c].held if sender == victim]
+        got[KIND_PAIR].append(bytes.fromhex(pair))
+        got[KIND_SELF].append(bytes.fromhex(own))
+    for i, node in enumerate([victim, *honest]):
+        record = survived if i <= told_survived else dropped
+        _, reply = cm.reveal_shares(run.plan, run.states[node], ROUND, record)
+        at = unpack_ids(reply["peers"]).index(victim)
+        got[reply["kinds"][at]].append(reply["shares"][at])
+    if min(len(got[KIND_SELF]), len(got[KIND_PAIR])) < run.t:
+        return run, victim, None
+    seed = combine_secret(got[KIND_SELF], run.t)
+    key = combine_secret(got[KIND_PAIR], run.t)
+    assert self_mask_commitment(seed) == run.server.keys[victim][2]
+    assert mask_public_key(key) == run.server.keys[victim][0]
+    peers = [(j, run.server.keys[j][0]) for j in run.server.graph[victim]]
+    pairs = pair_seeds_of(victim, key, peers, FED, ROUND)
+    return run, victim, client_mask(run.slots, run.modulus, seed, pairs)
+
+
+def test_a_lying_server_needs_2t_at_most_k_plus_1_plus_c() -> None:
+    """Without a consistency round, C colluders suffice when 2T <= k + 1 + C (README).
+
+    The victim's own kept share is one more self-mask share the server can ask for, so
+    the bound is one weaker than SecAgg+'s 2T > k + C: here k = 5, T = 4, and C = 2
+    colluding neighbours (2T > k + C holds) let the server rebuild the victim's whole
+    mask, hence its update; with C = 1 no split of the honest neighbours does.
+    """
+    run, victim, mask = _lying_server_attack(colluding=2, told_survived=1)
+    assert (run.plan.mask_neighbours, run.t) == (5, 4)
+    assert mask is not None and np.array_equal(mask, run.masks[victim])
+    for told in range(5):  # one colluder, four honest neighbours: every split fails
+        assert _lying_server_attack(colluding=1, told_survived=told)[2] is None
+
+
 # ---------------------------------------------------------------------- 3. refusals
 @pytest.fixture
 def masked_round() -> Run:
