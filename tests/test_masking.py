@@ -45,12 +45,14 @@ from sepals.common.masking import (
     neighbours_of,
     new_key_pair,
     new_secret,
+    pack_ids,
     pair_seeds_of,
     pair_sign,
     pairwise_seed,
     resolve_mask_params,
     self_mask_commitment,
     sub_mod,
+    unpack_ids,
 )
 from sepals.common.plan import FederationPlan
 from sepals.server.masking import KIND_PAIR, KIND_SELF, MaskRound, MaskRoundAbandoned
@@ -161,21 +163,21 @@ def unmask(run: Run, uploaded: list[int]) -> dict[str, Any]:
 
 
 def recoverable(run: Run, dropped: set[int]) -> bool:
-    """Whether every secret the server needs has ``T`` shares among the survivors."""
+    """Whether every secret the server needs has ``T`` shares among the survivors.
+
+    A survivor's self-mask seed is held by its neighbours and by itself (it kept one
+    share and reveals it); a dropped client's mask key only by its neighbours.
+    """
     sharers = set(run.server.sharers)
     survivors = sharers - dropped
     if len(survivors) < run.t:
         return False
-    return all(len(run.neighbours(n) & survivors) >= run.t for n in sharers)
-
-
-def far_apart(run: Run, a: int) -> int:
-    """A node that shares no neighbour with ``a`` and is not its neighbour."""
-    near = run.neighbours(a)
-    for b in run.nodes:
-        if b != a and b not in near and not near & run.neighbours(b):
-            return b
-    raise AssertionError("the graph has no node far from a")
+    return all(
+        len((run.neighbours(n) | {n}) & survivors) >= run.t
+        if n in survivors
+        else len(run.neighbours(n) & survivors) >= run.t
+        for n in sharers
+    )
 
 
 def slot_residues(codec: BfvCodec, payload: bytes) -> SlotVector:
@@ -205,24 +207,29 @@ def _drops(run: Run, case: str) -> list[int]:
         return []
     if case == "one":
         return [first]
-    # Every neighbourhood may lose k - T of its k members: each survivor's self-mask seed
-    # and each dropped client's mask key still has T shares among the survivors.
+    # A survivor's self-mask seed has k + 1 holders (its neighbours and itself), a dropped
+    # client's mask key k (its neighbours); each needs T of them among the survivors.
     complete = len(run.nodes) - 1 <= run.plan.mask_neighbours
-    limit = run.plan.mask_neighbours - run.t
     if case == "limit":
         if complete:
-            return run.nodes[:limit]
-        assert limit == 1
-        return [first, far_apart(run, first)]  # one drop in every neighbourhood
+            # Every survivor's seed keeps exactly T holders: k + 1 - T may drop.
+            return run.nodes[: run.plan.mask_neighbours + 1 - run.t]
+        # k - T = 1: the first's mask key keeps exactly T surviving holders; the
+        # survivors next to both lose k + 1 - T = 2 holders of their seeds at most.
+        assert run.plan.mask_neighbours - run.t == 1
+        return [first, min(run.neighbours(first))]
     if case == "beyond":
         if complete:
-            return run.nodes[: limit + 1]
-        return [first, min(run.neighbours(first))]  # two drops in one neighbourhood
+            # T - 1 survivors: none of the survivors' seeds can be rebuilt.
+            return run.nodes[: run.plan.mask_neighbours + 2 - run.t]
+        # The first's mask key keeps only T - 1 surviving holders.
+        return [first, *sorted(run.neighbours(first))[:2]]
     raise AssertionError(case)
 
 
-# complete-10: k = 9, T = 7 (two may drop); ring-12-k4: T = 3 (one per neighbourhood).
+# complete-10: k = 9, T = 7 (three may drop); ring-12-k4: T = 3 (two next to each other).
 GRAPHS = {"complete-10": (10, None), "ring-12-k4": (12, 4)}
+LIMIT_DROPS = {"complete-10": 3, "ring-12-k4": 2}
 
 
 @pytest.mark.parametrize("graph", sorted(GRAPHS))
@@ -242,7 +249,7 @@ def test_masked_sum_equals_unmasked_sum(
         assert run.plan.mask_neighbours == 9 and run.t == 7
         assert all(len(run.neighbours(x)) == n - 1 for x in run.nodes)
     dropped = _drops(run, case)
-    assert len(dropped) == {"none": 0, "one": 1, "limit": 2}[case]
+    assert len(dropped) == {"none": 0, "one": 1, "limit": LIMIT_DROPS[graph]}[case]
     assert recoverable(run, set(dropped))
     rng = np.random.default_rng(n)
     loaded, ints = [], []
@@ -388,6 +395,56 @@ def test_fixed_and_different_inputs_are_indistinguishable(
     assert p_clear < ALPHA
 
 
+def _lying_server_attack(colluding: int, told_survived: int) -> tuple[Run, int, bytes | None]:
+    """A server that tells clients different survivor sets, against the victim ``nodes[0]``.
+
+    Complete graph of six (k = 5, T = 4). The victim uploaded and is told it survived (so
+    it reveals its own kept share); ``colluding`` neighbours hand over both shares they
+    hold of it; of the honest neighbours, ``told_survived`` are told it survived (they
+    reveal its self-mask share), the rest that it dropped (they reveal its mask-key
+    share). Returns the victim's total mask if the server could rebuild it, else None.
+    """
+    run = start(6)
+    victim, *neighbours = run.nodes
+    colluders, honest = neighbours[:colluding], neighbours[colluding:]
+    survived = _request(run, run.nodes, [])
+    dropped = _request(run, run.nodes[1:], [victim])
+    got: dict[int, list[bytes]] = {KIND_SELF: [], KIND_PAIR: []}
+    for c in colluders:
+        [(pair, own)] = [(p, o) for sender, p, o in run.states[c].held if sender == victim]
+        got[KIND_PAIR].append(bytes.fromhex(pair))
+        got[KIND_SELF].append(bytes.fromhex(own))
+    for i, node in enumerate([victim, *honest]):
+        record = survived if i <= told_survived else dropped
+        _, reply = cm.reveal_shares(run.plan, run.states[node], ROUND, record)
+        at = unpack_ids(reply["peers"]).index(victim)
+        got[reply["kinds"][at]].append(reply["shares"][at])
+    if min(len(got[KIND_SELF]), len(got[KIND_PAIR])) < run.t:
+        return run, victim, None
+    seed = combine_secret(got[KIND_SELF], run.t)
+    key = combine_secret(got[KIND_PAIR], run.t)
+    assert self_mask_commitment(seed) == run.server.keys[victim][2]
+    assert mask_public_key(key) == run.server.keys[victim][0]
+    peers = [(j, run.server.keys[j][0]) for j in run.server.graph[victim]]
+    pairs = pair_seeds_of(victim, key, peers, FED, ROUND)
+    return run, victim, client_mask(run.slots, run.modulus, seed, pairs)
+
+
+def test_a_lying_server_needs_2t_at_most_k_plus_1_plus_c() -> None:
+    """Without a consistency round, C colluders suffice when 2T <= k + 1 + C (README).
+
+    The victim's own kept share is one more self-mask share the server can ask for, so
+    the bound is one weaker than SecAgg+'s 2T > k + C: here k = 5, T = 4, and C = 2
+    colluding neighbours (2T > k + C holds) let the server rebuild the victim's whole
+    mask, hence its update; with C = 1 no split of the honest neighbours does.
+    """
+    run, victim, mask = _lying_server_attack(colluding=2, told_survived=1)
+    assert (run.plan.mask_neighbours, run.t) == (5, 4)
+    assert mask is not None and np.array_equal(mask, run.masks[victim])
+    for told in range(5):  # one colluder, four honest neighbours: every split fails
+        assert _lying_server_attack(colluding=1, told_survived=told)[2] is None
+
+
 # ---------------------------------------------------------------------- 3. refusals
 @pytest.fixture
 def masked_round() -> Run:
@@ -396,7 +453,7 @@ def masked_round() -> Run:
 
 
 def _request(run: Run, survivors: list[int], dropped: list[int]) -> dict[str, Any]:
-    return {"survivors": survivors, "dropped": dropped}
+    return {"survivors": pack_ids(survivors), "dropped": pack_ids(dropped)}
 
 
 def test_a_second_unmask_request_is_refused(masked_round: Run) -> None:
@@ -405,7 +462,7 @@ def test_a_second_unmask_request_is_refused(masked_round: Run) -> None:
     state = run.states[me]
     first = _request(run, [x for x in run.nodes if x != peer], [peer])
     done, reply = cm.reveal_shares(run.plan, state, ROUND, first)
-    assert reply["kinds"][reply["peers"].index(peer)] == cm.KIND_PAIR
+    assert reply["kinds"][unpack_ids(reply["peers"]).index(peer)] == cm.KIND_PAIR
     assert done.mask_sk == done.self_seed == "" and done.held == ()
     # The other split would reveal the self-mask share of the same peer: refused.
     second = _request(run, list(run.nodes), [])
@@ -424,7 +481,9 @@ def test_a_second_unmask_request_is_refused(masked_round: Run) -> None:
         ("self-dropped", "not among the survivors"),
         ("too-few", "fewer than the threshold"),
         ("repeated", "repeats a node"),
-        ("not-ids", "not a node id"),
+        ("not-packed-list", "not a packed list of node ids"),
+        ("not-packed-length", "not a packed list of node ids"),
+        ("not-packed-missing", "not a packed list of node ids"),
     ],
 )
 def test_inconsistent_unmask_requests_are_refused(masked_round: Run, name: str, match: str) -> None:
@@ -438,13 +497,21 @@ def test_inconsistent_unmask_requests_are_refused(masked_round: Run, name: str, 
         "self-dropped": _request(run, others, [me]),
         "too-few": _request(run, run.nodes[: run.t - 1], run.nodes[run.t - 1 :]),
         "repeated": _request(run, [*run.nodes, me], []),
-        "not-ids": _request(run, [*run.nodes[:-1], "x"], [run.nodes[-1]]),  # type: ignore[list-item]
+        # An unpacked list, bytes cut short of a whole u64, and no survivors at all.
+        "not-packed-list": {"survivors": list(run.nodes), "dropped": pack_ids([])},
+        "not-packed-length": {
+            "survivors": pack_ids(run.nodes[:-1]),
+            "dropped": pack_ids(run.nodes[-1:])[:-1],
+        },
+        "not-packed-missing": {"dropped": pack_ids([])},
     }
     with pytest.raises(MaskProtocolError, match=match):
         cm.reveal_shares(run.plan, run.states[me], ROUND, requests[name])
     # A refused request reveals nothing and leaves the client able to answer a sound one.
     state, reply = cm.reveal_shares(run.plan, run.states[me], ROUND, _request(run, run.nodes, []))
     assert state.stage == "unmasked" and set(reply["kinds"]) == {cm.KIND_SELF}
+    # It reveals its own kept share too: peers are itself and its neighbours.
+    assert sorted(unpack_ids(reply["peers"])) == sorted(run.nodes)
 
 
 def test_stages_out_of_order_or_of_another_round_are_refused() -> None:
@@ -459,7 +526,7 @@ def test_stages_out_of_order_or_of_another_round_are_refused() -> None:
     members = server.members_record()
     me = nodes[0]
     fresh = states[me]
-    unmask_all = {"survivors": nodes, "dropped": []}
+    unmask_all = {"survivors": pack_ids(nodes), "dropped": pack_ids([])}
     with pytest.raises(MaskProtocolError, match="out of order"):
         cm.open_and_mask(plan, fresh, ROUND, {}, SMALL_SLOTS, SMALL_T)
     with pytest.raises(MaskProtocolError, match="out of order"):
@@ -498,7 +565,7 @@ def test_a_dropped_client_that_wakes_up_refuses_to_reveal(masked_round: Run) -> 
     record = unmask(run, run.nodes[1:])
     with pytest.raises(MaskProtocolError, match="not among the survivors"):
         cm.reveal_shares(run.plan, run.states[late], ROUND, record)
-    forged = {"peers": list(run.nodes[1:]), "kinds": [KIND_SELF] * 5, "shares": [b"x"] * 5}
+    forged = {"peers": pack_ids(run.nodes), "kinds": [KIND_SELF] * 6, "shares": [b"x"] * 6}
     with pytest.raises(MaskProtocolError, match="not a survivor"):
         run.server.admit_reveal(late, forged)
     # The late client's upload is not in the sum; the offset matches the survivors' masks.
@@ -587,12 +654,19 @@ def test_a_member_list_with_other_keys_for_this_client_is_refused(which: str) ->
     swapped[which] = keys
     with pytest.raises(MaskProtocolError, match="other keys for this client"):
         cm.share_secrets(plan, states[1], ROUND, swapped)
-    without = {k: v[1:] for k, v in record.items()}
+    without = {
+        "members": pack_ids(unpack_ids(record["members"])[1:]),
+        "mask-pks": record["mask-pks"][1:],
+        "share-pks": record["share-pks"][1:],
+    }
     with pytest.raises(MaskProtocolError, match="not among the round's members"):
         cm.share_secrets(plan, states[1], ROUND, without)
     misaligned = dict(record, **{which: record[which][1:]})
     with pytest.raises(MaskProtocolError, match="does not match"):
         cm.share_secrets(plan, states[1], ROUND, misaligned)
+    unpacked = dict(record, members=unpack_ids(record["members"]))
+    with pytest.raises(MaskProtocolError, match="not a packed list of node ids"):
+        cm.share_secrets(plan, states[1], ROUND, unpacked)
     cm.share_secrets(plan, states[1], ROUND, record)  # the true list is accepted
 
 
@@ -618,34 +692,42 @@ def test_shares_missing_or_from_non_neighbours_are_refused(
     def call(rec: dict[str, Any]) -> None:
         cm.open_and_mask(run.plan, state, ROUND, rec, SMALL_SLOTS, SMALL_T)
 
-    missing = dict(record, **{"from": record["from"][1:], "sealed": record["sealed"][1:]})
+    senders = unpack_ids(record["from"])
+    missing = dict(record, **{"from": pack_ids(senders[1:]), "sealed": record["sealed"][1:]})
     with pytest.raises(MaskProtocolError, match="shares missing"):
         call(missing)
     extra = dict(
         record,
-        **{"from": [*record["from"], stranger], "sealed": [*record["sealed"], record["sealed"][0]]},
+        **{
+            "from": pack_ids([*senders, stranger]),
+            "sealed": [*record["sealed"], record["sealed"][0]],
+        },
     )
     with pytest.raises(MaskProtocolError, match="shares missing"):
         call(extra)
-    instead = dict(record, **{"from": [stranger, *record["from"][1:]]})
+    instead = dict(record, **{"from": pack_ids([stranger, *senders[1:]])})
     with pytest.raises(MaskProtocolError, match="shares missing"):
         call(instead)
     swapped = dict(record, sealed=[record["sealed"][1], record["sealed"][0], *record["sealed"][2:]])
     with pytest.raises(MaskProtocolError, match="authentication"):
         call(swapped)
     # Another client's shares, relayed to this one under their true sender.
-    neighbour = record["from"][0]
+    neighbour = senders[0]
     other = next(x for x in run.neighbours(neighbour) if x != me)
     foreign = run.server.sealed[neighbour][other]
     relayed = dict(record, sealed=[foreign, *record["sealed"][1:]])
     with pytest.raises(MaskProtocolError, match="authentication"):
         call(relayed)
-    lacking = dict(record, sharers=[x for x in record["sharers"] if x != me])
+    lacking = dict(record, sharers=pack_ids(x for x in unpack_ids(record["sharers"]) if x != me))
     with pytest.raises(MaskProtocolError, match="lack this client"):
         call(lacking)
     mismatched = dict(record, sealed=record["sealed"][1:])
     with pytest.raises(MaskProtocolError, match="does not match"):
         call(mismatched)
+    for field in ("from", "sharers"):
+        for bad in (unpack_ids(record[field]), record[field][:-3]):
+            with pytest.raises(MaskProtocolError, match="not a packed list of node ids"):
+                call(dict(record, **{field: bad}))
     call(record)  # the true record is accepted
 
 
@@ -663,20 +745,24 @@ def test_server_admits_shares_only_for_exactly_the_neighbours() -> None:
         _, replies[node] = cm.share_secrets(plan, states[node], ROUND, members)
     me = nodes[0]
     good = replies[me]
-    assert sorted(good["to"]) == list(server.graph[me])
+    to = unpack_ids(good["to"])
+    assert sorted(to) == list(server.graph[me])
     stranger = next(x for x in nodes if x != me and x not in server.graph[me])
     bad_replies = [
-        dict(good, to=good["to"][1:], sealed=good["sealed"][1:]),
-        dict(good, to=[stranger, *good["to"][1:]]),
-        dict(good, to=[*good["to"], stranger], sealed=[*good["sealed"], good["sealed"][0]]),
-        dict(good, to=[good["to"][1], *good["to"][1:]]),
-        dict(good, to=[me, *good["to"][1:]]),
+        dict(good, to=pack_ids(to[1:]), sealed=good["sealed"][1:]),
+        dict(good, to=pack_ids([stranger, *to[1:]])),
+        dict(good, to=pack_ids([*to, stranger]), sealed=[*good["sealed"], good["sealed"][0]]),
+        dict(good, to=pack_ids([to[1], *to[1:]])),
+        dict(good, to=pack_ids([me, *to[1:]])),
     ]
     for bad in bad_replies:
         with pytest.raises(MaskProtocolError, match="exactly the node's neighbours"):
             server.admit_shares(me, bad)
     with pytest.raises(MaskProtocolError, match="malformed"):
         server.admit_shares(me, dict(good, sealed=good["sealed"][1:]))
+    for not_packed in (to, good["to"][:-1], None):
+        with pytest.raises(MaskProtocolError, match="malformed share reply"):
+            server.admit_shares(me, dict(good, to=not_packed))
     with pytest.raises(MaskProtocolError, match="malformed sealed share"):
         server.admit_shares(me, dict(good, sealed=[b"", *good["sealed"][1:]]))
     with pytest.raises(MaskProtocolError, match="not a member"):
@@ -692,17 +778,40 @@ def test_server_admits_only_sound_reveals(masked_round: Run) -> None:
     record = run.server.unmask_record(run.nodes[:-1])
     first, second = run.nodes[0], run.nodes[1]
     _, reply = cm.reveal_shares(run.plan, run.states[first], ROUND, record)
-    at = reply["peers"].index(dropped)
-    assert reply["kinds"][at] == KIND_PAIR
-    for i in (at, (at + 1) % len(reply["kinds"])):  # a pair share of a survivor, and v.v.
+    peers = unpack_ids(reply["peers"])
+    at = peers.index(dropped)
+    own = peers.index(first)
+    assert reply["kinds"][at] == KIND_PAIR and reply["kinds"][own] == KIND_SELF
+    survivor = next(i for i, p in enumerate(peers) if p not in (first, dropped))
+    for i in (at, survivor, own):  # a self share of the dropped, a pair share of a survivor
         kinds = list(reply["kinds"])
         kinds[i] = KIND_SELF if kinds[i] == KIND_PAIR else KIND_PAIR
         with pytest.raises(MaskProtocolError, match="wrong kind"):
             run.server.admit_reveal(first, dict(reply, kinds=kinds))
-    with pytest.raises(MaskProtocolError, match="exactly the node's neighbours"):
-        run.server.admit_reveal(first, {k: v[1:] for k, v in reply.items()})
+
+    def without(i: int) -> dict[str, Any]:
+        return {
+            "peers": pack_ids(p for j, p in enumerate(peers) if j != i),
+            "kinds": [k for j, k in enumerate(reply["kinds"]) if j != i],
+            "shares": [s for j, s in enumerate(reply["shares"]) if j != i],
+        }
+
+    # Without its own share, or without a neighbour's, or with a stranger's added.
+    for bad in (without(own), without(at), without(survivor)):
+        with pytest.raises(MaskProtocolError, match="exactly the node and its neighbours"):
+            run.server.admit_reveal(first, bad)
+    added = {
+        "peers": pack_ids([*peers, 424242]),
+        "kinds": [*reply["kinds"], KIND_SELF],
+        "shares": [*reply["shares"], reply["shares"][own]],
+    }
+    with pytest.raises(MaskProtocolError, match="exactly the node and its neighbours"):
+        run.server.admit_reveal(first, added)
     with pytest.raises(MaskProtocolError, match="malformed reveal"):
         run.server.admit_reveal(first, dict(reply, shares=reply["shares"][1:]))
+    for not_packed in (peers, reply["peers"][:-1], None):
+        with pytest.raises(MaskProtocolError, match="malformed reveal"):
+            run.server.admit_reveal(first, dict(reply, peers=not_packed))
     assert not run.server.revealed  # nothing of a refused reveal is kept
     run.server.admit_reveal(first, reply)
     with pytest.raises(MaskProtocolError, match="second reveal"):
@@ -713,7 +822,10 @@ def test_server_admits_only_sound_reveals(masked_round: Run) -> None:
     run.server.admit_reveal(second, reply2)
 
 
-@pytest.mark.parametrize("variant", ["short", "not-bytes", "index-of-another", "index-zero"])
+@pytest.mark.parametrize(
+    "variant",
+    ["short", "not-bytes", "index-of-another", "index-zero", "own-index-of-a-neighbour"],
+)
 def test_a_malformed_revealed_share_is_excluded_and_the_round_still_unmasks(
     masked_round: Run, variant: str
 ) -> None:
@@ -726,21 +838,27 @@ def test_a_malformed_revealed_share_is_excluded_and_the_round_still_unmasks(
             run.plan, run.states[node], ROUND, record
         )
     honest, bad, peer = run.nodes[0], run.nodes[1], run.nodes[2]
-    at = replies[bad]["peers"].index(peer)
+    bad_peers = unpack_ids(replies[bad]["peers"])
+    at = bad_peers.index(bad if variant.startswith("own-") else peer)
     share = replies[bad]["shares"][at]
-    other = replies[honest]["shares"][replies[honest]["peers"].index(peer)]
+    other = replies[honest]["shares"][unpack_ids(replies[honest]["peers"]).index(peer)]
+    # The revealer kept share k + 1 of its own seed; its lowest neighbour holds share 1.
+    assert int.from_bytes(replies[bad]["shares"][bad_peers.index(bad)][:2], "little") == 6
     replies[bad]["shares"][at] = {
         "short": share[:-1],
         "not-bytes": share.hex(),
         "index-of-another": other[:2] + share[2:],  # a repeated Shamir index
         "index-zero": bytes(2) + share[2:],
+        "own-index-of-a-neighbour": (1).to_bytes(2, "little") + share[2:],
     }[variant]
-    with pytest.raises(MaskProtocolError, match="malformed or not the one it holds"):
+    match = "malformed reveal" if variant == "not-bytes" else "malformed or not the one it holds"
+    with pytest.raises(MaskProtocolError, match=match):
         run.server.admit_reveal(bad, replies[bad])
     for node in run.nodes:
         if node != bad:
             run.server.admit_reveal(node, replies[node])
-    # Five survivors revealed, T = 4: every self-mask seed still has T shares.
+    # Five survivors revealed, T = 4: every self-mask seed still has T shares (the bad
+    # revealer's own from its five neighbours).
     total = run.server.slot_offset(run.slots, run.modulus)
     for node in run.server.survivors:
         add_mod(total, run.masks[node], run.modulus)
