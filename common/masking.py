@@ -101,8 +101,9 @@ def default_neighbours(sampled: int) -> int:
 def default_threshold(neighbours: int) -> int:
     """``floor(2k / 3) + 1``: tolerates up to a third of a client's neighbours dropping.
 
-    With ``2T > k + C`` even a server that lies about who dropped out cannot collect both
-    kinds of share of a client that has at most ``C`` colluding neighbours (Bell et al.).
+    With ``2T > k + 1 + C`` even a server that lies about who dropped out cannot collect
+    both kinds of share of a client that has at most ``C`` colluding neighbours (Bell et
+    al.; the ``+ 1`` is the share of its own self-mask seed that a client keeps).
     """
     return 2 * neighbours // 3 + 1
 
