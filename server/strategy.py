@@ -751,11 +751,17 @@ class EncryptedFedAvg(Strategy):
             record.quant_error = bound if math.isfinite(bound) else None
         log(
             INFO,
-            "round %s: aggregated %s updates (%s declined, %s excluded)",
+            "round %s: aggregated %s updates (%s declined, %s excluded)%s",
             server_round,
             record.accepted,
             len(record.declined),
             len(record.excluded),
+            (
+                f"; masked: {record.mask_survivors} of {record.mask_members} survived, "
+                f"{record.mask_dropouts} dropped, T={record.mask_threshold}, masks removed"
+                if record.masks_removed
+                else ""
+            ),
         )
         return self.latest_global, self._train_metrics(record)
 
