@@ -131,9 +131,14 @@ def store_ledger(context: Context, runtime: ClientRuntime, ledger: PrivacyLedger
     context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4096)
 def client_for(runtime: ClientRuntime) -> SepalsClient:
     """One client per runtime and process: the key context is loaded once, not per message.
+
+    Building one costs tens of milliseconds (the model is built and checked for DP);
+    a simulation worker serves many clients, each with several messages per round, so
+    the cache holds every client a worker plays (a client is small: its runtime is
+    cached anyway, and the codec is shared).
 
     Module level, so that the ClientApp pickled to simulation workers refers to it by name.
     """

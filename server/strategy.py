@@ -910,36 +910,37 @@ class EncryptedFedAvg(Strategy):
         return result
 
 
-# Polling of a masking stage's replies: from 10 ms, growing by half up to 0.5 s. Flower's
-# send_and_receive polls every 0.1 s (simulation) or 3 s (deployment); a masking stage's
-# replies come within milliseconds in a simulation, so polling sooner keeps the three
-# extra exchanges of a masked round cheap.
-_POLL_FIRST, _POLL_MOST = 0.01, 0.5
+# Polling of a masking stage's replies: every 10 ms at first, the interval growing by 5%
+# of the time already waited, up to 0.5 s. Flower's send_and_receive polls every 0.1 s
+# (simulation) or 3 s (deployment); a masking stage's replies come within tens of
+# milliseconds in a simulation, so polling sooner keeps the extra exchanges cheap.
+_POLL_FIRST, _POLL_GROWTH, _POLL_MOST = 0.01, 0.05, 0.5
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
     """Send ``messages`` and collect their replies until all are in or ``timeout`` passes.
 
     What ``Grid.send_and_receive`` does, through the Grid's own ``push_messages`` and
-    ``pull_messages``, with a poll interval that starts at 10 ms. A grid without them
-    (a test double) gets ``send_and_receive``.
+    ``pull_messages``, with a poll interval that starts at 10 ms and grows slowly. A grid
+    without them (a test double) gets ``send_and_receive``.
     """
     push = getattr(grid, "push_messages", None)
     pull = getattr(grid, "pull_messages", None)
     if push is None or pull is None:
         return list(grid.send_and_receive(messages, timeout=timeout))
     pending = set(push(messages))
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     replies: list[Message] = []
-    delay = _POLL_FIRST
     while pending:
         got = list(pull(pending))
         replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if not pending or now >= deadline:
             break
-        sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, _POLL_MOST)
+        delay = min(_POLL_FIRST + _POLL_GROWTH * (now - start), _POLL_MOST)
+        sleep(min(delay, deadline - now))
     return replies
 
 
