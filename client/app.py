@@ -17,6 +17,7 @@ the project's ``pyproject.toml``); its clients are built by
 from __future__ import annotations
 
 import functools
+import json
 import traceback
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -55,6 +56,8 @@ from sepals.common.protocol import (
     KEY_MASK,
     KEY_METRICS,
     KEY_PAYLOAD,
+    KEY_SETUP_ERROR,
+    KEY_UNMASK,
     KEY_UPDATE,
     RoundConfig,
     payload_array,
@@ -64,6 +67,7 @@ from sepals.common.protocol import (
 RuntimeProvider = Callable[[Context], ClientRuntime]
 LEDGER_STATE_KEY = "sepals-ledger"
 MASK_STATE_KEY = "sepals-mask"
+MASK_SHARE_KEY = "sepals-mask-share"
 
 # Error code of the reply to a message that does not follow the sepals protocol.
 ERR_PROTOCOL_MISMATCH = 4105
@@ -176,33 +180,62 @@ def vetted_reason(exc: BaseException) -> tuple[int, str]:
     return ERR_CLIENT_FAILURE, "client failure"
 
 
+def _logged(context: Context, action: str, exc: Exception) -> tuple[int, str]:
+    """Log why ``action`` failed; return the error code and the reason the server may see."""
+    code, reason = vetted_reason(exc)
+    where = f"node {context.node_id}"
+    if code in (ERR_BUDGET_EXHAUSTED, ERR_PLAN_MISMATCH):
+        log(INFO, "%s declines to %s: %s", where, action, exc)
+    elif isinstance(exc, SepalsError | ValueError):
+        log(WARNING, "%s cannot %s: %s", where, action, exc)
+    else:
+        log(WARNING, "%s failed to %s: %s", where, action, traceback.format_exc())
+    return code, reason
+
+
 def _guarded(msg: Message, context: Context, action: str, work: Callable[[], Message]) -> Message:
     """Run ``work``; turn every failure into an error reply with a vetted reason."""
     try:
         return work()
     except Exception as exc:
-        code, reason = vetted_reason(exc)
-        where = f"node {context.node_id}"
-        if code in (ERR_BUDGET_EXHAUSTED, ERR_PLAN_MISMATCH):
-            log(INFO, "%s declines to %s: %s", where, action, exc)
-        elif isinstance(exc, SepalsError | ValueError):
-            log(WARNING, "%s cannot %s: %s", where, action, exc)
-        else:
-            log(WARNING, "%s failed to %s: %s", where, action, traceback.format_exc())
+        code, reason = _logged(context, action, exc)
         return _error_reply(msg, code, reason)
 
 
-def load_mask_state(context: Context) -> MaskState | None:
-    """The masking state of the node's current round, if any (``context.state``)."""
+def _mask_states(context: Context) -> list[MaskState]:
     record = context.state.get(MASK_STATE_KEY)
     if isinstance(record, ConfigRecord) and "json" in record:
-        return MaskState.from_json(str(record["json"]))
-    return None
+        return [MaskState.from_json(text) for text in json.loads(str(record["json"]))]
+    return []
+
+
+def load_mask_state(context: Context, server_round: int | None = None) -> MaskState | None:
+    """The node's masking state of ``server_round`` (``None``: its latest), if any."""
+    states = _mask_states(context)
+    if server_round is None:
+        return states[-1] if states else None
+    return next((st for st in states if st.server_round == server_round), None)
 
 
 def store_mask_state(context: Context, state: MaskState) -> None:
-    """Keep ``state`` in ``context.state`` until the next masking stage."""
-    context.state[MASK_STATE_KEY] = ConfigRecord({"json": state.to_json()})
+    """Keep ``state`` in ``context.state``, beside its neighbouring round's, if open.
+
+    Two rounds can be open at once: one set up, the one before awaiting its unmask.
+    """
+    kept = [st for st in _mask_states(context) if abs(st.server_round - state.server_round) == 1]
+    states = sorted([*kept, state], key=lambda st: st.server_round)
+    text = json.dumps([st.to_json() for st in states])
+    context.state[MASK_STATE_KEY] = ConfigRecord({"json": text})
+
+
+def share_key(context: Context) -> bytes:
+    """The node's share-encryption key for the run, made on first use (``context.state``)."""
+    record = context.state.get(MASK_SHARE_KEY)
+    if isinstance(record, ConfigRecord) and isinstance(record.get("sk"), bytes):
+        return bytes(record["sk"])  # type: ignore[arg-type]
+    key = masking.new_share_key()
+    context.state[MASK_SHARE_KEY] = ConfigRecord({"sk": key})
+    return key
 
 
 def _mask_record(msg: Message, client: SepalsClient) -> Any:
@@ -260,7 +293,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
                 # Shares are opened before training: a broken setup costs no budget.
                 state, slot_mask = masking.open_and_mask(
                     client.plan,
-                    load_mask_state(context),
+                    load_mask_state(context, cfg.server_round),
                     cfg.server_round,
                     mask_record,
                     *_slots(client, cfg),
@@ -282,72 +315,102 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
         return _guarded(msg, context, "train", work)
 
-    def mask_stage(
-        msg: Message,
-        context: Context,
-        action: str,
-        step: Callable[[SepalsClient, RoundConfig, Any, MaskState | None], tuple[MaskState, Any]],
-        with_ledger: bool = False,
-    ) -> Message:
+    def admitted(msg: Message, context: Context, ledger: bool) -> tuple[Any, Any, Any]:
+        """Runtime, client and round config of a masking message the plan allows."""
+        runtime = provider(context)
+        client = client_for(runtime)
+        cfg = client.admit(
+            msg.metadata.message_type,
+            msg.content.config_records.get(KEY_CONFIG),
+            read_global_record(msg.content.array_records.get(KEY_GLOBAL)),
+            load_ledger(context, runtime) if ledger else None,
+        )
+        if client.plan.mask_neighbours == 0:
+            raise PlanViolationError("plan mismatch: masking", "mask stage of an unmasked plan")
+        return runtime, client, cfg
+
+    def reveal(client: SepalsClient, context: Context, record: Any, server_round: int) -> Any:
+        state, body = masking.reveal_shares(
+            client.plan, load_mask_state(context, server_round), server_round, record
+        )
+        store_mask_state(context, state)
+        return ConfigRecord(body)
+
+    @app.train("mask_register")
+    def mask_register(msg: Message, context: Context) -> Message:
         mismatch = protocol_mismatch(msg)
         if mismatch is not None:
             return _mismatch_reply(msg, context, mismatch)
 
         def work() -> Message:
-            runtime = provider(context)
-            client = client_for(runtime)
-            ledger = load_ledger(context, runtime) if with_ledger else None
-            cfg = client.admit(
-                msg.metadata.message_type,
-                msg.content.config_records.get(KEY_CONFIG),
-                read_global_record(msg.content.array_records.get(KEY_GLOBAL)),
-                ledger,
-            )
-            if client.plan.mask_neighbours == 0:
-                raise PlanViolationError("plan mismatch: masking", "mask stage of an unmasked plan")
-            if ledger is not None:
-                client.check_budget(cfg, ledger)
-            record = msg.content.config_records.get(KEY_MASK, ConfigRecord())
-            state, body = step(client, cfg, record, load_mask_state(context))
-            store_mask_state(context, state)
-            content = RecordDict(
-                {
-                    KEY_MASK: ConfigRecord(body),
-                    KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id}),
-                }
-            )
-            return Message(content, reply_to=msg)
+            runtime, _, _ = admitted(msg, context, ledger=False)
+            public = masking.share_public_key(share_key(context))
+            content: dict[str, Any] = {
+                KEY_MASK: ConfigRecord({"share-pk": public}),
+                KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id}),
+            }
+            return Message(RecordDict(content), reply_to=msg)
 
-        return _guarded(msg, context, action, work)
+        return _guarded(msg, context, "register for masking", work)
 
-    @app.train("mask_keys")
-    def mask_keys(msg: Message, context: Context) -> Message:
+    @app.train("mask_setup")
+    def mask_setup(msg: Message, context: Context) -> Message:
+        mismatch = protocol_mismatch(msg)
+        if mismatch is not None:
+            return _mismatch_reply(msg, context, mismatch)
         node = _node_of(msg, context)
-        return mask_stage(
-            msg,
-            context,
-            "start masking",
-            lambda _c, cfg, _r, _s: masking.start_round(cfg.server_round, node),
-            with_ledger=True,
-        )
 
-    @app.train("mask_shares")
-    def mask_shares(msg: Message, context: Context) -> Message:
-        return mask_stage(
-            msg,
-            context,
-            "share mask secrets",
-            lambda c, cfg, r, s: masking.share_secrets(c.plan, s, cfg.server_round, r),
-        )
+        def work() -> Message:
+            runtime = provider(context)
+            content: dict[str, Any] = {KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id})}
+            unmask = msg.content.config_records.get(KEY_UNMASK)
+            if unmask is not None:
+                # The previous round's unmask request, answered on its own: a failure to
+                # set up this round must not lose it, nor the other way round.
+                earlier = unmask.get("round")
+                try:
+                    if not isinstance(earlier, int) or isinstance(earlier, bool):
+                        raise MaskProtocolError("unmask request names no round")
+                    content[KEY_UNMASK] = reveal(client_for(runtime), context, unmask, earlier)
+                except Exception as exc:
+                    _logged(context, "reveal mask shares", exc)
+            try:
+                runtime, client, cfg = admitted(msg, context, ledger=True)
+                client.check_budget(cfg, load_ledger(context, runtime))
+                state, body = masking.setup_round(
+                    client.plan,
+                    cfg.server_round,
+                    node,
+                    share_key(context),
+                    msg.content.config_records.get(KEY_MASK, ConfigRecord()),
+                )
+                store_mask_state(context, state)
+                content[KEY_MASK] = ConfigRecord(body)
+            except Exception as exc:
+                code, reason = _logged(context, "set up masking", exc)
+                content[KEY_SETUP_ERROR] = ConfigRecord({"code": code, "reason": reason})
+            return Message(RecordDict(content), reply_to=msg)
+
+        return _guarded(msg, context, "set up masking", work)
 
     @app.train("mask_unmask")
     def mask_unmask(msg: Message, context: Context) -> Message:
-        return mask_stage(
-            msg,
-            context,
-            "reveal mask shares",
-            lambda c, cfg, r, s: masking.reveal_shares(c.plan, s, cfg.server_round, r),
-        )
+        mismatch = protocol_mismatch(msg)
+        if mismatch is not None:
+            return _mismatch_reply(msg, context, mismatch)
+
+        def work() -> Message:
+            runtime, client, cfg = admitted(msg, context, ledger=False)
+            record = msg.content.config_records.get(KEY_MASK, ConfigRecord())
+            if record.get("round", cfg.server_round) != cfg.server_round:
+                raise MaskProtocolError("unmask request for another round")
+            content: dict[str, Any] = {
+                KEY_MASK: reveal(client, context, record, cfg.server_round),
+                KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id}),
+            }
+            return Message(RecordDict(content), reply_to=msg)
+
+        return _guarded(msg, context, "reveal mask shares", work)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -129,18 +129,35 @@ def _expect(state: MaskState | None, server_round: int, stage: str) -> MaskState
     return state
 
 
-def start_round(server_round: int, node: int) -> tuple[MaskState, dict[str, Any]]:
-    """Stage 1: fresh keys and self-mask seed; the reply's ``mask`` record."""
+def new_share_key() -> bytes:
+    """A fresh X25519 share-encryption private key (raw bytes), kept by a node for a run."""
+    return private_key_bytes(new_key_pair()[0])
+
+
+def share_public_key(share_sk: bytes) -> bytes:
+    """The raw public key of a share-encryption private key."""
+    return load_private_key(share_sk).public_key().public_bytes_raw()
+
+
+def start_round(
+    server_round: int, node: int, share_sk: bytes | None = None
+) -> tuple[MaskState, dict[str, Any]]:
+    """Stage 1: a fresh mask key and self-mask seed; the reply's ``mask`` record.
+
+    ``share_sk`` is the node's share-encryption key for the run; ``None`` makes a fresh
+    one for this round.
+    """
     mask_secret = new_secret()
     mask_pk = mask_public_key(mask_secret)
-    share_sk, share_pk = new_key_pair()
+    share_key = share_sk if share_sk is not None else new_share_key()
+    share_pk = share_public_key(share_key)
     seed = new_secret()
     state = MaskState(
         server_round=server_round,
         node=check_node_id(node),
         stage="keys",
         mask_sk=mask_secret.hex(),
-        share_sk=private_key_bytes(share_sk).hex(),
+        share_sk=share_key.hex(),
         self_seed=seed.hex(),
     )
     reply = {"mask-pk": mask_pk, "share-pk": share_pk, "commit": self_mask_commitment(seed)}
@@ -152,21 +169,22 @@ def share_secrets(
 ) -> tuple[MaskState, dict[str, Any]]:
     """Stage 2: seal shares of the mask key and self-mask seed for every neighbour.
 
-    ``record`` holds ``members`` (node ids) and the aligned ``mask-pks`` and
-    ``share-pks``; this client's own keys must be among them, unchanged.
+    ``record`` holds ``members`` (node ids) and the aligned ``share-pks`` and, unless the
+    mask public keys come with the train message (:func:`setup_round`), ``mask-pks``;
+    this client's own keys must be among them, unchanged.
     """
     state = _expect(state, server_round, "keys")
     members = _ids(record.get("members"), "members")
-    mask_pks = _blobs(record.get("mask-pks"), len(members), "mask-pks")
+    deferred = "mask-pks" not in record
+    mask_pks = [] if deferred else _blobs(record.get("mask-pks"), len(members), "mask-pks")
     share_pks = _blobs(record.get("share-pks"), len(members), "share-pks")
     if state.node not in members:
         raise MaskProtocolError("this client is not among the round's members")
     me = members.index(state.node)
     share_sk = load_private_key(bytes.fromhex(state.share_sk))
     if (
-        mask_pks[me] != mask_public_key(bytes.fromhex(state.mask_sk))
-        or share_pks[me] != share_sk.public_key().public_bytes_raw()
-    ):
+        not deferred and mask_pks[me] != mask_public_key(bytes.fromhex(state.mask_sk))
+    ) or share_pks[me] != share_sk.public_key().public_bytes_raw():
         raise MaskProtocolError("the round's member list carries other keys for this client")
     degree = min(plan.mask_neighbours, len(members) - 1)
     if degree < plan.mask_threshold:
@@ -197,7 +215,7 @@ def share_secrets(
         state,
         stage="shares",
         members=tuple(members[i] for i in order),
-        mask_pks=tuple(mask_pks[i].hex() for i in order),
+        mask_pks=() if deferred else tuple(mask_pks[i].hex() for i in order),
         share_pks=tuple(share_pks[i].hex() for i in order),
         neighbours=neighbours,
         own_share=self_shares[degree].hex(),
@@ -216,7 +234,8 @@ def open_and_mask(
     """Stage 3: open the shares sealed for this client; return its total slot mask.
 
     ``record`` holds ``sharers`` (the members that shared, this client among them), and
-    ``from`` and ``sealed``: one sealed pair of shares from every neighbour that shared.
+    ``from`` and ``sealed``: one sealed pair of shares from every neighbour that shared;
+    with :func:`setup_round`, also ``mask-pks``: those neighbours' mask public keys.
     """
     state = _expect(state, server_round, "shares")
     sharers = _ids(record.get("sharers"), "sharers")
@@ -244,7 +263,11 @@ def open_and_mask(
             blob,
         )
         held.append((sender, pair.hex(), own.hex()))
-    mask_pk = dict(zip(state.members, state.mask_pks, strict=True))
+    if state.mask_pks:
+        mask_pk = dict(zip(state.members, state.mask_pks, strict=True))
+    else:
+        keys = _blobs(record.get("mask-pks"), len(senders), "mask-pks")
+        mask_pk = {n: k.hex() for n, k in zip(senders, keys, strict=True)}
     pairs = pair_seeds_of(
         state.node,
         bytes.fromhex(state.mask_sk),
@@ -292,3 +315,17 @@ def reveal_shares(
     # Forget every secret of the round; remember only that it was answered.
     done = MaskState(server_round=server_round, node=state.node, stage="unmasked")
     return done, {"peers": pack_ids(peers), "kinds": kinds, "shares": shares}
+
+
+def setup_round(
+    plan: FederationPlan, server_round: int, node: int, share_sk: bytes, record: Any
+) -> tuple[MaskState, dict[str, Any]]:
+    """Stages 1 and 2 in one exchange, with the node's share key for the run.
+
+    ``record`` holds ``members`` and their registered ``share-pks`` (this node's must be
+    its own); the reply carries the fresh mask public key, the self-mask commitment and
+    the sealed shares. The members' mask public keys come later, with the train message.
+    """
+    state, keys = start_round(server_round, node, share_sk)
+    state, shares = share_secrets(plan, state, server_round, record)
+    return state, {**keys, **shares}

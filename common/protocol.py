@@ -49,8 +49,10 @@ KEY_WEIGHT_TOTAL = "weight-total"
 # ``train``). Each stage message also carries the signed round ``config`` and an empty
 # ``global`` record.
 KEY_MASK = "mask"
-MASK_KEYS = "train.mask_keys"
-MASK_SHARES = "train.mask_shares"
+KEY_UNMASK = "unmask"  # a setup message's unmask request of the previous round, and its answer
+KEY_SETUP_ERROR = "setup-error"  # a setup reply whose setup part failed: code and reason
+MASK_REGISTER = "train.mask_register"
+MASK_SETUP = "train.mask_setup"
 MASK_UNMASK = "train.mask_unmask"
 PAYLOAD_STYPE = "sepals.payload.v1"
 PAYLOAD_DTYPE = "bytes"

@@ -79,6 +79,7 @@ class MaskRound:
     dropped: tuple[int, ...] = ()
     revealed: dict[tuple[int, int], list[bytes]] = field(default_factory=dict)
     revealers: set[int] = field(default_factory=set)
+    _registered: dict[int, bytes] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ stage 1
     def admit_keys(self, node: int, record: Mapping[str, Any]) -> None:
@@ -110,6 +111,38 @@ class MaskRound:
             "mask-pks": [self.keys[n][0] for n in members],
             "share-pks": [self.keys[n][1] for n in members],
         }
+
+    # ------------------------------------------------------------- stages 1 + 2
+    def start(self, share_pks: Mapping[int, bytes]) -> dict[str, Any]:
+        """Open a one-exchange setup among ``share_pks``' nodes (see :meth:`admit_setup`).
+
+        The members are the nodes with a registered share key for the run; the graph is
+        fixed over them now. Returns the setup message body, the same for every member.
+        """
+        members = sorted(share_pks)
+        self._registered = dict(share_pks)
+        self.graph = neighbour_graph(
+            members,
+            self.params.degree(len(members)),
+            graph_seed(self.federation_id, self.server_round),
+        )
+        return {
+            "members": pack_ids(members),
+            "share-pks": [share_pks[n] for n in members],
+        }
+
+    def admit_setup(self, node: int, record: Mapping[str, Any]) -> None:
+        """Record a member's fresh mask key, commitment and sealed shares at once."""
+        if node not in self.graph:
+            raise MaskProtocolError("setup reply from a node that is not a member")
+        if record.get("share-pk") != self._registered.get(node):
+            raise MaskProtocolError("setup reply under another share key than registered")
+        self.admit_shares(node, record)
+        try:
+            self.admit_keys(node, record)
+        except MaskProtocolError:
+            del self.sealed[node]
+            raise
 
     # ------------------------------------------------------------------ stage 2
     def admit_shares(self, node: int, record: Mapping[str, Any]) -> None:
@@ -154,6 +187,7 @@ class MaskRound:
             "sharers": pack_ids(self.sharers),
             "from": pack_ids(senders),
             "sealed": [self.sealed[p][node] for p in senders],
+            "mask-pks": [self.keys[p][0] for p in senders],
         }
 
     # ------------------------------------------------------------------ stage 4
@@ -162,7 +196,11 @@ class MaskRound:
         done = set(uploaded)
         self.survivors = tuple(n for n in self.sharers if n in done)
         self.dropped = tuple(n for n in self.sharers if n not in done)
-        return {"survivors": pack_ids(self.survivors), "dropped": pack_ids(self.dropped)}
+        return {
+            "round": self.server_round,
+            "survivors": pack_ids(self.survivors),
+            "dropped": pack_ids(self.dropped),
+        }
 
     def admit_reveal(self, node: int, record: Mapping[str, Any]) -> None:
         """Record the shares a survivor revealed (its stage-4 reply)."""

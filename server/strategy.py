@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig, FederationConfig, sampled_per_round
-from sepals.common.errors import MaskProtocolError, SepalsError
+from sepals.common.errors import SepalsError
 from sepals.common.log import log
 from sepals.common.masking import MaskParams
 from sepals.common.protocol import (
@@ -37,14 +37,12 @@ from sepals.common.protocol import (
     KEY_METRICS,
     KEY_PAYLOAD,
     KEY_UPDATE,
-    MASK_KEYS,
-    MASK_SHARES,
-    MASK_UNMASK,
     RoundConfig,
     global_record,
     payload_from_array,
     read_global_record,
 )
+from sepals.server.mask_driver import MaskDriver, SetUp
 from sepals.server.masking import MaskRound
 from sepals.server.replies import (
     EvalMetrics,
@@ -340,8 +338,20 @@ class EncryptedFedAvg(Strategy):
                     "mask_neighbours and mask_threshold to 0 to turn it off"
                 )
             self.masking = MaskParams(federation.mask_neighbours, federation.mask_threshold)
+        self._driver: MaskDriver | None = None
+        if self.masking is not None:
+            self._driver = MaskDriver(
+                self.masking,
+                lambda: self.federation_id,
+                self._mask_messages,
+                exchange,
+                federation.round_timeout,
+                federation.min_train_clients,
+            )
         self._mask_round: MaskRound | None = None
         self._grid: Grid | None = None
+        self._prepared: tuple[SetUp, RoundRecord] | None = None
+        self._last_round: int | None = None
 
     @property
     def current_round(self) -> RoundRecord | None:
@@ -448,8 +458,9 @@ class EncryptedFedAvg(Strategy):
         node_ids: Sequence[int],
         message_type: str,
         mask: Callable[[int], dict[str, Any]] | None = None,
+        records: Callable[[int], dict[str, Any]] | None = None,
     ) -> list[Message]:
-        """Signed round messages; ``mask`` gives each node's ``mask`` record, if any."""
+        """Signed round messages, with each node's ``mask`` record and named records."""
         cfg = RoundConfig.build(
             self.federation,
             server_round,
@@ -463,10 +474,12 @@ class EncryptedFedAvg(Strategy):
         signed = ConfigRecord(config)
         out = []
         for n in node_ids:
-            records: dict[str, Any] = {KEY_GLOBAL: arrays, KEY_CONFIG: signed}
+            content: dict[str, Any] = {KEY_GLOBAL: arrays, KEY_CONFIG: signed}
             if mask is not None:
-                records[KEY_MASK] = ConfigRecord(mask(n))
-            out.append(Message(RecordDict(records), dst_node_id=n, message_type=message_type))
+                content[KEY_MASK] = ConfigRecord(mask(n))
+            if records is not None:
+                content.update({k: ConfigRecord(v) for k, v in records(n).items()})
+            out.append(Message(RecordDict(content), dst_node_id=n, message_type=message_type))
         return out
 
     @property
@@ -474,96 +487,50 @@ class EncryptedFedAvg(Strategy):
         """The federation id the round signer stamps (it seeds the masking graph)."""
         return str(getattr(self.round_signer, "federation_id", ""))
 
-    def _mask_stage(
-        self,
-        grid: Grid,
-        server_round: int,
-        nodes: Sequence[int],
-        message_type: str,
-        body: Callable[[int], dict[str, Any]] | None,
-        admit: Callable[[int, Any], None],
-    ) -> None:
-        """Send one masking stage to ``nodes`` and ``admit`` each valid reply's record.
-
-        A reply that is an error, comes from another node, lacks the ``mask`` record or
-        fails ``admit`` is left out with a logged reason; the stage goes on.
-        """
-        record = self._current
-        messages = self._messages(server_round, ArrayRecord(), nodes, message_type, body)
-        replies = exchange(grid, messages, self.federation.round_timeout)
-        expected = set(nodes)
-        seen: set[int] = set()
-        for msg in replies:
-            node = _src_node(msg)
-            try:
-                error = _error_of(msg)
-                if error is not None:
-                    code, reason = error
-                    if code == ERR_BUDGET_EXHAUSTED and record is not None:
-                        record.declined.append((node, reason))
-                        log(INFO, "round %s: node %s declined: %s", server_round, node, reason)
-                        continue
-                    raise ReplyRejected(reason)
-                if node not in expected or node in seen:
-                    raise ReplyRejected("masking reply from an unexpected node")
-                seen.add(node)
-                mask = msg.content.config_records.get(KEY_MASK)
-                if mask is None:
-                    raise ReplyRejected("masking reply lacks the 'mask' record")
-                t0 = time.perf_counter()
-                admit(node, mask)
-                if record is not None:
-                    record.mask_seconds += time.perf_counter() - t0
-            except Exception as exc:
-                reason = (
-                    sanitize_text(str(exc)) if isinstance(exc, SepalsError) else (_reason_of(exc))
-                )
-                log(
-                    WARNING,
-                    "round %s: %s of node %s left out: %s",
-                    server_round,
-                    message_type,
-                    node,
-                    reason,
-                )
-
-    def _mask_setup(
-        self, grid: Grid, server_round: int, nodes: list[int], masking: MaskParams
-    ) -> list[int]:
-        """Stages 1 and 2: keys and sealed shares; return the sharers (or [] to skip)."""
-        record = self._current
-        need = max(masking.threshold, self.federation.min_train_clients)
-        mask_round = MaskRound(masking, self.federation_id, server_round)
-        self._mask_round = mask_round
-        self._grid = grid
-        self._mask_stage(grid, server_round, nodes, MASK_KEYS, None, mask_round.admit_keys)
-        members = mask_round.members
-        if len(members) >= need:
-            t0 = time.perf_counter()
-            body = mask_round.members_record()
-            if record is not None:
-                record.mask_seconds += time.perf_counter() - t0
-            self._mask_stage(
-                grid, server_round, members, MASK_SHARES, lambda _n: body, mask_round.admit_shares
-            )
-        sharers = list(mask_round.close_sharing()) if len(members) >= need else []
+    @staticmethod
+    def _abandon_masking(record: RoundRecord | None, server_round: int, reason: str) -> None:
         if record is not None:
-            record.mask_members = len(sharers)
-        if len(sharers) < need:
-            reason = (
-                f"{len(sharers)} clients completed the masking setup, fewer than the "
-                f"{need} the round needs"
-            )
-            self._abandon_masking(server_round, reason)
-            return []
-        return sharers
-
-    def _abandon_masking(self, server_round: int, reason: str) -> None:
-        if self._current is not None:
-            self._current.mask_abandoned = reason
+            record.mask_abandoned = reason
         log(
             WARNING, "round %s: masking abandoned, global model unchanged: %s", server_round, reason
         )
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Flower's round loop (``Strategy.start``); it also notes the run's last round.
+
+        A masked round sends its unmask request with the next round's setup, except in
+        the last round of the run.
+        """
+        self._last_round = self.round_offset + num_rounds
+        self._prepared = None
+        return super().start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+        )
+
+    def _mask_messages(
+        self,
+        server_round: int,
+        nodes: Sequence[int],
+        message_type: str,
+        records: Callable[[int], dict[str, Any]],
+    ) -> list[Message]:
+        """Signed masking messages: the round config, an empty ``global`` and ``records``."""
+        return self._messages(server_round, ArrayRecord(), nodes, message_type, records=records)
 
     @staticmethod
     def _global_bytes(arrays: ArrayRecord) -> int:
@@ -596,20 +563,29 @@ class EncryptedFedAvg(Strategy):
         """Sample nodes and send each the round config and the encrypted global model."""
         server_round += self.round_offset
         self._t_round = time.perf_counter()
-        record = RoundRecord(round=server_round, codec=self.codec.name)
-        self._current = record
-        nodes = self._sample(
-            grid, self.federation.fraction_train, self.federation.min_train_clients
-        )
-        record.sampled = len(nodes)
+        self._grid = grid
+        prepared, self._prepared = self._prepared, None
         mask_body: Callable[[int], dict[str, Any]] | None = None
         self._mask_round = None
-        if self.masking is not None:
-            record.masking = True
-            record.mask_threshold = self.masking.threshold
-            if nodes:
-                nodes = self._mask_setup(grid, server_round, nodes, self.masking)
-            if self._mask_round is not None and nodes:
+        if prepared is not None and prepared[0].server_round == server_round:
+            # Sampled and set up with the previous round's unmask request.
+            setup, record = prepared
+            self._current = record
+            nodes = setup.sharers
+        else:
+            record = RoundRecord(round=server_round, codec=self.codec.name)
+            self._current = record
+            nodes = self._sample(
+                grid, self.federation.fraction_train, self.federation.min_train_clients
+            )
+            record.sampled = len(nodes)
+            if self._driver is not None:
+                setup = self._driver.setup(grid, server_round, nodes)
+                self._note_setup(record, setup)
+                nodes = setup.sharers
+        if self._driver is not None:
+            self._mask_round = setup.mask_round if nodes else None
+            if self._mask_round is not None:
                 mask_body = self._mask_round.train_record
         self._train_sampled = (server_round, frozenset(nodes))
         record.download_bytes += self._global_bytes(arrays) * len(nodes)
@@ -765,50 +741,55 @@ class EncryptedFedAvg(Strategy):
         )
         return self.latest_global, self._train_metrics(record)
 
+    def _note_setup(self, record: RoundRecord, setup: SetUp) -> None:
+        """Record what a round's masking setup did."""
+        record.masking = True
+        record.mask_threshold = self.masking.threshold if self.masking is not None else 0
+        record.mask_members = setup.outcome.members
+        record.mask_seconds += setup.outcome.seconds
+        record.declined.extend(setup.outcome.declined or [])
+        if setup.outcome.abandoned is not None:
+            self._abandon_masking(record, setup.server_round, setup.outcome.abandoned)
+
     def _unmask(self, server_round: int, survivors: list[int]) -> Any:
-        """Stage 4: collect revealed shares; return the slot offset, or ``None`` (abandoned).
+        """Remove the round's masks; return the slot offset, or ``None`` (abandoned).
 
         Only the clients whose update was accepted are survivors; every other sharer (no
-        reply in time, declined, excluded) counts as dropped.
+        reply in time, declined, excluded) counts as dropped. Unless this is the run's
+        last round, the unmask request travels with the next round's setup, for which
+        the next round's nodes are sampled now.
         """
-        record, mask_round, grid = self._current, self._mask_round, self._grid
-        if mask_round is None or grid is None:
-            self._abandon_masking(server_round, "no masking setup for this round")
+        record, mask_round, grid, driver = self._current, self._mask_round, self._grid, self._driver
+        self._mask_round = None
+        if mask_round is None or grid is None or driver is None:
+            self._abandon_masking(record, server_round, "no masking setup for this round")
             return None
-        t0 = time.perf_counter()
-        body = mask_round.unmask_record(survivors)
+        unmasking, outcome = driver.unmasking(server_round, mask_round, survivors)
         if record is not None:
-            record.mask_survivors = len(mask_round.survivors)
-            record.mask_dropouts = len(mask_round.dropped)
-            record.mask_seconds += time.perf_counter() - t0
-        threshold = mask_round.params.threshold
-        if len(mask_round.survivors) < threshold:
-            # No secret could be rebuilt, and every client would refuse to reveal.
-            self._mask_round = None
-            reason = f"{len(mask_round.survivors)} survivors, fewer than the threshold {threshold}"
-            self._abandon_masking(server_round, reason)
-            return None
-        self._mask_stage(
-            grid,
-            server_round,
-            list(mask_round.survivors),
-            MASK_UNMASK,
-            lambda _n: body,
-            mask_round.admit_reveal,
-        )
-        t0 = time.perf_counter()
-        try:
-            codec: Any = self.codec
-            offset = mask_round.slot_offset(
-                codec.slot_count(self.vector_length), codec.plain_modulus
+            record.mask_survivors, record.mask_dropouts = outcome.survivors, outcome.dropouts
+        if self._last_round is not None and server_round < self._last_round:
+            following = RoundRecord(round=server_round + 1, codec=self.codec.name)
+            nodes = self._sample(
+                grid, self.federation.fraction_train, self.federation.min_train_clients
             )
-        except MaskProtocolError as exc:
-            self._abandon_masking(server_round, sanitize_text(str(exc)))
+            following.sampled = len(nodes)
+            setup = driver.setup(grid, server_round + 1, nodes, unmasking)
+            self._note_setup(following, setup)
+            self._prepared = (setup, following)
+        elif unmasking is not None:
+            driver.unmask_alone(grid, unmasking)
+        if unmasking is None:
+            self._abandon_masking(record, server_round, outcome.abandoned or "too few survivors")
             return None
-        finally:
-            if record is not None:
-                record.mask_seconds += time.perf_counter() - t0
-            self._mask_round = None
+        codec: Any = self.codec
+        t0 = time.perf_counter()
+        offset, reason = driver.offset(
+            unmasking, codec.slot_count(self.vector_length), codec.plain_modulus
+        )
+        if record is not None:
+            record.mask_seconds += time.perf_counter() - t0
+        if offset is None:
+            self._abandon_masking(record, server_round, reason)
         return offset
 
     @staticmethod

@@ -73,6 +73,7 @@ class LossyGrid:
         self.late: dict[str, set[int]] = {}
         self._held: list[Message] = []
         self.stages: list[str] = []
+        self.before: Any = None  # called with each message before its node handles it
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -84,6 +85,8 @@ class LossyGrid:
             kind = msg.metadata.message_type
             self.stages.append(kind)
             node = msg.metadata.dst_node_id
+            if self.before is not None:
+                self.before(msg, self.contexts[node])
             reply = self.app(message=msg, context=self.contexts[node])
             if node in self.lose.get(kind, set()):
                 continue
@@ -108,6 +111,7 @@ def _run(
     late: dict[str, set[int]] | None = None,
     plan_fed: FederationConfig | None = None,
     fed: FederationConfig | None = None,
+    before: Any = None,
 ) -> tuple[EncryptedFedAvg, LossyGrid]:
     fed = fed or _federation(n, rounds, masked, threshold)
     server = BfvCodec.for_server(public_bfv_bundle(bundle), ENC)
@@ -133,7 +137,7 @@ def _run(
         )
     app = make_client_app(lambda ctx: runtimes[ctx.node_id])
     grid = LossyGrid(app, nodes)
-    grid.lose, grid.late = lose or {}, late or {}
+    grid.lose, grid.late, grid.before = lose or {}, late or {}, before
     strategy.start(grid=grid, initial_arrays=ArrayRecord(), num_rounds=rounds, timeout=5.0)  # type: ignore[arg-type]
     return strategy, grid
 
@@ -157,7 +161,11 @@ def test_masked_sum_equals_unmasked_sum_exactly(bundle: bytes) -> None:
     for record in masked.history:
         assert record.aggregated and record.masks_removed
         assert (record.mask_members, record.mask_survivors, record.mask_dropouts) == (4, 4, 0)
-    assert grid.stages.count("train.mask_keys") == 8
+    # Keys are registered once per node and run; round 1's unmask request rode with
+    # round 2's setup, and only the last round's went alone.
+    assert grid.stages.count("train.mask_register") == 4
+    assert grid.stages.count("train.mask_setup") == 8
+    assert grid.stages.count("train.mask_unmask") == 4
     assert not any(r.masking for r in plain.history)
     # The round's secrets are gone once the unmask is answered.
     state = load_mask_state(grid.contexts[grid.nodes[0]])
@@ -196,7 +204,7 @@ def test_beyond_the_limit_the_round_is_abandoned(bundle: bytes) -> None:
 
 def test_too_few_at_setup_abandons_before_anyone_trains(bundle: bytes) -> None:
     nodes = [101 + 17 * i for i in range(6)]
-    masked, grid = _run(bundle, 6, lose={"train.mask_keys": set(nodes[:4])})
+    masked, grid = _run(bundle, 6, lose={"train.mask_setup": set(nodes[:4])})
     (record,) = masked.history
     assert record.mask_abandoned and "masking setup" in record.mask_abandoned
     assert "train" not in grid.stages
@@ -296,3 +304,35 @@ def test_exchange_collects_replies_until_all_are_in_or_the_timeout() -> None:
     t0 = time.monotonic()
     assert len(exchange(grid, msgs, timeout=0.3)) == 2  # type: ignore[arg-type]
     assert 0.3 <= time.monotonic() - t0 < 2.0
+
+
+def test_partial_sampling_unmasks_survivors_not_sampled_again(bundle: bytes) -> None:
+    base = FederationConfig(
+        rounds=3, fraction_train=0.5, min_train_clients=2, batch_size=8, learning_rate=0.1
+    )
+    fed = masked_federation(base, 4)
+    masked, grid = _run(bundle, 8, rounds=3, fed=fed)
+    plain, _ = _run(bundle, 8, rounds=3, fed=base)
+    assert [r.masks_removed for r in masked.history] == [True, True, True]
+    assert [{c.node_id for c in r.clients} for r in masked.history] == [
+        {c.node_id for c in r.clients} for r in plain.history
+    ]
+    np.testing.assert_array_equal(_sum(bundle, masked), _sum(bundle, plain))
+    # Survivors of a round not sampled for the next got their unmask request alone.
+    assert grid.stages.count("train.mask_unmask") > 4
+
+
+def test_a_node_with_a_new_share_key_sits_one_round_out(bundle: bytes) -> None:
+    node = 101  # the first node
+
+    def forget(msg: Message, context: Context) -> None:
+        config = msg.content.config_records["config"]
+        if msg.metadata.message_type == "train.mask_setup" and config["server-round"] == 2:
+            if msg.metadata.dst_node_id == node:
+                del context.state["sepals-mask-share"]  # a restarted node's state is lost
+
+    masked, _ = _run(bundle, 5, rounds=3, before=forget)
+    first, second, third = masked.history
+    assert first.mask_members == 5 and second.mask_members == 4 and third.mask_members == 5
+    assert all(r.masks_removed for r in masked.history)
+    assert node not in {c.node_id for c in second.clients}
