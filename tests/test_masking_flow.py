@@ -327,9 +327,12 @@ def test_a_node_with_a_new_share_key_sits_one_round_out(bundle: bytes) -> None:
 
     def forget(msg: Message, context: Context) -> None:
         config = msg.content.config_records["config"]
-        if msg.metadata.message_type == "train.mask_setup" and config["server-round"] == 2:
-            if msg.metadata.dst_node_id == node:
-                del context.state["sepals-mask-share"]  # a restarted node's state is lost
+        if (
+            msg.metadata.message_type == "train.mask_setup"
+            and config["server-round"] == 2
+            and msg.metadata.dst_node_id == node
+        ):
+            del context.state["sepals-mask-share"]  # a restarted node's state is lost
 
     masked, _ = _run(bundle, 5, rounds=3, before=forget)
     first, second, third = masked.history
