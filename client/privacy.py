@@ -92,6 +92,18 @@ def compute_epsilon(accountant: str, history: tuple[HistoryEntry, ...], delta: f
     if not history:
         return 0.0
     entries = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    return _epsilon_of(accountant, entries, float(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_of(
+    accountant: str, entries: tuple[tuple[float, float, int], ...], delta: float
+) -> float:
+    """:func:`compute_epsilon` on normalised entries, memoised.
+
+    A client checks its budget for the same history when it sets up masking and again
+    when it trains.
+    """
     with warnings.catch_warnings():
         # RDP warns when the best order is the largest one tried; the bound is then
         # merely loose (conservative), never wrong.
@@ -137,6 +149,18 @@ def calibrate_noise_multiplier(
         )
         if accountant == "rdp":
             sigma = _refine_rdp_sigma(target_epsilon, delta, sample_rate, steps, float(sigma))
+            spent = compute_epsilon(accountant, ((float(sigma), sample_rate, steps),), delta)
+            if target_epsilon - spent > 2 * EPSILON_TOLERANCE:
+                # Still loose (a regime the refinement does not reach): Opacus's own
+                # search over all orders, slower but as tight as its tolerance.
+                sigma = get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=EPSILON_TOLERANCE,
+                )
     return float(sigma)
 
 
@@ -167,8 +191,12 @@ def _refine_rdp_sigma(
     once a guess that overspends brackets the answer). At most :data:`_REFINE_STEPS`
     candidates.
     """
-    _, best = _rdp_epsilon_over(calibration_orders(), sigma, sample_rate, steps, delta)
-    window = [a for a in _rdp_orders() if abs(a - best) <= 1.5]
+    integer = calibration_orders()
+    _, best = _rdp_epsilon_over(integer, sigma, sample_rate, steps, delta)
+    # At the smallest integer order the best order may lie below it: look down too.
+    window = [
+        a for a in _rdp_orders() if abs(a - best) <= 1.5 or (best <= min(integer) and a < best)
+    ]
     aim = target - EPSILON_TOLERANCE / 2
     hi, eps_hi = sigma, _rdp_epsilon_over(window, sigma, sample_rate, steps, delta)[0]
     lo = 0.0

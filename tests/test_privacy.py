@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -204,6 +204,8 @@ def test_calibration_is_sound_and_as_tight_as_opacus(target, batches, rounds):
     rounds=st.integers(min_value=1, max_value=40),
     delta=st.sampled_from([1e-5, 1e-6]),
 )
+# The best order lies below the integer orders here; the refinement once stopped at 19.14.
+@example(target=20.0, batches=39, rounds=1, delta=1e-6)
 def test_calibrated_sigma_never_overspends_and_is_tight(target, batches, rounds, delta):
     sigma = calibrate_noise_multiplier(target, delta, 1 / batches, batches * rounds, "rdp")
     eps = compute_epsilon("rdp", ((sigma, 1 / batches, batches * rounds),), delta)
