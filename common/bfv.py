@@ -509,9 +509,14 @@ class BfvCodec(UpdateCodec):
                 raise ValueError(
                     f"slot mask has {slot_mask.size} values, the update {len(rows) * n} slots"
                 )
-            residues = (np.stack(rows) % self._t).astype(np.uint64)  # of the signed values
-            masked = (residues + slot_mask.reshape(len(rows), n)) % np.uint64(self._t)
-            rows = list(masked.astype(np.int64))  # residues below t < 2^62 fit
+            # Signed packed values lie in (-t/2, t/2) and mask residues in [0, t): their
+            # sum lies in (-t/2, 3t/2), so one conditional shift each way reduces it.
+            t = np.int64(self._t)
+            masked = np.stack(rows)
+            masked += slot_mask.reshape(len(rows), n).view(np.int64)
+            np.subtract(masked, t, out=masked, where=masked >= t)
+            np.add(masked, t, out=masked, where=masked < 0)
+            rows = list(masked)
         chunks = []
         for row in rows:
             plain = seal.Plaintext()

@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sepals.common.config import FederationConfig
 
-SEED_BYTES = 32  # a pairwise mask seed: an AES-256 key
-SECRET_BYTES = 16  # a shared secret: a self-mask seed (AES-128 key) or a mask-key seed
+SEED_BYTES = 32  # the longest mask seed mask_vector takes (an AES-256 key)
+SECRET_BYTES = 16  # a shared secret (self-mask seed, mask-key seed) and a pair seed: AES-128
 MAX_NODE_ID = 2**64
 _GRAPH_DOMAIN = b"sepals/mask-graph/v1\x00"
 _PAIR_DOMAIN = b"sepals/mask-pair/v1\x00"
@@ -353,7 +353,10 @@ def pairwise_seed(
     a: int,
     b: int,
 ) -> bytes:
-    """The 32-byte mask seed nodes ``a`` and ``b`` share in a round (the same on both)."""
+    """The mask seed nodes ``a`` and ``b`` share in a round; the same on both.
+
+    16 bytes: an AES-128 key, the 128-bit security of X25519 itself.
+    """
     low, high = sorted((check_node_id(a), check_node_id(b)))
     shared = own_private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     info = (
@@ -362,7 +365,7 @@ def pairwise_seed(
         + b"\x00"
         + struct.pack("<QQQ", server_round, low, high)
     )
-    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=info).derive(shared)
+    return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None, info=info).derive(shared)
 
 
 def pair_sign(own: int, peer: int) -> int:
