@@ -9,7 +9,8 @@ after every round (:mod:`sepals.server.state`).
 from __future__ import annotations
 
 import logging
-from logging import INFO
+import os
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context
@@ -24,6 +25,9 @@ from sepals.server.state import StateDir
 from sepals.server.strategy import EncryptedFedAvg, RoundRecord
 
 RUN_CONFIG_KEY = "sepals-config"
+# Fault injection for tests: the ServerApp process exits right after it has checkpointed
+# this round, before the next round sends anything (a crash at a known point).
+FAULT_EXIT_AFTER_ROUND = "SEPALS_FAULT_EXIT_AFTER_ROUND"
 
 
 class DeploymentError(SepalsError):
@@ -77,9 +81,15 @@ def _server_main(grid: Grid, context: Context) -> None:
     if checkpoint is not None:
         checkpoint.restore(strategy)
 
+    crash_after = os.environ.get(FAULT_EXIT_AFTER_ROUND)
+
     def sink(record: RoundRecord) -> None:
         state.save_checkpoint(strategy, record.round)
         state.append_metrics(record)
+        if crash_after is not None and crash_after == str(record.round):
+            log(WARNING, "fault injection: the ServerApp exits after round %s", record.round)
+            logging.shutdown()
+            os._exit(3)
 
     strategy.on_round = sink
     remaining = cfg.federation.rounds - done
