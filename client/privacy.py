@@ -135,32 +135,32 @@ def calibrate_noise_multiplier(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
-    extra: dict[str, Any] = {"alphas": calibration_orders()} if accountant == "rdp" else {}
+
+    def search(**orders: Any) -> float:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=EPSILON_TOLERANCE,
+                **orders,
+            )
+        )
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=EPSILON_TOLERANCE,
-            **extra,
+        if accountant != "rdp":
+            return search()
+        sigma = _refine_rdp_sigma(
+            target_epsilon, delta, sample_rate, steps, search(alphas=calibration_orders())
         )
-        if accountant == "rdp":
-            sigma = _refine_rdp_sigma(target_epsilon, delta, sample_rate, steps, float(sigma))
-            spent = compute_epsilon(accountant, ((float(sigma), sample_rate, steps),), delta)
-            if target_epsilon - spent > 2 * EPSILON_TOLERANCE:
-                # Still loose (a regime the refinement does not reach): Opacus's own
-                # search over all orders, slower but as tight as its tolerance.
-                sigma = get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant=accountant,
-                    epsilon_tolerance=EPSILON_TOLERANCE,
-                )
+        spent = compute_epsilon(accountant, ((sigma, sample_rate, steps),), delta)
+        if target_epsilon - spent > 2 * EPSILON_TOLERANCE:
+            # Still loose (a regime the refinement does not reach): Opacus's own search
+            # over all orders, slower but as tight as its tolerance.
+            sigma = search()
     return float(sigma)
 
 
