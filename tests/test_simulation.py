@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import stat
 from pathlib import Path
@@ -93,7 +94,13 @@ class FaultyClients:
 
 
 def test_bad_clients_are_excluded_and_rounds_go_on(tmp_path):
-    report = run_experiment(_config(tmp_path, clients=4, rounds=2), client_mods=[FaultyClients()])
+    config = _config(tmp_path, clients=4, rounds=2)
+    # Masked with T = 1, so that the one good client's update can be unmasked alone (the
+    # default T = 3 of 3 neighbours abandons a round with a single survivor): the three
+    # excluded clients' pairwise masks come off with their rebuilt mask keys.
+    fed = dataclasses.replace(config.federation, mask_neighbours=3, mask_threshold=1)
+    config = dataclasses.replace(config, federation=fed)
+    report = run_experiment(config, client_mods=[FaultyClients()])
     for row in report["rounds"]:
         assert row["clients_accepted"] == 1
         assert row["clients_excluded"] == 3
@@ -104,6 +111,8 @@ def test_bad_clients_are_excluded_and_rounds_go_on(tmp_path):
     # each round's aggregate is exactly the good client's weighted update
     good = report["clients"][0]["num_examples"]
     assert [log["weight_total"] for log in report["server_log"]] == [good, good]
+    assert [row["mask"]["removed"] for row in report["rounds"]] == [True, True]
+    assert [row["mask"]["dropouts"] for row in report["rounds"]] == [3, 3]
 
 
 def test_clients_refuse_rounds_past_their_budget(tmp_path):
