@@ -72,7 +72,7 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
     toml = server_dir / "server.toml"
     text = toml.read_text()
     for old, new in [
-        (r"(?m)^round_timeout = .*", "round_timeout = 90.0"),
+        (r"(?m)^round_timeout = .*", "round_timeout = 60.0"),
         (r"(?m)^fraction_evaluate = .*", "fraction_evaluate = 0.0"),
         (
             r"(?m)^nodes_dir = .*",
