@@ -194,7 +194,14 @@ def _logged(context: Context, action: str, exc: Exception) -> tuple[int, str]:
 
 
 def _guarded(msg: Message, context: Context, action: str, work: Callable[[], Message]) -> Message:
-    """Run ``work``; turn every failure into an error reply with a vetted reason."""
+    """Run ``work``; turn every failure into an error reply with a vetted reason.
+
+    A message that does not follow the sepals protocol gets the protocol-mismatch error
+    instead, before anything is loaded.
+    """
+    mismatch = protocol_mismatch(msg)
+    if mismatch is not None:
+        return _mismatch_reply(msg, context, mismatch)
     try:
         return work()
     except Exception as exc:
@@ -272,10 +279,6 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        mismatch = protocol_mismatch(msg)
-        if mismatch is not None:
-            return _mismatch_reply(msg, context, mismatch)
-
         def work() -> Message:
             runtime = provider(context)
             client = client_for(runtime)
@@ -338,10 +341,6 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
     @app.train("mask_register")
     def mask_register(msg: Message, context: Context) -> Message:
-        mismatch = protocol_mismatch(msg)
-        if mismatch is not None:
-            return _mismatch_reply(msg, context, mismatch)
-
         def work() -> Message:
             runtime, _, _ = admitted(msg, context, ledger=False)
             public = masking.share_public_key(share_key(context))
@@ -355,12 +354,8 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
     @app.train("mask_setup")
     def mask_setup(msg: Message, context: Context) -> Message:
-        mismatch = protocol_mismatch(msg)
-        if mismatch is not None:
-            return _mismatch_reply(msg, context, mismatch)
-        node = _node_of(msg, context)
-
         def work() -> Message:
+            node = _node_of(msg, context)
             runtime = provider(context)
             content: dict[str, Any] = {KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id})}
             unmask = msg.content.config_records.get(KEY_UNMASK)
@@ -395,10 +390,6 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
     @app.train("mask_unmask")
     def mask_unmask(msg: Message, context: Context) -> Message:
-        mismatch = protocol_mismatch(msg)
-        if mismatch is not None:
-            return _mismatch_reply(msg, context, mismatch)
-
         def work() -> Message:
             runtime, client, cfg = admitted(msg, context, ledger=False)
             record = msg.content.config_records.get(KEY_MASK, ConfigRecord())
@@ -414,10 +405,6 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        mismatch = protocol_mismatch(msg)
-        if mismatch is not None:
-            return _mismatch_reply(msg, context, mismatch)
-
         def work() -> Message:
             runtime = provider(context)
             client = client_for(runtime)

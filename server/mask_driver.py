@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -58,7 +58,7 @@ class MaskOutcome:
     dropouts: int = 0
     abandoned: str | None = None
     seconds: float = 0.0
-    declined: list[tuple[int, str]] | None = None
+    declined: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -153,7 +153,7 @@ class MaskDriver:
         Returns the sharers, which are the nodes to train; none if fewer than the round
         needs completed the setup (the round is then abandoned before anyone trains).
         """
-        outcome = MaskOutcome(declined=[])
+        outcome = MaskOutcome()
         mask_round: MaskRound | None = None
         sharers: list[int] = []
         body: dict[str, Any] = {}
@@ -211,7 +211,7 @@ class MaskDriver:
                 error = (code if isinstance(code, int) else None, reason)
             if error is not None:
                 code, reason = error
-                if code == ERR_BUDGET_EXHAUSTED and out.declined is not None:
+                if code == ERR_BUDGET_EXHAUSTED:
                     out.declined.append((node, reason))
                     log(INFO, "round %s: node %s declined: %s", server_round, node, reason)
                     return

@@ -457,10 +457,9 @@ class EncryptedFedAvg(Strategy):
         arrays: ArrayRecord,
         node_ids: Sequence[int],
         message_type: str,
-        mask: Callable[[int], dict[str, Any]] | None = None,
         records: Callable[[int], dict[str, Any]] | None = None,
     ) -> list[Message]:
-        """Signed round messages, with each node's ``mask`` record and named records."""
+        """Signed round messages, with each node's named ConfigRecords from ``records``."""
         cfg = RoundConfig.build(
             self.federation,
             server_round,
@@ -475,8 +474,6 @@ class EncryptedFedAvg(Strategy):
         out = []
         for n in node_ids:
             content: dict[str, Any] = {KEY_GLOBAL: arrays, KEY_CONFIG: signed}
-            if mask is not None:
-                content[KEY_MASK] = ConfigRecord(mask(n))
             if records is not None:
                 content.update({k: ConfigRecord(v) for k, v in records(n).items()})
             out.append(Message(RecordDict(content), dst_node_id=n, message_type=message_type))
@@ -565,7 +562,7 @@ class EncryptedFedAvg(Strategy):
         self._t_round = time.perf_counter()
         self._grid = grid
         prepared, self._prepared = self._prepared, None
-        mask_body: Callable[[int], dict[str, Any]] | None = None
+        mask_records: Callable[[int], dict[str, Any]] | None = None
         self._mask_round = None
         if prepared is not None and prepared[0].server_round == server_round:
             # Sampled and set up with the previous round's unmask request.
@@ -584,13 +581,17 @@ class EncryptedFedAvg(Strategy):
                 self._note_setup(record, setup)
                 nodes = setup.sharers
         if self._driver is not None:
-            self._mask_round = setup.mask_round if nodes else None
-            if self._mask_round is not None:
-                mask_body = self._mask_round.train_record
+            mask_round = setup.mask_round if nodes else None
+            self._mask_round = mask_round
+            if mask_round is not None:
+
+                def mask_records(node: int) -> dict[str, Any]:
+                    return {KEY_MASK: mask_round.train_record(node)}
+
         self._train_sampled = (server_round, frozenset(nodes))
         record.download_bytes += self._global_bytes(arrays) * len(nodes)
         log(INFO, "round %s: training on %s nodes", server_round, len(nodes))
-        return self._messages(server_round, arrays, nodes, MessageType.TRAIN, mask_body)
+        return self._messages(server_round, arrays, nodes, MessageType.TRAIN, mask_records)
 
     def _admit_train(self, msg: Message, node: int, intake: _Intake) -> _Admitted:
         """Check one train reply; raise (any exception) to exclude it."""
@@ -747,7 +748,7 @@ class EncryptedFedAvg(Strategy):
         record.mask_threshold = self.masking.threshold if self.masking is not None else 0
         record.mask_members = setup.outcome.members
         record.mask_seconds += setup.outcome.seconds
-        record.declined.extend(setup.outcome.declined or [])
+        record.declined.extend(setup.outcome.declined)
         if setup.outcome.abandoned is not None:
             self._abandon_masking(record, setup.server_round, setup.outcome.abandoned)
 
