@@ -318,18 +318,27 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
 
         return _guarded(msg, context, "train", work)
 
-    def admitted(msg: Message, context: Context, ledger: bool) -> tuple[Any, Any, Any]:
-        """Runtime, client and round config of a masking message the plan allows."""
+    def admitted(
+        msg: Message, context: Context, budget: bool
+    ) -> tuple[ClientRuntime, SepalsClient, RoundConfig]:
+        """Runtime, client and round config of a masking message the plan allows.
+
+        With ``budget``, the round must also be one the client has not trained in and
+        whose training its budget covers.
+        """
         runtime = provider(context)
         client = client_for(runtime)
+        ledger = load_ledger(context, runtime) if budget else None
         cfg = client.admit(
             msg.metadata.message_type,
             msg.content.config_records.get(KEY_CONFIG),
             read_global_record(msg.content.array_records.get(KEY_GLOBAL)),
-            load_ledger(context, runtime) if ledger else None,
+            ledger,
         )
         if client.plan.mask_neighbours == 0:
             raise PlanViolationError("plan mismatch: masking", "mask stage of an unmasked plan")
+        if ledger is not None:
+            client.check_budget(cfg, ledger)
         return runtime, client, cfg
 
     def reveal(client: SepalsClient, context: Context, record: Any, server_round: int) -> Any:
@@ -342,7 +351,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
     @app.train("mask_register")
     def mask_register(msg: Message, context: Context) -> Message:
         def work() -> Message:
-            runtime, _, _ = admitted(msg, context, ledger=False)
+            runtime, _, _ = admitted(msg, context, budget=False)
             public = masking.share_public_key(share_key(context))
             content: dict[str, Any] = {
                 KEY_MASK: ConfigRecord({"share-pk": public}),
@@ -370,8 +379,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
                 except Exception as exc:
                     _logged(context, "reveal mask shares", exc)
             try:
-                runtime, client, cfg = admitted(msg, context, ledger=True)
-                client.check_budget(cfg, load_ledger(context, runtime))
+                runtime, client, cfg = admitted(msg, context, budget=True)
                 state, body = masking.setup_round(
                     client.plan,
                     cfg.server_round,
@@ -391,7 +399,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
     @app.train("mask_unmask")
     def mask_unmask(msg: Message, context: Context) -> Message:
         def work() -> Message:
-            runtime, client, cfg = admitted(msg, context, ledger=False)
+            runtime, client, cfg = admitted(msg, context, budget=False)
             record = msg.content.config_records.get(KEY_MASK, ConfigRecord())
             if record.get("round", cfg.server_round) != cfg.server_round:
                 raise MaskProtocolError("unmask request for another round")
