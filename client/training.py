@@ -281,10 +281,12 @@ def train_round(
 
         if ledger.noise_multiplier is None or ledger.sample_rate is None:
             raise ValueError("the privacy ledger must be calibrated before a DP round")
-        engine = PrivacyEngine(accountant=privacy.accountant)
+        # Opacus keeps the history; a ``pld`` ledger composes it itself (client.privacy).
+        mechanism = "rdp" if privacy.accountant == "pld" else privacy.accountant
+        engine = PrivacyEngine(accountant=mechanism)
         if ledger.history:
             engine.accountant.load_state_dict(
-                {"history": list(ledger.history), "mechanism": privacy.accountant}
+                {"history": list(ledger.history), "mechanism": mechanism}
             )
         wrapped = engine.make_private(
             module=model,

@@ -14,7 +14,10 @@ from typing import Any, Literal
 
 from sepals.common.log import log
 
-AccountantName = Literal["rdp", "prv", "gdp"]
+AccountantName = Literal["rdp", "prv", "gdp", "pld"]
+#: The accountants a client may compose its epsilon with (Opacus's three, and ``pld``:
+#: Google ``dp-accounting``'s privacy-loss-distribution accountant).
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp", "pld")
 SchemeName = Literal["bfv", "ckks", "none"]
 
 # Largest magnitude of the noise one fresh symmetric BFV encryption adds, in units of
@@ -48,8 +51,10 @@ class PrivacyConfig:
             ``None`` turns DP off (plain SGD).
         delta: Target delta of the (epsilon, delta) guarantee.
         max_grad_norm: Per-sample gradient clipping norm C.
-        accountant: Opacus accountant used to calibrate and compose: ``rdp``, ``prv``
-            or ``gdp``.
+        accountant: The accountant used to calibrate and compose: Opacus's ``rdp``,
+            ``prv`` or ``gdp``, or ``pld`` (Google ``dp-accounting``'s pessimistic
+            privacy-loss-distribution accountant: the tightest of them for DP-SGD, about
+            8% less noise than ``rdp`` for the same epsilon, at ~0.2 s per epsilon).
         noise_multiplier: Explicit sigma. ``None`` (the default) calibrates sigma once
             per client for its planned participation.
 
@@ -73,9 +78,9 @@ class PrivacyConfig:
             raise ValueError(f"delta must lie in (0, 1), got {self.delta!r}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm!r}")
-        if self.accountant not in ("rdp", "prv", "gdp"):
+        if self.accountant not in ACCOUNTANTS:
             raise ValueError(
-                f"accountant must be one of 'rdp', 'prv', 'gdp', got {self.accountant!r}"
+                f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}"
             )
         if self.noise_multiplier is not None and not (
             math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0

@@ -15,13 +15,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sepals.common.config import ACCOUNTANTS
 from sepals.common.errors import SepalsError
 
 MAX_REASON_CHARS = 200
 # Sane upper bounds of a client's DP-SGD step count and of the rounds it took part in.
 MAX_STEPS = 10**9
 MAX_ROUNDS = 10**6
-ACCOUNTANTS = ("rdp", "prv", "gdp")
 # Train-reply metrics the server reads (the others it checks and drops).
 TIMING_KEYS = ("train-seconds", "decrypt-seconds", "encrypt-seconds")
 
@@ -208,7 +208,7 @@ def parse_accountant(value: object) -> str | None:
     """The accountant a client names (``None`` if it names none).
 
     Raises:
-        ReplyRejected: it names something other than ``rdp``, ``prv`` or ``gdp``.
+        ReplyRejected: it names no accountant of :data:`~sepals.common.config.ACCOUNTANTS`.
 
     """
     if value is None:

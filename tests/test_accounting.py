@@ -33,3 +33,52 @@ def test_replace_one_composes_runs() -> None:
 def test_replace_one_refuses_bad_history(entry: tuple[float, float, int]) -> None:
     with pytest.raises(ValueError, match="out of range"):
         replace_one_epsilon((entry,), 1e-5)
+
+
+# ------------------------------------------------------------------ the pld accountant
+
+
+@pytest.mark.parametrize(("target", "q", "steps"), [(8.0, 1 / 9, 270), (1.0, 1 / 9, 270)])
+def test_pld_calibration_is_within_budget_and_tight(target: float, q: float, steps: int) -> None:
+    from sepals.client.privacy import calibrate_noise_multiplier
+
+    sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, "pld")
+    eps = compute_epsilon("pld", ((sigma, q, steps),), 1e-5)
+    assert target - 0.01 <= eps <= target
+    # The same sigma under RDP spends more: PLD buys less noise for the same budget.
+    rdp_sigma = calibrate_noise_multiplier(target, 1e-5, q, steps, "rdp")
+    assert sigma < 0.97 * rdp_sigma
+    assert compute_epsilon("rdp", ((sigma, q, steps),), 1e-5) > target
+
+
+def test_pld_ledger_composes_over_rounds_like_one_run() -> None:
+    import torch
+
+    from sepals.client.privacy import PrivacyLedger, poisson_schedule
+    from sepals.client.training import TrainSettings, train_round
+    from sepals.common.config import PrivacyConfig
+    from sepals.common.models import get_flat
+
+    gen = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(60, 4, generator=gen), torch.randint(0, 2, (60,), generator=gen)
+    )
+
+    def factory() -> torch.nn.Module:
+        return torch.nn.Linear(4, 2)
+
+    privacy = PrivacyConfig(target_epsilon=4.0, accountant="pld")
+    settings = TrainSettings(batch_size=20, learning_rate=0.05, data_seed=1, noise_seed=1)
+    q, steps = poisson_schedule(60, 20, 1)
+    ledger = PrivacyLedger.empty(privacy).calibrated(privacy, q, steps, 3)
+    weights = get_flat(factory())
+    for r in (1, 2):
+        out = train_round(factory, weights, data, settings, privacy, ledger, r)
+        ledger, weights = out.ledger, out.weights
+    assert ledger.accountant == "pld" and ledger.steps == 2 * steps
+    assert ledger.epsilon == pytest.approx(
+        pld_epsilon(
+            ((ledger.noise_multiplier, q, 2 * steps),), 1e-5, replace_one=False, discretization=1e-2
+        )
+    )
+    assert ledger.epsilon is not None and ledger.epsilon < 4.0

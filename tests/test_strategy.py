@@ -235,7 +235,7 @@ def test_accountant_must_be_a_known_name(bfv_keys):
     bad.content.config_records[KEY_CLIENT]["accountant"] = "rdp\x1b[2J"
     arrays, metrics = strategy.aggregate_train(1, [bad])
     assert arrays is None and metrics["excluded"] == 1
-    assert strategy.current_round.excluded == [(1, "accountant must be one of rdp, prv, gdp")]
+    assert strategy.current_round.excluded == [(1, "accountant must be one of rdp, prv, gdp, pld")]
 
 
 @pytest.mark.parametrize("n", [0.5, 1e15, 10**15, 361, 0, -3, True, 360.0, [30]])

@@ -204,7 +204,7 @@ NAMES = st.sampled_from(
     ["own"] * 30 + ["small", "copy", "missing-record", "missing-id", "wild", "wild"]
 ).flatmap(lambda kind: st.tuples(st.just(kind), _WILD_NAME) if kind == "wild" else st.just(kind))
 NODES = st.sampled_from(["fresh"] * 20 + ["repeat"])
-ACCOUNTANTS = st.sampled_from([None, "rdp", "prv", "gdp"] * 3 + ["bogus", 7])
+ACCOUNTANTS = st.sampled_from([None, "rdp", "prv", "gdp", "pld"] * 3 + ["bogus", 7])
 ERRORS = st.fixed_dictionaries(
     {
         "kind": st.just("error"),
@@ -384,7 +384,7 @@ class Round:
             valid = (
                 valid
                 and train_metrics_ok(plan["metrics"], cap_of(name), self.quant_step)
-                and plan.get("accountant") in (None, "rdp", "prv", "gdp")
+                and plan.get("accountant") in (None, "rdp", "prv", "gdp", "pld")
                 and payload is not None
                 and vector is not None
                 and _digest(payload) not in self.digests
