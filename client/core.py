@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import DEBUG
@@ -281,6 +282,7 @@ class SepalsClient:
                 if rt.deterministic_noise
                 else None
             ),
+            noise_fraction=1.0 / math.sqrt(plan.noise_shares),
         )
         n = len(rt.train_data)  # type: ignore[arg-type]
         sample_rate, steps = dp_schedule(n, settings)

@@ -367,7 +367,7 @@ class PrivacyLedger:
             return None
         return compute_epsilon(
             self.accountant,
-            _merge(self.history, (self.noise_multiplier, self.sample_rate, steps)),
+            merge_entry(self.history, (self.noise_multiplier, self.sample_rate, steps)),
             self.delta,
         )
 
@@ -446,7 +446,7 @@ class PrivacyLedger:
         return replace(ledger, target_epsilon=privacy.target_epsilon)
 
 
-def _merge(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:
+def merge_entry(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:
     """Append ``entry`` the way Opacus's accountants do: merge equal (sigma, q) runs."""
     if history and history[-1][0] == entry[0] and history[-1][1] == entry[1]:
         return (*history[:-1], (entry[0], entry[1], history[-1][2] + entry[2]))

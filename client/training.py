@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from sepals.client.privacy import PrivacyLedger, poisson_schedule
+from sepals.client.privacy import PrivacyLedger, merge_entry, poisson_schedule
 from sepals.common.config import PrivacyConfig
 from sepals.common.errors import ModelCompatibilityError
 from sepals.common.models import ModelFactory, get_flat, set_flat
@@ -86,6 +86,11 @@ class TrainSettings:
             clients; ``functorch`` fails on them for convolutional models and ``ew``
             always. ``python -m benchmarks.dp`` measured ``hooks`` fastest for both
             model families (see the README), so it is the default for both.
+        noise_fraction: The share of the ledger's noise multiplier this client adds:
+            1 (local DP) or ``1 / sqrt(m)`` under distributed noise over ``m`` clients
+            (:attr:`sepals.common.config.FederationConfig.noise_shares`). The ledger
+            still records, and composes epsilon for, the whole sigma: the noise an
+            aggregate of ``m`` clients carries.
 
     """
 
@@ -96,6 +101,7 @@ class TrainSettings:
     data_seed: int = 0
     noise_seed: int | None = None
     grad_sample_mode: str = "hooks"
+    noise_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -104,6 +110,8 @@ class TrainSettings:
             )
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not (math.isfinite(self.noise_fraction) and 0.0 < self.noise_fraction <= 1.0):
+            raise ValueError(f"noise_fraction must lie in (0, 1], got {self.noise_fraction!r}")
 
 
 @dataclass(frozen=True)
@@ -276,11 +284,13 @@ def train_round(
     criterion: Any = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
 
     engine = None
+    sigma = 0.0
     if privacy.enabled:
         from opacus import PrivacyEngine
 
         if ledger.noise_multiplier is None or ledger.sample_rate is None:
             raise ValueError("the privacy ledger must be calibrated before a DP round")
+        sigma = ledger.noise_multiplier
         # Opacus keeps the history; a ``pld`` ledger composes it itself (client.privacy).
         mechanism = "rdp" if privacy.accountant == "pld" else privacy.accountant
         engine = PrivacyEngine(accountant=mechanism)
@@ -292,7 +302,7 @@ def train_round(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
-            noise_multiplier=ledger.noise_multiplier,
+            noise_multiplier=sigma * settings.noise_fraction,
             max_grad_norm=privacy.max_grad_norm,
             poisson_sampling=poisson_sampling,
             grad_sample_mode=settings.grad_sample_mode,
@@ -324,6 +334,11 @@ def train_round(
 
     if engine is not None:
         history = tuple((float(s), float(q), int(k)) for s, q, k in engine.accountant.history)
+        if settings.noise_fraction != 1.0:
+            # This round's steps used the split sigma; the ledger composes the aggregate's.
+            history = ledger.history
+            for _, q, k in engine.accountant.history[len(ledger.history) :]:
+                history = merge_entry(history, (sigma, float(q), int(k)))
         new_ledger = ledger.record_round(server_round, history)
         module: nn.Module = model._module  # the plain module inside GradSampleModule
     else:

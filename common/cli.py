@@ -39,6 +39,7 @@ def _provision(args: argparse.Namespace) -> int:
             masking=not args.no_masking,
             mask_neighbours=args.mask_neighbours,
             mask_threshold=args.mask_threshold,
+            noise_shares=args.noise_shares,
         )
         result = provision(spec)
     except (ValueError, FileExistsError) as exc:
@@ -58,6 +59,12 @@ def _provision(args: argparse.Namespace) -> int:
         print(
             f"masking: each client masks with {plan.mask_neighbours} neighbours (fewer in "
             f"smaller rounds); threshold T = {plan.mask_threshold}"
+        )
+    if plan.noise_shares > 1:
+        print(
+            f"distributed noise: each client adds sigma/sqrt({plan.noise_shares}); a client's "
+            f"epsilon holds for sums of >= {plan.noise_shares} honest clients, against the "
+            f"server and up to {plan.mask_threshold - plan.noise_shares} colluding clients"
         )
     if not spec.keep_ca_key:
         print("the CA private key was discarded (use --keep-ca-key to keep it offline)")
@@ -163,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="masking Shamir threshold T (default: floor(2k/3)+1)",
+    )
+    prov.add_argument(
+        "--noise-shares",
+        type=int,
+        default=1,
+        metavar="M",
+        help="distributed DP noise: each client adds sigma/sqrt(M) (needs masking with T >= M; "
+        "1 = local DP; see the README's threat model)",
     )
     prov.set_defaults(func=_provision)
     ledger = sub.add_parser("ledger", help="privacy ledgers")

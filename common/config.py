@@ -347,6 +347,22 @@ def sampled_per_round(clients: int, fraction: float, min_clients: int = 1) -> in
     return min(clients, max(min_clients, math.ceil(fraction * clients)))
 
 
+def check_noise_shares(noise_shares: object, mask_threshold: int) -> None:
+    """Raise ``ValueError`` unless ``noise_shares`` is 1, or at most a masking threshold.
+
+    Split noise (``m > 1``) is only sound when the server sees nothing but sums of at
+    least ``m`` clients: pairwise masking with threshold ``T >= m``.
+    """
+    if isinstance(noise_shares, bool) or not isinstance(noise_shares, int) or noise_shares < 1:
+        raise ValueError(f"noise_shares must be an integer >= 1, got {noise_shares!r}")
+    if noise_shares > 1 and noise_shares > mask_threshold:
+        raise ValueError(
+            f"noise_shares {noise_shares} needs pairwise masking with a threshold of at least "
+            f"{noise_shares} (the server must only see sums of that many clients), got "
+            f"threshold {mask_threshold}" + (" (masking is off)" if mask_threshold == 0 else "")
+        )
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """How the federation trains.
@@ -370,6 +386,14 @@ class FederationConfig:
         mask_neighbours: Pairwise masking under BFV (:mod:`sepals.common.masking`): each
             client's neighbour count ``k``; 0 turns masking off.
         mask_threshold: The Shamir threshold ``T`` of masking (0 when it is off).
+        noise_shares: Distributed DP noise (``m``). 1, the default, is local DP: every
+            client adds the whole DP-SGD noise, so each update alone is (epsilon,
+            delta)-DP. ``m > 1`` splits it: each client adds ``sigma / sqrt(m)``, so
+            any aggregate of at least ``m`` honest clients carries the full ``sigma``.
+            Needs pairwise masking with ``m <= mask_threshold`` (the server only ever
+            sees sums of at least ``T`` clients); the guarantee then holds against the
+            server and up to ``T - m`` colluding clients, and a lone update is only
+            protected by ``sigma / sqrt(m)`` (see the README).
 
     """
 
@@ -386,6 +410,7 @@ class FederationConfig:
     seed: int = 0
     mask_neighbours: int = 0
     mask_threshold: int = 0
+    noise_shares: int = 1
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -420,6 +445,7 @@ class FederationConfig:
                 f"1 <= mask_threshold <= mask_neighbours, got {self.mask_neighbours} and "
                 f"{self.mask_threshold}"
             )
+        check_noise_shares(self.noise_shares, self.mask_threshold)
 
     @property
     def masking(self) -> bool:

@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from sepals.common.config import FederationConfig
+from sepals.common.config import FederationConfig, check_noise_shares
 from sepals.common.errors import SepalsError
 
 PLAN_FORMAT = "sepals-plan/1"
@@ -95,7 +95,7 @@ def _str(name: str, value: object, pattern: re.Pattern[str], what: str) -> str:
     return value
 
 
-_OPTIONAL_FIELDS = frozenset({"mask_neighbours", "mask_threshold"})
+_OPTIONAL_FIELDS = frozenset({"mask_neighbours", "mask_threshold", "noise_shares"})
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,8 @@ class FederationPlan:
             on, a client uploads only masked updates, shares its secrets with threshold
             ``mask_threshold`` and nothing a message says can change either.
         mask_threshold: Pairwise-masking Shamir threshold ``T`` (0: no masking).
+        noise_shares: Distributed DP noise ``m`` (1: local DP; see
+            :attr:`FederationConfig.noise_shares`). A client adds ``sigma / sqrt(m)``.
 
     """
 
@@ -139,6 +141,7 @@ class FederationPlan:
     operator_key: str
     mask_neighbours: int = 0
     mask_threshold: int = 0
+    noise_shares: int = 1
 
     def __post_init__(self) -> None:
         _str("federation_id", self.federation_id, _HEX32, "32 lowercase hex digits")
@@ -175,6 +178,10 @@ class FederationPlan:
             raise ValueError(
                 "plan.mask_threshold must be 0 with masking off, else in [1, mask_neighbours]"
             )
+        try:
+            check_noise_shares(self.noise_shares, self.mask_threshold)
+        except ValueError as exc:
+            raise ValueError(f"plan.{exc}") from None
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -215,6 +222,7 @@ class FederationPlan:
             operator_key=operator_key,
             mask_neighbours=federation.mask_neighbours,
             mask_threshold=federation.mask_threshold,
+            noise_shares=federation.noise_shares,
         )
 
     def learning_rate_at(self, server_round: int) -> float:

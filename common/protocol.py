@@ -90,6 +90,7 @@ class RoundConfig:
         vector_length: Number of model parameters.
         mask_neighbours: Masking graph degree (0: no masking).
         mask_threshold: Masking Shamir threshold (0: no masking).
+        noise_shares: Distributed DP noise ``m`` (1: local DP).
 
     """
 
@@ -106,6 +107,7 @@ class RoundConfig:
     vector_length: int
     mask_neighbours: int = 0
     mask_threshold: int = 0
+    noise_shares: int = 1
 
     @classmethod
     def build(
@@ -131,6 +133,7 @@ class RoundConfig:
             vector_length=vector_length,
             mask_neighbours=federation.mask_neighbours,
             mask_threshold=federation.mask_threshold,
+            noise_shares=federation.noise_shares,
         )
 
     @classmethod
@@ -150,6 +153,7 @@ class RoundConfig:
             vector_length=plan.vector_length,
             mask_neighbours=plan.mask_neighbours,
             mask_threshold=plan.mask_threshold,
+            noise_shares=plan.noise_shares,
         )
 
     @classmethod

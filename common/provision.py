@@ -41,7 +41,7 @@ import hashlib
 import ipaddress
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,8 @@ class ProvisionSpec:
         mask_neighbours: Masking graph degree ``k`` (``None``: the default for the
             clients sampled per round).
         mask_threshold: Masking Shamir threshold ``T`` (``None``: ``floor(2k/3) + 1``).
+        noise_shares: Distributed DP noise ``m`` (1: local DP; needs masking with
+            ``T >= m``; see :attr:`FederationConfig.noise_shares`).
 
     """
 
@@ -135,6 +137,7 @@ class ProvisionSpec:
     masking: bool = True
     mask_neighbours: int | None = None
     mask_threshold: int | None = None
+    noise_shares: int = 1
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -189,8 +192,11 @@ class ProvisionSpec:
             raise ValueError("mask_neighbours and mask_threshold need masking on and BFV")
         sampled = sampled_per_round(self.clients, self.fraction_train, federation.min_train_clients)
         if not masked or (sampled < 2 and not tuned):
-            return federation
-        return masked_federation(federation, sampled, self.mask_neighbours, self.mask_threshold)
+            return replace(federation, noise_shares=self.noise_shares)
+        masked_fed = masked_federation(
+            federation, sampled, self.mask_neighbours, self.mask_threshold
+        )
+        return replace(masked_fed, noise_shares=self.noise_shares)
 
     @property
     def address(self) -> str:
@@ -325,6 +331,7 @@ def _server_toml(spec: ProvisionSpec, parameters: int) -> str:
             "seed",
             "mask_neighbours",
             "mask_threshold",
+            "noise_shares",
         )
     )
     return f"""# sepals-server configuration (written by `sepals provision`).

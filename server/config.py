@@ -210,6 +210,7 @@ def _federation(raw: Mapping[str, Any]) -> FederationConfig:
         "seed": lambda: t.integer("seed", d.seed, low=0, high=2**63 - 1),
         "mask_neighbours": lambda: t.integer("mask_neighbours", d.mask_neighbours, low=0),
         "mask_threshold": lambda: t.integer("mask_threshold", d.mask_threshold, low=0),
+        "noise_shares": lambda: t.integer("noise_shares", d.noise_shares, low=1),
     }
     # A field added to FederationConfig later without a typed reader here is passed
     # through; its dataclass then checks it.

@@ -177,4 +177,3 @@ class ServerAppExecutor:
         """Stop the ServerApp process (its whole process group) and close the client."""
         stop_child(self.process, group=True, grace=10)
         self._client.close()
-

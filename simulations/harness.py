@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -926,6 +927,7 @@ def build_report(
             "accuracy": last.get("accuracy"),
             "loss": last.get("loss"),
             "epsilon": max(eps_values) if eps_values else None,
+            **_noise_shares_summary(config, list(clients.values())),
             "delta": config.privacy.delta if config.privacy.enabled else None,
             "wall_seconds": wall_seconds,
             "upload_bytes": int(sum(r["upload_bytes"] for r in rows)),
@@ -941,6 +943,32 @@ def build_report(
     }
 
 
+def _noise_shares_summary(
+    config: SimulationConfig, clients: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Under distributed noise: ``m`` and the largest epsilon of one client's lone update.
+
+    The reported epsilon holds for aggregates of at least ``m`` honest clients; a lone
+    update carries ``sigma / sqrt(m)`` only. Its epsilon is composed with RDP (an upper
+    bound, and fast at the small sigma where PLD is slow).
+    """
+    shares = config.federation.noise_shares
+    if shares == 1 or not config.privacy.enabled:
+        return {}
+    from sepals.client.privacy import compute_epsilon
+
+    lone = [
+        compute_epsilon(
+            "rdp",
+            ((c["noise_multiplier"] / math.sqrt(shares), c["sample_rate"], c["steps"]),),
+            config.privacy.delta,
+        )
+        for c in clients
+        if c["epsilon"] is not None and c["steps"]
+    ]
+    return {"noise_shares": shares, "lone_update_epsilon": max(lone, default=None)}
+
+
 def summarize(report: dict[str, Any]) -> str:
     """One line about a finished run."""
     f = report["final"]
@@ -954,9 +982,16 @@ def summarize(report: dict[str, Any]) -> str:
         shown = f"final accuracy {100 * value:.2f}%"
     else:
         shown = f"final {name} {value:.4f}"
+    if eps is not None and f.get("noise_shares"):
+        lone = f.get("lone_update_epsilon")
+        shown_eps = (
+            f"{eps:.3f} for sums of >= {f['noise_shares']} clients (a lone update: "
+            f"{'n/a' if lone is None else f'{lone:.1f}'})"
+        )
+    else:
+        shown_eps = "off" if eps is None else f"{eps:.3f}"
     return (
-        f"{shown} | epsilon "
-        f"{'off' if eps is None else f'{eps:.3f}'} | {f['wall_seconds']:.1f} s | "
+        f"{shown} | epsilon {shown_eps} | {f['wall_seconds']:.1f} s | "
         f"up {f['upload_bytes'] / 1e6:.2f} MB, down {f['download_bytes'] / 1e6:.2f} MB | "
         f"codec {f.get('codec', '?')}, max quantization error "
         f"{'n/a' if qerr is None else f'{qerr:.1e}'}{_masking_summary(f.get('masking'))}"
