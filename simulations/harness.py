@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -497,8 +498,8 @@ def _evaluator_run(
         )
         return loss, value, None, grouped
     loss_value: tuple[float | None, float | None] = (None, None)
-    try:
-        if _EVAL_STATE["test"] is not None:
+    if _EVAL_STATE["test"] is not None:
+        try:
             loss, value, _ = evaluate_model(
                 factory,
                 weights,
@@ -507,10 +508,13 @@ def _evaluator_run(
                 metric=_EVAL_STATE["metric"],
                 device=_EVAL_STATE["device"],
             )
-            loss_value = (loss, value)
-        per_client: PerClient = {}
+        except Exception as exc:  # the app's own loss or metric
+            return None, None, clean_reason(f"{type(exc).__name__}: {exc}"), None
+        loss_value = (loss, value)
+    per_client: PerClient = {}
+    try:
         for client_id, ds in _EVAL_STATE.get("client_tests", []):
-            per_client[client_id] = evaluate_model(
+            own = evaluate_model(
                 factory,
                 weights,
                 ds,
@@ -518,8 +522,11 @@ def _evaluator_run(
                 metric=_EVAL_STATE["metric"],
                 device=_EVAL_STATE["device"],
             )[1]
+            if math.isfinite(own):  # e.g. R^2 of one example is not: that client is left out
+                per_client[client_id] = float(own)
     except Exception as exc:  # the app's own loss or metric
-        return *loss_value, clean_reason(f"{type(exc).__name__}: {exc}"), None
+        reason = clean_reason(f"per-client evaluation: {type(exc).__name__}: {exc}")
+        return *loss_value, reason, None
     return *loss_value, None, per_client or None
 
 

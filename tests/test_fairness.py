@@ -398,3 +398,48 @@ def test_benchmark_table_helpers():
     assert job_argv("iid", True, 0, 3, 2)[-4:] == ["--rounds", "3", "--cpus", "2"]
     assert main(["--partitions", "bogus"]) == 2
     assert main(["--quick", "--rounds", "5"]) == 2
+
+
+def test_evaluator_scores_an_apps_clients_and_leaves_out_non_finite_values(monkeypatch):
+    from torch.utils.data import TensorDataset
+
+    from sepals.common.codec import PlainCodec
+    from sepals.simulations import harness
+
+    def r2(out: torch.Tensor, y: torch.Tensor) -> float:
+        return float(1 - ((out - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+    def data(n: int, seed: int) -> TensorDataset:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, generator=g)
+        return TensorDataset(x, x.sum(dim=1, keepdim=True))
+
+    state = {
+        "codec": PlainCodec(), "factory": lambda: torch.nn.Linear(3, 1), "device": "cpu",
+        "test": data(50, 0), "loss_fn": torch.nn.functional.mse_loss, "metric": r2,
+        "owner": None,
+        "client_tests": [("client-0", data(20, 1)), ("client-1", data(1, 2)),
+                         ("client-2", data(30, 3))],
+    }
+    monkeypatch.setattr(harness, "_EVAL_STATE", state)
+    loss, value, error, per_client = harness._evaluator_run(None, 0)
+    assert error is None and loss is not None and value is not None
+    # one example: R^2 divides by zero; that client is left out, not the run
+    assert per_client is not None and sorted(per_client) == ["client-0", "client-2"]
+    model = torch.nn.Linear(3, 1)
+    from sepals.common.models import set_flat
+
+    set_flat(model, state["latest"])
+    with torch.no_grad():
+        x, y = state["client_tests"][2][1].tensors
+        assert per_client["client-2"] == pytest.approx(r2(model(x), y))
+
+    def broken(out: torch.Tensor, y: torch.Tensor) -> float:
+        if len(y) == 20:
+            raise RuntimeError("boom")
+        return 0.5
+
+    state["metric"] = broken
+    loss, value, error, per_client = harness._evaluator_run(None, 0)
+    assert value == 0.5 and per_client is None
+    assert error == "per-client evaluation: RuntimeError: boom"
