@@ -369,8 +369,9 @@ def client_partition(
 ) -> tuple[ArraySplit, ArraySplit]:
     """Train and local test data of one simulated client.
 
-    The train split is divided by ``partition``; the held-out test split is divided IID,
-    so that every client can run federated evaluation on data of its own.
+    The train split is divided by ``partition``; the held-out test split is divided so
+    that every client can run federated evaluation on data of its own that follows its
+    own distribution (see :func:`client_test_indices`).
     """
     if not 0 <= client < num_clients:
         raise ValueError(f"client index {client} outside 0..{num_clients - 1}")
@@ -381,8 +382,109 @@ def client_partition(
     data = load_dataset(name, seed)
     spec = PartitionSpec.parse(partition)
     train_parts = _cached_partitions(name, num_clients, str(spec), seed, "train")
-    test_parts = _cached_partitions(name, num_clients, "iid", seed, "test")
+    test_parts = _test_partitions(name, num_clients, str(spec), seed)
     return data.train.subset(train_parts[client]), data.test.subset(test_parts[client])
+
+
+def client_test_indices(
+    name: str, num_clients: int, partition: str, seed: int
+) -> list[npt.NDArray[np.int64]]:
+    """Per simulated client, its rows of the held-out test split (client ``k`` at ``k``).
+
+    The clients' test splits partition the held-out test split: every test example
+    belongs to exactly one client. Under the ``iid`` partition they are an IID split.
+    Under a non-IID partition each client's test split follows its own train label
+    distribution (:func:`partition_like`), so a client's local accuracy measures how
+    well the model serves that client's data. A synthetic federation's clients have
+    their own test examples, which its held-out split concatenates in client order.
+
+    Raises:
+        ValueError: a bad dataset, partition or client count.
+
+    """
+    check_partition(name, partition)
+    if is_synthetic(name):
+        sizes = [b for _, b in client_sizes(SyntheticSpec.parse(name), num_clients, seed)]
+        ends = np.cumsum(sizes)
+        return [np.arange(e - n, e, dtype=np.int64) for n, e in zip(sizes, ends, strict=True)]
+    spec = str(PartitionSpec.parse(partition))
+    return [p.copy() for p in _test_partitions(name, num_clients, spec, seed)]
+
+
+def partition_like(
+    test_labels: npt.NDArray[np.int64],
+    train_labels: npt.NDArray[np.int64],
+    train_parts: Sequence[npt.NDArray[np.int64]],
+    seed: int,
+) -> list[npt.NDArray[np.int64]]:
+    """Split test rows among clients so that each follows its train label distribution.
+
+    For every class ``c``, the test rows of class ``c`` are shuffled (seeded) and
+    divided among the clients in proportion to their numbers of train examples of class
+    ``c`` (largest remainders, ties broken by the seed). A class no client trains on is
+    divided in proportion to the clients' train sizes. Then every client that trains on
+    something but got no test row receives one row of the class it trains on most,
+    from the client holding the most test rows of that class (if that client keeps at
+    least one), so that as many clients as possible can evaluate.
+
+    Args:
+        test_labels: Label of every test row.
+        train_labels: Label of every train row.
+        train_parts: Per client, its rows of ``train_labels``.
+        seed: Seed of the shuffle and the tie-breaks.
+
+    Returns:
+        Per client, its sorted test rows; together they partition ``range(len(test_labels))``.
+
+    Raises:
+        ValueError: no client, or no client has a train row.
+
+    """
+    clients = len(train_parts)
+    if clients < 1:
+        raise ValueError("partition_like needs at least one client")
+    # Any integer labels (negative ones too) as class numbers 0..classes-1.
+    values, codes = np.unique(np.concatenate([test_labels, train_labels]), return_inverse=True)
+    test_codes, train_codes = codes[: len(test_labels)], codes[len(test_labels) :]
+    classes = len(values)
+    counts = np.zeros((clients, max(classes, 1)), dtype=np.int64)
+    for k, rows in enumerate(train_parts):
+        counts[k] = np.bincount(train_codes[rows], minlength=counts.shape[1])
+    sizes = counts.sum(axis=1)
+    if sizes.sum() == 0:
+        raise ValueError("partition_like needs at least one client with train rows")
+    rng = np.random.default_rng([seed, 0x7E57])
+    assigned: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(clients)]
+    held = np.zeros_like(counts)  # test rows per client and class
+    for c in range(classes):
+        rows = np.flatnonzero(test_codes == c).astype(np.int64)
+        if len(rows) == 0:
+            continue
+        rows = rng.permutation(rows)
+        weight = counts[:, c] if counts[:, c].sum() > 0 else sizes
+        exact = len(rows) * weight / weight.sum()
+        quota = np.floor(exact).astype(np.int64)
+        extra = len(rows) - int(quota.sum())
+        # Largest fractional parts first; equal parts in a seeded random order.
+        order = np.lexsort((rng.permutation(clients), -(exact - quota)))
+        quota[order[:extra]] += 1
+        for k, part in enumerate(np.split(rows, np.cumsum(quota)[:-1])):
+            assigned[k].append(part)
+        held[:, c] = quota
+    parts = [np.concatenate(a) if a else np.zeros(0, dtype=np.int64) for a in assigned]
+    for k in range(clients):
+        if len(parts[k]) or sizes[k] == 0:
+            continue
+        c = int(np.argmax(counts[k]))
+        donor = int(np.argmax(held[:, c]))
+        if held[donor, c] < 1 or len(parts[donor]) < 2:
+            continue
+        pos = int(np.flatnonzero(test_codes[parts[donor]] == c)[0])
+        parts[k] = parts[donor][pos : pos + 1].copy()
+        parts[donor] = np.delete(parts[donor], pos)
+        held[donor, c] -= 1
+        held[k, c] += 1
+    return [np.sort(p).astype(np.int64) for p in parts]
 
 
 def client_example_caps(name: str, num_clients: int, partition: str, seed: int) -> list[int]:
@@ -396,7 +498,7 @@ def client_example_caps(name: str, num_clients: int, partition: str, seed: int) 
         return [max(a, b) for a, b in client_sizes(SyntheticSpec.parse(name), num_clients, seed)]
     spec = str(PartitionSpec.parse(partition))
     train = _cached_partitions(name, num_clients, spec, seed, "train")
-    test = _cached_partitions(name, num_clients, "iid", seed, "test")
+    test = _test_partitions(name, num_clients, spec, seed)
     return [max(len(a), len(b)) for a, b in zip(train, test, strict=True)]
 
 
@@ -470,3 +572,15 @@ def _cached_partitions(
         order = np.random.default_rng(seed).permutation(len(labels)).astype(np.int64)
         return [np.sort(part) for part in np.array_split(order, num_clients)]
     return partition_indices(labels, num_clients, PartitionSpec.parse(partition), seed)
+
+
+@functools.lru_cache(maxsize=16)
+def _test_partitions(
+    name: str, num_clients: int, partition: str, seed: int
+) -> list[npt.NDArray[np.int64]]:
+    """Every client's rows of the held-out test split (see :func:`client_test_indices`)."""
+    if PartitionSpec.parse(partition).kind == "iid":
+        return _cached_partitions(name, num_clients, "iid", seed, "test")
+    data = load_dataset(name, seed)
+    train_parts = _cached_partitions(name, num_clients, partition, seed, "train")
+    return partition_like(data.test.y, data.train.y, train_parts, seed)

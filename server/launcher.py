@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sepals.common.codec import UpdateCodec
+from sepals.common.fairness import format_spread
 from sepals.common.files import atomic_write
 from sepals.common.log import log
 from sepals.common.procs import (
@@ -447,5 +448,12 @@ def progress_line(line: dict[str, Any], rounds: int) -> str:
         f"{len(line.get('declined', []))} declined, {len(line.get('excluded', []))} excluded, "
         f"{missing} missing | max eps {'-' if eps is None else f'{eps:.3f}'} | "
         f"federated acc {'-' if acc is None else f'{100 * acc:.2f}%'} | "
-        f"{line.get('train_seconds', 0.0):.1f} s"
+        f"{_spread_part(line)}{line.get('train_seconds', 0.0):.1f} s"
     )
+
+
+def _spread_part(line: dict[str, Any]) -> str:
+    """The spread of the clients' federated evaluation metric, as ``clients min ... | ``."""
+    name = "accuracy" if line.get("federated_accuracy") is not None else "metric"
+    text = format_spread(line.get("federated_spread"), name)
+    return f"{text} | " if text else ""

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig, FederationConfig, sampled_per_round
 from sepals.common.errors import SepalsError
+from sepals.common.fairness import client_spread
 from sepals.common.log import log
 from sepals.common.masking import MaskParams
 from sepals.common.protocol import (
@@ -92,6 +93,11 @@ class RoundRecord:
     them had their update added and ``mask_dropouts`` did not; ``masks_removed`` says
     whether the masks were removed (the round aggregated), ``mask_abandoned`` why not,
     and ``mask_seconds`` is the server's time in the masking stages' own work.
+
+    ``federated_spread`` is the spread across the evaluating clients of their federated
+    evaluation metric (accuracy, else the app's metric): count, min, median, max and
+    the mean of the worst 10% (:class:`~sepals.common.fairness.ClientSpread`). Only the
+    spread is kept, not which node reported which value.
     """
 
     round: int
@@ -110,6 +116,7 @@ class RoundRecord:
     federated_loss: float | None = None
     federated_accuracy: float | None = None
     federated_metric: float | None = None
+    federated_spread: dict[str, Any] | None = None
     evaluated: int = 0
     eval_excluded: list[tuple[int, str]] = field(default_factory=list)
     train_seconds: float = 0.0
@@ -282,6 +289,8 @@ class EncryptedFedAvg(Strategy):
     """
 
     node_order: NodeOrder | None = None
+    metric_higher_is_better: bool = True
+    """Whether an app's own metric is better when higher (worst 10% = lowest values)."""
 
     def __init__(
         self,
@@ -839,7 +848,7 @@ class EncryptedFedAvg(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Example-weighted mean of the valid replies' loss and accuracy."""
+        """Example-weighted mean of the valid replies' loss and accuracy, and their spread."""
         server_round += self.round_offset
         record = self._current or RoundRecord(round=server_round)
         intake = self._expected(self._eval_sampled, server_round)
@@ -873,6 +882,7 @@ class EncryptedFedAvg(Strategy):
                 record.federated_accuracy = _weighted_mean([a for a, _ in acc], [w for _, w in acc])
             if own:
                 record.federated_metric = _weighted_mean([v for v, _ in own], [w for _, w in own])
+            record.federated_spread = evaluation_spread(valid, self.metric_higher_is_better)
             result = MetricRecord(
                 {
                     k: v
@@ -890,6 +900,24 @@ class EncryptedFedAvg(Strategy):
         if self.on_round is not None:
             self.on_round(record)
         return result
+
+
+def evaluation_spread(
+    replies: Sequence[EvalMetrics], metric_higher_is_better: bool = True
+) -> dict[str, Any] | None:
+    """The spread across clients of the evaluate replies' accuracy (else own metric).
+
+    Every reply counts once, whatever its example count. Replies with accuracy are
+    summarized when any has it (higher is better); otherwise those with an app's own
+    metric, whose direction ``metric_higher_is_better`` gives. ``None`` without either.
+    """
+    accuracies = [m.accuracy for m in replies if m.accuracy is not None]
+    if accuracies:
+        return client_spread(accuracies).to_dict()
+    own = [m.metric for m in replies if m.metric is not None]
+    if own:
+        return client_spread(own, higher_is_better=metric_higher_is_better).to_dict()
+    return None
 
 
 # Polling of a masking stage's replies: every 10 ms at first, the interval growing by 5%

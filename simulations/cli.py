@@ -314,6 +314,10 @@ def _progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accurac
     loss = row["loss"]
     value = row.get("metric", row.get("accuracy"))
     extra = _mask_text(row)
+    if row.get("fairness"):
+        from sepals.common.fairness import format_spread
+
+        extra = f" | {format_spread(row['fairness'], metric_name)}{extra}"
     if row.get("declined"):
         extra += f" | declined: {_who(row['declined'])}"
     if row.get("excluded"):

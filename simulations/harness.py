@@ -62,7 +62,9 @@ from sepals.common.data import (
     dataset_model_factory,
     load_dataset,
     partition_indices,
+    partition_like,
 )
+from sepals.common.fairness import client_spread, format_spread
 from sepals.common.files import atomic_write
 from sepals.common.log import log
 from sepals.common.masking import masked_federation
@@ -290,21 +292,29 @@ def _labels_of(ds: Any) -> npt.NDArray[Any]:
     return arr.reshape(len(arr), -1)
 
 
-def _partition_labels(targets: npt.NDArray[Any], spec: PartitionSpec) -> npt.NDArray[np.int64]:
-    """Integer labels to partition by: class labels as they are, others binned."""
+def _partition_labels(
+    targets: npt.NDArray[Any], spec: PartitionSpec, reference: npt.NDArray[Any] | None = None
+) -> npt.NDArray[np.int64]:
+    """Integer labels to partition by: class labels as they are, others binned.
+
+    A continuous target is binned by the deciles of ``reference`` (default: of
+    ``targets`` itself), so a test split is binned like its train split.
+    """
     n = len(targets)
     if spec.kind == "iid":
         return np.zeros(n, dtype=np.int64)
-    if targets.shape[1] != 1:
-        raise ValueError(
-            f"partition {spec} needs one target per example; this app's targets have "
-            f"{targets.shape[1]} values each (use iid or give client_data)"
-        )
-    y = targets[:, 0]
-    if np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0):
+    ref = targets if reference is None else reference
+    for t in (targets, ref):
+        if t.shape[1] != 1:
+            raise ValueError(
+                f"partition {spec} needs one target per example; this app's targets have "
+                f"{t.shape[1]} values each (use iid or give client_data)"
+            )
+    y, r = targets[:, 0], ref[:, 0]
+    if np.issubdtype(r.dtype, np.integer) or np.all(np.mod(r, 1) == 0):
         return y.astype(np.int64)
     # A continuous target: partition by its decile (label skew becomes target skew).
-    edges = np.quantile(y, np.linspace(0.0, 1.0, 11)[1:-1])
+    edges = np.quantile(r, np.linspace(0.0, 1.0, 11)[1:-1])
     return np.digitize(y, edges).astype(np.int64)
 
 
@@ -312,16 +322,25 @@ def _partition_labels(targets: npt.NDArray[Any], spec: PartitionSpec) -> npt.NDA
 def _app_partitions(
     source: AppSource, clients: int, partition: str, seed: int
 ) -> tuple[list[npt.NDArray[np.int64]], list[npt.NDArray[np.int64]] | None]:
-    """Row indices of every client's train and (IID) test share of the app's data."""
+    """Row indices of every client's train and test share of the app's data.
+
+    The test data is split IID under the ``iid`` partition (when it has an example per
+    client), else so that each client's share follows its train label (or binned
+    target) distribution, as :func:`sepals.common.data.partition_like` describes.
+    """
     app = source.load()
     train, test = app.train_dataset, app.test_dataset
     if train is None:
         raise ValueError("the app gives neither train_data nor client_data")
     spec = PartitionSpec.parse(partition)
-    labels = _partition_labels(_labels_of(train), spec)
+    train_targets = _labels_of(train)
+    labels = _partition_labels(train_targets, spec)
     train_parts = partition_indices(labels, clients, spec, seed)
     test_parts = None
-    if test is not None and len(test) >= clients:  # type: ignore[arg-type]
+    if test is not None and spec.kind != "iid" and len(test) > 0:  # type: ignore[arg-type]
+        test_labels = _partition_labels(_labels_of(test), spec, train_targets)
+        test_parts = partition_like(test_labels, labels, train_parts, seed)
+    elif test is not None and len(test) >= clients:  # type: ignore[arg-type]
         zeros = np.zeros(len(test), dtype=np.int64)  # type: ignore[arg-type]
         test_parts = partition_indices(zeros, clients, PartitionSpec("iid"), seed)
     return train_parts, test_parts
@@ -339,7 +358,7 @@ def app_client_data(
         return train, test
     train_parts, test_parts = _app_partitions(source, clients, partition, seed)
     test = None
-    if test_parts is not None and app.test_dataset is not None:
+    if test_parts is not None and app.test_dataset is not None and len(test_parts[client]):
         test = Subset(app.test_dataset, test_parts[client].tolist())
     return Subset(app.train_dataset, train_parts[client].tolist()), test  # type: ignore[arg-type]
 
@@ -412,31 +431,59 @@ def _evaluator_keys(encryption: EncryptionConfig, secret_path: str | None) -> by
 
 
 def _evaluator_data(
-    dataset: str | None, app: AppSource | None, seed: int, device: str, clients: int
+    dataset: str | None,
+    app: AppSource | None,
+    seed: int,
+    device: str,
+    clients: int,
+    partition: str = "iid",
 ) -> None:
-    """Evaluator (subprocess): load the model factory and the held-out test split."""
+    """Evaluator (subprocess): load the model factory and the test data.
+
+    That is the held-out test split and the clients' own test splits: their rows of the
+    held-out split for a bundled dataset, their datasets for an app.
+    """
     from sepals.client.training import make_dp_compatible
+    from sepals.common.data import client_test_indices
 
     _EVAL_STATE["device"] = device
+    _EVAL_STATE["owner"] = None
+    _EVAL_STATE["client_tests"] = []
     if app is not None:
         edge = app.load()
         _EVAL_STATE["factory"] = make_dp_compatible(edge.model_factory)
         _EVAL_STATE["test"] = edge.test_dataset
         _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = edge.loss_fn, edge.metric
+        tests = [(k, app_client_data(app, clients, partition, seed, k)[1]) for k in range(clients)]
+        _EVAL_STATE["client_tests"] = [
+            (f"client-{k}", ds) for k, ds in tests if ds is not None and len(ds) > 0
+        ]
     else:
         data = load_dataset(dataset or "", seed, num_clients=clients)
         _EVAL_STATE["factory"] = make_dp_compatible(data.model_factory())
         _EVAL_STATE["test"] = data.test.to_torch()
         _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = None, None
+        # The clients' test splits partition the held-out one: one pass serves both.
+        owner = np.full(len(data.test), -1, dtype=np.int64)
+        for k, rows in enumerate(client_test_indices(dataset or "", clients, partition, seed)):
+            owner[rows] = k
+        _EVAL_STATE["owner"] = owner
+
+
+PerClient = dict[str, float]
+"""A metric's value per client id (``client-K``)."""
 
 
 def _evaluator_run(
     global_model: tuple[bytes, float] | None, model_seed: int
-) -> tuple[float | None, float | None, str | None]:
-    """Evaluator (subprocess): decrypt a global model, keep it, return (loss, metric, error).
+) -> tuple[float | None, float | None, str | None, PerClient | None]:
+    """Evaluator (subprocess): decrypt a global model, keep it, evaluate it.
 
-    Without test data, the model is still decrypted and kept, and loss and metric are
-    ``None``; so they are when the app's loss or metric fails (``error`` says why).
+    Returns ``(loss, metric, error, per_client)``: the loss and metric on the held-out
+    test split, and the metric on every client's own test split (``None`` without any;
+    clients without test data are left out). Without test data, the model is still
+    decrypted and kept, and loss and metric are ``None``; so they are when the app's
+    loss or metric fails (``error`` says why).
     """
     from sepals.client.training import evaluate_model
     from sepals.common.protocol import decode_global_model
@@ -444,20 +491,95 @@ def _evaluator_run(
     factory = _EVAL_STATE["factory"]
     weights = decode_global_model(_EVAL_STATE["codec"], factory, global_model, model_seed)
     _EVAL_STATE["latest"] = weights
-    if _EVAL_STATE["test"] is None:
-        return None, None, None
-    try:
-        loss, value, _ = evaluate_model(
-            factory,
-            weights,
-            _EVAL_STATE["test"],
-            loss_fn=_EVAL_STATE["loss_fn"],
-            metric=_EVAL_STATE["metric"],
-            device=_EVAL_STATE["device"],
+    owner = _EVAL_STATE.get("owner")
+    if _EVAL_STATE["test"] is not None and owner is not None:
+        loss, value, grouped = _grouped_accuracy(
+            factory, weights, _EVAL_STATE["test"], owner, _EVAL_STATE["device"]
         )
+        return loss, value, None, grouped
+    loss_value: tuple[float | None, float | None] = (None, None)
+    if _EVAL_STATE["test"] is not None:
+        try:
+            loss, value, _ = evaluate_model(
+                factory,
+                weights,
+                _EVAL_STATE["test"],
+                loss_fn=_EVAL_STATE["loss_fn"],
+                metric=_EVAL_STATE["metric"],
+                device=_EVAL_STATE["device"],
+            )
+        except Exception as exc:  # the app's own loss or metric
+            return None, None, clean_reason(f"{type(exc).__name__}: {exc}"), None
+        loss_value = (loss, value)
+    per_client: PerClient = {}
+    try:
+        for client_id, ds in _EVAL_STATE.get("client_tests", []):
+            own = evaluate_model(
+                factory,
+                weights,
+                ds,
+                loss_fn=_EVAL_STATE["loss_fn"],
+                metric=_EVAL_STATE["metric"],
+                device=_EVAL_STATE["device"],
+            )[1]
+            if math.isfinite(own):  # e.g. R^2 of one example is not: that client is left out
+                per_client[client_id] = float(own)
     except Exception as exc:  # the app's own loss or metric
-        return None, None, clean_reason(f"{type(exc).__name__}: {exc}")
-    return loss, value, None
+        reason = clean_reason(f"per-client evaluation: {type(exc).__name__}: {exc}")
+        return *loss_value, reason, None
+    return *loss_value, None, per_client or None
+
+
+def _grouped_accuracy(
+    factory: Callable[[], Any],
+    weights: npt.NDArray[Any],
+    test: Any,
+    owner: npt.NDArray[np.int64],
+    device: str,
+    batch_size: int = 256,
+) -> tuple[float, float, PerClient | None]:
+    """Cross-entropy and accuracy on ``test``, and the accuracy per owning client.
+
+    One pass over ``test`` (as :func:`sepals.client.training.evaluate_model` makes it,
+    batch by batch); ``owner[i]`` is the client index of example ``i`` (``-1``: none).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from sepals.client.training import resolve_device
+    from sepals.common.models import set_flat
+
+    dev = resolve_device(device)
+    model = factory()
+    set_flat(model, np.asarray(weights))
+    model.to(dev)
+    model.eval()
+    loss_sum = 0.0
+    hits: list[npt.NDArray[np.bool_]] = []
+    with torch.no_grad():
+        for x_batch, y_batch in DataLoader(test, batch_size=batch_size):
+            x, y = x_batch.to(dev), y_batch.to(dev)
+            out = model(x)
+            loss_sum += float(torch.nn.functional.cross_entropy(out, y, reduction="sum"))
+            hits.append((out.argmax(dim=1) == y).cpu().numpy())
+    if not hits:
+        raise ValueError("cannot evaluate on an empty dataset")
+    correct = np.concatenate(hits)
+    count = len(correct)
+    mine = owner >= 0
+    if not mine.any():
+        return loss_sum / count, int(correct.sum()) / count, None
+    size = np.bincount(owner[mine])
+    right = np.bincount(owner[mine], weights=correct[mine].astype(np.float64), minlength=len(size))
+    per_client = {f"client-{k}": float(right[k] / size[k]) for k in np.flatnonzero(size)}
+    return loss_sum / count, int(correct.sum()) / count, per_client
+
+
+def _spread_of(per_client: PerClient | None, higher_is_better: bool) -> dict[str, Any] | None:
+    """The spread (``ClientSpread.to_dict()``) of per-client values, ``None`` without any."""
+    if not per_client:
+        return None
+    return client_spread(per_client.values(), higher_is_better=higher_is_better).to_dict()
 
 
 def _evaluator_save(path: str) -> str:
@@ -720,7 +842,7 @@ def run_experiment(
         evaluator.shutdown(wait=True, cancel_futures=True)
         raise
     evaluator_ready = evaluator.submit(
-        _evaluator_data, config.dataset, source, fed.seed, device, config.clients
+        _evaluator_data, config.dataset, source, fed.seed, device, config.clients, config.partition
     )
     cpus = config.cpus or os.cpu_count() or 1
     nodes_dir = tempfile.mkdtemp(prefix=".nodes-", dir=out)
@@ -740,6 +862,7 @@ def run_experiment(
     startup: dict[str, float] = {}
     custom_metric = metric_name != "accuracy"
     eval_errors: list[str] = []
+    last_clients: PerClient = {}
 
     def on_round(record: RoundRecord) -> None:
         pending[record.round] = record
@@ -747,15 +870,20 @@ def run_experiment(
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         global_model = read_global_record(arrays)
         evaluator_ready.result()  # raises the evaluator's own error, if loading failed
-        loss, value, error = evaluator.submit(_evaluator_run, global_model, fed.seed).result()
+        loss, value, error, per_client = evaluator.submit(
+            _evaluator_run, global_model, fed.seed
+        ).result()
         if error is not None and error not in eval_errors:
             eval_errors.append(error)
             log(WARNING, "central evaluation failed: %s", error)
+        spread = _spread_of(per_client, higher_is_better)
+        last_clients.clear()
+        last_clients.update(per_client or {})
         metrics = MetricRecord(
             {k: v for k, v in (("loss", loss), (metric_name, value)) if v is not None}
         )
         if server_round == 0:
-            initial.update({"loss": loss, "metric": value})
+            initial.update({"loss": loss, "metric": value, "fairness": spread})
             if not custom_metric:
                 initial["accuracy"] = value
             _wait_for_workers(cpus)
@@ -772,6 +900,7 @@ def run_experiment(
             "accuracy": None if custom_metric else value,
             "metric": value,
             "loss": loss,
+            "fairness": spread,
             "epsilon": rec.max_epsilon,
             "upload_bytes": rec.upload_bytes,
             "download_bytes": rec.download_bytes,
@@ -822,6 +951,7 @@ def run_experiment(
     # run samples the same clients at any fraction; and wait until every node is there.
     strategy.node_order = simulation_node_order
     strategy.min_available_nodes = config.clients
+    strategy.metric_higher_is_better = higher_is_better
     plan = sign_simulated_rounds(strategy, fed, vector_length)
     server_app = make_server_app(settings, strategy)
     client_app = make_client_app(
@@ -888,11 +1018,28 @@ def run_experiment(
         else None
     )
     report["final"]["evaluation_errors"] = eval_errors
+    report["final"]["fairness"] = final_fairness(
+        rows[-1].get("fairness") if rows else None, last_clients, metric_name
+    )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     from sepals.simulations.plots import write_plots
 
     write_plots(report, out)
     return report
+
+
+def final_fairness(
+    spread: dict[str, Any] | None, per_client: PerClient, metric_name: str
+) -> dict[str, Any] | None:
+    """``report["final"]["fairness"]``: the final model on the clients' own test splits.
+
+    The spread (see :class:`sepals.common.fairness.ClientSpread`), the metric's name and
+    every client's value (``clients``, client id -> value); ``None`` without test data.
+    """
+    if spread is None or not per_client:
+        return None
+    ordered = sorted(per_client.items(), key=lambda kv: int(kv[0].rsplit("-", 1)[-1]))
+    return {**spread, "metric": metric_name, "clients": dict(ordered)}
 
 
 def build_report(
@@ -990,6 +1137,9 @@ def summarize(report: dict[str, Any]) -> str:
         )
     else:
         shown_eps = "off" if eps is None else f"{eps:.3f}"
+    fairness = format_spread(f.get("fairness"), name)
+    if fairness:
+        shown += f" | {fairness}"
     return (
         f"{shown} | epsilon {shown_eps} | {f['wall_seconds']:.1f} s | "
         f"up {f['upload_bytes'] / 1e6:.2f} MB, down {f['download_bytes'] / 1e6:.2f} MB | "

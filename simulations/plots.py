@@ -6,6 +6,9 @@ Rounds are integers and start at round 0, the evaluation of the initial model (a
 with ``"round": 0`` in ``report["rounds"]``, or ``report["initial"]``); no privacy is
 spent before round 1, so with DP on round 0's epsilon is plotted as 0. The title names
 the dataset, clients, fraction sampled per round, partition, privacy target and codec.
+``<metric>_clients.png`` (e.g. ``accuracy_clients.png``) shows the metric of the global
+model on every client's own test split over rounds: the min-max band, the median and
+the mean of the worst 10% of clients (written when the rows carry a ``fairness`` spread).
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def plot_title(report: dict[str, Any]) -> str:
 
 
 def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
-    """Write ``<metric>.png`` (``accuracy.png`` by default) and ``epsilon.png`` into ``out``.
+    """Write the metric, epsilon and per-client plots into ``out``.
+
+    ``<metric>.png`` (``accuracy.png`` by default), ``epsilon.png`` and, when the rows
+    carry per-client spreads, ``<metric>_clients.png``.
 
     Returns:
         The paths written.
@@ -109,7 +115,37 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
         ax.text(0.5, 0.5, "DP off", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel("epsilon")
     written.append(_save(plt, fig, ax, title, out / "epsilon.png"))
+    fairness = _fairness_plot(plt, rows, name, title, out / f"{safe}_clients.png")
+    if fairness is not None:
+        written.append(fairness)
     return written
+
+
+def _fairness_plot(
+    plt: Any, rows: list[dict[str, Any]], name: str, title: str, path: Path
+) -> Path | None:
+    """The per-client metric over rounds: min-max band, median and worst-10% mean.
+
+    Each round's values come from its row's ``fairness`` spread (the global model on
+    every client's own test split); ``None`` (no plot) when no row has one.
+    """
+    points = [(int(r["round"]), r["fairness"]) for r in rows if r.get("fairness")]
+    if not points:
+        return None
+    scale = 100.0 if name == "accuracy" else 1.0
+    rounds = [p for p, _ in points]
+
+    def series(key: str) -> list[float]:
+        return [scale * float(s[key]) for _, s in points]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.fill_between(rounds, series("min"), series("max"), alpha=0.25, label="min to max")
+    ax.plot(rounds, series("median"), marker="o", ms=3, label="median")
+    ax.plot(rounds, series("worst10_mean"), ls="--", label="mean of the worst 10%")
+    ax.legend(fontsize=8)
+    unit = " (%)" if name == "accuracy" else ""
+    ax.set_ylabel(f"per-client {name}{unit}, own test split")
+    return _save(plt, fig, ax, title, path)
 
 
 def _save(plt: Any, fig: Any, ax: Any, title: str, path: Path) -> Path:

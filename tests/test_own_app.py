@@ -336,3 +336,12 @@ def test_simulate_an_edge_app_object_with_client_data(tmp_path):
     with torch.no_grad():
         mse = _mse_metric(model(test.tensors[0]), test.tensors[1])
     assert mse == pytest.approx(report["final"]["metric"], rel=1e-4)
+    # fairness: each client's own test data (from client_data), lower mse is better
+    fair = report["final"]["fairness"]
+    assert fair["metric"] == "mse" and not fair["higher_is_better"] and fair["count"] == 2
+    assert fair["worst10_mean"] == fair["max"]
+    for i in range(2):
+        own = _regression_data(20, seed=100 + i)
+        with torch.no_grad():
+            value = _mse_metric(model(own.tensors[0]), own.tensors[1])
+        assert fair["clients"][f"client-{i}"] == pytest.approx(value, rel=1e-4)

@@ -69,6 +69,19 @@ def test_three_clients_two_rounds_end_to_end(tmp_path):
     # the clients' key file is private to its owner
     mode = stat.S_IMODE((out / "keys" / "clients.secret").stat().st_mode)
     assert mode == 0o600
+    # fairness: the final model on every client's own test split, in rows and report
+    fair = report["final"]["fairness"]
+    values = fair["clients"]
+    assert sorted(values) == ["client-0", "client-1", "client-2"] and fair["count"] == 3
+    assert (fair["min"], fair["max"]) == (min(values.values()), max(values.values()))
+    # the client test splits partition the held-out split: global accuracy lies between
+    assert fair["min"] <= report["final"]["accuracy"] <= fair["max"]
+    assert all(row["fairness"]["count"] == 3 for row in report["rounds"])
+    assert (out / "accuracy_clients.png").stat().st_size > 0
+    # the clients' own federated evaluation of the same model gives the same spread
+    federated = report["server_log"][-1]["federated_spread"]
+    for key in ("min", "median", "max", "worst10_mean"):
+        assert federated[key] == pytest.approx(fair[key])
 
 
 class FaultyClients:
