@@ -412,9 +412,17 @@ class ServerLauncher:
             for line in lines[seen:]:
                 print(progress_line(line, self.cfg.federation.rounds), flush=True)
             seen = len(lines)
-            if time.monotonic() - last_status > status_every:
+            # A ServerApp process that died (a crash, a kill) ends the run now; the
+            # SuperLink would only mark it failed when its heartbeat expires, a minute on.
+            exited = self.executor.returncode()
+            if time.monotonic() - last_status > status_every or exited not in (None, 0):
                 last_status = time.monotonic()
                 status, details = self.run_status()
+                if exited not in (None, 0) and not status.startswith("finished"):
+                    for line in self.state.read_metrics()[seen:]:
+                        print(progress_line(line, self.cfg.federation.rounds), flush=True)
+                    log(WARNING, "run %s: the ServerApp exited with code %s", self.run_id, exited)
+                    return 1
                 if status.startswith("finished"):
                     for line in self.state.read_metrics()[seen:]:
                         print(progress_line(line, self.cfg.federation.rounds), flush=True)

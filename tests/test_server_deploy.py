@@ -269,3 +269,52 @@ def test_a_secret_context_is_still_refused_first_even_with_other_parameters(
     _set(toml, "plain_modulus_bits = 44", "plain_modulus_bits = 42")
     with pytest.raises(SecretKeyExposureError):
         ServerDeployConfig.from_toml(toml).codec()
+
+
+class _DeadServerApp:
+    """An executor whose ServerApp process has exited with ``code``."""
+
+    def __init__(self, code: int | None) -> None:
+        self.code = code
+
+    def poll(self, run_id: int) -> None:
+        pass
+
+    def returncode(self) -> int | None:
+        return self.code
+
+
+@pytest.mark.parametrize("code", [3, -9])
+def test_a_dead_serverapp_ends_the_run_without_waiting_for_the_superlink(
+    bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    cfg = ServerDeployConfig.from_toml(_server_copy(bundles, tmp_path))
+    launcher = ServerLauncher(cfg, insecure=True)
+    launcher.run_id = "7"
+    launcher.executor = _DeadServerApp(code)  # type: ignore[assignment]
+    # The SuperLink still reports the run as running: it notices a dead ServerApp only
+    # when its heartbeat expires, and follow() must not wait for that.
+    asked: list[int] = []
+
+    def still_running() -> tuple[str, str]:
+        asked.append(1)
+        if len(asked) > 1:
+            raise AssertionError("follow() kept waiting for the SuperLink")
+        return "running", ""
+
+    monkeypatch.setattr(launcher, "run_status", still_running)
+    monkeypatch.setattr(launcher, "_check_children", lambda: None)
+    assert launcher.follow(poll=0.01, status_every=0.0) == 1
+
+
+def test_a_serverapp_that_exited_cleanly_waits_for_the_run_status(
+    bundles: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = ServerDeployConfig.from_toml(_server_copy(bundles, tmp_path))
+    launcher = ServerLauncher(cfg, insecure=True)
+    launcher.run_id = "7"
+    launcher.executor = _DeadServerApp(0)  # type: ignore[assignment]
+    statuses = iter([("running", ""), ("finished:completed", "")])
+    monkeypatch.setattr(launcher, "run_status", lambda: next(statuses))
+    monkeypatch.setattr(launcher, "_check_children", lambda: None)
+    assert launcher.follow(poll=0.01, status_every=0.0) == 0

@@ -1,10 +1,10 @@
 """Attacks on a deployed server's trust boundary, on loopback: every one must fail.
 
 One federation (2 clients, TLS and node authentication) is started with
-``sepals-server``. While it runs, an outsider holding the federation's ``ca.pem`` (and,
-in a second try, a valid node key) uses the real ``flwr`` CLI and Flower's own Control
-API client against the public address; a local user tries the loopback SuperLink; then
-the operator's SIGTERM must leave no process behind.
+``sepals-server``, its clients with it. While it runs, an outsider holding the
+federation's ``ca.pem`` (and, in a second try, a valid node key) uses the real ``flwr``
+CLI and Flower's own Control API client against the public address; a local user tries
+the loopback SuperLink; then the operator's SIGTERM must leave no process behind.
 """
 
 from __future__ import annotations
@@ -134,7 +134,10 @@ def test_outsiders_cannot_control_the_deployment(tmp_path: Path) -> None:
             "--port",
             str(port),
             "--rounds",
-            "2",
+            # More rounds than the test lets run: the clients start with the server and
+            # train while the attacks go on, and the federation must still be running
+            # when the operator stops it.
+            "20",
         ],
         check=True,
         capture_output=True,
@@ -161,7 +164,13 @@ def test_outsiders_cannot_control_the_deployment(tmp_path: Path) -> None:
     server = spawn([str(BIN / "sepals-server"), "--config", str(toml)], server_log)
     procs = [server]
     try:
-        wait_for(lambda: "submitted run" in server_log.read_text(), 180, "the run", all_logs)
+        # The registered clients start with the server (their start-up and first round
+        # overlap the attacks); each waits for the server to answer.
+        procs += [
+            client(c, i, 2, logs / f"client-{i + 1}.log", "--connect-timeout", "300")
+            for i, c in enumerate(clients)
+        ]
+        wait_for(lambda: "submitted run" in server_log.read_text(), 300, "the run", all_logs)
         log_text = server_log.read_text()
         run_id = re.search(r"submitted run (\d+)", log_text).group(1)  # type: ignore[union-attr]
         internal = int(re.search(r"APIs on 127\.0\.0\.1:(\d+) only", log_text).group(1))  # type: ignore[union-attr]
@@ -256,9 +265,8 @@ def test_outsiders_cannot_control_the_deployment(tmp_path: Path) -> None:
         )
 
         # Registered nodes still train.
-        procs += [client(c, i, 2, logs / f"client-{i + 1}.log") for i, c in enumerate(clients)]
         wait_for(
-            lambda: len(metrics(state)) >= 1, 300, "round 1", [*all_logs, logs / "client-1.log"]
+            lambda: len(metrics(state)) >= 1, 420, "round 1", [*all_logs, logs / "client-1.log"]
         )
         assert metrics(state)[0]["accepted"] == 2
 
