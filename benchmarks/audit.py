@@ -88,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.canaries < 2 or args.cpus < 1:
-        print("benchmarks.audit: error: need --seeds >= 1, --canaries >= 2, --cpus >= 1",
-              file=sys.stderr)
+        print(
+            "benchmarks.audit: error: need --seeds >= 1, --canaries >= 2, --cpus >= 1",
+            file=sys.stderr,
+        )
         return 2
     configure_logging(False)
     enc = not args.no_encryption

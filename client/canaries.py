@@ -52,10 +52,13 @@ class CanarySpec:
     """Which canaries exist and which client holds each (plain, picklable data).
 
     Attributes:
-        seed: Seed of the canaries' directions (:func:`canary_directions`).
+        seed: Seed of the canaries' random directions (:func:`canary_directions`).
         dimension: Number of trainable model parameters.
         holders: Per canary, the partition id of the client that holds it, or ``-1``
             when the canary is left out of training.
+        coordinates: Dirac canaries: canary ``i``'s direction is the unit vector of
+            parameter ``coordinates[i]`` (distinct, so the canaries are orthogonal).
+            Empty: random unit directions drawn from ``seed``.
         broken_no_noise_for_tests: TEST ONLY. The holders' DP-SGD optimizer adds no
             noise, while sigma is still calibrated and the budget claimed (the ledger
             records the calibrated sigma). It exists to show that the audit catches a
@@ -68,6 +71,7 @@ class CanarySpec:
     seed: int
     dimension: int
     holders: tuple[int, ...]
+    coordinates: tuple[int, ...] = ()
     broken_no_noise_for_tests: bool = False
 
     def __post_init__(self) -> None:
@@ -77,6 +81,21 @@ class CanarySpec:
             raise ValueError("a canary spec needs at least one canary")
         if any(h < -1 for h in self.holders):
             raise ValueError("a canary's holder is a partition id >= 0, or -1 (left out)")
+        if self.coordinates:
+            if len(self.coordinates) != len(self.holders):
+                raise ValueError("Dirac canaries need one coordinate per canary")
+            if len(set(self.coordinates)) != len(self.coordinates) or not all(
+                0 <= c < self.dimension for c in self.coordinates
+            ):
+                raise ValueError(f"coordinates must be distinct and in [0, {self.dimension})")
+
+    def directions(self) -> npt.NDArray[np.float64]:
+        """Every canary's unit direction (rows): ``e_c`` per coordinate, else random."""
+        if not self.coordinates:
+            return canary_directions(self.seed, self.count, self.dimension)
+        dirs = np.zeros((self.count, self.dimension))
+        dirs[np.arange(self.count), list(self.coordinates)] = 1.0
+        return dirs
 
     @property
     def count(self) -> int:
@@ -90,7 +109,7 @@ class CanarySpec:
     def for_client(self, pid: int) -> ClientCanaries:
         """The canaries client ``pid`` holds (possibly none)."""
         ids = tuple(i for i, h in enumerate(self.holders) if h == pid)
-        dirs = canary_directions(self.seed, self.count, self.dimension)[list(ids)]
+        dirs = self.directions()[list(ids)]
         return ClientCanaries(ids, dirs, self.broken_no_noise_for_tests)
 
     def per_client(self, clients: int) -> list[int]:
@@ -165,9 +184,7 @@ class ClientCanaries:
             optimizer._sepals_no_noise = True
         if not self._sampled:
             return
-        rows = torch.as_tensor(
-            max_grad_norm * self.directions[self._sampled], dtype=torch.float32
-        )
+        rows = torch.as_tensor(max_grad_norm * self.directions[self._sampled], dtype=torch.float32)
         offset = 0
         for p in (p for p in model.parameters() if p.requires_grad):
             grad_sample = getattr(p, "grad_sample", None)

@@ -30,8 +30,8 @@ from __future__ import annotations
 import io
 import json
 import math
-from logging import INFO
 from dataclasses import asdict, dataclass
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,9 @@ from scipy import stats
 
 from sepals.common.log import log
 
-#: Canaries per audit (the digits MLP has ~2.4k parameters: see the README).
-DEFAULT_CANARIES = 500
+#: Canaries per audit (Dirac canaries on the quietest of the digits MLP's 2,410
+#: parameters: see the README).
+DEFAULT_CANARIES = 300
 #: The audit's confidence level.
 CONFIDENCE = 0.95
 #: Candidate guess counts per side, as fractions of the canaries (k = round(f * m)).
@@ -209,9 +210,18 @@ def assess(
 
 
 def make_canary_spec(
-    seed: int, count: int, dimension: int, clients: int, *, broken_no_noise: bool = False
+    seed: int,
+    count: int,
+    dimension: int,
+    clients: int,
+    *,
+    coordinates: tuple[int, ...] = (),
+    broken_no_noise: bool = False,
 ) -> Any:
     """``count`` canaries: each in with probability 1/2, held by a uniform random client.
+
+    ``coordinates`` makes them Dirac canaries on those parameters (one each); without,
+    they are random unit directions.
 
     Raises:
         ValueError: fewer than 2 canaries or no client.
@@ -227,7 +237,49 @@ def make_canary_spec(
     included = rng.random(count) < 0.5
     holder = rng.integers(0, clients, size=count)
     holders = tuple(int(h) if inc else -1 for h, inc in zip(holder, included, strict=True))
-    return CanarySpec(seed, dimension, holders, broken_no_noise)
+    return CanarySpec(seed, dimension, holders, coordinates, broken_no_noise)
+
+
+def quiet_coordinates(
+    factory: Any,
+    weights: npt.NDArray[np.floating],
+    data: Any,
+    count: int,
+    seed: int,  # type: ignore[type-arg]
+) -> tuple[int, ...]:
+    """The ``count`` parameters whose loss gradient on ``data`` is weakest at ``weights``.
+
+    The gradient energy of each parameter is the sum of its squared mini-batch (64)
+    gradients of cross-entropy over ``data``; ties (e.g. the weights of an input feature
+    that is always zero) are broken at random from ``seed``. Canaries there compete
+    with the least real training signal (as the gradient canaries of Nasr et al.,
+    IEEE S&P 2021); the choice is made before training and independently of which
+    canaries are included, so the bound stays valid.
+
+    Raises:
+        ValueError: ``count`` exceeds the number of parameters.
+
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from sepals.common.models import set_flat
+
+    model = factory()
+    set_flat(model, np.asarray(weights))
+    params = [p for p in model.parameters() if p.requires_grad]
+    dim = sum(p.numel() for p in params)
+    if not 1 <= count <= dim:
+        raise ValueError(f"cannot place {count} Dirac canaries among {dim} parameters")
+    energy = np.zeros(dim)
+    for x, y in DataLoader(data, batch_size=64):
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+        energy += grads.detach().double().numpy() ** 2
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD17AC]))
+    order = np.lexsort((rng.random(dim), energy))
+    return tuple(int(c) for c in order[:count])
 
 
 def run_audit(
@@ -265,10 +317,10 @@ def run_audit(
     import time
 
     import torch
+    from torch.utils.data import ConcatDataset
 
-    from sepals.client.canaries import canary_directions
     from sepals.client.training import make_dp_compatible
-    from sepals.common.data import dataset_model_factory
+    from sepals.common.data import client_partition, dataset_model_factory
     from sepals.common.models import build_seeded, get_flat, num_parameters
     from sepals.simulations.harness import run_experiment
 
@@ -282,8 +334,25 @@ def run_audit(
     factory = make_dp_compatible(dataset_model_factory(config.dataset))
     dimension = num_parameters(factory())
     seed = config.federation.seed
+    theta_0 = get_flat(build_seeded(factory, seed))
+    train = ConcatDataset(
+        [
+            client_partition(config.dataset, config.clients, config.partition, seed, pid)[
+                0
+            ].to_torch()
+            for pid in range(config.clients)
+        ]
+    )
+    coordinates = quiet_coordinates(factory, theta_0, train, min(canaries, dimension), seed)
+    if canaries > dimension:
+        raise ValueError(f"at most {dimension} canaries fit this model's parameters")
     spec = make_canary_spec(
-        seed, canaries, dimension, config.clients, broken_no_noise=_broken_no_noise_for_tests
+        seed,
+        canaries,
+        dimension,
+        config.clients,
+        coordinates=coordinates,
+        broken_no_noise=_broken_no_noise_for_tests,
     )
     report = run_experiment(config, progress=progress, on_start=on_start, canaries=spec)
     out = Path(config.out)
@@ -292,9 +361,8 @@ def run_audit(
     state = torch.load(io.BytesIO((out / report["final"]["model"]).read_bytes()))
     final_model = factory()
     final_model.load_state_dict(state)
-    theta_0 = get_flat(build_seeded(factory, seed))
     theta_final = get_flat(final_model)
-    scores = canary_scores(theta_0, theta_final, canary_directions(seed, canaries, dimension))
+    scores = canary_scores(theta_0, theta_final, spec.directions())
     result = assess(
         scores,
         spec.included(),

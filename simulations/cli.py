@@ -326,7 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sepals.simulations.harness import run_experiment, summarize
 
     if args.audit is not None and args.audit < 2:
-        print(f"sepals-sim: error: --audit needs M >= 2 canaries, got {args.audit}", file=sys.stderr)
+        print(
+            f"sepals-sim: error: --audit needs M >= 2 canaries, got {args.audit}", file=sys.stderr
+        )
         return 2
     if args.audit is not None and (not config.privacy.enabled or config.app is not None):
         print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ def test_bound_is_zero_at_chance_and_monotone_in_correct_guesses() -> None:
     assert epsilon_lower_bound(m, r, r // 2, 1e-5) == 0.0
     assert epsilon_lower_bound(m, r, 0, 1e-5) == 0.0
     bounds = [epsilon_lower_bound(m, r, v, 1e-5) for v in range(100, r + 1, 5)]
-    assert all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:], strict=False))
+    assert all(b2 >= b1 for b1, b2 in itertools.pairwise(bounds))
     assert bounds[-1] > bounds[0] + 3
 
 
@@ -201,7 +202,9 @@ def test_no_canaries_without_an_audit_spec() -> None:
     assert ClientRuntime.__dataclass_fields__["canaries"].default is None
     fed = FederationConfig(rounds=2)
     codec = make_client_codec(EncryptionConfig(scheme="none"), None)
-    plan = FederationPlan.create(fed, codec.name, codec.fingerprint_hex, 10, generate_operator_key()[1])
+    plan = FederationPlan.create(
+        fed, codec.name, codec.fingerprint_hex, 10, generate_operator_key()[1]
+    )
     base = SimulatedClientProvider(
         "digits", 4, "iid", 0, PrivacyConfig(), EncryptionConfig(scheme="none"), None, plan
     )
