@@ -195,7 +195,7 @@ class ClientCanaries:
                 )
             n = p.numel()
             part = rows[:, offset : offset + n].reshape(len(self._sampled), *p.shape)
-            p.grad_sample = torch.cat([grad_sample, part.to(grad_sample)])
+            setattr(p, "grad_sample", torch.cat([grad_sample, part.to(grad_sample)]))  # noqa: B010
             offset += n
         self._sampled.clear()
 

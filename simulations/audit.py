@@ -66,10 +66,12 @@ def p_value_dp_audit(m: int, r: int, v: int, eps: float, delta: float) -> float:
         raise ValueError(f"need eps >= 0 and delta in [0, 1], got {eps}, {delta}")
     q = 1.0 / (1.0 + math.exp(-eps))  # accuracy of eps-DP randomized response
     beta = float(stats.binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
-    alpha, total = 0.0, 0.0
-    for i in range(1, v + 1):
-        total += float(stats.binom.pmf(v - i, r, q))  # P[v > Binomial(r, q) >= v - i]
-        alpha = max(alpha, total / i)
+    # alpha = max over i in 1..v of P[v > Binomial(r, q) >= v - i] / i (0 when v = 0)
+    alpha = 0.0
+    if v > 0:
+        i = np.arange(1, v + 1)
+        partial = np.cumsum(stats.binom.pmf(v - i, r, q))
+        alpha = float(np.max(partial / i))
     return min(beta + alpha * delta * 2 * m, 1.0)
 
 
@@ -335,7 +337,7 @@ def run_audit(
     dimension = num_parameters(factory())
     seed = config.federation.seed
     theta_0 = get_flat(build_seeded(factory, seed))
-    train = ConcatDataset(
+    train: Any = ConcatDataset(
         [
             client_partition(config.dataset, config.clients, config.partition, seed, pid)[
                 0

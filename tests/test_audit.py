@@ -117,6 +117,26 @@ def test_canary_spec_is_seeded_picklable_data() -> None:
         make_canary_spec(7, 1, 30, 5)
     with pytest.raises(ValueError):
         CanarySpec(0, 3, (0, -2))
+    with pytest.raises(ValueError, match="distinct"):
+        CanarySpec(0, 3, (0, 1), (2, 2))
+
+
+def test_dirac_canaries_sit_on_the_quietest_parameters() -> None:
+    from sepals.simulations.audit import quiet_coordinates
+
+    spec = make_canary_spec(1, 3, 23, 2, coordinates=(4, 0, 9))
+    dirs = spec.directions()
+    assert np.allclose(dirs @ dirs.T, np.eye(3)) and dirs[0, 4] == 1.0
+    # Input feature 0 is always zero: the 3 first-layer weights it feeds get no gradient.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 4, generator=gen)
+    x[:, 0] = 0.0
+    data = TensorDataset(x, torch.randint(0, 2, (100,), generator=gen))
+    quiet = quiet_coordinates(_model, get_flat(_model()), data, 3, 0)
+    assert sorted(quiet) == [0, 4, 8]  # weight[h, 0] of a 3x4 Linear: flat 4 * h
+    assert quiet_coordinates(_model, get_flat(_model()), data, 3, 1) != ()
+    with pytest.raises(ValueError):
+        quiet_coordinates(_model, get_flat(_model()), data, 24, 0)
 
 
 # ------------------------------------------------------------------------- injection
