@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="privacy audit: train once with M white-box gradient canaries and report the "
         "empirical epsilon lower bound (95%% confidence) beside the claimed epsilon "
-        "(see the README, 'Privacy audit'; e.g. 500)",
+        "(see the README, 'Privacy audit'; e.g. 300)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="output folder")

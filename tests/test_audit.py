@@ -274,3 +274,12 @@ def test_audit_catches_a_broken_mechanism_and_passes_an_honest_one(tmp_path: Pat
     assert b["epsilon_lower_bound"] >= 1.5
     assert h["epsilon_lower_bound"] <= h["claimed_epsilon"]
     assert (tmp_path / "broken" / "report.json").read_text().count('"audit"') == 1
+
+
+def test_cli_audit_flag_refuses_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    from sepals.simulations.cli import main
+
+    assert main(["--audit", "1"]) == 2
+    assert "M >= 2" in capsys.readouterr().err
+    assert main(["--audit", "10", "--epsilon", "0"]) == 2
+    assert "--epsilon > 0" in capsys.readouterr().err
