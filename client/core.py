@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from torch.utils.data import Dataset
 
+from sepals.client.canaries import ClientCanaries
 from sepals.client.privacy import PrivacyLedger, planned_participation
 from sepals.client.training import (
     LossFn,
@@ -81,6 +82,9 @@ class ClientRuntime:
         metric_name: The metric's name in reports.
         device: Where training runs: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
             Encoding and decoding stay on the CPU.
+        canaries: Privacy audits in simulation only: the gradient canaries whose
+            marked rows ``train_data`` holds (:mod:`sepals.client.canaries`). A
+            deployed client never has any.
 
     """
 
@@ -99,6 +103,7 @@ class ClientRuntime:
     metric: MetricFn | None = None
     metric_name: str = "accuracy"
     device: str = "auto"
+    canaries: ClientCanaries | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,7 @@ class SepalsClient:
             cfg.server_round,
             loss_fn=rt.loss_fn,
             device=rt.device,
+            canaries=rt.canaries,
         )
         rounding = (
             np.random.default_rng(_derive_seed(rt.seed, rt.client_id, cfg.server_round, "rounding"))

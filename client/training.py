@@ -242,6 +242,7 @@ def train_round(
     poisson_sampling: bool = True,
     loss_fn: LossFn | None = None,
     device: str | torch.device = "cpu",
+    canaries: Any = None,
 ) -> TrainOutcome:
     """Train one round locally and return the new weights and ledger.
 
@@ -263,6 +264,8 @@ def train_round(
             gradients of this loss, scaled for a mean reduction.
         device: Where the model and batches live (``cpu``, ``cuda``, ``auto``). Weights
             come back on the CPU.
+        canaries: Audits only: a :class:`sepals.client.canaries.ClientCanaries` whose
+            marked rows of ``data`` become gradient canaries (``None`` everywhere else).
 
     """
     t0 = time.perf_counter()
@@ -321,11 +324,15 @@ def train_round(
     loss_sum, loss_batches = 0.0, 0
     for _ in range(settings.epochs):
         for x_batch, y_batch in loader:
+            if canaries is not None:
+                x_batch, y_batch = canaries.strip(x_batch, y_batch)
             x, y = x_batch.to(dev), y_batch.to(dev)
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
             loss = _mean_loss(criterion, out, y) if len(y) else out.sum() * 0.0
             loss.backward()
+            if canaries is not None:
+                canaries.inject(model, optimizer, privacy.max_grad_norm)
             optimizer.step()
             steps += 1
             if len(y):

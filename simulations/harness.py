@@ -71,6 +71,7 @@ from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan, OperatorSigner, generate_operator_key
 
 if TYPE_CHECKING:
+    from sepals.client.canaries import CanarySpec
     from sepals.client.edge import EdgeApp
 
 # Flower sends anonymous usage telemetry unless told not to. A privacy product does not.
@@ -613,6 +614,7 @@ class SimulatedClientProvider:
     app: AppSource | None = None
     device: str = "auto"
     nodes_dir: str | None = None
+    canaries: CanarySpec | None = None  # privacy audits only (sepals.simulations.audit)
 
     def __call__(self, context: Any) -> Any:
         """The :class:`ClientRuntime` of the node in ``context``."""
@@ -671,11 +673,17 @@ def _simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
     train, test = client_partition(
         provider.dataset, provider.clients, provider.partition, provider.seed, pid
     )
+    train_data = train.to_torch()
+    canaries = None
+    if provider.canaries is not None:
+        canaries = provider.canaries.for_client(pid)
+        train_data = canaries.add_rows(train_data)
     return ClientRuntime(
         model_factory=dataset_model_factory(provider.dataset),
-        train_data=train.to_torch(),
+        train_data=train_data,
         test_data=test.to_torch(),
         device=provider.device,
+        canaries=canaries,
         **common,
     )
 
@@ -769,6 +777,7 @@ def run_experiment(
     *,
     app: EdgeApp | None = None,
     on_start: ProgressFn | None = None,
+    canaries: CanarySpec | None = None,
 ) -> dict[str, Any]:
     """Run one simulation and write ``report.json``, ``model.pt`` and plots into ``config.out``.
 
@@ -781,6 +790,8 @@ def run_experiment(
             it must pickle with ``cloudpickle`` (see :class:`AppSource`).
         on_start: Called once keys, Ray and its workers are up, before round 1, with
             ``{"startup_seconds": ...}``.
+        canaries: Privacy audits only (:mod:`sepals.simulations.audit`): gradient
+            canaries the simulated clients add to their training data.
 
     Returns:
         The report, as written to ``report.json``.
@@ -826,6 +837,15 @@ def run_experiment(
         caps = client_example_caps(config.dataset, config.clients, config.partition, fed.seed)
         metric_name, higher_is_better = "accuracy", True
     vector_length = num_parameters(factory())
+    if canaries is not None:
+        if source is not None:
+            raise ValueError("the privacy audit supports the bundled datasets, not --app")
+        if canaries.dimension != vector_length:
+            raise ValueError(
+                f"canaries of dimension {canaries.dimension} for a {vector_length}-parameter model"
+            )
+        # A canary is one more example of its client: it may claim it.
+        caps = [c + k for c, k in zip(caps, canaries.per_client(config.clients), strict=True)]
     device = _pick_device(config.device, edge)
     on_gpu = resolve_device(device).type == "cuda"
     ctx = multiprocessing.get_context("spawn")
@@ -967,6 +987,7 @@ def run_experiment(
             app=source,
             device=config.device,
             nodes_dir=nodes_dir,
+            canaries=canaries,
         ),
         mods=client_mods,
     )

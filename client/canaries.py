@@ -1,0 +1,210 @@
+"""White-box gradient canaries for the privacy audit (simulations only).
+
+A canary is a fixed random unit direction ``u`` in parameter space. A client that holds
+it treats it as ONE extra training example: it is a row of the client's training data
+(so it counts in the example count, the Poisson sample rate and the FedAvg weight), it
+is Poisson-sampled like any other row, and when a step samples it its per-sample
+gradient is exactly ``C * u`` (``C`` = ``max_grad_norm``). The row is injected into
+Opacus's per-sample gradients (``p.grad_sample``) before clipping and noise, so the
+DP-SGD optimizer clips, sums and noises it like a real example (Steinke, Nasr and
+Jagielski, NeurIPS 2023; Andrew et al., ICLR 2024).
+
+Canary rows are marked by a negative label ``-(1 + j)`` (``j``: the canary's index in
+the client's list) and zero features. :meth:`ClientCanaries.strip` removes them from a
+batch before the forward pass and remembers which were sampled;
+:meth:`ClientCanaries.inject` appends their gradient rows after the backward pass.
+
+Only the simulation harness builds canaries, from a :class:`CanarySpec` handed to its
+client provider; a deployed client never has any (``ClientRuntime.canaries`` is
+``None``).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.utils.data import TensorDataset
+
+
+def canary_directions(seed: int, count: int, dimension: int) -> npt.NDArray[np.float64]:
+    """``count`` random unit vectors of length ``dimension`` (rows), drawn from ``seed``.
+
+    Raises:
+        ValueError: ``count`` or ``dimension`` is below 1.
+
+    """
+    if count < 1 or dimension < 1:
+        raise ValueError(f"count and dimension must be >= 1, got {count}, {dimension}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCA4A27]))
+    g = rng.standard_normal((count, dimension))
+    norms: npt.NDArray[np.float64] = np.linalg.norm(g, axis=1, keepdims=True)
+    out: npt.NDArray[np.float64] = g / norms
+    return out
+
+
+@dataclass(frozen=True)
+class CanarySpec:
+    """Which canaries exist and which client holds each (plain, picklable data).
+
+    Attributes:
+        seed: Seed of the canaries' random directions (:func:`canary_directions`).
+        dimension: Number of trainable model parameters.
+        holders: Per canary, the partition id of the client that holds it, or ``-1``
+            when the canary is left out of training.
+        coordinates: Dirac canaries: canary ``i``'s direction is the unit vector of
+            parameter ``coordinates[i]`` (distinct, so the canaries are orthogonal).
+            Empty: random unit directions drawn from ``seed``.
+        broken_no_noise_for_tests: TEST ONLY. The holders' DP-SGD optimizer adds no
+            noise, while sigma is still calibrated and the budget claimed (the ledger
+            records the calibrated sigma). It exists to show that the audit catches a
+            broken mechanism; only :func:`sepals.simulations.audit.run_audit`'s private
+            keyword sets it. Every client of an audited run gets a spec (possibly with
+            no canary of its own) so that the switch reaches all of them.
+
+    """
+
+    seed: int
+    dimension: int
+    holders: tuple[int, ...]
+    coordinates: tuple[int, ...] = ()
+    broken_no_noise_for_tests: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dimension < 1:
+            raise ValueError(f"dimension must be >= 1, got {self.dimension}")
+        if not self.holders:
+            raise ValueError("a canary spec needs at least one canary")
+        if any(h < -1 for h in self.holders):
+            raise ValueError("a canary's holder is a partition id >= 0, or -1 (left out)")
+        if self.coordinates:
+            if len(self.coordinates) != len(self.holders):
+                raise ValueError("Dirac canaries need one coordinate per canary")
+            if len(set(self.coordinates)) != len(self.coordinates) or not all(
+                0 <= c < self.dimension for c in self.coordinates
+            ):
+                raise ValueError(f"coordinates must be distinct and in [0, {self.dimension})")
+
+    def directions(self) -> npt.NDArray[np.float64]:
+        """Every canary's unit direction (rows): ``e_c`` per coordinate, else random."""
+        if not self.coordinates:
+            return canary_directions(self.seed, self.count, self.dimension)
+        dirs = np.zeros((self.count, self.dimension))
+        dirs[np.arange(self.count), list(self.coordinates)] = 1.0
+        return dirs
+
+    @property
+    def count(self) -> int:
+        """Number of canaries (in and out)."""
+        return len(self.holders)
+
+    def included(self) -> npt.NDArray[np.bool_]:
+        """Per canary, whether it was put into training."""
+        return np.asarray(self.holders) >= 0
+
+    def for_client(self, pid: int) -> ClientCanaries:
+        """The canaries client ``pid`` holds (possibly none)."""
+        ids = tuple(i for i, h in enumerate(self.holders) if h == pid)
+        dirs = self.directions()[list(ids)]
+        return ClientCanaries(ids, dirs, self.broken_no_noise_for_tests)
+
+    def per_client(self, clients: int) -> list[int]:
+        """How many canaries each of ``clients`` clients holds."""
+        counts = [0] * clients
+        for h in self.holders:
+            if h >= clients:
+                raise ValueError(f"canary holder {h} is not one of {clients} clients")
+            if h >= 0:
+                counts[h] += 1
+        return counts
+
+
+@dataclass(frozen=True, eq=False)
+class ClientCanaries:
+    """One client's canaries, and the training hook that makes them examples.
+
+    Attributes:
+        ids: Global indices of the canaries (into the spec's directions).
+        directions: Their unit directions, one row each (flat parameter order of
+            :func:`sepals.common.models.get_flat`).
+        no_noise: TEST ONLY (see :class:`CanarySpec`): remove the DP noise.
+
+    """
+
+    ids: tuple[int, ...]
+    directions: npt.NDArray[np.float64] = field(repr=False)
+    no_noise: bool = False
+    _sampled: list[int] = field(default_factory=list, repr=False)
+
+    def add_rows(self, data: TensorDataset) -> TensorDataset:
+        """``data`` with one marked row per canary appended (zero features, label ``-(1+j)``).
+
+        Raises:
+            ValueError: ``data`` is not an ``(x, y)`` TensorDataset with integer labels.
+
+        """
+        if type(data) is not TensorDataset or len(data.tensors) != 2:
+            raise ValueError("canaries need an (x, y) TensorDataset of training data")
+        x, y = data.tensors
+        if y.dtype not in (torch.int64, torch.int32) or (len(y) and int(y.min()) < 0):
+            raise ValueError("canaries need non-negative integer labels")
+        k = len(self.ids)
+        if k == 0:
+            return data
+        cx = torch.zeros((k, *x.shape[1:]), dtype=x.dtype)
+        cy = -torch.arange(1, k + 1, dtype=y.dtype)
+        return TensorDataset(torch.cat([x, cx]), torch.cat([y, cy]))
+
+    def strip(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch without its canary rows; remembers which canaries it sampled."""
+        marked = y < 0
+        self._sampled.clear()
+        if not bool(marked.any()):
+            return x, y
+        self._sampled.extend(int(j) for j in (-y[marked] - 1).tolist())
+        keep = ~marked
+        return x[keep], y[keep]
+
+    def inject(self, model: torch.nn.Module, optimizer: Any, max_grad_norm: float) -> None:
+        """Append ``C * u`` per sampled canary to every parameter's ``grad_sample``.
+
+        Called after ``loss.backward()`` and before ``optimizer.step()``; the optimizer
+        then clips, sums and noises the rows with the batch's real ones.
+
+        Raises:
+            ValueError: the model has no per-sample gradients (ghost clipping, or no DP).
+
+        """
+        if self.no_noise and not getattr(optimizer, "_sepals_no_noise", False):
+            optimizer.add_noise = types.MethodType(_add_no_noise, optimizer)
+            optimizer._sepals_no_noise = True
+        if not self._sampled:
+            return
+        rows = torch.as_tensor(max_grad_norm * self.directions[self._sampled], dtype=torch.float32)
+        offset = 0
+        for p in (p for p in model.parameters() if p.requires_grad):
+            grad_sample = getattr(p, "grad_sample", None)
+            if not isinstance(grad_sample, torch.Tensor):
+                raise ValueError(
+                    "gradient canaries need Opacus per-sample gradients (DP on, "
+                    "grad_sample_mode hooks, functorch or ew)"
+                )
+            n = p.numel()
+            part = rows[:, offset : offset + n].reshape(len(self._sampled), *p.shape)
+            setattr(p, "grad_sample", torch.cat([grad_sample, part.to(grad_sample)]))  # noqa: B010
+            offset += n
+        self._sampled.clear()
+
+
+def _add_no_noise(self: Any) -> None:
+    """TEST ONLY: Opacus's ``DPOptimizer.add_noise`` without the noise (a broken mechanism)."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+    for p in self.params:
+        _check_processed_flag(p.summed_grad)
+        p.grad = p.summed_grad.view_as(p).clone()
+        _mark_as_processed(p.summed_grad)
