@@ -70,6 +70,7 @@ def simulate(
     batch_size: int = 32,
     learning_rate: float = 0.05,
     fraction_evaluate: float = 0.0,
+    noise_shares: int = 1,
     app_args: Mapping[str, str] | None = None,
     cpus: int | None = None,
     progress: ProgressFn | None = None,
@@ -98,6 +99,9 @@ def simulate(
         batch_size: (Expected) local batch size.
         learning_rate: Local SGD learning rate.
         fraction_evaluate: Fraction of clients running federated evaluation each round.
+        noise_shares: Distributed DP noise over ``M`` clients (each adds sigma/sqrt(M));
+            needs BFV with masking (on by default) and ``M`` at most its threshold. 1 is
+            local DP (see the README's threat model).
         app_args: String arguments of the spec's factory (spec only).
         cpus: CPUs Ray may use (default: all).
         progress: Called with each round's row.
@@ -149,19 +153,29 @@ def simulate(
             scheme=encryption,  # type: ignore[arg-type]
             max_clients=sampled_per_round(max(clients, 1), fraction, 1),
         )
+    federation = FederationConfig(
+        rounds=rounds,
+        fraction_train=fraction,
+        min_train_clients=1,
+        fraction_evaluate=fraction_evaluate,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        seed=seed,
+    )
+    if noise_shares != 1:
+        from dataclasses import replace
+
+        from sepals.common.masking import masked_federation
+
+        if encryption.scheme != "bfv":
+            raise ValueError("noise_shares needs BFV encryption with pairwise masking")
+        sampled = sampled_per_round(max(clients, 1), fraction, 1)
+        federation = replace(masked_federation(federation, sampled), noise_shares=noise_shares)
     config = SimulationConfig(
         clients=clients,
         partition=partition,
-        federation=FederationConfig(
-            rounds=rounds,
-            fraction_train=fraction,
-            min_train_clients=1,
-            fraction_evaluate=fraction_evaluate,
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            seed=seed,
-        ),
+        federation=federation,
         privacy=privacy,
         encryption=encryption,
         out=str(out),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,13 @@ def test_sepals_sim_flag() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             config_from_args(build_parser().parse_args(argv))
+
+
+def test_simulate_api_refuses_split_noise_without_masking(tmp_path: Path) -> None:
+    from sepals.simulations import simulate
+
+    app = str(Path(__file__).resolve().parents[1] / "examples" / "regression_app.py") + ":make_app"
+    with pytest.raises(ValueError, match="needs BFV"):
+        simulate(app, encryption="none", noise_shares=3, out=tmp_path)
+    with pytest.raises(ValueError, match="threshold of at least 9"):
+        simulate(app, clients=10, noise_shares=9, out=tmp_path)
