@@ -136,7 +136,7 @@ class FlowerJob:
             fraction_evaluate=_get(config, "fraction-evaluate", 1.0),
             local_epochs=_get(config, "local-epochs", 1),
             batch_size=_get(config, "batch-size", 16),
-            learning_rate=_get(config, "lr", 0.4),
+            learning_rate=_get(config, "lr", 0.214),
             momentum=fed.momentum,
             seed=_get(config, "seed", 0),
         )
