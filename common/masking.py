@@ -135,15 +135,24 @@ def masked_federation(
     sampled: int,
     neighbours: int | None = None,
     threshold: int | None = None,
+    noise_shares: int = 1,
 ) -> FederationConfig:
     """``federation`` with masking on, for rounds of ``sampled`` clients (``None``: default).
 
+    ``noise_shares`` (distributed DP noise, :attr:`FederationConfig.noise_shares`) is set
+    with the masking parameters, since it is only valid with them.
+
     Raises:
-        ValueError: as :func:`resolve_mask_params`.
+        ValueError: as :func:`resolve_mask_params`, or ``noise_shares`` above the threshold.
 
     """
     params = resolve_mask_params(sampled, neighbours, threshold)
-    return replace(federation, mask_neighbours=params.neighbours, mask_threshold=params.threshold)
+    return replace(
+        federation,
+        mask_neighbours=params.neighbours,
+        mask_threshold=params.threshold,
+        noise_shares=noise_shares,
+    )
 
 
 def check_node_id(node: object) -> int:

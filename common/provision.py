@@ -193,10 +193,9 @@ class ProvisionSpec:
         sampled = sampled_per_round(self.clients, self.fraction_train, federation.min_train_clients)
         if not masked or (sampled < 2 and not tuned):
             return replace(federation, noise_shares=self.noise_shares)
-        masked_fed = masked_federation(
-            federation, sampled, self.mask_neighbours, self.mask_threshold
+        return masked_federation(
+            federation, sampled, self.mask_neighbours, self.mask_threshold, self.noise_shares
         )
-        return replace(masked_fed, noise_shares=self.noise_shares)
 
     @property
     def address(self) -> str:

@@ -415,21 +415,26 @@ class ServerLauncher:
             # A ServerApp process that died (a crash, a kill) ends the run now; the
             # SuperLink would only mark it failed when its heartbeat expires, a minute on.
             exited = self.executor.returncode()
-            if time.monotonic() - last_status > status_every or exited not in (None, 0):
+            crashed = exited not in (None, 0)
+            if time.monotonic() - last_status > status_every or crashed:
                 last_status = time.monotonic()
                 status, details = self.run_status()
-                if exited not in (None, 0) and not status.startswith("finished"):
+                finished = status.startswith("finished")
+                if finished or crashed:
                     for line in self.state.read_metrics()[seen:]:
                         print(progress_line(line, self.cfg.federation.rounds), flush=True)
-                    log(WARNING, "run %s: the ServerApp exited with code %s", self.run_id, exited)
-                    return 1
-                if status.startswith("finished"):
-                    for line in self.state.read_metrics()[seen:]:
-                        print(progress_line(line, self.cfg.federation.rounds), flush=True)
-                    if status != "finished:completed":
+                    if status == "finished:completed":
+                        return 0
+                    if finished:
                         log(WARNING, "run %s ended %s: %s", self.run_id, status, details)
-                        return 1
-                    return 0
+                    else:
+                        log(
+                            WARNING,
+                            "run %s: the ServerApp exited with code %s",
+                            self.run_id,
+                            exited,
+                        )
+                    return 1
             time.sleep(poll)
 
     def stop(self) -> None:

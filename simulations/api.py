@@ -164,14 +164,12 @@ def simulate(
         seed=seed,
     )
     if noise_shares != 1:
-        from dataclasses import replace
-
         from sepals.common.masking import masked_federation
 
         if encryption.scheme != "bfv":
             raise ValueError("noise_shares needs BFV encryption with pairwise masking")
         sampled = sampled_per_round(max(clients, 1), fraction, 1)
-        federation = replace(masked_federation(federation, sampled), noise_shares=noise_shares)
+        federation = masked_federation(federation, sampled, noise_shares=noise_shares)
     config = SimulationConfig(
         clients=clients,
         partition=partition,

@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 no round aggregated any update, 2 bad flags or app.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Tuned defaults per dataset (used where a flag is not given). ``dp_lr`` = (a, p) makes
-# the learning rate depend on the budget: min(lr, a * epsilon**p) (see default_lr).
+# the learning rate depend on the budget: min(lr, a * (epsilon * sqrt(m))**p) for noise
+# shared over m clients (see default_lr).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # lr: tuned on a validation split of the train split, seeds 11 and 12 (README,
     # "Accuracy for the same epsilon"): 0.4 without DP; with DP 0.05 * (eps*sqrt(m))**0.7,
@@ -284,9 +286,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
         sampled = sampled_per_round(max(args.clients, 1), federation.fraction_train, 1)
         federation = masked_federation(
-            federation, sampled, args.mask_neighbours, args.mask_threshold
+            federation, sampled, args.mask_neighbours, args.mask_threshold, args.noise_shares
         )
-        federation = replace(federation, noise_shares=args.noise_shares)
     return SimulationConfig(
         dataset=args.dataset,
         clients=args.clients,
@@ -427,21 +428,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         metric[0] = load_edge_app(absolute_spec(config.app), dict(config.app_args)).metric_name
     try:
+        run: Any = run_experiment
         if args.audit is not None:
             from sepals.simulations.audit import run_audit
 
-            report = run_audit(
-                config,
-                args.audit,
-                progress=lambda row: _progress_line(row, fed.rounds, metric[0]),
-                on_start=started,
-            )
-        else:
-            report = run_experiment(
-                config,
-                progress=lambda row: _progress_line(row, fed.rounds, metric[0]),
-                on_start=started,
-            )
+            run = functools.partial(run_audit, canaries=args.audit)
+        report = run(
+            config,
+            progress=lambda row: _progress_line(row, fed.rounds, metric[0]),
+            on_start=started,
+        )
     except ValueError as exc:
         print(f"sepals-sim: error: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
