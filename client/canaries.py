@@ -1,6 +1,7 @@
 """White-box gradient canaries for the privacy audit (simulations only).
 
-A canary is a fixed random unit direction ``u`` in parameter space. A client that holds
+A canary is a fixed unit direction ``u`` in parameter space: the unit vector of one
+parameter (Dirac canaries, as the audit places them) or a random direction. A client that holds
 it treats it as ONE extra training example: it is a row of the client's training data
 (so it counts in the example count, the Poisson sample rate and the FedAvg weight), it
 is Poisson-sampled like any other row, and when a step samples it its per-sample

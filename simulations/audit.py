@@ -1,12 +1,14 @@
 """A privacy audit anyone can run: gradient canaries and a one-run epsilon lower bound.
 
 ``sepals-sim --audit M`` (or :func:`run_audit`) draws ``M`` white-box gradient canaries
-(:mod:`sepals.client.canaries`): canary ``i`` is a fixed random unit direction ``u_i``
-in parameter space; it is included with probability 1/2 (independently), and an
-included canary is one extra training example of a uniformly random client, whose
-per-sample gradient is ``C * u_i`` whenever Poisson sampling picks it. The run is the
-ordinary simulation with the same settings (real ClientApps, encryption as
-configured); only the clients' training data gains the canary rows.
+(:mod:`sepals.client.canaries`): canary ``i`` is a fixed unit direction ``u_i`` in
+parameter space (the unit vector of one of the ``M`` parameters with the weakest
+round-0 training gradient, :func:`quiet_coordinates`). It is included with probability
+1/2 (independently), and an included canary is one extra training example of a
+uniformly random client, whose per-sample gradient is ``C * u_i`` whenever Poisson
+sampling picks it. The run is the ordinary simulation with the same settings (real
+ClientApps, encryption as configured); only the clients' training data gains the
+canary rows.
 
 Scoring: ``score_i = <theta_0 - theta_final, u_i>``, the global model's total movement
 along the canary (``theta_0`` the shared seeded round-0 model, ``theta_final`` the model
@@ -30,7 +32,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -143,9 +145,10 @@ class AuditResult:
     seconds: float | None = None
     broken_no_noise_for_tests: bool = False
     method: str = (
-        "white-box gradient canaries (random unit directions u_i in parameter space, each "
-        "one extra example of a random client with probability 1/2, per-sample gradient "
-        "C*u_i); score_i = <theta_0 - theta_final, u_i>; guess 'in' for the k highest and "
+        "white-box gradient canaries (Dirac: u_i is the unit vector of one of the m "
+        "parameters with the weakest round-0 training gradient; each canary one extra "
+        "example of a random client with probability 1/2, per-sample gradient C*u_i); "
+        "score_i = <theta_0 - theta_final, u_i>; guess 'in' for the k highest and "
         "'out' for the k lowest scores, k from GUESS_FRACTIONS of m"
     )
     formula: str = (
@@ -335,6 +338,8 @@ def run_audit(
     t0 = time.perf_counter()
     factory = make_dp_compatible(dataset_model_factory(config.dataset))
     dimension = num_parameters(factory())
+    if canaries > dimension:
+        raise ValueError(f"at most {dimension} canaries fit this model's parameters")
     seed = config.federation.seed
     theta_0 = get_flat(build_seeded(factory, seed))
     train: Any = ConcatDataset(
@@ -345,9 +350,7 @@ def run_audit(
             for pid in range(config.clients)
         ]
     )
-    coordinates = quiet_coordinates(factory, theta_0, train, min(canaries, dimension), seed)
-    if canaries > dimension:
-        raise ValueError(f"at most {dimension} canaries fit this model's parameters")
+    coordinates = quiet_coordinates(factory, theta_0, train, canaries, seed)
     spec = make_canary_spec(
         seed,
         canaries,
@@ -372,12 +375,10 @@ def run_audit(
         report["final"].get("epsilon"),
         confidence,
     )
-    result = AuditResult(
-        **{
-            **result.to_dict(),
-            "seconds": time.perf_counter() - t0,
-            "broken_no_noise_for_tests": _broken_no_noise_for_tests,
-        }
+    result = replace(
+        result,
+        seconds=time.perf_counter() - t0,
+        broken_no_noise_for_tests=_broken_no_noise_for_tests,
     )
     report["audit"] = result.to_dict()
     (out / "report.json").write_text(json.dumps(report, indent=2))

@@ -52,29 +52,14 @@ def test_pld_calibration_is_within_budget_and_tight(target: float, q: float, ste
 
 
 def test_pld_ledger_composes_over_rounds_like_one_run() -> None:
-    import torch
+    from dp_util import train_toy_rounds
 
-    from sepals.client.privacy import PrivacyLedger, poisson_schedule
-    from sepals.client.training import TrainSettings, train_round
+    from sepals.client.training import TrainSettings
     from sepals.common.config import PrivacyConfig
-    from sepals.common.models import get_flat
-
-    gen = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(
-        torch.randn(60, 4, generator=gen), torch.randint(0, 2, (60,), generator=gen)
-    )
-
-    def factory() -> torch.nn.Module:
-        return torch.nn.Linear(4, 2)
 
     privacy = PrivacyConfig(target_epsilon=4.0, accountant="pld")
     settings = TrainSettings(batch_size=20, learning_rate=0.05, data_seed=1, noise_seed=1)
-    q, steps = poisson_schedule(60, 20, 1)
-    ledger = PrivacyLedger.empty(privacy).calibrated(privacy, q, steps, 3)
-    weights = get_flat(factory())
-    for r in (1, 2):
-        out = train_round(factory, weights, data, settings, privacy, ledger, r)
-        ledger, weights = out.ledger, out.weights
+    ledger, q, steps = train_toy_rounds(privacy, settings, planned=3)
     assert ledger.accountant == "pld" and ledger.steps == 2 * steps
     assert ledger.epsilon == pytest.approx(
         pld_epsilon(

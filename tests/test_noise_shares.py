@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dp_util import train_toy_rounds
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -82,22 +83,9 @@ def test_m_clients_noise_sums_to_sigma() -> None:
 
 
 def test_the_ledger_composes_the_whole_sigma_over_rounds() -> None:
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(
-        torch.randn(60, 4, generator=gen), torch.randint(0, 2, (60,), generator=gen)
-    )
-
-    def factory() -> nn.Module:
-        return nn.Linear(4, 2)
-
     privacy = PrivacyConfig(target_epsilon=3.0)
     settings = TrainSettings(batch_size=20, data_seed=1, noise_seed=1, noise_fraction=0.5)
-    q, steps = poisson_schedule(60, 20, 1)
-    ledger = PrivacyLedger.empty(privacy).calibrated(privacy, q, steps, 2)
-    weights = get_flat(factory())
-    for r in (1, 2):
-        out = train_round(factory, weights, data, settings, privacy, ledger, r)
-        ledger, weights = out.ledger, out.weights
+    ledger, q, steps = train_toy_rounds(privacy, settings, planned=2)
     assert ledger.history == ((ledger.noise_multiplier, q, 2 * steps),)
     assert ledger.epsilon is not None and 2.9 < ledger.epsilon <= 3.0
 
