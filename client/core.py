@@ -36,13 +36,15 @@ from sepals.client.training import (
     TrainSettings,
     dp_schedule,
     evaluate_model,
-    make_dp_compatible,
+    model_builder,
     train_round,
 )
 from sepals.common.bfv import BfvCodec
 from sepals.common.codec import UpdateCodec, make_client_codec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import MalformedPayloadError
+from sepals.common.files import checkpoint_sha256
+from sepals.common.finetune import TrainableSpec
 from sepals.common.log import log
 from sepals.common.models import ModelFactory, num_parameters
 from sepals.common.plan import (
@@ -85,6 +87,11 @@ class ClientRuntime:
         canaries: Privacy audits in simulation only: the gradient canaries whose
             marked rows ``train_data`` holds (:mod:`sepals.client.canaries`). A
             deployed client never has any.
+        pretrained: The client's local copy of the federation's pretrained checkpoint
+            (a file or directory), or ``None`` for a seeded random start. Its SHA-256
+            must be the plan's ``checkpoint_sha256``.
+        trainable: What the federation trains (:data:`sepals.common.finetune.TrainableSpec`);
+            only these parameters are trained, noised, encrypted and sent.
 
     """
 
@@ -104,6 +111,8 @@ class ClientRuntime:
     metric_name: str = "accuracy"
     device: str = "auto"
     canaries: ClientCanaries | None = None
+    pretrained: Path | None = None
+    trainable: TrainableSpec = None
 
 
 @dataclass(frozen=True)
@@ -137,13 +146,17 @@ class SepalsClient:
 
     Raises:
         ValueError: the plan does not match the client's codec, HE key or model.
+        PlanViolationError: the client's pretrained checkpoint is not the plan's.
 
     """
 
     def __init__(self, runtime: ClientRuntime) -> None:
         self.runtime = runtime
         self.plan = runtime.plan
-        self.factory: ModelFactory = make_dp_compatible(runtime.model_factory)
+        check_checkpoint(self.plan, runtime.pretrained)
+        self.factory: ModelFactory = model_builder(
+            runtime.model_factory, runtime.pretrained, runtime.trainable
+        )
         self.codec: UpdateCodec = _client_codec(runtime.encryption, runtime.secret_context)
         if self.plan.codec != self.codec.name:
             raise ValueError(
@@ -159,7 +172,8 @@ class SepalsClient:
         if size != self.plan.vector_length:
             raise ValueError(
                 f"this client's model has {size} parameters, the federation's plan says "
-                f"{self.plan.vector_length}; every client must build the federation's model"
+                f"{self.plan.vector_length}; every client must build the federation's model "
+                "and train the same part of it (only trainable parameters count)"
             )
 
     def admit(
@@ -317,6 +331,38 @@ class SepalsClient:
         )
         key = "accuracy" if rt.metric is None else "metric"
         return {"num-examples": count, "loss": loss, key: value}
+
+
+def check_checkpoint(plan: FederationPlan, pretrained: Path | None) -> None:
+    """Refuse to serve ``plan`` unless ``pretrained`` is the checkpoint it names.
+
+    Raises:
+        PlanViolationError: the plan names a checkpoint and the client has none or
+            another one, or the client has one the plan does not name.
+
+    """
+    want = plan.checkpoint_sha256
+    if pretrained is None:
+        if want:
+            raise PlanViolationError(
+                "pretrained checkpoint missing",
+                f"the federation starts from checkpoint sha256 {want[:16]}..., this client "
+                "was given none",
+            )
+        return
+    have = checkpoint_sha256(pretrained)
+    if not want:
+        raise PlanViolationError(
+            "pretrained checkpoint not in plan",
+            f"this client starts from {Path(pretrained).name} (sha256 {have[:16]}...), the "
+            "federation's plan names no checkpoint (provision with --pretrained)",
+        )
+    if have != want:
+        raise PlanViolationError(
+            "pretrained checkpoint mismatch",
+            f"the local copy {Path(pretrained).name} has sha256 {have[:16]}..., the "
+            f"federation's plan names {want[:16]}...: get the federation's checkpoint",
+        )
 
 
 def train_metrics(outcome: TrainOutcome, quant_error: float | None) -> dict[str, float | int]:

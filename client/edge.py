@@ -63,9 +63,10 @@ from sepals.client.connect import (
     wait_for_server,
 )
 from sepals.client.core import ClientRuntime
-from sepals.client.training import DEVICE_CHOICES, LossFn, MetricFn
+from sepals.client.training import DEVICE_CHOICES, LossFn, MetricFn, model_builder
 from sepals.common.config import PrivacyConfig
 from sepals.common.files import atomic_write, require_private
+from sepals.common.finetune import TrainableSpec, check_trainable
 from sepals.common.ledger import LedgerLock
 from sepals.common.log import log
 from sepals.common.models import ModelFactory
@@ -132,10 +133,23 @@ class EdgeApp:
             ``train_data``.
         device: Where this app trains: ``auto`` (CUDA when torch sees one), ``cpu`` or
             ``cuda``. A simulation's ``--device`` other than ``auto`` overrides it.
+        pretrained: A local pretrained checkpoint that round 1 starts from, instead of
+            a seeded random model. A file is a ``state_dict`` (``torch.save(model.
+            state_dict(), path)``, or ``.safetensors``) loaded into ``model_factory()``;
+            for a directory (a Hugging Face ``save_pretrained`` folder) the model is
+            ``model_factory(path)``, e.g. ``from_pretrained(path)``, never a hub name.
+            Every party loads it the same way; its SHA-256 is in the federation's plan
+            and a client whose copy differs refuses to train. The model must be
+            DP-compatible as saved (GroupNorm, not BatchNorm).
+        trainable: What the federation trains: ``None`` (every parameter the model
+            leaves trainable), parameter-name patterns such as ``("head.*",)``, or
+            :class:`sepals.common.finetune.LoRA` adapters. Only these parameters get
+            per-sample gradients, DP noise, encryption and aggregation; the rest stay
+            frozen on the client and cost no upload.
 
     """
 
-    model_factory: ModelFactory
+    model_factory: Callable[..., Any]
     train_data: Dataset | DataLoader | None = None  # type: ignore[type-arg]
     test_data: Dataset | DataLoader | None = None  # type: ignore[type-arg]
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -145,6 +159,8 @@ class EdgeApp:
     higher_is_better: bool = True
     client_data: ClientDataFn | None = None
     device: str = "auto"
+    pretrained: str | Path | None = None
+    trainable: TrainableSpec = None
 
     def __post_init__(self) -> None:
         if not callable(self.model_factory):
@@ -163,6 +179,19 @@ class EdgeApp:
             raise ValueError("train_data must hold at least one example (or give client_data)")
         if train is not None and len(train) == 0:  # type: ignore[arg-type]
             raise ValueError("train_data must hold at least one example")
+        object.__setattr__(self, "trainable", check_trainable(self.trainable))
+        if self.pretrained is not None:
+            path = Path(self.pretrained).expanduser()
+            if not path.exists():
+                raise ValueError(f"pretrained checkpoint {path} does not exist")
+            object.__setattr__(self, "pretrained", path.resolve())
+
+    def build_model_factory(self) -> ModelFactory:
+        """The factory of the model this app trains: checkpoint loaded, trainable part set.
+
+        Clients, the simulation's evaluator and the benchmarks all build it with this.
+        """
+        return model_builder(self.model_factory, self.pretrained, self.trainable)
 
     @property
     def train_dataset(self) -> Dataset | None:  # type: ignore[type-arg]
@@ -271,7 +300,13 @@ def _edge_runtime(
         metric=app.metric,
         metric_name=app.metric_name,
         device=app.device,
+        pretrained=_as_path(app.pretrained),
+        trainable=app.trainable,
     )
+
+
+def _as_path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 class EdgeClient:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from sepals.client.privacy import PrivacyLedger, merge_entry, poisson_schedule
 from sepals.common.config import PrivacyConfig
 from sepals.common.errors import ModelCompatibilityError
+from sepals.common.finetune import TrainableSpec, pretrained_factory, with_trainable
 from sepals.common.models import ModelFactory, get_flat, set_flat
 
 P = ParamSpec("P")
@@ -156,6 +157,29 @@ def make_dp_compatible(factory: ModelFactory) -> ModelFactory:
     return fixed
 
 
+def model_builder(
+    factory: Callable[..., nn.Module],
+    pretrained: str | os.PathLike[str] | None = None,
+    trainable: TrainableSpec = None,
+) -> ModelFactory:
+    """The factory of the model a federation trains, the same on every party.
+
+    Without a checkpoint, ``factory``'s model is made DP-compatible automatically
+    (:func:`make_dp_compatible`: nothing pretrained is lost). With one, the checkpoint is
+    loaded (:func:`sepals.common.finetune.pretrained_factory`) and an unsupported layer
+    is refused with the fix to apply before pretraining. Then only ``trainable``'s
+    parameters are left trainable (:func:`sepals.common.finetune.select_trainable`).
+
+    Raises:
+        ValueError: the checkpoint does not exist or does not suit the factory.
+
+    """
+    base = make_dp_compatible(factory) if pretrained is None else pretrained_factory(
+        factory, pretrained
+    )
+    return with_trainable(base, trainable)
+
+
 def _noise_generator(seed: int | None, device: torch.device) -> torch.Generator:
     # Opacus draws the noise on the parameters' device, so the generator must live there.
     gen = torch.Generator(device=device)
@@ -281,8 +305,11 @@ def train_round(
     loader_gen = torch.Generator()
     loader_gen.manual_seed(settings.data_seed)
     loader = make_loader(data, settings.batch_size, loader_gen)
+    # Frozen (pretrained) parameters take no part in the step: no gradient, no noise.
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=settings.learning_rate, momentum=settings.momentum
+        [p for p in model.parameters() if p.requires_grad],
+        lr=settings.learning_rate,
+        momentum=settings.momentum,
     )
     criterion: Any = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from logging import WARNING
 from pathlib import Path
+from typing import Any
 
 from sepals.common.errors import InsecureFileError
 from sepals.common.log import log
@@ -172,3 +174,41 @@ def make_private_dir(path: Path, what: str) -> None:
             f"{what} {path} cannot be created or made private ({exc.strerror or exc}); "
             f"run: mkdir -p {path} && chmod 700 {path}"
         ) from exc
+
+
+_CHUNK = 1 << 20
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """SHA-256 (64 hex digits) of a checkpoint file, or of a checkpoint directory.
+
+    A directory's digest covers every regular file below it: its path relative to the
+    directory and its bytes, in sorted order, so renaming, adding or changing any
+    file changes it.
+
+    Raises:
+        ValueError: ``path`` does not exist or holds no file.
+
+    """
+    root = Path(path).expanduser()
+    if root.is_file():
+        return _file_digest(root, hashlib.sha256()).hexdigest()
+    if not root.is_dir():
+        raise ValueError(f"pretrained checkpoint {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if not files:
+        raise ValueError(f"pretrained checkpoint directory {root} holds no file")
+    digest = hashlib.sha256(b"sepals-checkpoint-dir/1\n")
+    for file in files:
+        rel = file.relative_to(root).as_posix().encode()
+        digest.update(len(rel).to_bytes(8, "little") + rel)
+        digest.update(file.stat().st_size.to_bytes(8, "little"))
+        _file_digest(file, digest)
+    return digest.hexdigest()
+
+
+def _file_digest(path: Path, digest: Any) -> Any:
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest

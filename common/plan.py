@@ -95,7 +95,9 @@ def _str(name: str, value: object, pattern: re.Pattern[str], what: str) -> str:
     return value
 
 
-_OPTIONAL_FIELDS = frozenset({"mask_neighbours", "mask_threshold", "noise_shares"})
+_OPTIONAL_FIELDS = frozenset(
+    {"mask_neighbours", "mask_threshold", "noise_shares", "checkpoint_sha256"}
+)
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,9 @@ class FederationPlan:
         mask_threshold: Pairwise-masking Shamir threshold ``T`` (0: no masking).
         noise_shares: Distributed DP noise ``m`` (1: local DP; see
             :attr:`FederationConfig.noise_shares`). A client adds ``sigma / sqrt(m)``.
+        checkpoint_sha256: SHA-256 of the pretrained checkpoint every party starts from
+            (:func:`sepals.common.finetune.checkpoint_sha256`), or ``""`` for a seeded
+            random start. A client whose local checkpoint differs refuses to train.
 
     """
 
@@ -142,6 +147,7 @@ class FederationPlan:
     mask_neighbours: int = 0
     mask_threshold: int = 0
     noise_shares: int = 1
+    checkpoint_sha256: str = ""
 
     def __post_init__(self) -> None:
         _str("federation_id", self.federation_id, _HEX32, "32 lowercase hex digits")
@@ -182,6 +188,9 @@ class FederationPlan:
             check_noise_shares(self.noise_shares, self.mask_threshold)
         except ValueError as exc:
             raise ValueError(f"plan.{exc}") from None
+        if self.checkpoint_sha256 != "":
+            what = '64 lowercase hex digits or ""'
+            _str("checkpoint_sha256", self.checkpoint_sha256, _HEX64, what)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -193,6 +202,7 @@ class FederationPlan:
         vector_length: int,
         operator_key: str,
         federation_id: str | None = None,
+        checkpoint_sha256: str = "",
     ) -> FederationPlan:
         """The plan of ``federation``, with a fresh random federation id unless given.
 
@@ -204,6 +214,7 @@ class FederationPlan:
             operator_key: The operator's public key, as :func:`generate_operator_key`
                 returns it.
             federation_id: Only to rebuild a known plan; new federations get a random one.
+            checkpoint_sha256: SHA-256 of the pretrained checkpoint (``""``: none).
 
         """
         return cls(
@@ -223,6 +234,7 @@ class FederationPlan:
             mask_neighbours=federation.mask_neighbours,
             mask_threshold=federation.mask_threshold,
             noise_shares=federation.noise_shares,
+            checkpoint_sha256=checkpoint_sha256,
         )
 
     def learning_rate_at(self, server_round: int) -> float:

@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sepals.common.config import EncryptionConfig, FederationConfig, sampled_per_round
-from sepals.common.files import atomic_write
+from sepals.common.files import atomic_write, checkpoint_sha256
 from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan, generate_operator_key
 
@@ -113,6 +113,9 @@ class ProvisionSpec:
         mask_threshold: Masking Shamir threshold ``T`` (``None``: ``floor(2k/3) + 1``).
         noise_shares: Distributed DP noise ``m`` (1: local DP; needs masking with
             ``T >= m``; see :attr:`FederationConfig.noise_shares`).
+        pretrained: The pretrained checkpoint (file or directory) the federation starts
+            from: its SHA-256 goes into the plan, and every client must hold the same
+            bytes. ``model_parameters`` then counts the TRAINABLE parameters only.
 
     """
 
@@ -138,8 +141,16 @@ class ProvisionSpec:
     mask_neighbours: int | None = None
     mask_threshold: int | None = None
     noise_shares: int = 1
+    pretrained: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.pretrained is not None and not Path(self.pretrained).exists():
+            raise ValueError(f"pretrained checkpoint {self.pretrained} does not exist")
+        if self.pretrained is not None and self.model_parameters == 0:
+            raise ValueError(
+                "a pretrained federation needs model_parameters (--model-parameters): the "
+                "count of its trainable parameters"
+            )
         if self.clients < 1:
             raise ValueError(f"clients must be >= 1, got {self.clients}")
         if not self.server_host or any(c.isspace() for c in self.server_host):
@@ -418,7 +429,12 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
     parameters = spec.model_parameters or default_model_parameters()
     operator_private, operator_public = generate_operator_key()
     plan = FederationPlan.create(
-        spec.federation, codec.name, codec.fingerprint_hex, parameters, operator_public
+        spec.federation,
+        codec.name,
+        codec.fingerprint_hex,
+        parameters,
+        operator_public,
+        checkpoint_sha256="" if spec.pretrained is None else checkpoint_sha256(spec.pretrained),
     )
 
     server_dir = out / "server"

@@ -118,7 +118,6 @@ def simulate(
     import torch
 
     from sepals.client.edge import EdgeApp, load_edge_app
-    from sepals.client.training import make_dp_compatible
     from sepals.simulations.harness import (
         SimulationConfig,
         absolute_spec,
@@ -183,7 +182,7 @@ def simulate(
         device=device,
     )
     report = run_experiment(config, progress=progress, app=obj)
-    model = make_dp_compatible(edge.model_factory)()
+    model = edge.build_model_factory()()
     if report["final"].get("model"):
         state = torch.load(Path(out) / report["final"]["model"], weights_only=True)
         model.load_state_dict(state)

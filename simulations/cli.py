@@ -48,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="a string argument of the --app factory (repeatable)",
     )
     p.add_argument(
+        "--pretrained",
+        default=None,
+        metavar="PATH",
+        help="start from a pretrained checkpoint: with --dataset digits, the "
+        "public-pretraining job (make the checkpoint with: sepals pretrain); with --app, "
+        "replaces the app's checkpoint",
+    )
+    p.add_argument(
+        "--trainable",
+        default=None,
+        metavar="PATTERNS",
+        help="comma-separated parameter-name patterns to fine-tune, e.g. 'head.*' (the rest "
+        "stays frozen and is never sent; default: the job's or the app's choice)",
+    )
+    p.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
         default="auto",
@@ -184,6 +199,19 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
         "accountant": "rdp",
     },
 }
+# The public-pretraining job of a bundled dataset (``--pretrained``), tuned on a
+# validation split carved from the clients' train data (see docs/finetune.md).
+PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "rounds": 30,
+        "local_epochs": 1,
+        "batch_size": 16,
+        "lr": 0.4,
+        "dp_lr": (0.05, 0.7),
+        "max_grad_norm": 1.0,
+        "accountant": "pld",
+    },
+}
 # Defaults for an --app (its own privacy budget supplies delta, C and the accountant).
 APP_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 1, "batch_size": 32, "lr": 0.05}
 
@@ -234,6 +262,16 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
         base = load_edge_app(absolute_spec(args.app), dict(app_args)).privacy
         d = {**APP_DEFAULTS, "max_grad_norm": base.max_grad_norm}
+    elif args.pretrained is not None:
+        from sepals.simulations.jobs import PRETRAINED_DATASETS
+
+        if args.dataset not in PRETRAINED_DATASETS:
+            raise ValueError(
+                f"--pretrained with a bundled dataset needs one with a pretraining job "
+                f"({', '.join(PRETRAINED_DATASETS)}), not {args.dataset!r}; or bring --app"
+            )
+        d = PRETRAINED_DEFAULTS[args.dataset]
+        base = replace(base, accountant=d["accountant"])
     else:
         from sepals.common.data import check_dataset_name
 
@@ -301,7 +339,19 @@ def config_from_args(args: argparse.Namespace) -> Any:
         app=args.app,
         app_args=app_args,
         device=args.device,
+        pretrained=args.pretrained,
+        trainable=_patterns(args.trainable),
     )
+
+
+def _patterns(text: str | None) -> tuple[str, ...] | None:
+    """``--trainable``'s comma-separated patterns (``None`` when not given)."""
+    if text is None:
+        return None
+    patterns = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not patterns:
+        raise ValueError("--trainable needs at least one parameter-name pattern, e.g. 'head.*'")
+    return patterns
 
 
 def _who(entries: list[dict[str, str]]) -> str:
@@ -339,10 +389,35 @@ def _progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accurac
         f"round {row['round']:>3}/{rounds} | {format_metric(metric_name, value)} | "
         f"loss {'n/a' if loss is None else f'{loss:.4f}'} | "
         f"eps {'  off' if eps is None else f'{eps:5.2f}'} | "
-        f"up {row['upload_bytes'] / 1e3:8.1f} kB | down {row['download_bytes'] / 1e3:8.1f} kB | "
+        f"up {row['upload_bytes'] / 1e3:8.1f} kB{_per_client(row)} | "
+        f"down {row['download_bytes'] / 1e3:8.1f} kB | "
         f"{row['seconds']:5.2f} s | {row.get('codec', '?')} q-err "
         f"{'n/a' if qerr is None else f'{qerr:.1e}'}{extra}",
         flush=True,
+    )
+
+
+def _per_client(row: dict[str, Any]) -> str:
+    """`` (4.1 kB/client, 650/20,394 params)``: one update's size and what it carries."""
+    per = row.get("upload_bytes_per_client")
+    if not per:
+        return ""
+    return (
+        f" ({per / 1e3:.1f} kB/client, {row['trainable_parameters']:,}/"
+        f"{row['total_parameters']:,} params)"
+    )
+
+
+def _model_text(model: dict[str, Any] | None) -> str:
+    """The start line's model part: what is trained, of how much, and the upload's size."""
+    if not model:
+        return ""
+    counts = model["parameters"]
+    start = "pretrained" if model.get("pretrained") else "seeded"
+    return (
+        f" | {start} model, training {counts['trainable']:,} of {counts['total']:,} "
+        f"parameters ({model['trainable']}; {counts['trainable_fp32_bytes'] / 1e3:.1f} kB "
+        "fp32 per update)"
     )
 
 
@@ -395,7 +470,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"sepals-sim: error: --audit needs M >= 2 canaries, got {args.audit}", file=sys.stderr
         )
         return 2
-    if args.audit is not None and (not config.privacy.enabled or config.app is not None):
+    if args.audit is not None and (
+        not config.privacy.enabled or config.app is not None or config.pretrained is not None
+    ):
         print(
             "sepals-sim: error: --audit checks a DP claim on a bundled dataset: it needs "
             "--epsilon > 0 and no --app",
@@ -418,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def started(info: dict[str, Any]) -> None:
         print(
             f"started in {info['startup_seconds']:.1f} s | round 0: "
-            f"{format_metric(metric[0], info.get('metric'))}",
+            f"{format_metric(metric[0], info.get('metric'))}{_model_text(info.get('model'))}",
             flush=True,
         )
 

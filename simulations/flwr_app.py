@@ -50,7 +50,9 @@ from sepals.common.errors import SepalsError
 from sepals.common.log import LOGGER, log
 from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan
+from sepals.simulations.harness import AppSource
 
+PRETRAINED_JOB_SPEC = "sepals.simulations.jobs:pretrained_job"
 RUNS_DIR = "sepals-runs"
 PLAN_FILE = "plan.json"
 JOB_FILE = "job.json"
@@ -60,7 +62,7 @@ NODE_WAIT_SECONDS = 60.0
 # Run-config keys and their types; defaults live in the pyproject's [tool.flwr.app.config].
 _INT_KEYS = ("rounds", "min-train-clients", "local-epochs", "batch-size", "seed", "masking")
 _FLOAT_KEYS = ("fraction-train", "fraction-evaluate", "lr", "epsilon", "delta", "max-grad-norm")
-_STR_KEYS = ("dataset", "partition", "scheme", "accountant")
+_STR_KEYS = ("dataset", "partition", "scheme", "accountant", "pretrained")
 RUN_CONFIG_KEYS = _INT_KEYS + _FLOAT_KEYS + _STR_KEYS
 
 
@@ -89,6 +91,10 @@ class FlowerJob:
         scheme: ``bfv``, ``ckks`` or ``none`` (encryption off).
         masking: Pairwise masks with BFV (run config ``masking``, 1 or 0; default 1),
             with the default degree and threshold for the clients sampled per round.
+        pretrained: A checkpoint path (run config ``pretrained``; ``""``: none) that
+            selects the dataset's public-pretraining job
+            (:func:`sepals.simulations.jobs.pretrained_app`). Every node reads it from
+            the same path.
 
     """
 
@@ -98,6 +104,7 @@ class FlowerJob:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     scheme: str = "bfv"
     masking: bool = True
+    pretrained: str = ""
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASET_NAMES:
@@ -108,6 +115,8 @@ class FlowerJob:
         PartitionSpec.parse(self.partition)
         if self.scheme not in ("bfv", "ckks", "none"):
             raise ValueError(f"run config 'scheme' must be bfv, ckks or none, got {self.scheme!r}")
+        if self.pretrained and not Path(self.pretrained).expanduser().exists():
+            raise ValueError(f"run config 'pretrained': no checkpoint at {self.pretrained}")
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> FlowerJob:
@@ -153,7 +162,17 @@ class FlowerJob:
             privacy=privacy,
             scheme=_get(config, "scheme", "bfv"),
             masking=_get(config, "masking", 1) != 0,
+            pretrained=_get(config, "pretrained", ""),
         )
+
+    def app_source(self) -> AppSource | None:
+        """The pretraining job as every party loads it (``None`` without a checkpoint)."""
+        if not self.pretrained:
+            return None
+        path = str(Path(self.pretrained).expanduser().resolve())
+        seed = str(self.federation.seed)
+        args = (("dataset", self.dataset), ("checkpoint", path), ("seed", seed))
+        return AppSource(PRETRAINED_JOB_SPEC, args)
 
     def masked(self, clients: int) -> FederationConfig:
         """The federation with masking resolved for ``clients`` nodes (see ``masking``)."""
@@ -279,10 +298,11 @@ def server_main(grid: Any, context: Any) -> None:
 
     from sepals.client.training import make_dp_compatible
     from sepals.common.data import client_example_caps, load_dataset
-    from sepals.common.files import atomic_write
+    from sepals.common.files import atomic_write, checkpoint_sha256
     from sepals.common.models import num_parameters
     from sepals.server.app import ServerSettings, build_strategy, require_aggregation
     from sepals.simulations.harness import (
+        app_caps,
         apply_process_env,
         sign_simulated_rounds,
         simulation_roster,
@@ -307,11 +327,18 @@ def server_main(grid: Any, context: Any) -> None:
         job.privacy.target_epsilon if job.privacy.enabled else "off",
         encryption.scheme,
     )
-    data = load_dataset(job.dataset, fed.seed)
-    vector_length = num_parameters(make_dp_compatible(data.model_factory())())
+    source = job.app_source()
+    sha256 = ""
+    if source is None:
+        data = load_dataset(job.dataset, fed.seed)
+        vector_length = num_parameters(make_dp_compatible(data.model_factory())())
+        caps = client_example_caps(job.dataset, clients, job.partition, fed.seed)
+    else:
+        vector_length = num_parameters(source.load().build_model_factory()())
+        caps = app_caps(source, clients, job.partition, fed.seed)
+        sha256 = checkpoint_sha256(job.pretrained)
     secret_path, public_context = provision_keys(encryption, run_dir / "keys")
     try:
-        caps = client_example_caps(job.dataset, clients, job.partition, fed.seed)
         settings = ServerSettings(
             federation=fed,
             encryption=encryption,
@@ -320,7 +347,7 @@ def server_main(grid: Any, context: Any) -> None:
             roster=simulation_roster(caps),
         )
         strategy = build_strategy(settings)
-        plan = sign_simulated_rounds(strategy, fed, vector_length)
+        plan = sign_simulated_rounds(strategy, fed, vector_length, sha256)
         plan.save(run_dir / PLAN_FILE)
         job_record = {"clients": clients, "secret": secret_path, "scheme": encryption.scheme}
         atomic_write(run_dir / JOB_FILE, json.dumps(job_record).encode())
@@ -383,5 +410,6 @@ def client_runtime(context: Any) -> Any:
         encryption=job.encryption(clients),
         secret_path=record["secret"],
         plan=plan,
+        app=job.app_source(),
     )
     return provider(context)

@@ -65,7 +65,8 @@ from sepals.common.data import (
     partition_like,
 )
 from sepals.common.fairness import client_spread, format_spread
-from sepals.common.files import atomic_write
+from sepals.common.files import atomic_write, checkpoint_sha256
+from sepals.common.finetune import ParameterCounts, check_trainable, describe_trainable
 from sepals.common.log import log
 from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan, OperatorSigner, generate_operator_key
@@ -114,6 +115,12 @@ class SimulationConfig:
         masking: Pairwise masks under BFV (:mod:`sepals.common.masking`), with the
             default degree and threshold unless ``federation`` sets them; ignored for
             other codecs, and off (with a warning) below two clients per round.
+        pretrained: A pretrained checkpoint to start from. With a bundled dataset it
+            selects the dataset's public-pretraining job
+            (:func:`sepals.simulations.jobs.pretrained_app`; ``sepals pretrain`` writes
+            its checkpoint); with an app it replaces the app's ``pretrained``.
+        trainable: Parameter-name patterns of what is trained (``None``: the job's or
+            the app's own choice).
 
     """
 
@@ -129,6 +136,8 @@ class SimulationConfig:
     app_args: tuple[tuple[str, str], ...] = ()
     device: str = "auto"
     masking: bool = True
+    pretrained: str | None = None
+    trainable: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.app is None:
@@ -157,6 +166,13 @@ class SimulationConfig:
         from sepals.client.training import resolve_device
 
         resolve_device(self.device)  # fails fast on a bad name or a missing CUDA
+        if self.trainable is not None:
+            object.__setattr__(self, "trainable", check_trainable(self.trainable))
+        if self.pretrained is not None and not Path(self.pretrained).expanduser().exists():
+            raise ValueError(
+                f"pretrained checkpoint {self.pretrained} does not exist"
+                + (" (make it with: sepals pretrain)" if self.app is None else "")
+            )
 
     @property
     def label(self) -> str:
@@ -170,6 +186,8 @@ class SimulationConfig:
             "app": self.app,
             "app_args": dict(self.app_args),
             "device": self.device,
+            "pretrained": self.pretrained,
+            "trainable": None if self.trainable is None else list(self.trainable),
             "clients": self.clients,
             "partition": str(PartitionSpec.parse(self.partition)),
             "federation": self.federation.to_dict(),
@@ -364,7 +382,7 @@ def app_client_data(
     return Subset(app.train_dataset, train_parts[client].tolist()), test  # type: ignore[arg-type]
 
 
-def _app_caps(source: AppSource, clients: int, partition: str, seed: int) -> list[int]:
+def app_caps(source: AppSource, clients: int, partition: str, seed: int) -> list[int]:
     """Per client, the most examples it may claim; fails if a client has no training data."""
     caps: list[int] = []
     empty: list[int] = []
@@ -452,7 +470,7 @@ def _evaluator_data(
     _EVAL_STATE["client_tests"] = []
     if app is not None:
         edge = app.load()
-        _EVAL_STATE["factory"] = make_dp_compatible(edge.model_factory)
+        _EVAL_STATE["factory"] = edge.build_model_factory()
         _EVAL_STATE["test"] = edge.test_dataset
         _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = edge.loss_fn, edge.metric
         tests = [(k, app_client_data(app, clients, partition, seed, k)[1]) for k in range(clients)]
@@ -668,6 +686,8 @@ def _simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
             metric=app.metric,
             metric_name=app.metric_name,
             device=_pick_device(provider.device, app),
+            pretrained=None if app.pretrained is None else Path(app.pretrained),
+            trainable=app.trainable,
             **common,
         )
     train, test = client_partition(
@@ -756,7 +776,51 @@ def simulated_federation(config: SimulationConfig) -> FederationConfig:
     return masked_federation(fed, sampled)
 
 
-def sign_simulated_rounds(strategy: Any, fed: FederationConfig, vector_length: int) -> Any:
+def client_resources(cpus: int, on_gpu: bool) -> dict[str, float]:
+    """Ray resources of one simulated client: one CPU, and on a GPU an equal share of it.
+
+    Ray runs ``cpus`` clients at once; with ``num_gpus = 1 / cpus`` they all fit on the
+    one GPU together (Ray packs fractional GPUs onto a device).
+    """
+    if cpus < 1:
+        raise ValueError(f"cpus must be >= 1, got {cpus}")
+    return {"num_cpus": 1.0, "num_gpus": 1.0 / cpus if on_gpu else 0.0}
+
+
+def fine_tuned_app(config: SimulationConfig, app: EdgeApp | None) -> EdgeApp | None:
+    """The app a run simulates once ``config.pretrained`` and ``config.trainable`` apply.
+
+    A bundled dataset with a checkpoint becomes its public-pretraining job
+    (:func:`sepals.simulations.jobs.pretrained_app`); an app gets the checkpoint and the
+    trainable part in place of its own. ``None``: the bundled dataset, as it is.
+
+    Raises:
+        ValueError: a trainable part without a checkpoint for a bundled dataset, or a
+            dataset with no pretraining job.
+
+    """
+    if config.pretrained is None and config.trainable is None:
+        return app
+    if app is None and config.app is None:
+        from sepals.simulations.jobs import pretrained_app  # imports the job's model
+
+        return pretrained_app(
+            config.dataset, config.pretrained, config.trainable, config.federation.seed
+        )
+    if app is None:
+        spec = absolute_spec(config.app or "")
+        app = AppSource(spec, tuple(config.app_args), cwd=os.getcwd()).load()
+    changes: dict[str, Any] = {}
+    if config.pretrained is not None:
+        changes["pretrained"] = config.pretrained
+    if config.trainable is not None:
+        changes["trainable"] = config.trainable
+    return dataclasses.replace(app, **changes)
+
+
+def sign_simulated_rounds(
+    strategy: Any, fed: FederationConfig, vector_length: int, checkpoint_sha256: str = ""
+) -> Any:
     """Give ``strategy`` a fresh in-memory operator key; return the plan clients follow.
 
     The plan is made from the strategy's own settings, so the simulated server and its
@@ -764,7 +828,12 @@ def sign_simulated_rounds(strategy: Any, fed: FederationConfig, vector_length: i
     """
     operator_private, operator_public = generate_operator_key()
     plan = FederationPlan.create(
-        fed, strategy.codec.name, strategy.codec.fingerprint_hex, vector_length, operator_public
+        fed,
+        strategy.codec.name,
+        strategy.codec.fingerprint_hex,
+        vector_length,
+        operator_public,
+        checkpoint_sha256=checkpoint_sha256,
     )
     strategy.round_signer = OperatorSigner(operator_private, plan.federation_id)
     return plan
@@ -807,7 +876,6 @@ def run_experiment(
     from sepals.client.app import make_client_app
     from sepals.client.training import make_dp_compatible, resolve_device
     from sepals.common.data import client_example_caps
-    from sepals.common.models import num_parameters
     from sepals.common.protocol import read_global_record
     from sepals.server.app import ServerSettings, build_strategy, make_server_app
     from sepals.server.strategy import RoundRecord, simulation_node_order
@@ -820,14 +888,15 @@ def run_experiment(
     t_start = time.perf_counter()
     source: AppSource | None = None
     edge: EdgeApp | None = None
+    app = fine_tuned_app(config, app)
     if app is not None:
         source = AppSource(pickled=pickle_app(app), cwd=os.getcwd())
     elif config.app is not None:
         source = AppSource(absolute_spec(config.app), tuple(config.app_args), cwd=os.getcwd())
     if source is not None:
         edge = source.load()
-        factory = make_dp_compatible(edge.model_factory)
-        caps = _app_caps(source, config.clients, config.partition, fed.seed)
+        factory = edge.build_model_factory()
+        caps = app_caps(source, config.clients, config.partition, fed.seed)
         metric_name, higher_is_better = edge.metric_name, edge.higher_is_better
     else:
         factory = make_dp_compatible(dataset_model_factory(config.dataset))
@@ -836,7 +905,15 @@ def run_experiment(
             log(WARNING, "%s", warning)
         caps = client_example_caps(config.dataset, config.clients, config.partition, fed.seed)
         metric_name, higher_is_better = "accuracy", True
-    vector_length = num_parameters(factory())
+    counts = ParameterCounts.of(factory())
+    vector_length = counts.trainable
+    checkpoint = None if edge is None or edge.pretrained is None else Path(edge.pretrained)
+    model_info = {
+        "parameters": counts.to_dict(),
+        "trainable": describe_trainable(None if edge is None else edge.trainable),
+        "pretrained": None if checkpoint is None else str(checkpoint),
+        "checkpoint_sha256": "" if checkpoint is None else checkpoint_sha256(checkpoint),
+    }
     if canaries is not None:
         if source is not None:
             raise ValueError("the privacy audit supports the bundled datasets, not --app")
@@ -909,7 +986,10 @@ def run_experiment(
             _wait_for_workers(cpus)
             startup["seconds"] = time.perf_counter() - t_start
             if on_start is not None:
-                on_start({"startup_seconds": startup["seconds"], "round": 0, **initial})
+                on_start(
+                    {"startup_seconds": startup["seconds"], "round": 0, "model": model_info}
+                    | initial
+                )
             # Round 1's clock starts when the server starts round 1.
             last_time[0] = time.perf_counter()
             return metrics
@@ -924,6 +1004,9 @@ def run_experiment(
             "epsilon": rec.max_epsilon,
             "upload_bytes": rec.upload_bytes,
             "download_bytes": rec.download_bytes,
+            "upload_bytes_per_client": rec.upload_bytes // max(rec.accepted, 1),
+            "trainable_parameters": counts.trainable,
+            "total_parameters": counts.total,
             "seconds": now - last_time[0],
             "aggregated": rec.aggregated,
             "clients_accepted": rec.accepted,
@@ -972,7 +1055,7 @@ def run_experiment(
     strategy.node_order = simulation_node_order
     strategy.min_available_nodes = config.clients
     strategy.metric_higher_is_better = higher_is_better
-    plan = sign_simulated_rounds(strategy, fed, vector_length)
+    plan = sign_simulated_rounds(strategy, fed, vector_length, model_info["checkpoint_sha256"])
     server_app = make_server_app(settings, strategy)
     client_app = make_client_app(
         SimulatedClientProvider(
@@ -992,8 +1075,7 @@ def run_experiment(
         mods=client_mods,
     )
     backend_config = {
-        # On a GPU, the clients running at once share it.
-        "client_resources": {"num_cpus": 1, "num_gpus": 1.0 / cpus if on_gpu else 0.0},
+        "client_resources": client_resources(cpus, on_gpu),
         "init_args": {
             "num_cpus": cpus,
             "include_dashboard": False,
@@ -1022,6 +1104,7 @@ def run_experiment(
 
     report = build_report(config, rows, strategy.history, vector_length, wall, strategy.codec.name)
     report["config"]["metric"] = {"name": metric_name, "higher_is_better": higher_is_better}
+    report["config"]["model"] = model_info
     report["initial"] = initial
     report["final"]["metric"] = rows[-1]["metric"] if rows else None
     report["final"]["metric_name"] = metric_name

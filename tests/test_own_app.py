@@ -29,7 +29,7 @@ from sepals.common.data import PartitionSpec
 from sepals.simulations import cli
 from sepals.simulations.harness import (
     AppSource,
-    _app_caps,
+    app_caps,
     _partition_labels,
     app_client_data,
     clean_reason,
@@ -164,7 +164,7 @@ def test_app_data_is_split_among_clients():
     assert sum(len(te) for _, te in parts) == len(app.test_dataset)
     rows = [set(tr.indices) for tr, _ in parts]
     assert not set.intersection(*rows)
-    assert min(_app_caps(source, 4, "dirichlet:1", 0)) >= 1
+    assert min(app_caps(source, 4, "dirichlet:1", 0)) >= 1
 
 
 _EMPTY_APP = EdgeApp(
@@ -176,7 +176,7 @@ _EMPTY_APP = EdgeApp(
 def test_a_client_without_training_data_is_refused_before_the_run():
     source = AppSource(pickled=pickle_app(_EMPTY_APP))
     with pytest.raises(ValueError, match="client-1"):
-        _app_caps(source, 3, "iid", 0)
+        app_caps(source, 3, "iid", 0)
 
 
 def test_pickled_app_round_trips():
