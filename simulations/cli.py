@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from sepals.common.pretrain import DEFAULT_OUT as DEFAULT_CHECKPOINT
+from sepals.common.pretrain import pretrain
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``sepals-sim``."""
@@ -49,11 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pretrained",
+        nargs="?",
+        const=str(DEFAULT_CHECKPOINT),
         default=None,
         metavar="PATH",
         help="start from a pretrained checkpoint: with --dataset digits, the "
-        "public-pretraining job (make the checkpoint with: sepals pretrain); with --app, "
-        "replaces the app's checkpoint",
+        "public-pretraining job (alone, the flag uses the checkpoint of 'sepals pretrain', "
+        f"{DEFAULT_CHECKPOINT}, and makes it first if missing: public MNIST only, no "
+        "privacy cost); with --app, replaces the app's checkpoint",
     )
     p.add_argument(
         "--trainable",
@@ -458,6 +464,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     apply_process_env()
     configure_logging(args.verbose)
+    if args.pretrained == str(DEFAULT_CHECKPOINT) and not DEFAULT_CHECKPOINT.exists():
+        print(
+            f"pretraining the public backbone into {DEFAULT_CHECKPOINT} (public MNIST only: "
+            "no client data, no privacy cost)",
+            flush=True,
+        )
+        pretrain(seed=0, out_path=DEFAULT_CHECKPOINT, progress=lambda line: print(line, flush=True))
     try:
         config = config_from_args(args)
     except ValueError as exc:

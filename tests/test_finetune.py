@@ -164,7 +164,7 @@ def test_trainable_patterns_are_checked() -> None:
     for bad in ("head.*", [], [""], 3):
         with pytest.raises(ValueError):
             check_trainable(bad)
-    with pytest.raises(ModelCompatibilityError, match="'hed.*' matches no parameter"):
+    with pytest.raises(ModelCompatibilityError, match=r"'hed\.\*' matches no parameter"):
         select_trainable(Net(), ("hed.*",))
     assert describe_trainable(("head.*", "features.2.*")) == "head.*,features.2.*"
     assert describe_trainable(None) == "all"
@@ -260,7 +260,7 @@ def test_plan_carries_the_checkpoint_digest() -> None:
     old = plan.to_dict()
     del old["checkpoint_sha256"]  # plans written before fine-tuning existed
     assert FederationPlan.from_dict(old).checkpoint_sha256 == ""
-    with pytest.raises(ValueError, match="plan.checkpoint_sha256"):
+    with pytest.raises(ValueError, match=r"plan\.checkpoint_sha256"):
         dataclasses.replace(plan, checkpoint_sha256="xyz")
 
 

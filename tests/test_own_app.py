@@ -29,8 +29,8 @@ from sepals.common.data import PartitionSpec
 from sepals.simulations import cli
 from sepals.simulations.harness import (
     AppSource,
-    app_caps,
     _partition_labels,
+    app_caps,
     app_client_data,
     clean_reason,
     pickle_app,

@@ -1,0 +1,114 @@
+"""The public-pretraining job on every path: sepals-sim, simulate(), and Flower's apps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import Context, RecordDict
+
+from sepals.common.files import checkpoint_sha256
+from sepals.common.pretrain import pretrain
+from sepals.simulations.cli import main as sim_main
+from sepals.simulations.jobs import pretrained_app
+
+pytestmark = pytest.mark.usefixtures("run_identity")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A quickly pretrained backbone (one epoch of public MNIST)."""
+    path = tmp_path_factory.mktemp("pretrained") / "digits-cnn.pt"
+    pretrain(seed=0, out_path=path, epochs=1, augment_copies=0)
+    return path
+
+
+def test_the_job_is_an_edge_app_that_trains_a_part(checkpoint: Path) -> None:
+    app = pretrained_app("digits", checkpoint)
+    model = app.build_model_factory()()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    assert 0 < trainable < total
+    with pytest.raises(ValueError, match="no pretraining job"):
+        pretrained_app("breast_cancer", checkpoint)
+    with pytest.raises(ValueError, match="sepals pretrain"):
+        pretrained_app("digits", None)
+
+
+def test_sim_cli_refuses_bad_pretrained_flags(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cases = [
+        (["--pretrained", str(tmp_path / "missing.pt")], "does not exist"),
+        (["--pretrained", str(checkpoint), "--dataset", "mnist5k"], "pretraining job"),
+        (["--pretrained", str(checkpoint), "--trainable", " , "], "at least one"),
+        (["--pretrained", str(checkpoint), "--audit", "50"], "no --app"),
+    ]
+    for argv, message in cases:
+        assert sim_main([*argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_sepals_sim_fine_tunes_the_pretrained_backbone(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["--pretrained", str(checkpoint), "--rounds", "2", "--clients", "3"]
+    assert sim_main([*argv, "--out", str(out), "--cpus", "2"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    model = report["config"]["model"]
+    counts = model["parameters"]
+    assert model["checkpoint_sha256"] == checkpoint_sha256(checkpoint)
+    assert 0 < counts["trainable"] < counts["total"]
+    assert f"training {counts['trainable']:,} of {counts['total']:,} parameters" in printed
+    assert "kB/client" in printed
+    assert report["final"]["aggregated_rounds"] == 2
+    assert all(c["epsilon"] <= 8.0 for c in report["clients"])
+    # Encrypted and masked: each update is one BFV payload, not fp32 weights.
+    assert report["final"]["codec"].startswith("bfv")
+    assert report["final"]["masking"]["rounds_masks_removed"] == 2
+    # The backbone transfers: two private rounds beat chance by far.
+    assert report["final"]["accuracy"] > 0.5
+
+
+def _flower_contexts(run_config: dict[str, Any], nodes: list[int]) -> dict[int, Context]:
+    return {
+        n: Context(
+            run_id=91,
+            node_id=n,
+            node_config={"partition-id": i, "num-partitions": len(nodes)},
+            state=RecordDict(),
+            run_config=run_config,
+        )
+        for i, n in enumerate(nodes)
+    }
+
+
+@pytest.mark.slow
+def test_flowers_apps_run_the_pretrained_job(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flwr run . --run-config "pretrained='PATH'"``'s ServerApp and ClientApp objects."""
+    from test_flower_way import FakeGrid
+
+    from sepals.client.app import app as client_app
+    from sepals.common.plan import FederationPlan
+    from sepals.server.app import app as server_app
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    run_config = {"pretrained": str(checkpoint), "rounds": 1, "fraction-evaluate": 0.0}
+    grid = FakeGrid(client_app, nodes=[21, 22])
+    grid.contexts = _flower_contexts(run_config, grid.nodes)
+    server = Context(
+        run_id=91, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    server_app(grid, server)  # type: ignore[arg-type]
+    plan = FederationPlan.load(tmp_path / "flwr-home" / "sepals-runs" / "91" / "plan.json")
+    assert plan.checkpoint_sha256 == checkpoint_sha256(checkpoint)
+    model = pretrained_app("digits", checkpoint).build_model_factory()()
+    assert plan.vector_length == sum(p.numel() for p in model.parameters() if p.requires_grad)
