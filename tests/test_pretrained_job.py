@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,13 @@ from sepals.simulations.cli import main as sim_main
 from sepals.simulations.jobs import pretrained_app
 
 pytestmark = pytest.mark.usefixtures("run_identity")
+
+
+def torch_subset(data: Any, k: int, parts: int) -> Any:
+    """Every ``parts``-th example of ``data``, from the ``k``-th."""
+    from torch.utils.data import Subset
+
+    return Subset(data, list(range(k, len(data), parts)))
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +120,84 @@ def test_flowers_apps_run_the_pretrained_job(
     assert plan.checkpoint_sha256 == checkpoint_sha256(checkpoint)
     model = pretrained_app("digits", checkpoint).build_model_factory()()
     assert plan.vector_length == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class _Nodes:
+    """A Grid whose nodes are EdgeClients' own ClientApps, in this process."""
+
+    def __init__(self, clients: dict[int, Any], run_config: dict[str, Any]) -> None:
+        self.clients = clients
+        self.contexts = {
+            n: Context(run_id=92, node_id=n, node_config={}, state=RecordDict(), run_config={})
+            for n in clients
+        }
+        self.run_config = run_config
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.clients)
+
+    def send_and_receive(self, messages: Any, timeout: float | None = None) -> list[Any]:
+        return [
+            self.clients[m.metadata.dst_node_id].client_app(
+                message=m, context=self.contexts[m.metadata.dst_node_id]
+            )
+            for m in messages
+        ]
+
+
+@pytest.mark.slow
+def test_a_deployment_fine_tunes_with_the_sdk(checkpoint: Path, tmp_path: Path) -> None:
+    """Provisioned bundles, the SDK's clients and the deployed ServerApp, minus transport.
+
+    The loopback deployment test covers TLS and the SuperLink; this one the pretrained
+    path through the same objects: the plan's checkpoint digest, the clients' ledgers,
+    BFV with masks, and a client with another checkpoint refused at construction.
+    """
+    from sepals.client.edge import EdgeClient
+    from sepals.common.provision import ProvisionSpec, provision
+    from sepals.server.deployed_app import RUN_CONFIG_KEY
+    from sepals.server.deployed_app import app as deployed_app
+
+    job = pretrained_app("digits", checkpoint)
+    trainable = sum(p.numel() for p in job.build_model_factory()().parameters() if p.requires_grad)
+    bundles = tmp_path / "bundles"
+    provision(
+        ProvisionSpec(
+            out=bundles,
+            clients=3,
+            server_host="127.0.0.1",
+            model_parameters=trainable,
+            pretrained=checkpoint,
+            rounds=2,
+            mask_threshold=2,
+        )
+    )
+    data = job.train_dataset
+    assert data is not None
+    clients = {}
+    for k in range(3):
+        part = torch_subset(data, k, 3)
+        app = dataclasses.replace(job, train_data=part, test_data=None)
+        bundle = bundles / "clients" / f"client-{k + 1}"
+        clients[100 + k] = EdgeClient(bundle, app, ledger_path=tmp_path / f"ledger-{k}.json")
+    try:
+        run_config = {RUN_CONFIG_KEY: str(bundles / "server" / "server.toml")}
+        server = Context(
+            run_id=92, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+        )
+        deployed_app(_Nodes(clients, run_config), server)  # type: ignore[arg-type]
+    finally:
+        for client in clients.values():
+            client.close()
+    metrics = [
+        json.loads(line)
+        for line in (bundles / "server" / "state" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [m["round"] for m in metrics] == [1, 2]
+    assert all(m["aggregated"] and m["masks_removed"] for m in metrics), metrics
+    for k in range(3):
+        ledger = json.loads((tmp_path / f"ledger-{k}.json").read_text())
+        assert ledger["ledger"]["rounds"] == [1, 2]
+    # The server's state holds ciphertexts only: no fp32 copy of the trainable part.
+    state = bundles / "server" / "state"
+    assert not list(state.glob("*.pt"))
