@@ -396,9 +396,14 @@ class EdgeClient:
         self.tasks_done = 0
 
     def close(self) -> None:
-        """Release the ledger lock (idempotent). The client serves no more rounds."""
+        """Release the ledger lock and remove an own work directory (idempotent).
+
+        The client serves no more rounds.
+        """
         self._stop.set()
         self._ledger_lock.release()
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
 
     def __enter__(self) -> EdgeClient:
         return self
