@@ -1,4 +1,5 @@
-"""A tiny DP-SGD client for ledger tests: 60 examples of 4 features, a linear model."""
+"""Shared test helpers: a tiny DP-SGD client (60 examples of 4 features, a linear model)
+and a plaintext federation plan."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from torch.utils.data import TensorDataset
 
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
 from sepals.client.training import TrainSettings, train_round
-from sepals.common.config import PrivacyConfig
+from sepals.common.codec import PlainCodec
+from sepals.common.config import FederationConfig, PrivacyConfig
 from sepals.common.models import get_flat
+from sepals.common.plan import FederationPlan, generate_operator_key
 
 EXAMPLES = 60
 
@@ -35,3 +38,15 @@ def train_toy_rounds(
         out = train_round(factory, weights, data, settings, privacy, ledger, r)
         ledger, weights = out.ledger, out.weights
     return ledger, q, steps
+
+
+def plain_plan(vector_length: int, checkpoint_sha256: str = "") -> FederationPlan:
+    """A plan for plaintext updates of ``vector_length`` values, with a fresh operator key."""
+    return FederationPlan.create(
+        FederationConfig(),
+        PlainCodec.name,
+        PlainCodec().fingerprint_hex,
+        vector_length,
+        generate_operator_key()[1],
+        checkpoint_sha256=checkpoint_sha256,
+    )

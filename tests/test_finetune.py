@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dp_util import plain_plan
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -15,8 +16,7 @@ from sepals.client.core import ClientRuntime, SepalsClient, check_checkpoint
 from sepals.client.edge import EdgeApp, EdgeClient
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
 from sepals.client.training import TrainSettings, model_builder, train_round
-from sepals.common.codec import PlainCodec
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import ModelCompatibilityError
 from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import (
@@ -27,7 +27,7 @@ from sepals.common.finetune import (
     select_trainable,
 )
 from sepals.common.models import build_seeded, get_flat
-from sepals.common.plan import FederationPlan, PlanViolationError, generate_operator_key
+from sepals.common.plan import FederationPlan, PlanViolationError
 from sepals.common.provision import ProvisionSpec, provision
 
 
@@ -59,14 +59,7 @@ def _data(n: int = 48) -> TensorDataset:
 
 
 def _plan(vector_length: int, sha: str = "") -> FederationPlan:
-    return FederationPlan.create(
-        FederationConfig(),
-        PlainCodec.name,
-        PlainCodec().fingerprint_hex,
-        vector_length,
-        generate_operator_key()[1],
-        checkpoint_sha256=sha,
-    )
+    return plain_plan(vector_length, sha)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -16,6 +16,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from dp_util import plain_plan
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -25,12 +26,11 @@ from sepals.client.core import check_checkpoint
 from sepals.client.edge import EdgeApp
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
 from sepals.client.training import TrainSettings, train_round
-from sepals.common.codec import PlainCodec
-from sepals.common.config import FederationConfig, PrivacyConfig
+from sepals.common.config import PrivacyConfig
 from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import LoRA, ParameterCounts
 from sepals.common.models import build_seeded, get_flat, set_flat
-from sepals.common.plan import FederationPlan, PlanViolationError, generate_operator_key
+from sepals.common.plan import FederationPlan, PlanViolationError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "text_lora_app.py"
@@ -195,14 +195,8 @@ def test_the_example_app_splits_its_private_data(seeded_checkpoint: Path) -> Non
 
 
 # --------------------------------------------------------------------------- refusal
-def _plan(vector_length: int) -> FederationPlan:
-    return FederationPlan.create(
-        FederationConfig(),
-        PlainCodec.name,
-        PlainCodec().fingerprint_hex,
-        vector_length,
-        generate_operator_key()[1],
-    )
+def _plan(vector_length: int, sha: str = "") -> FederationPlan:
+    return plain_plan(vector_length, sha)
 
 
 @pytest.mark.parametrize("edit", ["weights", "config"])
