@@ -168,6 +168,11 @@ class SepalsClient:
                 f"the federation's plan names HE key {self.plan.key_fingerprint}, this "
                 f"client holds {self.codec.fingerprint_hex}: wrong key bundle"
             )
+        if self.plan.ring_degree != self.codec.poly_modulus_degree:
+            raise ValueError(
+                f"the federation's plan uses HE ring N={self.plan.ring_degree}, this "
+                f"client's keys N={self.codec.poly_modulus_degree}: wrong key bundle"
+            )
         size = num_parameters(self.factory())
         if size != self.plan.vector_length:
             raise ValueError(

@@ -430,6 +430,11 @@ class BfvCodec(UpdateCodec):
         return self._t
 
     @property
+    def slots_per_ciphertext(self) -> int:
+        """Plaintext slots of one ciphertext: the ring degree N (two values per slot)."""
+        return self._config.poly_modulus_degree
+
+    @property
     def data_modulus(self) -> list[int]:
         """The data primes of every ciphertext that is sent."""
         return list(self._q)

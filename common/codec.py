@@ -135,6 +135,11 @@ class UpdateCodec(ABC):
         return self._config
 
     @property
+    def poly_modulus_degree(self) -> int:
+        """The HE ring degree N of this codec's keys (0: plaintext, no ring)."""
+        return 0 if self._config is None else self._config.poly_modulus_degree
+
+    @property
     @abstractmethod
     def fingerprint(self) -> bytes:
         """16-byte identifier of the key material (or of the plain codec)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from logging import WARNING
 from typing import Any, Literal
 
@@ -40,6 +40,40 @@ MAX_COEFF_MODULUS_BITS: dict[int, int] = {
     16384: 438,
     32768: 881,
 }
+#: The rings a BFV configuration is sized to (:func:`bfv_ring_for`), smallest first.
+BFV_RINGS: tuple[int, ...] = (4096, 8192)
+
+
+def bfv_ciphertexts(vector_length: int, poly_modulus_degree: int) -> int:
+    """BFV ciphertexts of an update of ``vector_length`` values: two values per slot."""
+    return -(-vector_length // (2 * poly_modulus_degree))
+
+
+def bfv_ring_for(vector_length: int) -> int:
+    """The BFV ring degree N that makes an update of ``vector_length`` values smallest.
+
+    Rule: among :data:`BFV_RINGS`, the N with the fewest ciphertext coefficients,
+    ``ceil(L / 2N) * N`` (the bytes of an upload, and of the aggregate, are that times
+    the coefficient width); on a tie the larger N, which needs fewer ciphertexts and so
+    less per-ciphertext work. So an update of at most 8,192 values (one N = 4096
+    ciphertext) takes N = 4096, half the bytes of one N = 8192 ciphertext; above, N =
+    8192 unless N = 4096 saves bytes (an odd number of N = 4096 ciphertexts, e.g.
+    16,385..24,576 values: three N = 4096 ciphertexts against two N = 8192 ones).
+
+    Both rings are 128-bit secure with the default coefficient modulus (60 + 40 = 100
+    bits; the HomomorphicEncryption.org standard allows 109 bits at N = 4096, 218 at
+    N = 8192), and a sum is exact at either ring under the same conditions, since a
+    slot's field layout, the plaintext modulus and the noise bound do not depend on N
+    (see :class:`EncryptionConfig`).
+
+    Raises:
+        ValueError: ``vector_length < 1``.
+
+    """
+    if isinstance(vector_length, bool) or not isinstance(vector_length, int) or vector_length < 1:
+        raise ValueError(f"vector_length must be an integer >= 1, got {vector_length!r}")
+    # Fewest coefficients, then the largest ring: min over (coefficients, -N).
+    return min(BFV_RINGS, key=lambda n: (bfv_ciphertexts(vector_length, n) * n, -n))
 
 
 @dataclass(frozen=True)
@@ -310,6 +344,43 @@ class EncryptionConfig:
         if self.scheme == "bfv":
             return 2 * self.poly_modulus_degree
         return self.slots
+
+    def sized_for(self, vector_length: int) -> EncryptionConfig:
+        """A copy with the BFV ring chosen for an update of ``vector_length`` values.
+
+        BFV only (CKKS and plaintext configurations come back unchanged): the ring is
+        :func:`bfv_ring_for`'s, whatever ``poly_modulus_degree`` says, unless the other
+        settings cannot be exact or secure there (a coefficient modulus above that
+        ring's 128-bit limit, say): then, of the rings in :data:`BFV_RINGS` where they
+        are valid, the one with the fewest bytes by the same rule.
+
+        Raises:
+            ValueError: ``vector_length < 1``, or no ring of :data:`BFV_RINGS` holds
+                this configuration (the message is that of the largest ring).
+
+        """
+        best = bfv_ring_for(vector_length)
+        if self.scheme != "bfv":
+            return self
+        valid: list[EncryptionConfig] = []
+        errors: list[ValueError] = []
+        for n in BFV_RINGS:
+            try:
+                valid.append(replace(self, poly_modulus_degree=n))
+            except ValueError as exc:
+                errors.append(exc)
+        if not valid:
+            raise errors[-1]
+        for config in valid:
+            if config.poly_modulus_degree == best:
+                return config
+        return min(
+            valid,
+            key=lambda c: (
+                bfv_ciphertexts(vector_length, c.poly_modulus_degree) * c.poly_modulus_degree,
+                -c.poly_modulus_degree,
+            ),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict of every field (and the BFV quantization step)."""

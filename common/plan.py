@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from sepals.common.config import FederationConfig, check_noise_shares
+from sepals.common.config import MAX_COEFF_MODULUS_BITS, FederationConfig, check_noise_shares
 from sepals.common.errors import SepalsError
 
 PLAN_FORMAT = "sepals-plan/1"
@@ -96,8 +96,18 @@ def _str(name: str, value: object, pattern: re.Pattern[str], what: str) -> str:
 
 
 _OPTIONAL_FIELDS = frozenset(
-    {"mask_neighbours", "mask_threshold", "noise_shares", "checkpoint_sha256"}
+    {
+        "mask_neighbours",
+        "mask_threshold",
+        "noise_shares",
+        "checkpoint_sha256",
+        "poly_modulus_degree",
+    }
 )
+PLAIN_CODEC = "plain-fp32"
+#: The ring every HE plan had before the plan recorded it: a plan without
+#: ``poly_modulus_degree`` means this ring (or none, for the plaintext codec).
+LEGACY_RING = 8192
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,11 @@ class FederationPlan:
         checkpoint_sha256: SHA-256 of the pretrained checkpoint every party starts from
             (:func:`sepals.common.finetune.checkpoint_sha256`), or ``""`` for a seeded
             random start. A client whose local checkpoint differs refuses to train.
+        poly_modulus_degree: The HE ring degree N of the federation's keys (BFV sizes it
+            to the model: :func:`sepals.common.config.bfv_ring_for`); 0 for the
+            plaintext codec. A client whose keys are of another ring refuses to train.
+            ``None`` (a plan written before the plan recorded the ring) means the only
+            ring sepals made then: :data:`LEGACY_RING` for HE codecs, 0 for plaintext.
 
     """
 
@@ -148,6 +163,7 @@ class FederationPlan:
     mask_threshold: int = 0
     noise_shares: int = 1
     checkpoint_sha256: str = ""
+    poly_modulus_degree: int | None = None
 
     def __post_init__(self) -> None:
         _str("federation_id", self.federation_id, _HEX32, "32 lowercase hex digits")
@@ -191,6 +207,22 @@ class FederationPlan:
         if self.checkpoint_sha256 != "":
             what = '64 lowercase hex digits or ""'
             _str("checkpoint_sha256", self.checkpoint_sha256, _HEX64, what)
+        plain = self.codec == PLAIN_CODEC
+        ring = self.poly_modulus_degree
+        if ring is None:
+            ring = 0 if plain else LEGACY_RING
+        rings = sorted(MAX_COEFF_MODULUS_BITS)
+        is_int = isinstance(ring, int) and not isinstance(ring, bool)
+        if plain and not (is_int and ring == 0):
+            raise ValueError(
+                f"plan.poly_modulus_degree must be 0 for codec {PLAIN_CODEC!r}, got {ring!r}"
+            )
+        if not plain and not (is_int and ring in rings):
+            raise ValueError(
+                f"plan.poly_modulus_degree must be one of {rings} for codec {self.codec!r}, "
+                f"got {ring!r}"
+            )
+        object.__setattr__(self, "poly_modulus_degree", ring)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -203,6 +235,7 @@ class FederationPlan:
         operator_key: str,
         federation_id: str | None = None,
         checkpoint_sha256: str = "",
+        poly_modulus_degree: int | None = None,
     ) -> FederationPlan:
         """The plan of ``federation``, with a fresh random federation id unless given.
 
@@ -215,6 +248,8 @@ class FederationPlan:
                 returns it.
             federation_id: Only to rebuild a known plan; new federations get a random one.
             checkpoint_sha256: SHA-256 of the pretrained checkpoint (``""``: none).
+            poly_modulus_degree: The HE key's ring degree (the codec's
+                ``poly_modulus_degree``; 0 for plaintext, ``None``: :data:`LEGACY_RING`).
 
         """
         return cls(
@@ -235,7 +270,13 @@ class FederationPlan:
             mask_threshold=federation.mask_threshold,
             noise_shares=federation.noise_shares,
             checkpoint_sha256=checkpoint_sha256,
+            poly_modulus_degree=poly_modulus_degree,
         )
+
+    @property
+    def ring_degree(self) -> int:
+        """The HE ring degree N (0: plaintext); never ``None`` once the plan is built."""
+        return self.poly_modulus_degree or 0
 
     def learning_rate_at(self, server_round: int) -> float:
         """The learning rate of ``server_round`` under the plan's schedule.
@@ -276,10 +317,14 @@ class FederationPlan:
         if raw.get("format") != PLAN_FORMAT:
             raise ValueError(f"plan.format must be {PLAN_FORMAT!r}, got {raw.get('format')!r}")
         names = [f.name for f in fields(cls)]
-        # Plans written before masking existed lack its fields: masking stays off.
+        # Plans written before masking existed lack its fields: masking stays off; those
+        # written before the ring was recorded lack it: their HE keys are N = 8192.
         missing = [n for n in names if n not in raw and n not in _OPTIONAL_FIELDS]
         if missing:
             raise ValueError(f"plan lacks {', '.join(f'plan.{n}' for n in missing)}")
+        if "poly_modulus_degree" in raw and raw["poly_modulus_degree"] is None:
+            # Only an absent key means an old plan; a written plan always names its ring.
+            raise ValueError("plan.poly_modulus_degree must be an integer, got None")
         unknown = sorted(set(raw) - set(names) - {"format"})
         if unknown:
             raise ValueError(f"plan has unknown key(s): {', '.join(map(str, unknown))}")

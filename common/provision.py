@@ -89,7 +89,11 @@ class ProvisionSpec:
         server_host: DNS name or IP address clients use to reach the server; it goes
             into the TLS certificate's SAN.
         port: The SuperLink port clients connect to.
-        encryption: HE settings; ``scheme="none"`` writes no HE contexts.
+        encryption: HE settings; ``scheme="none"`` writes no HE contexts. A BFV
+            configuration's ring is chosen from the model's (trainable) parameter count
+            (:meth:`~sepals.common.config.EncryptionConfig.sized_for`): N = 4096 for
+            updates of up to 8,192 values, whatever ``poly_modulus_degree`` says; the
+            keys, ``server.toml``, every bundle and the plan carry the chosen ring.
         client_prefix: Client bundle names are ``<prefix>-1 ... <prefix>-N``.
         cert_days: Validity of the CA and server certificates.
         keep_ca_key: Also write the CA private key (for issuing certificates later).
@@ -419,6 +423,9 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
     out.mkdir(parents=True, exist_ok=True)
     ca_pem, ca_key, server_pem, server_key = make_tls(spec.server_host, spec.cert_days)
 
+    parameters = spec.model_parameters or default_model_parameters()
+    # BFV keys are made for the ring sized to this model (smallest bytes, still exact).
+    spec = replace(spec, encryption=spec.encryption.sized_for(parameters))
     secret_ctx = public_ctx = None
     he_fingerprint = ""
     if spec.encryption.scheme != "none":
@@ -426,7 +433,6 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
         public_ctx = public_context_bytes(secret_ctx)
         he_fingerprint = context_fingerprint(public_ctx).hex()
     codec = make_server_codec(spec.encryption, public_ctx)
-    parameters = spec.model_parameters or default_model_parameters()
     operator_private, operator_public = generate_operator_key()
     plan = FederationPlan.create(
         spec.federation,
@@ -435,6 +441,7 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
         parameters,
         operator_public,
         checkpoint_sha256="" if spec.pretrained is None else checkpoint_sha256(spec.pretrained),
+        poly_modulus_degree=codec.poly_modulus_degree,
     )
 
     server_dir = out / "server"

@@ -422,10 +422,17 @@ def _model_text(model: dict[str, Any] | None) -> str:
         return ""
     counts = model["parameters"]
     start = "pretrained" if model.get("pretrained") else "seeded"
+    ring = model.get("he_ring")
+    ring_text = (
+        f" | HE ring N={ring['poly_modulus_degree']}, {ring['ciphertexts_per_update']} "
+        "ciphertext(s) per update"
+        if ring
+        else ""
+    )
     return (
         f" | {start} model, training {counts['trainable']:,} of {counts['total']:,} "
         f"parameters ({model['trainable']}; {counts['trainable_fp32_bytes'] / 1e3:.1f} kB "
-        "fp32 per update)"
+        f"fp32 per update){ring_text}"
     )
 
 

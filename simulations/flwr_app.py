@@ -337,6 +337,8 @@ def server_main(grid: Any, context: Any) -> None:
         vector_length = num_parameters(source.load().build_model_factory()())
         caps = app_caps(source, clients, job.partition, fed.seed)
         sha256 = checkpoint_sha256(job.pretrained)
+    # Keys for the BFV ring sized to this model; each client sizes the same way.
+    encryption = encryption.sized_for(vector_length)
     secret_path, public_context = provision_keys(encryption, run_dir / "keys")
     try:
         settings = ServerSettings(
@@ -407,7 +409,7 @@ def client_runtime(context: Any) -> Any:
         partition=job.partition,
         seed=job.federation.seed,
         privacy=job.privacy,
-        encryption=job.encryption(clients),
+        encryption=job.encryption(clients).sized_for(plan.vector_length),
         secret_path=record["secret"],
         plan=plan,
         app=job.app_source(),

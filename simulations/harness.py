@@ -818,6 +818,16 @@ def fine_tuned_app(config: SimulationConfig, app: EdgeApp | None) -> EdgeApp | N
     return dataclasses.replace(app, **changes)
 
 
+def he_ring(encryption: EncryptionConfig, vector_length: int) -> dict[str, Any] | None:
+    """The report's ring entry: N and ciphertexts per update (``None`` without HE)."""
+    if not encryption.enabled:
+        return None
+    return {
+        "poly_modulus_degree": encryption.poly_modulus_degree,
+        "ciphertexts_per_update": -(-vector_length // encryption.values_per_ciphertext),
+    }
+
+
 def sign_simulated_rounds(
     strategy: Any, fed: FederationConfig, vector_length: int, checkpoint_sha256: str = ""
 ) -> Any:
@@ -834,6 +844,7 @@ def sign_simulated_rounds(
         vector_length,
         operator_public,
         checkpoint_sha256=checkpoint_sha256,
+        poly_modulus_degree=strategy.codec.poly_modulus_degree,
     )
     strategy.round_signer = OperatorSigner(operator_private, plan.federation_id)
     return plan
@@ -907,12 +918,15 @@ def run_experiment(
         metric_name, higher_is_better = "accuracy", True
     counts = ParameterCounts.of(factory())
     vector_length = counts.trainable
+    # The keys, the plan and the report use the BFV ring sized to the update.
+    config = dataclasses.replace(config, encryption=config.encryption.sized_for(vector_length))
     checkpoint = None if edge is None or edge.pretrained is None else Path(edge.pretrained)
     model_info = {
         "parameters": counts.to_dict(),
         "trainable": describe_trainable(None if edge is None else edge.trainable),
         "pretrained": None if checkpoint is None else str(checkpoint),
         "checkpoint_sha256": "" if checkpoint is None else checkpoint_sha256(checkpoint),
+        "he_ring": he_ring(config.encryption, vector_length),
     }
     if canaries is not None:
         if source is not None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import struct
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
-from sepals.common.bfv import BfvCodec, _unpack_bundle, public_bfv_bundle
+from sepals.common.bfv import BfvCodec, _unpack_bundle, key_parameters, public_bfv_bundle
 from sepals.common.codec import (
     PlainCodec,
     context_fingerprint,
@@ -18,7 +20,14 @@ from sepals.common.codec import (
     pack_payload,
     unpack_payload,
 )
-from sepals.common.config import BFV_NOISE_PER_SUMMAND, EncryptionConfig
+from sepals.common.config import (
+    BFV_NOISE_PER_SUMMAND,
+    BFV_RINGS,
+    MAX_COEFF_MODULUS_BITS,
+    EncryptionConfig,
+    bfv_ciphertexts,
+    bfv_ring_for,
+)
 from sepals.common.errors import (
     ForeignKeyError,
     MalformedPayloadError,
@@ -262,3 +271,138 @@ def test_plain_modulus_unchanged_without_a_collision(bfv_keys):
     client = BfvCodec.for_client(bfv_keys[0], CFG)
     n = CFG.poly_modulus_degree
     assert client.plain_modulus == seal.PlainModulus.Batching(n, CFG.plain_modulus_bits).value()
+
+
+# --------------------------------------------------------------------------- ring size
+# The most clients the default plaintext and data moduli allow (the noise budget's bound).
+MOST_CLIENTS = 2**CFG.bfv_noise_margin_bits // (2 * BFV_NOISE_PER_SUMMAND)
+
+
+@pytest.fixture(scope="module", params=BFV_RINGS)
+def ring_codecs(request):
+    """Client and server codecs at each ring, sized for the most clients the noise allows."""
+    cfg = EncryptionConfig(poly_modulus_degree=request.param, max_clients=MOST_CLIENTS)
+    secret = generate_secret_context(cfg)
+    return (
+        cfg,
+        BfvCodec.for_client(secret, cfg),
+        BfvCodec.for_server(public_bfv_bundle(secret), cfg),
+    )
+
+
+def test_both_rings_are_128_bit_secure_with_a_batching_plain_modulus(ring_codecs):
+    """SEAL accepted the keys at TC128; t is a prime = 1 mod 2N of the configured size."""
+    cfg, client, server = ring_codecs
+    n = cfg.poly_modulus_degree
+    assert sum(cfg.coeff_mod_bit_sizes) <= MAX_COEFF_MODULUS_BITS[n]
+    t = client.plain_modulus
+    assert t % (2 * n) == 1 and t.bit_length() == cfg.plain_modulus_bits
+    assert all(math.gcd(t, q) == 1 for q in server.data_modulus)
+    assert client.slots_per_ciphertext == server.slots_per_ciphertext == n
+    assert client.poly_modulus_degree == n
+    assert key_parameters(public_bfv_bundle(generate_secret_context(cfg))).poly_modulus_degree == n
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1, 2 * 8192 + 3])
+def test_round_trip_at_both_rings(ring_codecs, offset):
+    cfg, client, server = ring_codecs
+    length = cfg.values_per_ciphertext + offset
+    x = np.random.default_rng(offset % 97).uniform(-cfg.update_bound, cfg.update_bound, length)
+    payload = client.encode(x, np.random.default_rng(1))
+    q, _ = client.quantize(x, np.random.default_rng(1))
+    assert len(unpack_payload(payload)[1]) == bfv_ciphertexts(length, cfg.poly_modulus_degree)
+    assert client.integer_sum(server.aggregate([payload], length)).tolist() == q.tolist()
+    assert client.slot_count(length) == bfv_ciphertexts(length, cfg.poly_modulus_degree) * (
+        cfg.poly_modulus_degree
+    )
+
+
+def test_exact_sum_at_the_most_clients_at_both_rings(ring_codecs):
+    """The worst case: every client at +-update_bound in every field, the same noise each.
+
+    Adding one ciphertext to itself ``MOST_CLIENTS`` times adds its noise coherently, the
+    largest noise such a sum can hold; the packed fields reach their capacity too.
+    """
+    cfg, client, server = ring_codecs
+    length = cfg.values_per_ciphertext
+    x = np.where(np.arange(length) % 3 == 0, cfg.update_bound, -cfg.update_bound)
+    q, _ = client.quantize(x, np.random.default_rng(0))
+    assert np.max(np.abs(q)) >= cfg.max_quantized - 1  # the largest a bounded value rounds to
+    loaded = server.validate(client.encode(x, np.random.default_rng(0)), length)
+    total = server.aggregate_loaded([loaded] * MOST_CLIENTS, length)
+    assert client.integer_sum(total).tolist() == (q * MOST_CLIENTS).tolist()
+    assert client.noise_budget_bits(total) > 0
+    # distinct clients' ciphertexts as well
+    payloads = [client.encode(x, np.random.default_rng(i)) for i in range(8)]
+    ints = sum(client.quantize(x, np.random.default_rng(i))[0] for i in range(8))
+    distinct = [server.validate(p, length) for p in payloads]
+    sum_all = server.aggregate_loaded([distinct[i % 8] for i in range(MOST_CLIENTS)], length)
+    expected = ints * (MOST_CLIENTS // 8) + sum(
+        client.quantize(x, np.random.default_rng(i))[0] for i in range(MOST_CLIENTS % 8)
+    )
+    assert client.integer_sum(sum_all).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("ring", BFV_RINGS)
+def test_one_client_more_than_the_noise_allows_is_refused_at_both_rings(ring):
+    with pytest.raises(ValueError, match="noise budget"):
+        EncryptionConfig(poly_modulus_degree=ring, max_clients=MOST_CLIENTS + 1)
+    with pytest.raises(ValueError, match="128-bit security"):
+        EncryptionConfig(poly_modulus_degree=ring, coeff_mod_bit_sizes=(60, 60, 60, 59))
+
+
+def test_small_models_upload_half_the_bytes_at_n4096(ring_codecs):
+    """One N = 4096 ciphertext is half an N = 8192 one; so is the aggregate."""
+    cfg, client, server = ring_codecs
+    x = np.ones(2410)
+    up = client.encode(x)
+    down = server.aggregate([up] * 3, x.size)
+    coefficient_bytes = 8 * cfg.poly_modulus_degree  # one 60-bit data prime, 64-bit words
+    assert coefficient_bytes < len(up) < coefficient_bytes + 512
+    assert 2 * coefficient_bytes < len(down) < 2 * coefficient_bytes + 512
+
+
+@pytest.mark.parametrize(
+    ("length", "ring"),
+    [
+        (1, 4096),
+        (2 * 4096, 4096),  # the most values one N = 4096 ciphertext holds
+        (2 * 4096 + 1, 8192),  # two N = 4096 or one N = 8192: a tie goes to fewer ciphertexts
+        (2 * 8192, 8192),
+        (2 * 8192 + 1, 4096),  # three N = 4096 (12,288 coefficients) against 16,384
+        (3 * 8192, 4096),
+        (3 * 8192 + 1, 8192),
+    ],
+)
+def test_ring_choice_at_the_boundaries(length, ring):
+    assert bfv_ring_for(length) == ring
+    assert CFG.sized_for(length).poly_modulus_degree == ring
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(min_value=1, max_value=10**9))
+def test_ring_choice_minimises_bytes_then_ciphertexts(length):
+    chosen = bfv_ring_for(length)
+    coefficients = {n: bfv_ciphertexts(length, n) * n for n in BFV_RINGS}
+    assert coefficients[chosen] == min(coefficients.values())
+    assert all(n <= chosen for n in BFV_RINGS if coefficients[n] == coefficients[chosen])
+
+
+def test_sized_for_keeps_what_cannot_change():
+    ckks = EncryptionConfig(scheme="ckks")
+    assert ckks.sized_for(10) is ckks
+    assert EncryptionConfig(scheme="none").sized_for(10).scheme == "none"
+    # a coefficient modulus over N = 4096's 109-bit limit stays at the larger ring
+    wide = EncryptionConfig(coeff_mod_bit_sizes=(60, 60))
+    assert wide.sized_for(10).poly_modulus_degree == 8192
+    assert CFG.sized_for(10).to_dict()["poly_modulus_degree"] == 4096
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="vector_length"):
+            CFG.sized_for(bad)  # type: ignore[arg-type]
+
+
+def test_sized_for_fails_fast_where_no_ring_can_be_exact():
+    """Settings valid at N = 16384 only: refused with the largest ring's precise reason."""
+    wide = EncryptionConfig(poly_modulus_degree=16384, coeff_mod_bit_sizes=(60, 60, 60, 60))
+    with pytest.raises(ValueError, match="128-bit security limit of 218 bits for N=8192"):
+        wide.sized_for(1000)

@@ -13,21 +13,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from hypothesis import given, settings
 from torch.utils.data import TensorDataset
 
 from sepals.client.app import LEDGER_STATE_KEY, client_for, make_client_app, vetted_reason
 from sepals.client.core import ClientRuntime, SepalsClient
 from sepals.client.privacy import calibrate_noise_multiplier, planned_participation
 from sepals.common.codec import PlainCodec
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import (
+    MAX_COEFF_MODULUS_BITS,
+    EncryptionConfig,
+    FederationConfig,
+    PrivacyConfig,
+)
 from sepals.common.errors import BudgetExhaustedError, MalformedPayloadError
 from sepals.common.plan import (
     KEY_FEDERATION_ID,
     KEY_SIGNATURE,
+    LEGACY_RING,
     FederationPlan,
     OperatorSigner,
     PlanViolationError,
@@ -188,6 +196,90 @@ def test_plan_file_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text("{}")
     with pytest.raises(ValueError, match=str(bad)):
         FederationPlan.load(bad)
+
+
+def _bfv_plan(plan: FederationPlan, ring: int | None) -> dict[str, Any]:
+    raw = plan.to_dict() | {"codec": "bfv-q2"}
+    if ring is None:
+        del raw["poly_modulus_degree"]
+    else:
+        raw["poly_modulus_degree"] = ring
+    return raw
+
+
+@settings(max_examples=60, deadline=None)
+@given(ring=st.sampled_from(sorted(MAX_COEFF_MODULUS_BITS)))
+def test_plan_ring_round_trips(operator: tuple[bytes, FederationPlan], ring: int) -> None:
+    parsed = FederationPlan.from_dict(_bfv_plan(operator[1], ring))
+    assert parsed.poly_modulus_degree == parsed.ring_degree == ring
+    assert FederationPlan.from_json(parsed.to_json()) == parsed
+    assert json.loads(parsed.to_json())["poly_modulus_degree"] == ring
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    value=st.one_of(
+        st.integers(),
+        st.floats(allow_nan=True),
+        st.booleans(),
+        st.text(max_size=6),
+        st.none(),
+        st.lists(st.integers(), max_size=2),
+    )
+)
+def test_plan_ring_values_are_checked(
+    operator: tuple[bytes, FederationPlan], value: object
+) -> None:
+    """Only an integer ring SEAL supports passes for an HE codec, only 0 for plaintext."""
+    rings = sorted(MAX_COEFF_MODULUS_BITS)
+    valid_int = isinstance(value, int) and not isinstance(value, bool)
+    bfv = _bfv_plan(operator[1], 0) | {"poly_modulus_degree": value}
+    if valid_int and value in rings:
+        assert FederationPlan.from_dict(bfv).poly_modulus_degree == value
+    else:
+        with pytest.raises(ValueError, match=r"plan\.poly_modulus_degree") as info:
+            FederationPlan.from_dict(bfv)
+        assert "\n" not in str(info.value)
+    plain = operator[1].to_dict() | {"poly_modulus_degree": value}
+    if valid_int and value == 0:
+        assert FederationPlan.from_dict(plain).poly_modulus_degree == 0
+    else:
+        with pytest.raises(ValueError, match=r"plan\.poly_modulus_degree"):
+            FederationPlan.from_dict(plain)
+
+
+def test_plans_without_a_ring_mean_the_old_default(operator: tuple[bytes, FederationPlan]) -> None:
+    """A plan written before the ring was recorded: its HE keys are N = 8192."""
+    old_bfv = FederationPlan.from_dict(_bfv_plan(operator[1], None))
+    assert old_bfv.poly_modulus_degree == LEGACY_RING == 8192
+    old_plain = operator[1].to_dict()
+    del old_plain["poly_modulus_degree"]
+    assert FederationPlan.from_dict(old_plain).poly_modulus_degree == 0
+    # once written, a plan always names its ring
+    assert json.loads(old_bfv.to_json())["poly_modulus_degree"] == 8192
+
+
+def test_client_refuses_keys_of_another_ring(operator: tuple[bytes, FederationPlan]) -> None:
+    """A plan for N = 4096 with a client holding N = 8192 keys (same fingerprint forged)."""
+    from sepals.common.codec import generate_secret_context, make_client_codec
+
+    encryption = EncryptionConfig(max_clients=10)
+    secret = generate_secret_context(encryption)
+    codec = make_client_codec(encryption, secret)
+    plan = dataclasses.replace(
+        operator[1],
+        codec=codec.name,
+        key_fingerprint=codec.fingerprint_hex,
+        poly_modulus_degree=4096,
+    )
+    runtime = dataclasses.replace(
+        _runtime(plan, None), encryption=encryption, secret_context=secret
+    )
+    with pytest.raises(ValueError, match="HE ring N=4096"):
+        SepalsClient(runtime)
+    SepalsClient(
+        dataclasses.replace(runtime, plan=dataclasses.replace(plan, poly_modulus_degree=8192))
+    )
 
 
 # --------------------------------------------------------------------------- signatures
@@ -402,7 +494,9 @@ def test_client_refuses_a_plan_that_does_not_fit_it(operator: tuple[bytes, Feder
     with pytest.raises(ValueError, match="parameters"):
         SepalsClient(_runtime(dataclasses.replace(plan, vector_length=11), None))
     with pytest.raises(ValueError, match="codec"):
-        SepalsClient(_runtime(dataclasses.replace(plan, codec="bfv-q2"), None))
+        SepalsClient(
+            _runtime(dataclasses.replace(plan, codec="bfv-q2", poly_modulus_degree=8192), None)
+        )
     with pytest.raises(ValueError, match="HE key"):
         SepalsClient(_runtime(dataclasses.replace(plan, key_fingerprint="0" * 32), None))
 
