@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
+from sepals.common.bfv import key_parameters
 from sepals.common.cli import main as sepals_main
 from sepals.common.codec import context_fingerprint, make_client_codec, make_server_codec
 from sepals.common.config import EncryptionConfig, FederationConfig
@@ -50,7 +51,7 @@ def test_server_bundle_holds_no_secret_of_any_client(provisioned: Path) -> None:
     assert "he-secret.ctx" not in names and "node.key" not in names
     clients = {p.name for p in (provisioned / "clients").rglob("*") if p.is_file()}
     assert "operator.key" not in clients, "no client can sign rounds"
-    enc = EncryptionConfig()
+    enc = EncryptionConfig().sized_for(7)  # the ring provision picks for the model
     public = (server / "he-public.ctx").read_bytes()
     secret_bytes = (provisioned / "clients/client-1/he-secret.ctx").read_bytes()
     assert not make_server_codec(enc, public).can_decrypt
@@ -60,6 +61,27 @@ def test_server_bundle_holds_no_secret_of_any_client(provisioned: Path) -> None:
     for path in server.rglob("*"):
         if path.is_file():
             assert secret_bytes[-2048:] not in path.read_bytes()
+
+
+@pytest.mark.parametrize(("parameters", "ring"), [(7, 4096), (2 * 4096 + 1, 8192)])
+def test_keys_bundles_and_plan_carry_the_ring_sized_to_the_model(
+    tmp_path: Path, parameters: int, ring: int
+) -> None:
+    out = tmp_path / "bundles"
+    result = provision(
+        ProvisionSpec(out=out, clients=1, server_host="fl.example.org", model_parameters=parameters)
+    )
+    assert result.plan.poly_modulus_degree == ring
+    bundle = json.loads((out / "clients/client-1/bundle.json").read_text())
+    assert bundle["encryption"]["poly_modulus_degree"] == ring
+    assert bundle["plan"]["poly_modulus_degree"] == ring
+    toml = tomllib.loads((out / "server/server.toml").read_text())
+    assert toml["encryption"]["poly_modulus_degree"] == ring
+    public = (out / "server/he-public.ctx").read_bytes()
+    assert key_parameters(public).poly_modulus_degree == ring
+    enc = EncryptionConfig(poly_modulus_degree=ring)
+    codec = make_client_codec(enc, (out / "clients/client-1/he-secret.ctx").read_bytes())
+    assert codec.fingerprint_hex == result.plan.key_fingerprint
 
 
 def test_server_certificate_names_the_host_and_chains_to_the_ca(provisioned: Path) -> None:

@@ -95,9 +95,10 @@ def test_tls_files_and_node_keys_are_required_unless_insecure(
 
 def test_checkpoint_round_trip_and_foreign_checkpoints(tmp_path: Path, bundles: Path) -> None:
     public = (bundles / "server" / "he-public.ctx").read_bytes()
-    codec = make_server_codec(EncryptionConfig(), public)
+    encryption = EncryptionConfig().sized_for(10)  # the ring provision picks for the model
+    codec = make_server_codec(encryption, public)
     client = make_client_codec(
-        EncryptionConfig(), (bundles / "clients" / "client-1" / "he-secret.ctx").read_bytes()
+        encryption, (bundles / "clients" / "client-1" / "he-secret.ctx").read_bytes()
     )
     strategy = EncryptedFedAvg(codec, 10, FederationConfig(rounds=5, seed=3))
     state = StateDir(tmp_path / "state")

@@ -51,6 +51,12 @@ def test_three_clients_two_rounds_end_to_end(tmp_path):
     down = [r["download_bytes"] for r in report["rounds"]]
     assert down[0] > 0 and down[1] == 2 * down[0]
     assert report["config"]["codec"] == "bfv-q2"
+    # the 2,410-parameter model fits one N = 4096 ciphertext: keys and report use that ring
+    assert report["config"]["encryption"]["poly_modulus_degree"] == 4096
+    assert report["config"]["model"]["he_ring"] == {
+        "poly_modulus_degree": 4096,
+        "ciphertexts_per_update": 1,
+    }
     # the codec and its quantization error are reported every round
     for row in report["rounds"]:
         assert row["codec"] == "bfv-q2"
