@@ -156,7 +156,8 @@ class EncryptionConfig:
     Attributes:
         scheme: ``bfv`` (default), ``ckks`` or ``none`` (plaintext fp32).
         poly_modulus_degree: Ring dimension N. BFV packs 2N values per ciphertext,
-            CKKS N/2.
+            CKKS N/2. Provisioning and the simulations size a BFV ring to the model
+            (:meth:`sized_for`: N = 4096 for updates of up to 8,192 values).
         coeff_mod_bit_sizes: Bit sizes of the coefficient-modulus primes; the last one
             is SEAL's special prime, the others form the data modulus q of every
             ciphertext that is sent.
