@@ -4,14 +4,15 @@ Runs :func:`sepals.simulations.audit.run_audit` on the default ``sepals-sim`` jo
 (digits, 10 clients, IID, 30 rounds, its tuned batch size, learning rate and clipping
 norm, BFV encryption with masking unless ``--no-encryption``):
 
-* (a) honest runs at epsilon 1 and 8, over ``--seeds`` seeds each: eps_lb must never
-  exceed the claimed epsilon;
-* (b) a deliberately broken run (test-only switch: sigma calibrated and the budget
-  claimed, but no noise added) claiming epsilon 1: eps_lb must reach 2;
+* (a) honest runs at epsilon 1 and 8, over ``--seeds`` seeds each: neither the one-run
+  bound eps_lb nor the one-shot estimate may exceed the claimed epsilon;
+* (b) deliberately broken runs (test-only switch: sigma calibrated and the budget
+  claimed, but no noise added) claiming epsilon 8, over the same seeds: the audit must
+  refute every one (eps_lb or the one-shot estimate above 8);
 * (c) one audit must take at most 10 minutes on this machine (``--cpus``, default 2).
 
-It prints one row per audit (seed, claimed eps, eps_lb, r, correct, seconds) and a
-PASS/MISS verdict per requirement. Encryption is post-processing of the clients'
+It prints one row per audit (seed, claimed eps, eps_lb, one-shot estimate, r, correct,
+seconds) and a PASS/MISS verdict per requirement. Encryption is post-processing of the clients'
 DP-SGD outputs, so ``--no-encryption`` audits the same mechanism, faster.
 
 Usage: ``python -m benchmarks.audit [--seeds 5] [--canaries M] [--no-encryption]
@@ -28,7 +29,7 @@ import time
 from typing import Any
 
 TIME_LIMIT_SECONDS = 600.0
-BROKEN_TARGET = 2.0
+BROKEN_CLAIM = 8.0
 
 
 def _config(epsilon: float, seed: int, out: str, cpus: int, encryption: bool) -> Any:
@@ -60,6 +61,8 @@ def _audit(
         "target_epsilon": epsilon,
         "claimed_epsilon": a["claimed_epsilon"],
         "epsilon_lower_bound": a["epsilon_lower_bound"],
+        "one_shot_epsilon": a["one_shot_epsilon"],
+        "refuted": a["refuted"],
         "guesses": a["guesses"],
         "correct": a["correct"],
         "canaries": a["canaries"],
@@ -68,7 +71,8 @@ def _audit(
     }
     print(
         f"{row['kind']:>6} | seed {seed} | claimed eps {row['claimed_epsilon']:6.3f} | "
-        f"eps_lb {row['epsilon_lower_bound']:6.3f} | r {row['guesses']:4d} | correct "
+        f"eps_lb {row['epsilon_lower_bound']:6.3f} | one-shot {row['one_shot_epsilon']:7.3f} | "
+        f"r {row['guesses']:4d} | correct "
         f"{row['correct']:4d} | acc {100 * (row['accuracy'] or 0):5.1f}% | "
         f"{seconds:6.1f} s",
         flush=True,
@@ -102,28 +106,35 @@ def main(argv: list[str] | None = None) -> int:
         f"canaries, encryption {'on' if enc else 'off'}, {args.cpus} cpus",
         flush=True,
     )
-    rows = [] if args.skip_broken else [_audit(1.0, 0, args.canaries, args.cpus, enc, True)]
+    rows = []
     for seed in range(args.seeds):
+        if not args.skip_broken:
+            rows.append(_audit(BROKEN_CLAIM, seed, args.canaries, args.cpus, enc, broken=True))
         for eps in (1.0, 8.0):
             rows.append(_audit(eps, seed, args.canaries, args.cpus, enc, broken=False))
     honest = [r for r in rows if r["kind"] == "honest"]
     broken = [r for r in rows if r["kind"] == "broken"]
-    a_ok = all(r["epsilon_lower_bound"] <= r["claimed_epsilon"] for r in honest)
-    b_ok = bool(broken) and all(r["epsilon_lower_bound"] >= BROKEN_TARGET for r in broken)
+    a_ok = not any(r["refuted"] for r in honest)
+    b_ok = bool(broken) and all(r["refuted"] for r in broken)
     slowest = max(r["seconds"] for r in rows)
     c_ok = slowest <= TIME_LIMIT_SECONDS
-    worst = max(r["epsilon_lower_bound"] / r["claimed_epsilon"] for r in honest)
+    worst = max(
+        max(r["epsilon_lower_bound"], r["one_shot_epsilon"]) / r["claimed_epsilon"]
+        for r in honest
+    )
     print(
-        f"(a) honest eps_lb <= claimed eps over {len(honest)} runs (largest ratio "
-        f"{worst:.3f}): {'PASS' if a_ok else 'MISS'}"
+        f"(a) honest runs: no claim refuted over {len(honest)} runs (largest bound or "
+        f"estimate / claim {worst:.3f}): {'PASS' if a_ok else 'MISS'}"
     )
     if broken:
+        lowest = min(max(r["epsilon_lower_bound"], r["one_shot_epsilon"]) for r in broken)
         print(
-            f"(b) broken run claiming eps 1: eps_lb {broken[0]['epsilon_lower_bound']:.3f} >= "
-            f"{BROKEN_TARGET:g}: {'PASS' if b_ok else 'MISS'}"
+            f"(b) broken runs claiming eps {BROKEN_CLAIM:g}: {sum(r['refuted'] for r in broken)}"
+            f" of {len(broken)} refuted (lowest one-shot estimate or bound {lowest:.3f}): "
+            f"{'PASS' if b_ok else 'MISS'}"
         )
     else:
-        print("(b) broken run: not run (--skip-broken)")
+        print("(b) broken runs: not run (--skip-broken)")
     print(
         f"(c) slowest audit {slowest:.1f} s <= {TIME_LIMIT_SECONDS:.0f} s on {args.cpus} cpus: "
         f"{'PASS' if c_ok else 'MISS'}"

@@ -34,6 +34,7 @@ from sepals.client.privacy import PrivacyLedger
 from sepals.common.bfv import BfvCodec
 from sepals.common.errors import (
     BudgetExhaustedError,
+    DeltaTooLargeError,
     ForeignKeyError,
     LedgerLockedError,
     MalformedPayloadError,
@@ -163,6 +164,7 @@ _VETTED: tuple[tuple[type[Exception], int, str], ...] = (
     (NonFiniteUpdateError, ERR_CLIENT_FAILURE, "non-finite update"),
     (LedgerFileError, ERR_CLIENT_FAILURE, "ledger unusable"),
     (LedgerLockedError, ERR_CLIENT_FAILURE, "ledger in use"),
+    (DeltaTooLargeError, ERR_CLIENT_FAILURE, "delta not below 1/n for this client's data"),
     (ValueError, ERR_BAD_GLOBAL, "bad input"),
 )
 

@@ -39,10 +39,11 @@ from sepals.client.training import (
     model_builder,
     train_round,
 )
+from sepals.common.accounting import delta_problem
 from sepals.common.bfv import BfvCodec
 from sepals.common.codec import UpdateCodec, make_client_codec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
-from sepals.common.errors import MalformedPayloadError
+from sepals.common.errors import DeltaTooLargeError, MalformedPayloadError
 from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import TrainableSpec
 from sepals.common.log import log
@@ -279,7 +280,11 @@ class SepalsClient:
             outcome.steps,
             outcome.seconds,
         )
-        metrics = train_metrics(outcome, quant_error)
+        # Under distributed noise a lone update carries only part of the noise, so even
+        # its rounding error stays on the client: nothing about one update goes out in
+        # the clear that the aggregate's epsilon does not cover.
+        shared_error = quant_error if self.plan.noise_shares == 1 else None
+        metrics = train_metrics(outcome, shared_error)
         return TrainReply(payload, outcome.num_examples, metrics, outcome.ledger)
 
     def check_budget(self, cfg: RoundConfig, ledger: PrivacyLedger) -> None:
@@ -310,6 +315,9 @@ class SepalsClient:
             noise_fraction=1.0 / math.sqrt(plan.noise_shares),
         )
         n = len(rt.train_data)  # type: ignore[arg-type]
+        problem = delta_problem(rt.privacy.delta, n) if rt.privacy.enabled else None
+        if problem is not None:
+            raise DeltaTooLargeError(problem)
         sample_rate, steps = dp_schedule(n, settings)
         planned = planned_participation(plan.rounds, plan.fraction_train)
         return settings, ledger.calibrated(rt.privacy, sample_rate, steps, planned), steps
@@ -377,7 +385,8 @@ def train_metrics(outcome: TrainOutcome, quant_error: float | None) -> dict[str,
       add/remove-one DP convention).
     * ``total-steps``, ``rounds-participated``, and with DP ``epsilon``, ``delta``,
       ``noise-multiplier``, ``sample-rate``: the privacy spend, so that anyone can
-      recompute epsilon from sigma, q and the steps.
+      recompute epsilon from sigma, q and the steps; ``epsilon-replace-one``: the
+      same spend for replace-one neighbours, which also covers the example count.
     * ``quant-error``: the largest rounding error of the encoded update, at most one
       quantization step, so it says nothing about the update's values.
 
@@ -393,6 +402,8 @@ def train_metrics(outcome: TrainOutcome, quant_error: float | None) -> dict[str,
         metrics["quant-error"] = quant_error
     if ledger.epsilon is not None:
         metrics["epsilon"] = ledger.epsilon
+        if ledger.replace_one_epsilon is not None and math.isfinite(ledger.replace_one_epsilon):
+            metrics["epsilon-replace-one"] = ledger.replace_one_epsilon
         metrics["delta"] = ledger.delta
         metrics["noise-multiplier"] = float(ledger.noise_multiplier or 0.0)
         metrics["sample-rate"] = float(ledger.sample_rate or 0.0)

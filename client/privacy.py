@@ -130,6 +130,24 @@ def _epsilon_of(
         return float(acc.get_epsilon(delta=delta))
 
 
+def replace_one_epsilon_of(history: tuple[HistoryEntry, ...], delta: float) -> float:
+    """Epsilon of ``history`` at ``delta`` for replace-one neighbours (PLD, pessimistic).
+
+    A step without noise (sigma 0) has no guarantee: infinity.
+    """
+    entries = tuple((float(s), float(q), int(n)) for s, q, n in history if n)
+    if not entries:
+        return 0.0
+    if any(s <= 0.0 for s, _, _ in entries):
+        return math.inf
+    return _replace_one_of(entries, float(delta))
+
+
+@functools.lru_cache(maxsize=4096)
+def _replace_one_of(entries: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    return pld_epsilon(entries, delta, replace_one=True, discretization=PLD_DISCRETIZATION)
+
+
 @functools.lru_cache(maxsize=1024)
 def calibrate_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
@@ -302,7 +320,13 @@ class PrivacyLedger:
         planned_rounds: Participation sigma was calibrated for.
         history: Opacus accountant history.
         rounds: Server rounds this client trained in.
-        epsilon: Epsilon composed over ``history`` (``None`` when DP is off).
+        epsilon: Epsilon composed over ``history`` (``None`` when DP is off), for
+            add/remove-one neighbours. It treats the dataset size as public: the example
+            count, sample rate and sigma the client reveals are functions of it.
+        replace_one_epsilon: Epsilon of the same history for replace-one neighbours
+            (PLD accountant, pessimistic). Replace-one neighbours have the same size, so
+            this one also covers what the client reveals about its size. Reported beside
+            ``epsilon``; the budget is enforced on ``epsilon``.
 
     """
 
@@ -315,6 +339,7 @@ class PrivacyLedger:
     history: tuple[HistoryEntry, ...] = ()
     rounds: tuple[int, ...] = field(default=())
     epsilon: float | None = None
+    replace_one_epsilon: float | None = None
 
     @classmethod
     def empty(cls, privacy: PrivacyConfig) -> PrivacyLedger:
@@ -324,6 +349,7 @@ class PrivacyLedger:
             delta=privacy.delta,
             target_epsilon=privacy.target_epsilon,
             epsilon=0.0 if privacy.enabled else None,
+            replace_one_epsilon=0.0 if privacy.enabled else None,
         )
 
     @property
@@ -385,12 +411,14 @@ class PrivacyLedger:
 
     def record_round(self, server_round: int, history: tuple[HistoryEntry, ...]) -> PrivacyLedger:
         """The ledger after a round whose accountant history is ``history``."""
-        eps = (
-            compute_epsilon(self.accountant, history, self.delta)
-            if self.target_epsilon is not None
-            else None
+        private = self.target_epsilon is not None
+        return replace(
+            self,
+            history=history,
+            rounds=(*self.rounds, server_round),
+            epsilon=compute_epsilon(self.accountant, history, self.delta) if private else None,
+            replace_one_epsilon=replace_one_epsilon_of(history, self.delta) if private else None,
         )
-        return replace(self, history=history, rounds=(*self.rounds, server_round), epsilon=eps)
 
     def record_plain_round(self, server_round: int) -> PrivacyLedger:
         """The ledger after a non-private round."""

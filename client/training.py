@@ -79,8 +79,10 @@ class TrainSettings:
         learning_rate: SGD learning rate.
         momentum: SGD momentum.
         data_seed: Seed of batch order and Poisson sampling.
-        noise_seed: Seed of the DP noise. ``None`` (the default, and the only safe choice
-            outside simulations) draws a fresh seed from ``os.urandom``.
+        noise_seed: Seed of the DP noise, for reproducible tests only (the noise is then
+            predictable from the seed). ``None`` (the default, and the only private
+            choice) seeds the noise generator afresh from ``os.urandom``, the kernel's
+            CSPRNG, before every DP-SGD step (:func:`reseed_from_os`).
         grad_sample_mode: Opacus per-sample-gradient mode. ``hooks`` (the default) and
             ``ghost`` (ghost clipping: two backward passes, no per-sample gradients in
             memory) survive the empty batches that Poisson sampling yields on small
@@ -174,8 +176,10 @@ def model_builder(
         ValueError: the checkpoint does not exist or does not suit the factory.
 
     """
-    base = make_dp_compatible(factory) if pretrained is None else pretrained_factory(
-        factory, pretrained
+    base = (
+        make_dp_compatible(factory)
+        if pretrained is None
+        else pretrained_factory(factory, pretrained)
     )
     return with_trainable(base, trainable)
 
@@ -183,15 +187,30 @@ def model_builder(
 def _noise_generator(seed: int | None, device: torch.device) -> torch.Generator:
     # Opacus draws the noise on the parameters' device, so the generator must live there.
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        reseed_from_os(gen)
     return gen
+
+
+def reseed_from_os(gen: torch.Generator) -> None:
+    """Seed ``gen`` with 64 fresh bits from ``os.urandom`` (the kernel's CSPRNG).
+
+    Opacus draws DP-SGD noise from a torch generator, a Mersenne Twister whose state can
+    be recovered from enough of its outputs. Reseeding it before every step from the
+    CSPRNG leaves no state shared between steps: predicting one step's noise means
+    guessing that step's 64-bit seed.
+    """
+    gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def _silence_opacus_notices(fn: Callable[P, R]) -> Callable[P, R]:
     """Hide two notices that are not actionable for sepals users.
 
-    Opacus announces that ``secure_mode`` is off (documented in the README: the noise
-    source is torch's generator; torchcsprng does not exist for torch 2.x), and torch
+    Opacus announces that ``secure_mode`` is off (it needs torchcsprng, which does not
+    exist for torch 2.x; the noise generator is reseeded from ``os.urandom`` before
+    every step instead, :func:`reseed_from_os`), and torch
     warns about full backward hooks on input layers.
     """
 
@@ -314,6 +333,7 @@ def train_round(
     criterion: Any = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
 
     engine = None
+    noise_gen: torch.Generator | None = None
     sigma = 0.0
     if privacy.enabled:
         from opacus import PrivacyEngine
@@ -328,6 +348,7 @@ def train_round(
             engine.accountant.load_state_dict(
                 {"history": list(ledger.history), "mechanism": mechanism}
             )
+        noise_gen = _noise_generator(settings.noise_seed, dev)
         wrapped = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -336,7 +357,7 @@ def train_round(
             max_grad_norm=privacy.max_grad_norm,
             poisson_sampling=poisson_sampling,
             grad_sample_mode=settings.grad_sample_mode,
-            noise_generator=_noise_generator(settings.noise_seed, dev),
+            noise_generator=noise_gen,
             criterion=criterion,
         )
         if len(wrapped) == 4:  # ghost clipping also wraps the loss (two backward passes)
@@ -360,6 +381,8 @@ def train_round(
             loss.backward()
             if canaries is not None:
                 canaries.inject(model, optimizer, privacy.max_grad_norm)
+            if noise_gen is not None and settings.noise_seed is None:
+                reseed_from_os(noise_gen)
             optimizer.step()
             steps += 1
             if len(y):

@@ -13,7 +13,7 @@ accountant, which supports replace-one for Poisson-subsampled Gaussian steps.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 
 def replace_one_epsilon(
@@ -82,3 +82,33 @@ def pld_epsilon(
         return float(accountant.get_epsilon(delta))
     finally:
         absl.setLevel(level)
+
+
+def delta_problem(delta: float, num_examples: int) -> str | None:
+    """Why ``delta`` gives no meaningful guarantee for ``num_examples`` examples, or ``None``.
+
+    A mechanism that publishes one random example in full is (0, 1/n)-DP, so delta must
+    lie below 1/n (well below, by convention) for (epsilon, delta) to say anything.
+    """
+    if num_examples >= 1 and delta * num_examples >= 1.0:
+        return (
+            f"delta {delta:g} is not below 1/n = {1.0 / num_examples:.3g} for a client with "
+            f"{num_examples} training examples (publishing one example at random meets "
+            f"delta = 1/n): choose delta < {1.0 / num_examples:.3g}"
+        )
+    return None
+
+
+def check_delta(delta: float, sizes: Sequence[int], names: Sequence[str] | None = None) -> None:
+    """Refuse a run in which ``delta >= 1/n`` for any client (one line naming the first).
+
+    Raises:
+        ValueError: some client has ``delta * n >= 1``.
+
+    """
+    labels = list(names) if names is not None else [f"client-{k}" for k in range(len(sizes))]
+    bad = [(n, lab) for n, lab in zip(sizes, labels, strict=True) if delta_problem(delta, n)]
+    if bad:
+        n, lab = min(bad)
+        problem = delta_problem(delta, n)
+        raise ValueError(f"{len(bad)} of {len(sizes)} clients, e.g. {lab}: {problem}")

@@ -35,6 +35,7 @@ def _provision(args: argparse.Namespace) -> int:
             model_parameters=args.model_parameters,
             rounds=args.rounds,
             fraction_train=args.fraction_train,
+            fraction_evaluate=args.fraction_evaluate,
             local_epochs=args.local_epochs,
             batch_size=args.batch_size,
             learning_rate=args.learning_rate,
@@ -59,6 +60,7 @@ def _provision(args: argparse.Namespace) -> int:
         f"{plan.fraction_train:g}, {plan.local_epochs} local epoch(s), batch {plan.batch_size}, "
         f"learning rate {plan.learning_rate:g} ({plan.lr_schedule}); clients serve only this"
     )
+    print(f"federated evaluation {spec.federation.evaluation_disclosure}")
     if plan.mask_neighbours:
         print(
             f"masking: each client masks with {plan.mask_neighbours} neighbours (fewer in "
@@ -168,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=base.fraction_train,
         help=f"fraction of nodes sampled each round (default {base.fraction_train:g})",
+    )
+    plan.add_argument(
+        "--fraction-evaluate",
+        type=float,
+        default=base.fraction_evaluate,
+        help="fraction of nodes asked for federated evaluation each round (default 0: off; "
+        "each evaluating node's loss, accuracy and example count reach the server in the "
+        "clear, outside epsilon)",
     )
     plan.add_argument(
         "--local-epochs",

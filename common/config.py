@@ -524,6 +524,16 @@ class FederationConfig:
         """Whether rounds use pairwise masks."""
         return self.mask_neighbours > 0
 
+    @property
+    def evaluation_disclosure(self) -> str:
+        """What federated evaluation reveals to the server, in words (for logs and reports)."""
+        if self.fraction_evaluate <= 0.0:
+            return "off: no per-client metric reaches the server"
+        return (
+            f"on ({self.fraction_evaluate:g} of nodes a round): each evaluating node's loss, "
+            "metric and example count reach the server in the clear, outside epsilon"
+        )
+
     def learning_rate_at(self, server_round: int) -> float:
         """The local learning rate of ``server_round`` (from 1) under the schedule."""
         if self.lr_schedule == "constant" or self.rounds == 1:

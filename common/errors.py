@@ -38,6 +38,10 @@ class BudgetExhaustedError(SepalsError):
     """Training one more round would push a client past its (epsilon, delta) budget."""
 
 
+class DeltaTooLargeError(SepalsError, ValueError):
+    """A client's delta is not below 1/n for its n training examples."""
+
+
 class ModelCompatibilityError(SepalsError):
     """A model cannot be trained with DP-SGD (for example it contains BatchNorm)."""
 

@@ -168,9 +168,10 @@ def check_ledger(led: dict[str, Any], path: Path) -> None:
     if sigma is not None and not (_is_number(sigma) and sigma >= 0):
         raise bad("noise_multiplier", "a finite number >= 0 or null")
     # Infinity is an honest epsilon (no guarantee, e.g. with zero noise); NaN is not.
-    eps = led.get("epsilon")
-    if eps is not None and not (_is_number(eps) and eps >= 0) and eps != math.inf:
-        raise bad("epsilon", "a number >= 0 (or Infinity) or null")
+    for key in ("epsilon", "replace_one_epsilon"):
+        eps = led.get(key)
+        if eps is not None and not (_is_number(eps) and eps >= 0) and eps != math.inf:
+            raise bad(key, "a number >= 0 (or Infinity) or null")
     rate = led.get("sample_rate")
     if rate is not None and not (_is_number(rate) and 0.0 < rate <= 1.0):
         raise bad("sample_rate", "a number in (0, 1] or null")

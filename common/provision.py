@@ -102,6 +102,9 @@ class ProvisionSpec:
             that ``sepals-sim`` and ``examples/edge_app.py`` train).
         rounds: Rounds the federation runs.
         fraction_train: Fraction of nodes sampled for training each round.
+        fraction_evaluate: Fraction of nodes asked for federated evaluation each round.
+            0 (the default) turns it off: an evaluating node's loss, metric and example
+            count reach the server in the clear, outside any epsilon.
         local_epochs: Local epochs per round.
         batch_size: Expected batch size of DP-SGD.
         learning_rate: Learning rate of round 1.
@@ -134,6 +137,7 @@ class ProvisionSpec:
     model_parameters: int = 0
     rounds: int = 30
     fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
     local_epochs: int = 1
     batch_size: int = 16
     learning_rate: float = 0.2
@@ -192,7 +196,7 @@ class ProvisionSpec:
             rounds=self.rounds,
             fraction_train=self.fraction_train,
             min_train_clients=max(1, min(2, self.clients)),
-            fraction_evaluate=1.0,
+            fraction_evaluate=self.fraction_evaluate,
             local_epochs=self.local_epochs,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,

@@ -102,6 +102,7 @@ def _server_main(grid: Grid, context: Context) -> None:
         done + 1,
         cfg.federation.rounds,
     )
+    log(INFO, "sepals ServerApp: federated evaluation %s", cfg.federation.evaluation_disclosure)
     if remaining > 0:
         strategy.start(
             grid=grid,

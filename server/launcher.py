@@ -452,6 +452,7 @@ class ServerLauncher:
 def progress_line(line: dict[str, Any], rounds: int) -> str:
     """One human-readable line for a metrics record."""
     eps = line.get("max_epsilon")
+    eps_r1 = line.get("max_epsilon_replace_one")
     acc = line.get("federated_accuracy")
     missing = int(line.get("sampled", 0)) - int(line.get("replied", 0))
     return (
@@ -459,7 +460,8 @@ def progress_line(line: dict[str, Any], rounds: int) -> str:
         f"{line.get('sampled', 0)} updates aggregated"
         f"{'' if line.get('aggregated') else ' (global model unchanged)'}, "
         f"{len(line.get('declined', []))} declined, {len(line.get('excluded', []))} excluded, "
-        f"{missing} missing | max eps {'-' if eps is None else f'{eps:.3f}'} | "
+        f"{missing} missing | max eps {'-' if eps is None else f'{eps:.3f}'}"
+        f"{'' if eps is None or eps_r1 is None else f' (replace-one {eps_r1:.3f})'} | "
         f"federated acc {'-' if acc is None else f'{100 * acc:.2f}%'} | "
         f"{_spread_part(line)}{line.get('train_seconds', 0.0):.1f} s"
     )

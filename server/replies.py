@@ -132,6 +132,7 @@ class TrainMetrics:
 
     num_examples: int
     epsilon: float | None
+    epsilon_replace_one: float | None
     delta: float | None
     noise_multiplier: float | None
     sample_rate: float | None
@@ -163,6 +164,7 @@ def parse_train_metrics(
     return TrainMetrics(
         num_examples=n,
         epsilon=get_float(metrics, "epsilon", NON_NEGATIVE),
+        epsilon_replace_one=get_float(metrics, "epsilon-replace-one", NON_NEGATIVE),
         delta=get_float(metrics, "delta", DELTA),
         noise_multiplier=get_float(metrics, "noise-multiplier", NON_NEGATIVE),
         sample_rate=get_float(metrics, "sample-rate", SAMPLE_RATE),

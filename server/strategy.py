@@ -73,6 +73,7 @@ class ClientRoundReport:
     client_id: str
     num_examples: int
     epsilon: float | None
+    epsilon_replace_one: float | None
     delta: float | None
     noise_multiplier: float | None
     sample_rate: float | None
@@ -112,6 +113,7 @@ class RoundRecord:
     download_bytes: int = 0
     weight_total: float = 0.0
     max_epsilon: float | None = None
+    max_epsilon_replace_one: float | None = None
     quant_error: float | None = None
     federated_loss: float | None = None
     federated_accuracy: float | None = None
@@ -690,6 +692,10 @@ class EncryptedFedAvg(Strategy):
         record.accepted = len(loaded_all)
         eps = [c.epsilon for c in record.clients if c.epsilon is not None]
         record.max_epsilon = max(eps) if eps else None
+        eps_r1 = [
+            c.epsilon_replace_one for c in record.clients if c.epsilon_replace_one is not None
+        ]
+        record.max_epsilon_replace_one = max(eps_r1) if eps_r1 else None
         record.train_seconds = time.perf_counter() - self._t_round
         missing = record.sampled - record.replied
         if missing > 0:
@@ -812,6 +818,8 @@ class EncryptedFedAvg(Strategy):
         }
         if record.max_epsilon is not None:
             values["max-epsilon"] = record.max_epsilon
+        if record.max_epsilon_replace_one is not None:
+            values["max-epsilon-replace-one"] = record.max_epsilon_replace_one
         if record.quant_error is not None:
             values["quant-error"] = record.quant_error
         return MetricRecord(values)

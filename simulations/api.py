@@ -74,6 +74,7 @@ def simulate(
     app_args: Mapping[str, str] | None = None,
     cpus: int | None = None,
     progress: ProgressFn | None = None,
+    reproducible_noise: bool = False,
 ) -> SimulationResult:
     """Simulate ``app`` over ``clients`` clients and return the report and trained model.
 
@@ -92,7 +93,8 @@ def simulate(
         privacy: Every client's whole privacy budget (overrides the app's and
             ``epsilon``).
         encryption: ``bfv``, ``ckks``, ``none``, or an :class:`EncryptionConfig`.
-        seed: Seed of partitioning, sampling, batches and the simulated DP noise.
+        seed: Seed of partitioning, sampling and batches (and of the DP noise with
+            ``reproducible_noise``).
         out: Output folder: ``report.json``, ``model.pt``, plots, ``keys/``.
         device: ``auto`` (the app's device, else CUDA when present), ``cpu`` or ``cuda``.
         local_epochs: Local epochs per round.
@@ -105,6 +107,8 @@ def simulate(
         app_args: String arguments of the spec's factory (spec only).
         cpus: CPUs Ray may use (default: all).
         progress: Called with each round's row.
+        reproducible_noise: Derive the DP noise from ``seed`` so that a run repeats
+            exactly: for tests only (the report marks it; the noise is predictable).
 
     Returns:
         ``(report, model)``. ``report["final"]["aggregated_rounds"]`` counts the rounds
@@ -180,6 +184,7 @@ def simulate(
         app=spec,
         app_args=tuple((k, str(v)) for k, v in (app_args or {}).items()),
         device=device,
+        reproducible_noise=reproducible_noise,
     )
     report = run_experiment(config, progress=progress, app=obj)
     model = edge.build_model_factory()()

@@ -25,6 +25,11 @@ largest eps that this p-value rejects at level ``1 - confidence``, found by bise
 each choice is tested at level ``(1 - confidence) / len(GUESS_FRACTIONS)``
 (Bonferroni) and ``eps_lb`` is the largest of them: the reported bound holds at the
 stated confidence.
+
+That bound cannot exceed about 3.7 with 300 canaries, whatever the run does, so it can
+never refute the default claim of 8. The same scores therefore also give the one-shot
+estimate of Andrew et al. (:mod:`sepals.simulations.one_shot`), which has no such
+ceiling. A claim is reported refuted when either exceeds it.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy.typing as npt
 from scipy import stats
 
 from sepals.common.log import log
+from sepals.simulations.one_shot import one_shot_estimate
 
 #: Canaries per audit (Dirac canaries on the quietest of the digits MLP's 2,410
 #: parameters: see the README).
@@ -142,6 +148,8 @@ class AuditResult:
     correct: int
     guesses_per_side: int
     candidates: list[dict[str, float]]
+    one_shot_epsilon: float = 0.0
+    one_shot: dict[str, Any] | None = None
     seconds: float | None = None
     broken_no_noise_for_tests: bool = False
     method: str = (
@@ -165,15 +173,25 @@ class AuditResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view."""
-        return asdict(self)
+        return asdict(self) | {"refuted": self.refuted}
+
+    @property
+    def refuted(self) -> bool | None:
+        """Whether the bound or the one-shot estimate exceeds the claim (``None``: no claim)."""
+        if self.claimed_epsilon is None:
+            return None
+        return max(self.epsilon_lower_bound, self.one_shot_epsilon) > self.claimed_epsilon
 
     def summary(self) -> str:
-        """One line: the bound beside the claim."""
+        """One line: the bound and the estimate beside the claim."""
         claimed = "n/a" if self.claimed_epsilon is None else f"{self.claimed_epsilon:.3f}"
+        verdict = {None: "", True: " | CLAIM REFUTED", False: " | claim not refuted"}
         return (
-            f"audit: eps_lb {self.epsilon_lower_bound:.3f} (at {100 * self.confidence:g}% "
-            f"confidence) vs claimed eps {claimed} | m={self.canaries} canaries "
-            f"({self.canaries_included} in), r={self.guesses} guesses, {self.correct} correct"
+            f"audit: eps_lb {self.epsilon_lower_bound:.3f} (one-run bound, at "
+            f"{100 * self.confidence:g}% confidence), one-shot estimate "
+            f"{self.one_shot_epsilon:.3f} vs claimed eps {claimed} | m={self.canaries} "
+            f"canaries ({self.canaries_included} in), r={self.guesses} guesses, "
+            f"{self.correct} correct{verdict[self.refuted]}"
             + (" | BROKEN MECHANISM (test only)" if self.broken_no_noise_for_tests else "")
         )
 
@@ -200,6 +218,7 @@ def assess(
         eps = epsilon_lower_bound(m, 2 * k, v, delta, per_choice)
         candidates.append({"k": k, "guesses": 2 * k, "correct": v, "epsilon_lower_bound": eps})
     best = max(candidates, key=lambda c: (c["epsilon_lower_bound"], -c["k"]))
+    shot = one_shot_estimate(scores, included, delta, confidence)
     return AuditResult(
         epsilon_lower_bound=best["epsilon_lower_bound"],
         claimed_epsilon=claimed_epsilon,
@@ -211,6 +230,8 @@ def assess(
         correct=int(best["correct"]),
         guesses_per_side=int(best["k"]),
         candidates=candidates,
+        one_shot_epsilon=shot.epsilon,
+        one_shot=shot.to_dict(),
     )
 
 
@@ -389,4 +410,5 @@ def run_audit(
 
 def summarize_audit(report: dict[str, Any]) -> str:
     """The one-line audit summary of a report with ``audit``."""
-    return AuditResult(**report["audit"]).summary()
+    fields = {k: v for k, v in report["audit"].items() if k != "refuted"}
+    return AuditResult(**fields).summary()

@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="local SGD learning rate")
     p.add_argument(
+        "--reproducible-noise",
+        action="store_true",
+        help="derive the DP noise from --seed so that a run repeats exactly (tests only: "
+        "predictable noise; default: each step's noise seeded from os.urandom)",
+    )
+    p.add_argument(
         "--fraction-evaluate",
         type=float,
         default=0.0,
@@ -349,6 +355,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         device=args.device,
         pretrained=args.pretrained,
         trainable=_patterns(args.trainable),
+        reproducible_noise=args.reproducible_noise,
     )
 
 
@@ -396,13 +403,19 @@ def _progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accurac
     print(
         f"round {row['round']:>3}/{rounds} | {format_metric(metric_name, value)} | "
         f"loss {'n/a' if loss is None else f'{loss:.4f}'} | "
-        f"eps {'  off' if eps is None else f'{eps:5.2f}'} | "
+        f"eps {'  off' if eps is None else f'{eps:5.2f}'}{_replace_one_text(row)} | "
         f"up {row['upload_bytes'] / 1e3:8.1f} kB{_per_client(row)} | "
         f"down {row['download_bytes'] / 1e3:8.1f} kB | "
         f"{row['seconds']:5.2f} s | {row.get('codec', '?')} q-err "
         f"{'n/a' if qerr is None else f'{qerr:.1e}'}{extra}",
         flush=True,
     )
+
+
+def _replace_one_text(row: dict[str, Any]) -> str:
+    """`` (r1 14.65)``: the round's largest replace-one epsilon, when DP is on."""
+    value = row.get("epsilon_replace_one")
+    return "" if value is None or row.get("epsilon") is None else f" (r1 {value:5.2f})"
 
 
 def _per_client(row: dict[str, Any]) -> str:

@@ -142,7 +142,7 @@ class FlowerJob:
             rounds=_get(config, "rounds", 30),
             fraction_train=_get(config, "fraction-train", 1.0),
             min_train_clients=_get(config, "min-train-clients", 1),
-            fraction_evaluate=_get(config, "fraction-evaluate", 1.0),
+            fraction_evaluate=_get(config, "fraction-evaluate", 0.0),
             local_epochs=_get(config, "local-epochs", 1),
             batch_size=_get(config, "batch-size", 16),
             learning_rate=_get(config, "lr", 0.214),
@@ -327,6 +327,7 @@ def server_main(grid: Any, context: Any) -> None:
         job.privacy.target_epsilon if job.privacy.enabled else "off",
         encryption.scheme,
     )
+    log(INFO, "sepals flwr app: federated evaluation %s", fed.evaluation_disclosure)
     source = job.app_source()
     sha256 = ""
     if source is None:
@@ -364,13 +365,17 @@ def server_main(grid: Any, context: Any) -> None:
             Path(secret_path).unlink(missing_ok=True)
     aggregated = sum(1 for r in strategy.history if r.aggregated)
     eps = [r.max_epsilon for r in strategy.history if r.max_epsilon is not None]
+    eps_r1 = [
+        r.max_epsilon_replace_one for r in strategy.history if r.max_epsilon_replace_one is not None
+    ]
     accs = [r.federated_accuracy for r in strategy.history if r.federated_accuracy is not None]
     log(
         INFO,
-        "sepals flwr app: %s of %s rounds aggregated | epsilon %s | federated accuracy %s",
+        "sepals flwr app: %s of %s rounds aggregated | epsilon %s%s | federated accuracy %s",
         aggregated,
         len(strategy.history),
         f"{max(eps):.3f}" if eps else "off",
+        f" (replace-one {max(eps_r1):.3f})" if eps and eps_r1 else "",
         f"{100 * accs[-1]:.2f}%" if accs else "n/a",
     )
     require_aggregation(strategy)

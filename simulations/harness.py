@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from sepals.common.accounting import check_delta
 from sepals.common.config import (
     EncryptionConfig,
     FederationConfig,
@@ -94,6 +95,10 @@ def apply_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+#: ``OUT/ledgers/client-K.json``: the privacy ledger of each simulated client.
+LEDGER_DIR = "ledgers"
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     """Every setting of a simulation run.
@@ -121,6 +126,10 @@ class SimulationConfig:
             its checkpoint); with an app it replaces the app's ``pretrained``.
         trainable: Parameter-name patterns of what is trained (``None``: the job's or
             the app's own choice).
+        reproducible_noise: Derive every client's DP noise from the run's seed, so that
+            a run repeats exactly. For tests only: such noise is predictable, and the
+            report says so. By default each DP-SGD step's noise generator is seeded
+            afresh from ``os.urandom``.
 
     """
 
@@ -138,6 +147,7 @@ class SimulationConfig:
     masking: bool = True
     pretrained: str | None = None
     trainable: tuple[str, ...] | None = None
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         if self.app is None:
@@ -382,21 +392,30 @@ def app_client_data(
     return Subset(app.train_dataset, train_parts[client].tolist()), test  # type: ignore[arg-type]
 
 
-def app_caps(source: AppSource, clients: int, partition: str, seed: int) -> list[int]:
-    """Per client, the most examples it may claim; fails if a client has no training data."""
+def app_caps(
+    source: AppSource, clients: int, partition: str, seed: int, *, delta: float | None = None
+) -> list[int]:
+    """Per client, the most examples it may claim.
+
+    Raises:
+        ValueError: a client has no training data, or (with DP at ``delta``) has
+            ``delta >= 1/n``.
+
+    """
     caps: list[int] = []
-    empty: list[int] = []
+    sizes: list[int] = []
     for pid in range(clients):
         train, test = app_client_data(source, clients, partition, seed, pid)
-        n_train = len(train)
-        if n_train < 1:
-            empty.append(pid)
-        caps.append(max(n_train, len(test) if test is not None else 0, 1))
+        sizes.append(len(train))
+        caps.append(max(sizes[-1], len(test) if test is not None else 0, 1))
+    empty = [pid for pid, n in enumerate(sizes) if n < 1]
     if empty:
         raise ValueError(
             f"{len(empty)} of {clients} clients get no training example (first: "
             f"client-{empty[0]}); use fewer clients or another partition"
         )
+    if delta is not None:
+        check_delta(delta, sizes)
     return caps
 
 
@@ -633,6 +652,8 @@ class SimulatedClientProvider:
     device: str = "auto"
     nodes_dir: str | None = None
     canaries: CanarySpec | None = None  # privacy audits only (sepals.simulations.audit)
+    ledger_dir: str | None = None
+    reproducible_noise: bool = False
 
     def __call__(self, context: Any) -> Any:
         """The :class:`ClientRuntime` of the node in ``context``."""
@@ -671,7 +692,10 @@ def _simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
         "plan": provider.plan,
         "secret_context": secret,
         "seed": provider.seed,
-        "deterministic_noise": True,
+        "deterministic_noise": provider.reproducible_noise,
+        "ledger_path": (
+            None if provider.ledger_dir is None else Path(provider.ledger_dir, f"client-{pid}.json")
+        ),
     }
     if provider.app is not None:
         app = provider.app.load()
@@ -907,13 +931,21 @@ def run_experiment(
     if source is not None:
         edge = source.load()
         factory = edge.build_model_factory()
-        caps = app_caps(source, config.clients, config.partition, fed.seed)
+        caps = app_caps(
+            source,
+            config.clients,
+            config.partition,
+            fed.seed,
+            delta=config.privacy.delta if config.privacy.enabled else None,
+        )
         metric_name, higher_is_better = edge.metric_name, edge.higher_is_better
     else:
         factory = make_dp_compatible(dataset_model_factory(config.dataset))
         sizes = client_train_sizes(config.dataset, config.clients, config.partition, fed.seed)
         for warning in check_client_sizes(sizes, fed.batch_size):
             log(WARNING, "%s", warning)
+        if config.privacy.enabled:
+            check_delta(config.privacy.delta, sizes)
         caps = client_example_caps(config.dataset, config.clients, config.partition, fed.seed)
         metric_name, higher_is_better = "accuracy", True
     counts = ParameterCounts.of(factory())
@@ -957,6 +989,12 @@ def run_experiment(
     )
     cpus = config.cpus or os.cpu_count() or 1
     nodes_dir = tempfile.mkdtemp(prefix=".nodes-", dir=out)
+    # Every client keeps its ledger on disk, as a deployed client does (`sepals ledger
+    # show OUT/ledgers/client-K.json`). A run's clients start with nothing spent, so the
+    # ledgers of an earlier run in the same folder are removed first.
+    ledger_dir = out / LEDGER_DIR
+    shutil.rmtree(ledger_dir, ignore_errors=True)
+    ledger_dir.mkdir(mode=0o700)
     node_names: dict[int, str] = {}
 
     def name_of(node: int) -> str:
@@ -1016,6 +1054,7 @@ def run_experiment(
             "loss": loss,
             "fairness": spread,
             "epsilon": rec.max_epsilon,
+            "epsilon_replace_one": rec.max_epsilon_replace_one,
             "upload_bytes": rec.upload_bytes,
             "download_bytes": rec.download_bytes,
             "upload_bytes_per_client": rec.upload_bytes // max(rec.accepted, 1),
@@ -1085,6 +1124,8 @@ def run_experiment(
             device=config.device,
             nodes_dir=nodes_dir,
             canaries=canaries,
+            ledger_dir=str(ledger_dir),
+            reproducible_noise=config.reproducible_noise,
         ),
         mods=client_mods,
     )
@@ -1176,6 +1217,7 @@ def build_report(
                 "id": c.client_id,
                 "rounds_participated": c.rounds_participated,
                 "epsilon": c.epsilon,
+                "epsilon_replace_one": c.epsilon_replace_one,
                 "delta": c.delta,
                 "noise_multiplier": c.noise_multiplier,
                 "sample_rate": c.sample_rate,
@@ -1185,6 +1227,9 @@ def build_report(
             }
     last = rows[-1] if rows else {}
     eps_values = [c["epsilon"] for c in clients.values() if c["epsilon"] is not None]
+    eps_r1 = [
+        c["epsilon_replace_one"] for c in clients.values() if c["epsilon_replace_one"] is not None
+    ]
     return {
         "config": {**config.to_dict(), "codec": codec, "model_parameters": vector_length},
         "rounds": rows,
@@ -1192,6 +1237,16 @@ def build_report(
             "accuracy": last.get("accuracy"),
             "loss": last.get("loss"),
             "epsilon": max(eps_values) if eps_values else None,
+            "epsilon_replace_one": max(eps_r1) if eps_r1 else None,
+            "noise_source": (
+                None
+                if not config.privacy.enabled
+                else "seeded from the run's seed (reproducible tests only: predictable noise)"
+                if config.reproducible_noise
+                else "os.urandom: each DP-SGD step's generator seeded afresh"
+            ),
+            "federated_evaluation": config.federation.evaluation_disclosure,
+            "ledgers": LEDGER_DIR,
             **_noise_shares_summary(config, list(clients.values())),
             "delta": config.privacy.delta if config.privacy.enabled else None,
             "wall_seconds": wall_seconds,
@@ -1255,6 +1310,9 @@ def summarize(report: dict[str, Any]) -> str:
         )
     else:
         shown_eps = "off" if eps is None else f"{eps:.3f}"
+    replace_one = f.get("epsilon_replace_one")
+    if eps is not None and replace_one is not None:
+        shown_eps += f" (replace-one {replace_one:.3f})"
     fairness = format_spread(f.get("fairness"), name)
     if fairness:
         shown += f" | {fairness}"

@@ -273,6 +273,9 @@ def test_audit_catches_a_broken_mechanism_and_passes_an_honest_one(tmp_path: Pat
     assert b["broken_no_noise_for_tests"] and not h["broken_no_noise_for_tests"]
     assert b["epsilon_lower_bound"] >= 1.5
     assert h["epsilon_lower_bound"] <= h["claimed_epsilon"]
+    # The one-shot estimate refutes the broken claim and not the honest one.
+    assert b["one_shot_epsilon"] > b["claimed_epsilon"] and b["refuted"]
+    assert h["one_shot_epsilon"] <= h["claimed_epsilon"] and not h["refuted"]
     assert (tmp_path / "broken" / "report.json").read_text().count('"audit"') == 1
 
 

@@ -29,10 +29,11 @@ import numpy as np
 import pytest
 from e2e_util import BIN, metrics, spawn, stop, wait_for
 
-from sepals.client.privacy import PrivacyLedger, compute_epsilon
+from sepals.client.privacy import PrivacyLedger, compute_epsilon, replace_one_epsilon_of
 from sepals.common.codec import make_client_codec, make_server_codec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import MissingSecretKeyError
+from sepals.common.plan import FederationPlan
 from sepals.common.procs import free_port
 from sepals.common.provision import make_node_keys
 from sepals.server.deployed_app import FAULT_EXIT_AFTER_ROUND
@@ -80,11 +81,12 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
     server_dir = bundles / "server"
     toml = server_dir / "server.toml"
     text = toml.read_text()
+    # Federated evaluation is off by default: the server gets no per-client metric.
+    assert re.search(r"(?m)^fraction_evaluate = 0\.0$", text), text
     for old, new in [
         # Generous: no round waits it out (a dead node's message fails when its
         # heartbeat expires, within a minute), and a slow CI machine needs the margin.
         (r"(?m)^round_timeout = .*", "round_timeout = 120.0"),
-        (r"(?m)^fraction_evaluate = .*", "fraction_evaluate = 0.0"),
         (
             r"(?m)^nodes_dir = .*",
             'nodes_dir = "nodes"\nnode_wait_timeout = 300.0\nmin_available_clients = 3',
@@ -169,6 +171,11 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
     assert [m["mask_members"] for m in lines] == [3, 3, 3], lines
     assert [(m["mask_survivors"], m["mask_dropouts"]) for m in lines] == [(3, 0), (2, 1), (3, 0)]
     assert lines[2]["accepted"] == 3, lines
+    # No node was asked to evaluate, so no per-client loss, accuracy or count arrived.
+    assert all(m["evaluated"] == 0 and m["federated_loss"] is None for m in lines), lines
+    assert "federated evaluation off" in (state / "server.log").read_text()
+    # Every round line carries the largest replace-one epsilon beside the largest epsilon.
+    assert all(m["max_epsilon_replace_one"] > 0 for m in lines), lines
     assert "rounds 3..3" in (state / "server.log").read_text()
 
     # Every ledger holds its composed epsilon; client-3's kept growing across the restart.
@@ -179,6 +186,7 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
         )
         assert 0 < (ledger.epsilon or 0) <= 8.0 + 1e-6, (client.name, ledger)
         assert 3 in ledger.rounds and 1 in ledger.rounds, (client.name, ledger, lines)
+        assert ledger.replace_one_epsilon == replace_one_epsilon_of(ledger.history, ledger.delta)
     ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", PRIVACY)
     assert ledger3.rounds[0] == 1 and ledger3.rounds[-1] == 3
     assert (ledger3.epsilon or 0) > (eps_before_kill or 0), (ledger3, eps_before_kill)
@@ -195,7 +203,8 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
     public = (server_dir / "he-public.ctx").read_bytes()
     secret_probes = [w for w in _windows(secret, 64, 40) if w not in public]
     assert len(secret_probes) > 10, "the secret context must differ from the public one"
-    enc = EncryptionConfig()
+    # the ring provision sized for the default model
+    enc = EncryptionConfig().sized_for(FederationPlan.load(server_dir / "plan.json").vector_length)
     payload = (state / "global-model.spl").read_bytes()
     total = json.loads((state / "checkpoint.json").read_text())["weight_total"]
     weights = make_client_codec(enc, secret).decode(payload) / total

@@ -399,7 +399,7 @@ def test_flwr_run_trains_the_default_job_offline(flwr_env: dict[str, str]) -> No
             ".",
             "--stream",
             "--run-config",
-            "rounds=2",
+            "rounds=2 fraction-evaluate=1.0",
             "--federation-config",
             "num-supernodes=2 client-resources-num-cpus=1",
         ],
@@ -418,6 +418,7 @@ def test_flwr_run_trains_the_default_job_offline(flwr_env: dict[str, str]) -> No
     eps = float(line.split("epsilon ")[1].split()[0])
     assert 0.0 < eps <= 8.0
     assert "federated accuracy" in line and "n/a" not in line
+    assert "federated evaluation on" in out, out[-4000:]
     assert "Installing application dependencies" not in out
     assert _installed() == before
     assert not list((Path(flwr_env["FLWR_HOME"])).glob("runtime-envs/*"))

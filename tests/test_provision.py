@@ -253,3 +253,26 @@ def test_each_federation_gets_its_own_id_and_key(provisioned: Path, tmp_path: Pa
     theirs = FederationPlan.load(tmp_path / "b" / "server" / "plan.json")
     assert ours.federation_id != theirs.federation_id
     assert ours.operator_key != theirs.operator_key
+
+
+def test_deployments_evaluate_nowhere_by_default(
+    provisioned: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A server that asks no node to evaluate receives no per-client loss, accuracy or
+    # example count outside of training: the default server.toml asks none.
+    toml = tomllib.loads((provisioned / "server" / "server.toml").read_text())
+    federation = FederationConfig(**toml["federation"])
+    assert federation.fraction_evaluate == 0.0
+    assert federation.evaluation_disclosure.startswith("off")
+    out = tmp_path / "on"
+    args = ["provision", "--out", str(out), "--clients", "1", "--server-host", "h"]
+    assert sepals_main([*args, "--scheme", "none", "--model-parameters", "3"]) == 0
+    assert "federated evaluation off: no per-client metric" in capsys.readouterr().out
+    assert (
+        sepals_main([*args[:2], str(tmp_path / "on2"), *args[3:], "--fraction-evaluate", "0.5"])
+        == 0
+    )
+    said = capsys.readouterr().out
+    assert "federated evaluation on (0.5 of nodes a round)" in said and "outside epsilon" in said
+    toml = tomllib.loads((tmp_path / "on2" / "server" / "server.toml").read_text())
+    assert toml["federation"]["fraction_evaluate"] == 0.5

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Context, Message, MessageType
 
-from sepals.client.privacy import compute_epsilon
+from sepals.client.privacy import PrivacyLedger, compute_epsilon, replace_one_epsilon_of
+from sepals.common.accounting import pld_epsilon
 from sepals.common.codec import PlainCodec, generate_secret_context, make_client_codec
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
 from sepals.common.protocol import KEY_PAYLOAD, KEY_UPDATE, payload_array, payload_from_array
-from sepals.simulations.harness import SimulationConfig, run_experiment
+from sepals.simulations.harness import SimulationConfig, run_experiment, summarize
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +73,24 @@ def test_three_clients_two_rounds_end_to_end(tmp_path):
         assert c["epsilon"] == pytest.approx(recomputed, rel=1e-9)
         assert 0 < c["epsilon"] <= 4.0
     assert report["final"]["epsilon"] == max(c["epsilon"] for c in report["clients"])
+    # replace-one epsilon (which also covers the example count) beside it, per client,
+    # per round and in the summary; each client's ledger is on disk, as in a deployment
+    for c in report["clients"]:
+        assert c["epsilon_replace_one"] == pytest.approx(
+            replace_one_epsilon_of(((c["noise_multiplier"], c["sample_rate"], c["steps"]),), 1e-5)
+        )
+        history = ((c["noise_multiplier"], c["sample_rate"], c["steps"]),)
+        assert c["epsilon_replace_one"] > pld_epsilon(history, 1e-5, replace_one=False)
+        ledger = PrivacyLedger.load(out / "ledgers" / f"{c['id']}.json", PrivacyConfig(4.0))
+        assert ledger.epsilon == c["epsilon"] and ledger.rounds == (1, 2)
+        assert stat.S_IMODE((out / "ledgers" / f"{c['id']}.json").stat().st_mode) == 0o600
+    final = report["final"]
+    assert final["epsilon_replace_one"] == max(c["epsilon_replace_one"] for c in report["clients"])
+    by_round = [r["epsilon_replace_one"] for r in report["rounds"]]
+    assert by_round == sorted(by_round) and by_round[-1] == final["epsilon_replace_one"]
+    assert f"(replace-one {final['epsilon_replace_one']:.3f})" in summarize(report)
+    assert final["noise_source"].startswith("os.urandom")
+    assert final["federated_evaluation"].startswith("on (1 of nodes a round)")
     # the clients' key file is private to its owner
     mode = stat.S_IMODE((out / "keys" / "clients.secret").stat().st_mode)
     assert mode == 0o600

@@ -562,3 +562,38 @@ def test_roster_checks_its_settings():
         roster.name_of(5, "a")
     with pytest.raises(TypeError):
         roster.caps["a"] = 100  # type: ignore[index]
+
+
+def test_default_federation_asks_no_node_to_evaluate():
+    # Federated evaluation sends each node's loss, accuracy and example count in the
+    # clear; with the default settings the server never asks for them.
+    client = PlainCodec()
+    for fraction, asked in ((None, 0), (1.0, 3)):
+        fed = FederationConfig(rounds=1, min_train_clients=1)
+        if fraction is not None:
+            fed = FederationConfig(rounds=1, min_train_clients=1, fraction_evaluate=fraction)
+        strategy = EncryptedFedAvg(client, LENGTH, fed)
+        arrays, _ = strategy.aggregate_train(1, [_reply(1, client.encode(np.ones(LENGTH)), 10)])
+        assert arrays is not None
+        sent = list(strategy.configure_evaluate(1, arrays, ConfigRecord(), _Grid([1, 2, 3])))
+        assert len(sent) == asked
+        assert fed.evaluation_disclosure.startswith("off" if asked == 0 else "on (1 of")
+
+
+def test_round_record_carries_the_largest_replace_one_epsilon():
+    strategy = EncryptedFedAvg(
+        PlainCodec(), LENGTH, FederationConfig(rounds=1, min_train_clients=1)
+    )
+    client = PlainCodec()
+    replies = [
+        _reply(node, client.encode(np.full(LENGTH, node)), 10, eps=1.0 + node) for node in (1, 2)
+    ]
+    for node, msg in zip((1, 2), replies, strict=True):
+        _set_metric(msg, "epsilon-replace-one", 3.0 * node)
+    bad = _set_metric(_reply(3, client.encode(np.full(LENGTH, 3)), 10), "epsilon-replace-one", -1.0)
+    _, metrics = strategy.aggregate_train(1, [*replies, bad])
+    record = strategy.current_round
+    assert [c.epsilon_replace_one for c in record.clients] == [3.0, 6.0]
+    assert (record.max_epsilon, record.max_epsilon_replace_one) == (3.0, 6.0)
+    assert metrics["max-epsilon-replace-one"] == 6.0 and metrics["excluded"] == 1
+    assert "epsilon-replace-one" in record.excluded[0][1]
