@@ -513,6 +513,7 @@ def test_train_reply_metrics_are_the_documented_set(
         "rounds-participated",
         "quant-error",
         "epsilon",
+        "epsilon-replace-one",
         "delta",
         "noise-multiplier",
         "sample-rate",
