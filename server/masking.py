@@ -14,19 +14,12 @@ round fail with a clear reason instead of corrupting the model.
 
 from __future__ import annotations
 
-import atexit
-import multiprocessing
-import os
-from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from logging import WARNING
 from typing import Any
 
 from sepals.common.errors import MaskProtocolError
-from sepals.common.log import log
-from sepals.common.mask_shares import SHARE_BYTES, combine_secret
+from sepals.common.mask_shares import SHARE_BYTES, combine_secrets
 from sepals.common.masking import (
     MaskParams,
     MaskSum,
@@ -249,7 +242,7 @@ class MaskRound:
             raise MaskRoundAbandoned(
                 f"{len(shares)} shares of the {what} of node {node} arrived, {t} needed"
             )
-        return shares[:t]
+        return shares
 
     def _checked(self, node: int, kind: int, secret: bytes) -> bytes:
         mask_pk, _, commit = self.keys[node]
@@ -262,9 +255,8 @@ class MaskRound:
     def slot_offset(self, slots: int, modulus: int) -> SlotVector:
         """What the server adds to the survivors' sum: every leftover mask, negated.
 
-        Secrets are rebuilt (in worker processes when there are many: pycryptodome's
-        Shamir is pure Python) while this thread expands the masks of those already
-        rebuilt.
+        All the secrets are rebuilt in one batch (:func:`combine_secrets`); a round
+        nobody dropped from rebuilds and expands only the survivors' self masks.
 
         Raises:
             MaskRoundAbandoned: a secret cannot be rebuilt (too few shares, or shares that
@@ -277,11 +269,13 @@ class MaskRound:
             )
         jobs = [(n, KIND_SELF) for n in self.survivors] + [(d, KIND_PAIR) for d in self.dropped]
         share_sets = [self._shares_of(n, kind) for n, kind in jobs]
+        try:
+            secrets = combine_secrets(share_sets, self.params.threshold)
+        except MaskProtocolError as exc:
+            raise MaskRoundAbandoned(f"revealed shares do not combine: {exc}") from exc
         total = MaskSum(slots, modulus)
         survivors = set(self.survivors)
-        for (node, kind), secret in zip(
-            jobs, combine_many(share_sets, self.params.threshold), strict=True
-        ):
+        for (node, kind), secret in zip(jobs, secrets, strict=True):
             secret = self._checked(node, kind, secret)
             if kind == KIND_SELF:
                 total.add(-1, secret)
@@ -294,64 +288,3 @@ class MaskRound:
                 # client's), so adding sign * mask removes it.
                 total.add(sign, seed)
         return total.value()
-
-
-_POOL_MIN_SECRETS = 24
-_pool: ProcessPoolExecutor | None = None
-
-
-def _combine_pool() -> ProcessPoolExecutor:
-    """Worker processes for Shamir reconstruction, started on first use (spawned)."""
-    global _pool
-    if _pool is None:
-        workers = max(1, min(2, os.cpu_count() or 1))
-        _pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        atexit.register(_pool.shutdown, wait=False, cancel_futures=True)
-    return _pool
-
-
-def _combine(shares: list[bytes], threshold: int) -> bytes | str:
-    """:func:`combine_secret` for a worker: an error comes back as its message."""
-    try:
-        return combine_secret(shares, threshold)
-    except MaskProtocolError as exc:
-        return str(exc)
-
-
-def combine_many(share_sets: list[list[bytes]], threshold: int) -> Iterator[bytes]:
-    """Rebuild each secret, in order; many at once in worker processes.
-
-    Results are yielded as they arrive, so the caller can expand masks meanwhile.
-
-    Raises:
-        MaskRoundAbandoned: a share set does not combine.
-
-    """
-    done = 0
-    if len(share_sets) >= _POOL_MIN_SECRETS:
-        try:
-            chunk = max(1, len(share_sets) // 16)
-            for result in _combine_pool().map(
-                _combine, share_sets, [threshold] * len(share_sets), chunksize=chunk
-            ):
-                yield _combined(result)
-                done += 1
-        except (BrokenProcessPool, OSError, RuntimeError) as exc:
-            # E.g. a __main__ that a spawned worker cannot import: go on in-process.
-            log(WARNING, "Shamir workers unavailable (%s); rebuilding in-process", exc)
-            _drop_pool()
-    for shares in share_sets[done:]:
-        yield _combined(_combine(shares, threshold))
-
-
-def _combined(result: bytes | str) -> bytes:
-    if isinstance(result, str):
-        raise MaskRoundAbandoned(f"revealed shares do not combine: {result}")
-    return result
-
-
-def _drop_pool() -> None:
-    global _pool
-    if _pool is not None:
-        _pool.shutdown(wait=False, cancel_futures=True)
-        _pool = None
