@@ -221,67 +221,98 @@ def neighbour_graph(members: Sequence[int], degree: int, seed: bytes) -> dict[in
     return graph
 
 
-_zeros = b""  # a shared all-zero input for the AES-CTR keystream, grown on demand
+#: Keystream words expanded at a time: 1 MiB, so that masking, checking and adding a
+#: chunk find it still in cache.
+CHUNK_WORDS = 1 << 17
 
 
-def _zero_bytes(size: int) -> bytes:
-    global _zeros
-    if len(_zeros) < size:
-        _zeros = bytes(size)
-    return _zeros
+class _Expander:
+    """Adds PRG vectors into 64-bit accumulators chunk by chunk, reusing one buffer."""
+
+    def __init__(self, chunk: int = CHUNK_WORDS) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1 word, got {chunk}")
+        self._chunk = chunk
+        self._zeros = bytes(8 * chunk)
+        # update_into wants room for one block more than it writes.
+        self._buf = np.empty(chunk + 2, dtype="<u8")
+
+    def add(self, acc: SlotVector, seed: bytes, modulus: int) -> None:
+        """``acc += mask_vector(seed, len(acc), modulus)`` (64-bit wrap-around, no reduction)."""
+        _check_prg_input(seed, modulus)
+        length = acc.size
+        keep = np.uint64((1 << modulus.bit_length()) - 1)
+        limit = np.uint64(modulus)
+        stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+        out = self._buf.data.cast("B")
+        rejected: list[npt.NDArray[np.intp]] = []
+        for start in range(0, length, self._chunk):
+            size = min(self._chunk, length - start)
+            stream.update_into(memoryview(self._zeros)[: 8 * size], out)
+            words = self._buf[:size]
+            words &= keep
+            if int(words.max()) >= modulus:
+                bad = np.flatnonzero(words >= limit)
+                words[bad] = 0
+                rejected.append(bad + start)
+            acc[start : start + size] += words
+        if not rejected:
+            return
+        # Each rejected word is replaced, in order, by the next accepted words after the
+        # first ``length``.
+        bad = np.concatenate(rejected)
+        filled = 0
+        while filled < bad.size:
+            need = bad.size - filled
+            fresh = np.frombuffer(stream.update(bytes(8 * (need + 8))), dtype="<u8") & keep
+            good = fresh[fresh < limit]
+            take = min(good.size, need)
+            acc[bad[filled : filled + take]] += good[:take]
+            filled += take
 
 
-def mask_vector(seed: bytes, length: int, modulus: int) -> SlotVector:
+def _check_prg_input(seed: bytes, modulus: int) -> None:
+    if len(seed) not in (SECRET_BYTES, SEED_BYTES):
+        raise ValueError(f"a mask seed has {SECRET_BYTES} or {SEED_BYTES} bytes, got {len(seed)}")
+    if not 2 <= modulus < 2**62:
+        raise ValueError(f"modulus must lie in [2, 2^62), got {modulus}")
+
+
+def mask_vector(seed: bytes, length: int, modulus: int, *, chunk: int = CHUNK_WORDS) -> SlotVector:
     """``length`` values uniform on ``[0, modulus)``, expanded from a 16- or 32-byte seed.
 
     AES-CTR keystream (AES-128 or AES-256 by the seed's size) read as little-endian 64-bit
     words, each cut to the bit length of ``modulus`` and kept only if below it (rejection
     sampling: exactly uniform; a rejected word is replaced, in order, by the next
     accepted words after the first ``length``). Deterministic: the same seed gives the
-    same vector on every party.
+    same vector on every party. ``chunk`` (words expanded at a time) changes only speed.
     """
-    if len(seed) not in (SECRET_BYTES, SEED_BYTES):
-        raise ValueError(f"a mask seed has {SECRET_BYTES} or {SEED_BYTES} bytes, got {len(seed)}")
-    if not 2 <= modulus < 2**62:
-        raise ValueError(f"modulus must lie in [2, 2^62), got {modulus}")
-    keep = np.uint64((1 << modulus.bit_length()) - 1)
-    stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    # update_into wants room for one block more than it writes.
-    buf = np.empty(length + 2, dtype="<u8")
-    stream.update_into(memoryview(_zero_bytes(8 * length))[: 8 * length], buf.data.cast("B"))
-    out = buf[:length]
-    out &= keep
-    if length and int(out.max()) >= modulus:
-        bad = np.flatnonzero(out >= modulus)
-        filled = 0
-        while filled < bad.size:
-            need = bad.size - filled
-            words = np.frombuffer(stream.update(bytes(8 * (need + 8))), dtype="<u8") & keep
-            good = words[words < modulus]
-            take = min(good.size, need)
-            out[bad[filled : filled + take]] = good[:take]
-            filled += take
-    return out.astype(np.uint64, copy=False)
+    _check_prg_input(seed, modulus)
+    out = np.zeros(length, dtype=np.uint64)
+    _Expander(min(chunk, max(length, 1))).add(out, seed, modulus)
+    return out
 
 
 class MaskSum:
     """Accumulates ``sum(sign * mask_vector(seed)) mod modulus`` one term at a time.
 
-    Sums of raw residues are kept apart by sign and reduced rarely (every
-    ``2**(63 - b)`` terms for a ``b``-bit modulus, so no sum can overflow 64 bits).
+    Each term is expanded and added chunk by chunk into one of two sums of raw residues,
+    kept apart by sign and reduced rarely (every ``2**(63 - b)`` terms for a ``b``-bit
+    modulus, so no sum can overflow 64 bits); no vector is allocated per term.
     """
 
-    def __init__(self, length: int, modulus: int) -> None:
+    def __init__(self, length: int, modulus: int, *, chunk: int = CHUNK_WORDS) -> None:
         self.length, self.modulus = length, modulus
         self._sums = (np.zeros(length, dtype=np.uint64), np.zeros(length, dtype=np.uint64))
         self._counts = [0, 0]
         self._room = 1 << max(63 - modulus.bit_length(), 0)
+        self._expander = _Expander(min(chunk, max(length, 1)))
 
     def add(self, sign: int, seed: bytes) -> None:
         """Add (``sign > 0``) or subtract the mask expanded from ``seed``."""
         k = 0 if sign > 0 else 1
         acc = self._sums[k]
-        acc += mask_vector(seed, self.length, self.modulus)
+        self._expander.add(acc, seed, self.modulus)
         self._counts[k] += 1
         if self._counts[k] == self._room:
             np.remainder(acc, np.uint64(self.modulus), out=acc)

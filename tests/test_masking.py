@@ -17,8 +17,10 @@ import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
+import galois
 import numpy as np
 import pytest
+from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -28,9 +30,17 @@ from sepals.client import masking as cm
 from sepals.common.bfv import BfvCodec
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import MaskProtocolError, SepalsError
-from sepals.common.mask_shares import combine_secret, open_shares, seal_shares, split_secret
+from sepals.common.mask_shares import (
+    combine_secret,
+    combine_secrets,
+    open_shares,
+    seal_shares,
+    split_secret,
+)
 from sepals.common.masking import (
+    CHUNK_WORDS,
     MaskParams,
+    MaskSum,
     SlotVector,
     add_mod,
     client_mask,
@@ -268,6 +278,45 @@ def test_masked_sum_equals_unmasked_sum(
     # Without the offset the masks stay: the sum is garbage (so the test above can fail).
     raw = client.integer_sum(server.aggregate_loaded(loaded, length))
     assert raw.tolist() != total.tolist()
+
+
+@pytest.mark.parametrize("case", ["none", "one", "limit"])
+def test_the_server_expands_only_the_masks_left_in_the_sum(
+    monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """One PRG vector per survivor's self mask, plus one per dropped-survivor pair; no more.
+
+    A round nobody dropped from rebuilds no mask key and expands no pairwise mask.
+    """
+    import sepals.server.masking as sm
+
+    run = start(*GRAPHS["ring-12-k4"])
+    dropped = _drops(run, case)
+    unmask(run, [x for x in run.nodes if x not in dropped])
+    expanded: list[bytes] = []
+    rebuilt: list[int] = []
+
+    class CountingSum(MaskSum):
+        def add(self, sign: int, seed: bytes) -> None:
+            expanded.append(seed)
+            super().add(sign, seed)
+
+    def counting_combine(share_sets: list[list[bytes]], threshold: int) -> list[bytes]:
+        rebuilt.append(len(share_sets))
+        return combine_secrets(share_sets, threshold)
+
+    monkeypatch.setattr(sm, "MaskSum", CountingSum)
+    monkeypatch.setattr(sm, "combine_secrets", counting_combine)
+    offset = run.server.slot_offset(run.slots, run.modulus)
+    survivors = set(run.server.survivors)
+    pairs = sum(len(run.neighbours(d) & survivors) for d in dropped)
+    assert len(expanded) == len(survivors) + pairs
+    assert rebuilt == [len(survivors) + len(dropped)]
+    if case == "none":
+        assert pairs == 0 and len(expanded) == len(run.nodes)
+    for node in survivors:
+        add_mod(offset, run.masks[node], run.modulus)
+    assert not offset.any()
 
 
 @pytest.mark.parametrize("graph", sorted(GRAPHS))
@@ -880,13 +929,13 @@ def _flip(share: bytes) -> bytes:
 def test_wrong_shares_abandon_the_round(masked_round: Run, kind: int, match: str) -> None:
     run = masked_round
     record = run.server.unmask_record(run.nodes[:-1])
-    for i, node in enumerate(run.server.survivors):
+    for node in run.server.survivors:
         run.states[node], reply = cm.reveal_shares(run.plan, run.states[node], ROUND, record)
-        if i == 0:  # the first reveal's shares are among the T the server combines
-            reply["shares"] = [
-                _flip(s) if k == kind else s
-                for s, k in zip(reply["shares"], reply["kinds"], strict=True)
-            ]
+        # Every share of this kind altered, so whichever T the server combines are wrong.
+        reply["shares"] = [
+            _flip(s) if k == kind else s
+            for s, k in zip(reply["shares"], reply["kinds"], strict=True)
+        ]
         run.server.admit_reveal(node, reply)
     with pytest.raises(MaskRoundAbandoned, match=match):
         run.server.slot_offset(run.slots, run.modulus)
@@ -973,6 +1022,96 @@ def test_shamir_round_trip_with_any_threshold_subset(secret: bytes, count: int, 
             combine_secret(subset[: threshold - 1], threshold)
         with pytest.raises(MaskProtocolError, match="repeated"):
             combine_secret([subset[0], *subset[: threshold - 1]], threshold)
+
+
+# pycryptodome's Shamir.split of bytes(range(16)) with threshold 3, pinned: the batched
+# reconstruction must rebuild what pycryptodome's sharing (the clients') produced.
+KAT_SHARES = [
+    "010077378514fe46258c7f2d945be020f70f",
+    "020098563e44308c18f8c78998a51886e42e",
+    "0300ef60b953cacf3b73b0ad06f5f4ab1d2e",
+    "0400e847b32e6d2a5c5c102e9768165abac9",
+    "05009f71343997697fd7670a0938fa7743c9",
+]
+
+
+@pytest.mark.parametrize("picked", [(0, 1, 2), (4, 2, 0), (1, 3, 4), (0, 1, 2, 3, 4)])
+def test_shamir_reconstruction_matches_the_known_answer(picked: tuple[int, ...]) -> None:
+    shares = [bytes.fromhex(KAT_SHARES[i]) for i in picked]
+    assert combine_secret(shares, 3) == bytes(range(16))
+    # A wrong value at one index rebuilds another secret (which the protocol then
+    # rejects against the owner's commitment or public key).
+    assert combine_secret([_flip(shares[0]), *shares[1:]], 3) != bytes(range(16))
+
+
+def _pycryptodome_combine(shares: list[bytes], threshold: int) -> bytes:
+    """The independent reference: pycryptodome's own per-secret reconstruction."""
+    points = [(int.from_bytes(s[:2], "little"), s[2:]) for s in shares[:threshold]]
+    return bytes(Shamir.combine(points, ssss=False)) if threshold > 1 else points[0][1]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    count=st.integers(2, 24),
+    secrets=st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=12),
+    data=st.data(),
+)
+def test_batched_reconstruction_matches_pycryptodome(
+    count: int, secrets: list[bytes], data: Any
+) -> None:
+    """Many secrets at once, each from its own subset of shares (so mixed index sets)."""
+    threshold = data.draw(st.integers(1, count))
+    share_sets = []
+    for secret in secrets:
+        shares = data.draw(st.permutations(split_secret(secret, threshold, count)))
+        share_sets.append(shares[: data.draw(st.integers(threshold, count))])
+    rebuilt = combine_secrets(share_sets, threshold)
+    assert rebuilt == secrets
+    for shares, secret in zip(share_sets, secrets, strict=True):
+        assert _pycryptodome_combine(shares, threshold) == secret
+    event(f"distinct index sets: {len({tuple(sorted(s[:2] for s in ss)) for ss in share_sets})}")
+
+
+def test_a_bad_set_in_a_batch_is_refused() -> None:
+    good = split_secret(bytes(16), 3, 5)
+    for bad, match in [
+        (good[:2], "needed"),
+        ([good[0], good[0], good[1]], "repeated"),
+        ([bytes(2) + good[0][2:], *good[1:3]], "invalid share index"),
+        ([good[0][:-1], *good[1:3]], "malformed"),
+    ]:
+        with pytest.raises(MaskProtocolError, match=match):
+            combine_secrets([good, bad, good], 3)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    secret=st.binary(min_size=16, max_size=16),
+    guess=st.binary(min_size=16, max_size=16),
+    threshold=st.integers(2, 8),
+)
+def test_fewer_than_t_shares_are_consistent_with_any_secret(
+    secret: bytes, guess: bytes, threshold: int
+) -> None:
+    """T - 1 colluding holders learn nothing: any guess completes their shares consistently.
+
+    For every guessed secret there is a T-th share (found here with galois' own Lagrange
+    interpolation, an independent path) that, with the T - 1 real ones, rebuilds the
+    guess; so the T - 1 shares alone favour no secret over another.
+    """
+    count = threshold + 2
+    shares = split_secret(secret, threshold, count)
+    colluders = shares[: threshold - 1]
+    with pytest.raises(MaskProtocolError, match="needed"):
+        combine_secret(colluders, threshold)
+    field = galois.GF(
+        2**128, irreducible_poly="x^128 + x^7 + x^2 + x + 1", primitive_element="x", verify=False
+    )
+    xs = [0, *(int.from_bytes(s[:2], "little") for s in colluders)]
+    ys = [int.from_bytes(guess, "big"), *(int.from_bytes(s[2:], "big") for s in colluders)]
+    poly = galois.lagrange_poly(field(xs), field(ys))
+    forged = count.to_bytes(2, "little") + int(poly(field(count))).to_bytes(16, "big")
+    assert combine_secret([*colluders, forged], threshold) == guess
 
 
 def test_shamir_refuses_bad_input() -> None:
@@ -1119,10 +1258,28 @@ def _reference_mask(seed: bytes, length: int, modulus: int) -> list[int]:
         (bytes(32), 500, 2**44 - 1),
     ],
 )
+@pytest.mark.parametrize("chunk", [1, 7, 64, CHUNK_WORDS])
 def test_mask_vector_matches_a_word_by_word_reference(
-    seed: bytes, length: int, modulus: int
+    seed: bytes, length: int, modulus: int, chunk: int
 ) -> None:
-    assert mask_vector(seed, length, modulus).tolist() == _reference_mask(seed, length, modulus)
+    """Whatever the chunk the keystream is expanded in, the same vector."""
+    expected = _reference_mask(seed, length, modulus)
+    assert mask_vector(seed, length, modulus, chunk=chunk).tolist() == expected
+
+
+@pytest.mark.parametrize("chunk", [1, 13, CHUNK_WORDS])
+@pytest.mark.parametrize("modulus", [KAT_MODULUS, SMALL_T, 3])
+def test_mask_sum_adds_and_subtracts_whole_mask_vectors(chunk: int, modulus: int) -> None:
+    """Expanding chunk by chunk into the sums is the sum of the separate vectors."""
+    length = 300
+    terms = [(1, bytes(range(16))), (-1, bytes(32)), (1, bytes(range(1, 33))), (-1, bytes(16))]
+    expected = np.zeros(length, dtype=np.uint64)
+    for sign, seed in terms:
+        (add_mod if sign > 0 else sub_mod)(expected, mask_vector(seed, length, modulus), modulus)
+    total = MaskSum(length, modulus, chunk=chunk)
+    for sign, seed in terms:
+        total.add(sign, seed)
+    assert np.array_equal(total.value(), expected)
 
 
 @settings(max_examples=20, deadline=None)
