@@ -227,7 +227,7 @@ CHUNK_WORDS = 1 << 17
 
 
 class _Expander:
-    """Adds PRG vectors into 64-bit accumulators chunk by chunk, reusing one buffer."""
+    """Adds PRG vectors modulo ``t`` into an accumulator chunk by chunk, reusing one buffer."""
 
     def __init__(self, chunk: int = CHUNK_WORDS) -> None:
         if chunk < 1:
@@ -237,8 +237,11 @@ class _Expander:
         # update_into wants room for one block more than it writes.
         self._buf = np.empty(chunk + 2, dtype="<u8")
 
-    def add(self, acc: SlotVector, seed: bytes, modulus: int) -> None:
-        """``acc += mask_vector(seed, len(acc), modulus)`` (64-bit wrap-around, no reduction)."""
+    def add(self, acc: SlotVector, seed: bytes, modulus: int, *, negate: bool = False) -> None:
+        """``acc = (acc +- mask_vector(seed, len(acc), modulus)) mod modulus`` in place.
+
+        ``acc`` holds residues below ``modulus``; so does it after.
+        """
         _check_prg_input(seed, modulus)
         length = acc.size
         keep = np.uint64((1 << modulus.bit_length()) - 1)
@@ -253,9 +256,9 @@ class _Expander:
             words &= keep
             if int(words.max()) >= modulus:
                 bad = np.flatnonzero(words >= limit)
-                words[bad] = 0
+                words[bad] = 0  # filled in below, from the stream after the first length
                 rejected.append(bad + start)
-            acc[start : start + size] += words
+            _accumulate(acc[start : start + size], words, limit, negate)
         if not rejected:
             return
         # Each rejected word is replaced, in order, by the next accepted words after the
@@ -267,8 +270,21 @@ class _Expander:
             fresh = np.frombuffer(stream.update(bytes(8 * (need + 8))), dtype="<u8") & keep
             good = fresh[fresh < limit]
             take = min(good.size, need)
-            acc[bad[filled : filled + take]] += good[:take]
+            at = bad[filled : filled + take]
+            part = acc[at]
+            _accumulate(part, good[:take].copy(), limit, negate)
+            acc[at] = part
             filled += take
+
+
+def _accumulate(acc: SlotVector, words: SlotVector, limit: np.uint64, negate: bool) -> None:
+    """``acc = (acc +- words) mod limit`` for residues below ``limit``; ``words`` is clobbered."""
+    if negate:
+        np.subtract(limit, words, out=words)  # in [1, limit]: adding it subtracts the word
+    acc += words  # below 2 * limit < 2**63
+    # acc - limit wraps above acc exactly when acc < limit: the minimum is the residue.
+    np.subtract(acc, limit, out=words)
+    np.minimum(acc, words, out=acc)
 
 
 def _check_prg_input(seed: bytes, modulus: int) -> None:
@@ -296,34 +312,22 @@ def mask_vector(seed: bytes, length: int, modulus: int, *, chunk: int = CHUNK_WO
 class MaskSum:
     """Accumulates ``sum(sign * mask_vector(seed)) mod modulus`` one term at a time.
 
-    Each term is expanded and added chunk by chunk into one of two sums of raw residues,
-    kept apart by sign and reduced rarely (every ``2**(63 - b)`` terms for a ``b``-bit
-    modulus, so no sum can overflow 64 bits); no vector is allocated per term.
+    Each term is expanded, reduced and added chunk by chunk into one vector of residues
+    (the chunk still in cache); no vector is allocated per term.
     """
 
     def __init__(self, length: int, modulus: int, *, chunk: int = CHUNK_WORDS) -> None:
         self.length, self.modulus = length, modulus
-        self._sums = (np.zeros(length, dtype=np.uint64), np.zeros(length, dtype=np.uint64))
-        self._counts = [0, 0]
-        self._room = 1 << max(63 - modulus.bit_length(), 0)
+        self._sum = np.zeros(length, dtype=np.uint64)
         self._expander = _Expander(min(chunk, max(length, 1)))
 
     def add(self, sign: int, seed: bytes) -> None:
         """Add (``sign > 0``) or subtract the mask expanded from ``seed``."""
-        k = 0 if sign > 0 else 1
-        acc = self._sums[k]
-        self._expander.add(acc, seed, self.modulus)
-        self._counts[k] += 1
-        if self._counts[k] == self._room:
-            np.remainder(acc, np.uint64(self.modulus), out=acc)
-            self._counts[k] = 1
+        self._expander.add(self._sum, seed, self.modulus, negate=sign < 0)
 
     def value(self) -> SlotVector:
         """The sum so far, as residues below the modulus."""
-        t = np.uint64(self.modulus)
-        plus, minus = np.remainder(self._sums[0], t), np.remainder(self._sums[1], t)
-        sub_mod(plus, minus, self.modulus)
-        return plus
+        return self._sum.copy()
 
 
 def signed_mask_sum(terms: Sequence[tuple[int, bytes]], length: int, modulus: int) -> SlotVector:
