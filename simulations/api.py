@@ -73,6 +73,7 @@ def simulate(
     noise_shares: int = 1,
     app_args: Mapping[str, str] | None = None,
     cpus: int | None = None,
+    ray_address: str | None = None,
     progress: ProgressFn | None = None,
     reproducible_noise: bool = False,
 ) -> SimulationResult:
@@ -106,6 +107,10 @@ def simulate(
             local DP (see the README's threat model).
         app_args: String arguments of the spec's factory (spec only).
         cpus: CPUs Ray may use (default: all).
+        ray_address: ``HOST:PORT`` of an existing Ray cluster to run the clients on, one
+            CPU each (instead of a local Ray with ``cpus``); this process must run on a
+            node of the cluster, and ``out`` lie on a filesystem every node mounts at
+            the same path (the clients read their key file there).
         progress: Called with each round's row.
         reproducible_noise: Derive the DP noise from ``seed`` so that a run repeats
             exactly: for tests only (the report marks it; the noise is predictable).
@@ -181,6 +186,7 @@ def simulate(
         encryption=encryption,
         out=str(out),
         cpus=cpus,
+        ray_address=ray_address,
         app=spec,
         app_args=tuple((k, str(v)) for k, v in (app_args or {}).items()),
         device=device,

@@ -158,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="output folder")
     p.add_argument("--cpus", type=int, default=None, help="CPUs for Ray (default: all)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="HOST:PORT",
+        help="run the clients on an existing Ray cluster (its head's address; run "
+        "sepals-sim on a cluster node, with --out on a filesystem every node mounts)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
     return p
 
@@ -350,6 +357,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         encryption=encryption,
         out=args.out,
         cpus=args.cpus,
+        ray_address=args.ray_address,
         app=args.app,
         app_args=app_args,
         device=args.device,
@@ -518,11 +526,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     fed = config.federation
     pc = config.privacy
     dp = f"eps={pc.target_epsilon:g} delta={pc.delta:g}" if pc.enabled else "off"
+    ray_text = (
+        "starting Ray"
+        if config.ray_address is None
+        else f"joining the Ray cluster at {config.ray_address}"
+    )
     print(
         f"starting: {config.clients} clients, {config.label}, {config.partition}, "
         f"{fed.rounds} rounds, fraction {fed.fraction_train:g}, DP {dp}, encryption "
-        f"{config.encryption.scheme}, device {config.device}; provisioning keys, starting "
-        f"Ray; output in {os.path.abspath(config.out)}",
+        f"{config.encryption.scheme}, device {config.device}; provisioning keys, "
+        f"{ray_text}; output in {os.path.abspath(config.out)}",
         flush=True,
     )
     metric = ["accuracy"]

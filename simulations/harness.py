@@ -71,6 +71,12 @@ from sepals.common.finetune import ParameterCounts, check_trainable, describe_tr
 from sepals.common.log import log
 from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan, OperatorSigner, generate_operator_key
+from sepals.simulations.ray_cluster import (
+    check_reachable,
+    cluster_backend_config,
+    cluster_client_slots,
+    parse_ray_address,
+)
 
 if TYPE_CHECKING:
     from sepals.client.canaries import CanarySpec
@@ -130,6 +136,9 @@ class SimulationConfig:
             a run repeats exactly. For tests only: such noise is predictable, and the
             report says so. By default each DP-SGD step's noise generator is seeded
             afresh from ``os.urandom``.
+        ray_address: ``HOST:PORT`` of an existing Ray cluster to run the clients on
+            (:mod:`sepals.simulations.ray_cluster`), one CPU each; ``None`` starts a
+            local Ray with ``cpus``.
 
     """
 
@@ -148,6 +157,7 @@ class SimulationConfig:
     pretrained: str | None = None
     trainable: tuple[str, ...] | None = None
     reproducible_noise: bool = False
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.app is None:
@@ -167,6 +177,15 @@ class SimulationConfig:
         PartitionSpec.parse(self.partition)
         if self.cpus is not None and self.cpus < 1:
             raise ValueError(f"cpus must be >= 1, got {self.cpus}")
+        if self.ray_address is not None:
+            parse_ray_address(self.ray_address)
+            if self.cpus is not None:
+                raise ValueError(
+                    "cpus (--cpus) size a local Ray; on a Ray cluster (--ray-address) "
+                    "the cluster's CPUs decide"
+                )
+            if self.device == "cuda":
+                raise ValueError("clients on a Ray cluster train on CPUs: use device cpu or auto")
         if self.app_args and self.app is None:
             raise ValueError("app_args need an app")
         if fed.masking and self.encryption.scheme != "bfv":
@@ -204,7 +223,8 @@ class SimulationConfig:
             "privacy": self.privacy.to_dict(),
             "encryption": self.encryption.to_dict(),
             "out": self.out,
-            "cpus": self.cpus or os.cpu_count(),
+            "cpus": None if self.ray_address else self.cpus or os.cpu_count(),
+            "ray_address": self.ray_address,
         }
 
 
@@ -969,9 +989,12 @@ def run_experiment(
             )
         # A canary is one more example of its client: it may claim it.
         caps = [c + k for c, k in zip(caps, canaries.per_client(config.clients), strict=True)]
-    device = _pick_device(config.device, edge)
+    # On a cluster the clients take one CPU each and no GPU, wherever they land.
+    device = "cpu" if config.ray_address else _pick_device(config.device, edge)
     on_gpu = resolve_device(device).type == "cuda"
     ctx = multiprocessing.get_context("spawn")
+    if config.ray_address is not None:
+        check_reachable(config.ray_address)  # before any key exists
 
     secret_path: str | None = None
     if config.encryption.enabled:
@@ -1035,7 +1058,7 @@ def run_experiment(
             initial.update({"loss": loss, "metric": value, "fairness": spread})
             if not custom_metric:
                 initial["accuracy"] = value
-            _wait_for_workers(cpus)
+            _wait_for_workers(cpus if config.ray_address is None else cluster_client_slots())
             startup["seconds"] = time.perf_counter() - t_start
             if on_start is not None:
                 on_start(
@@ -1121,7 +1144,7 @@ def run_experiment(
             secret_path=secret_path,
             plan=plan,
             app=source,
-            device=config.device,
+            device="cpu" if config.ray_address else config.device,
             nodes_dir=nodes_dir,
             canaries=canaries,
             ledger_dir=str(ledger_dir),
@@ -1129,17 +1152,21 @@ def run_experiment(
         ),
         mods=client_mods,
     )
-    backend_config = {
-        "client_resources": client_resources(cpus, on_gpu),
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": "ERROR",
-            # Worker logs (ANSI-coloured, per actor) reach the terminal only when the
-            # sepals logger is verbose; round lines name every failure anyway.
-            "log_to_driver": logging.getLogger("sepals").isEnabledFor(INFO),
-        },
-    }
+    # Worker logs (ANSI-coloured, per actor) reach the terminal only when the sepals
+    # logger is verbose; round lines name every failure anyway.
+    log_to_driver = logging.getLogger("sepals").isEnabledFor(INFO)
+    if config.ray_address is not None:
+        backend_config = cluster_backend_config(config.ray_address, log_to_driver)
+    else:
+        backend_config = {
+            "client_resources": client_resources(cpus, on_gpu),
+            "init_args": {
+                "num_cpus": cpus,
+                "include_dashboard": False,
+                "logging_level": "ERROR",
+                "log_to_driver": log_to_driver,
+            },
+        }
     model_path = out / "model.pt"
     install_vce_poller()
     try:
