@@ -57,7 +57,8 @@ if TYPE_CHECKING:
 
     from sepals.client.masking import MaskState
     from sepals.common.bfv import BfvCodec
-    from sepals.common.masking import MaskParams, SlotVector
+    from sepals.common.mask_prg import SlotVector
+    from sepals.common.masking import MaskParams
     from sepals.common.plan import FederationPlan
     from sepals.server.masking import MaskRound
 
@@ -333,7 +334,7 @@ def run_mask_round(
             mask = vec
             messages["train message mask part"] = record_bytes(record)
         if mask_sum is not None:
-            from sepals.common.masking import add_mod
+            from sepals.common.mask_prg import add_mod
 
             add_mod(mask_sum, vec, modulus)
     survivors = tuple(n for n in server.sharers if n not in gone)
@@ -557,8 +558,10 @@ def run_wall(repeats: int, progress: Callable[[str], None] | None = None) -> dic
 
     Runs the README's main job ``repeats`` times each way in this process, alternating
     which goes first, and returns the medians of the whole runs' wall seconds (start-up
-    included), their ratio, and both final accuracies (the sums are exact and every run
-    is seeded, so they must agree within 0.1 points).
+    included), their ratio, and both final accuracies. Both runs draw their DP noise from
+    the seed (``--reproducible-noise``): the sums are exact, so with the same noise the
+    masked and unmasked models must agree within 0.1 points, which isolates the masking's
+    effect on accuracy from the CSPRNG noise's run-to-run spread.
     """
     from sepals.simulations.cli import build_parser, config_from_args
     from sepals.simulations.harness import run_experiment
@@ -569,7 +572,7 @@ def run_wall(repeats: int, progress: Callable[[str], None] | None = None) -> dic
         for i in range(repeats):
             order = ("masked", "unmasked") if i % 2 == 0 else ("unmasked", "masked")
             for kind in order:
-                argv = ["--out", str(Path(tmp) / f"{kind}-{i}")]
+                argv = ["--out", str(Path(tmp) / f"{kind}-{i}"), "--reproducible-noise"]
                 if kind == "unmasked":
                     argv.append("--no-masking")
                 report = run_experiment(config_from_args(build_parser().parse_args(argv)))
@@ -610,7 +613,8 @@ def run_benchmark(
     say = progress if progress is not None else (lambda _text: None)
     from sepals.common.bfv import BfvCodec, generate_bfv_bundle, public_bfv_bundle
     from sepals.common.config import EncryptionConfig
-    from sepals.common.masking import add_mod, mask_vector, resolve_mask_params
+    from sepals.common.mask_prg import add_mod, mask_vector
+    from sepals.common.masking import resolve_mask_params
     from sepals.common.models import num_parameters
     from sepals.simulations.harness import apply_process_env
 

@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from sepals.common.errors import MaskProtocolError
+from sepals.common.mask_prg import SlotVector
 from sepals.common.mask_shares import open_shares, seal_shares, split_secret
 from sepals.common.masking import (
-    SlotVector,
     check_node_id,
     client_mask,
     graph_seed,

@@ -41,7 +41,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sepals.common.errors import MaskProtocolError
-from sepals.common.masking import SECRET_BYTES, check_node_id
+from sepals.common.mask_prg import SECRET_BYTES
+from sepals.common.masking import check_node_id
 
 if TYPE_CHECKING:
     import galois
@@ -143,6 +144,11 @@ def _field() -> type[galois.FieldArray]:
     # clients, which only split and seal, should not pay for.
     import galois
 
+    # The extension's set-up evaluates a polynomial over its prime subfield GF(2), which
+    # galois would JIT-compile (about a second, every process) in GF(2)'s default mode;
+    # building GF(2) first in pure-Python mode spares it. The subfield's own arithmetic
+    # is never used here.
+    galois.GF(2, compile="python-calculate")
     return galois.GF(
         2**128,
         irreducible_poly=galois.Poly.Int(_FIELD_POLY),

@@ -14,8 +14,8 @@ cancelled, once it has reconstructed those secrets from Shamir shares
 (:mod:`sepals.common.mask_shares`). Each masked slot is uniform modulo ``t`` to anyone who
 lacks the client's self-mask seed, whatever the key that decrypts it.
 
-The PRG is AES-256 in counter mode (``cryptography``), with rejection sampling onto
-``[0, t)``; nothing here uses numpy's generators.
+The PRG (AES-CTR with rejection sampling onto ``[0, t)``) and the sums of mask vectors
+are in :mod:`sepals.common.mask_prg`.
 
 The graph: the round's members are ordered by ``SHA-256(graph seed || node id)``, the
 graph seed binding the federation id and the round, and each member's neighbours are the
@@ -33,24 +33,18 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
-import numpy.typing as npt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sepals.common.config import FederationConfig
+from sepals.common.mask_prg import SECRET_BYTES, SlotVector, signed_mask_sum
 
-SEED_BYTES = 32  # the longest mask seed mask_vector takes (an AES-256 key)
-SECRET_BYTES = 16  # a shared secret (self-mask seed, mask-key seed) and a pair seed: AES-128
 MAX_NODE_ID = 2**64
 _GRAPH_DOMAIN = b"sepals/mask-graph/v1\x00"
 _PAIR_DOMAIN = b"sepals/mask-pair/v1\x00"
 _COMMIT_DOMAIN = b"sepals/self-mask-commit/v1\x00"
 _KEY_DOMAIN = b"sepals/mask-key/v1\x00"
-
-SlotVector = npt.NDArray[np.uint64]
 
 
 @dataclass(frozen=True)
@@ -219,136 +213,6 @@ def neighbour_graph(members: Sequence[int], degree: int, seed: bytes) -> dict[in
         picked |= {ring[(at - off) % n] for off in range(1, half + 1)}
         graph[m] = tuple(sorted(picked))
     return graph
-
-
-#: Keystream words expanded at a time: 1 MiB, so that masking, checking and adding a
-#: chunk find it still in cache.
-CHUNK_WORDS = 1 << 17
-
-
-class _Expander:
-    """Adds PRG vectors modulo ``t`` into an accumulator chunk by chunk, reusing one buffer."""
-
-    def __init__(self, chunk: int = CHUNK_WORDS) -> None:
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1 word, got {chunk}")
-        self._chunk = chunk
-        self._zeros = bytes(8 * chunk)
-        # update_into wants room for one block more than it writes.
-        self._buf = np.empty(chunk + 2, dtype="<u8")
-
-    def add(self, acc: SlotVector, seed: bytes, modulus: int, *, negate: bool = False) -> None:
-        """``acc = (acc +- mask_vector(seed, len(acc), modulus)) mod modulus`` in place.
-
-        ``acc`` holds residues below ``modulus``; so does it after.
-        """
-        _check_prg_input(seed, modulus)
-        length = acc.size
-        keep = np.uint64((1 << modulus.bit_length()) - 1)
-        limit = np.uint64(modulus)
-        stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-        out = self._buf.data.cast("B")
-        rejected: list[npt.NDArray[np.intp]] = []
-        for start in range(0, length, self._chunk):
-            size = min(self._chunk, length - start)
-            stream.update_into(memoryview(self._zeros)[: 8 * size], out)
-            words = self._buf[:size]
-            words &= keep
-            if int(words.max()) >= modulus:
-                bad = np.flatnonzero(words >= limit)
-                words[bad] = 0  # filled in below, from the stream after the first length
-                rejected.append(bad + start)
-            _accumulate(acc[start : start + size], words, limit, negate)
-        if not rejected:
-            return
-        # Each rejected word is replaced, in order, by the next accepted words after the
-        # first ``length``.
-        bad = np.concatenate(rejected)
-        filled = 0
-        while filled < bad.size:
-            need = bad.size - filled
-            fresh = np.frombuffer(stream.update(bytes(8 * (need + 8))), dtype="<u8") & keep
-            good = fresh[fresh < limit]
-            take = min(good.size, need)
-            at = bad[filled : filled + take]
-            part = acc[at]
-            _accumulate(part, good[:take].copy(), limit, negate)
-            acc[at] = part
-            filled += take
-
-
-def _accumulate(acc: SlotVector, words: SlotVector, limit: np.uint64, negate: bool) -> None:
-    """``acc = (acc +- words) mod limit`` for residues below ``limit``; ``words`` is clobbered."""
-    if negate:
-        np.subtract(limit, words, out=words)  # in [1, limit]: adding it subtracts the word
-    acc += words  # below 2 * limit < 2**63
-    # acc - limit wraps above acc exactly when acc < limit: the minimum is the residue.
-    np.subtract(acc, limit, out=words)
-    np.minimum(acc, words, out=acc)
-
-
-def _check_prg_input(seed: bytes, modulus: int) -> None:
-    if len(seed) not in (SECRET_BYTES, SEED_BYTES):
-        raise ValueError(f"a mask seed has {SECRET_BYTES} or {SEED_BYTES} bytes, got {len(seed)}")
-    if not 2 <= modulus < 2**62:
-        raise ValueError(f"modulus must lie in [2, 2^62), got {modulus}")
-
-
-def mask_vector(seed: bytes, length: int, modulus: int, *, chunk: int = CHUNK_WORDS) -> SlotVector:
-    """``length`` values uniform on ``[0, modulus)``, expanded from a 16- or 32-byte seed.
-
-    AES-CTR keystream (AES-128 or AES-256 by the seed's size) read as little-endian 64-bit
-    words, each cut to the bit length of ``modulus`` and kept only if below it (rejection
-    sampling: exactly uniform; a rejected word is replaced, in order, by the next
-    accepted words after the first ``length``). Deterministic: the same seed gives the
-    same vector on every party. ``chunk`` (words expanded at a time) changes only speed.
-    """
-    _check_prg_input(seed, modulus)
-    out = np.zeros(length, dtype=np.uint64)
-    _Expander(min(chunk, max(length, 1))).add(out, seed, modulus)
-    return out
-
-
-class MaskSum:
-    """Accumulates ``sum(sign * mask_vector(seed)) mod modulus`` one term at a time.
-
-    Each term is expanded, reduced and added chunk by chunk into one vector of residues
-    (the chunk still in cache); no vector is allocated per term.
-    """
-
-    def __init__(self, length: int, modulus: int, *, chunk: int = CHUNK_WORDS) -> None:
-        self.length, self.modulus = length, modulus
-        self._sum = np.zeros(length, dtype=np.uint64)
-        self._expander = _Expander(min(chunk, max(length, 1)))
-
-    def add(self, sign: int, seed: bytes) -> None:
-        """Add (``sign > 0``) or subtract the mask expanded from ``seed``."""
-        self._expander.add(self._sum, seed, self.modulus, negate=sign < 0)
-
-    def value(self) -> SlotVector:
-        """The sum so far, as residues below the modulus."""
-        return self._sum.copy()
-
-
-def signed_mask_sum(terms: Sequence[tuple[int, bytes]], length: int, modulus: int) -> SlotVector:
-    """``sum(sign * mask_vector(seed)) mod modulus`` over ``(sign, seed)`` terms."""
-    total = MaskSum(length, modulus)
-    for sign, seed in terms:
-        total.add(sign, seed)
-    return total.value()
-
-
-def add_mod(acc: SlotVector, values: SlotVector, modulus: int) -> None:
-    """``acc = (acc + values) mod modulus`` in place; both hold residues below ``modulus``."""
-    acc += values
-    acc[acc >= modulus] -= np.uint64(modulus)
-
-
-def sub_mod(acc: SlotVector, values: SlotVector, modulus: int) -> None:
-    """``acc = (acc - values) mod modulus`` in place; both hold residues below ``modulus``."""
-    add_mod(acc, np.uint64(modulus) - values, modulus)
-    # ``modulus - 0 == modulus`` is not a residue; adding it is a no-op modulo t, and
-    # add_mod has already brought the sum back below the modulus.
 
 
 def new_secret() -> bytes:

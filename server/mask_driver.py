@@ -29,7 +29,8 @@ from flwr.serverapp import Grid
 
 from sepals.common.errors import MaskProtocolError, SepalsError
 from sepals.common.log import log
-from sepals.common.masking import MaskParams, SlotVector
+from sepals.common.mask_prg import SlotVector
+from sepals.common.masking import MaskParams
 from sepals.common.protocol import (
     ERR_BUDGET_EXHAUSTED,
     KEY_MASK,

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sepals.common.errors import MaskProtocolError
+from sepals.common.mask_prg import SlotVector, mask_threads, signed_mask_sum
 from sepals.common.mask_shares import SHARE_BYTES, combine_secrets
 from sepals.common.masking import (
     MaskParams,
-    MaskSum,
-    SlotVector,
     check_node_id,
     graph_seed,
     mask_public_key,
@@ -37,6 +36,9 @@ from sepals.common.masking import (
 KIND_SELF = 0
 KIND_PAIR = 1
 _KEY_BYTES = 32
+#: Slots from which the offset is expanded with the compiled pass: below, its set-up
+#: (numba's load, about 0.3 s once a process) costs more than it saves.
+FUSED_MIN_SLOTS = 1 << 16
 
 
 class MaskRoundAbandoned(MaskProtocolError):
@@ -256,7 +258,9 @@ class MaskRound:
         """What the server adds to the survivors' sum: every leftover mask, negated.
 
         All the secrets are rebuilt in one batch (:func:`combine_secrets`); a round
-        nobody dropped from rebuilds and expands only the survivors' self masks.
+        nobody dropped from rebuilds and expands only the survivors' self masks. The
+        masks are expanded on every usable core (:func:`mask_threads`), a large model's
+        with the compiled pass.
 
         Raises:
             MaskRoundAbandoned: a secret cannot be rebuilt (too few shares, or shares that
@@ -273,18 +277,17 @@ class MaskRound:
             secrets = combine_secrets(share_sets, self.params.threshold)
         except MaskProtocolError as exc:
             raise MaskRoundAbandoned(f"revealed shares do not combine: {exc}") from exc
-        total = MaskSum(slots, modulus)
+        terms: list[tuple[int, bytes]] = []
         survivors = set(self.survivors)
         for (node, kind), secret in zip(jobs, secrets, strict=True):
             secret = self._checked(node, kind, secret)
             if kind == KIND_SELF:
-                total.add(-1, secret)
+                terms.append((-1, secret))
                 continue
             peers = [(j, self.keys[j][0]) for j in self.graph[node] if j in survivors]
-            for sign, seed in pair_seeds_of(
-                node, secret, peers, self.federation_id, self.server_round
-            ):
-                # Survivor j added -sign * mask (its sign is the opposite of the dropped
-                # client's), so adding sign * mask removes it.
-                total.add(sign, seed)
-        return total.value()
+            # Survivor j added -sign * mask (its sign is the opposite of the dropped
+            # client's), so adding sign * mask removes it.
+            terms.extend(pair_seeds_of(node, secret, peers, self.federation_id, self.server_round))
+        return signed_mask_sum(
+            terms, slots, modulus, workers=mask_threads(), fused=slots >= FUSED_MIN_SLOTS
+        )

@@ -30,6 +30,15 @@ from sepals.client import masking as cm
 from sepals.common.bfv import BfvCodec
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import MaskProtocolError, SepalsError
+from sepals.common.mask_prg import (
+    CHUNK_WORDS,
+    MaskSum,
+    SlotVector,
+    add_mod,
+    mask_vector,
+    signed_mask_sum,
+    sub_mod,
+)
 from sepals.common.mask_shares import (
     combine_secret,
     combine_secrets,
@@ -38,11 +47,7 @@ from sepals.common.mask_shares import (
     split_secret,
 )
 from sepals.common.masking import (
-    CHUNK_WORDS,
     MaskParams,
-    MaskSum,
-    SlotVector,
-    add_mod,
     client_mask,
     default_neighbours,
     default_threshold,
@@ -50,7 +55,6 @@ from sepals.common.masking import (
     load_private_key,
     mask_key,
     mask_public_key,
-    mask_vector,
     neighbour_graph,
     neighbours_of,
     new_key_pair,
@@ -61,7 +65,6 @@ from sepals.common.masking import (
     pairwise_seed,
     resolve_mask_params,
     self_mask_commitment,
-    sub_mod,
     unpack_ids,
 )
 from sepals.common.plan import FederationPlan
@@ -280,6 +283,26 @@ def test_masked_sum_equals_unmasked_sum(
     assert raw.tolist() != total.tolist()
 
 
+def test_the_offset_is_the_same_on_the_compiled_pass_and_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A large model's offset path (compiled pass, several threads) removes the same masks."""
+    import sepals.server.masking as sm
+
+    run = start(*GRAPHS["ring-12-k4"])
+    dropped = _drops(run, "limit")
+    unmask(run, [x for x in run.nodes if x not in dropped])
+    monkeypatch.setattr(sm, "mask_threads", lambda: 1)
+    plain = run.server.slot_offset(run.slots, run.modulus)
+    monkeypatch.setattr(sm, "FUSED_MIN_SLOTS", 1)
+    monkeypatch.setattr(sm, "mask_threads", lambda: 3)
+    fast = run.server.slot_offset(run.slots, run.modulus)
+    assert np.array_equal(fast, plain)
+    for node in run.server.survivors:
+        add_mod(fast, run.masks[node], run.modulus)
+    assert not fast.any()
+
+
 @pytest.mark.parametrize("case", ["none", "one", "limit"])
 def test_the_server_expands_only_the_masks_left_in_the_sum(
     monkeypatch: pytest.MonkeyPatch, case: str
@@ -296,16 +319,17 @@ def test_the_server_expands_only_the_masks_left_in_the_sum(
     expanded: list[bytes] = []
     rebuilt: list[int] = []
 
-    class CountingSum(MaskSum):
-        def add(self, sign: int, seed: bytes) -> None:
-            expanded.append(seed)
-            super().add(sign, seed)
+    def counting_sum(
+        terms: list[tuple[int, bytes]], length: int, modulus: int, **options: Any
+    ) -> SlotVector:
+        expanded.extend(seed for _, seed in terms)
+        return signed_mask_sum(terms, length, modulus, **options)
 
     def counting_combine(share_sets: list[list[bytes]], threshold: int) -> list[bytes]:
         rebuilt.append(len(share_sets))
         return combine_secrets(share_sets, threshold)
 
-    monkeypatch.setattr(sm, "MaskSum", CountingSum)
+    monkeypatch.setattr(sm, "signed_mask_sum", counting_sum)
     monkeypatch.setattr(sm, "combine_secrets", counting_combine)
     offset = run.server.slot_offset(run.slots, run.modulus)
     survivors = set(run.server.survivors)
@@ -1280,6 +1304,51 @@ def test_mask_sum_adds_and_subtracts_whole_mask_vectors(chunk: int, modulus: int
     for sign, seed in terms:
         total.add(sign, seed)
     assert np.array_equal(total.value(), expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 13, CHUNK_WORDS])
+@pytest.mark.parametrize("modulus", [KAT_MODULUS, SMALL_T, 3])
+def test_the_compiled_pass_gives_the_numpy_sum(chunk: int, modulus: int) -> None:
+    """The fused pass, rejected words (about half at KAT_MODULUS and at 3) included."""
+    length = 300
+    terms = [(1, bytes(range(16))), (-1, bytes(32)), (1, bytes(range(1, 33))), (-1, bytes(16))]
+    plain, fused = (
+        MaskSum(length, modulus, chunk=chunk),
+        MaskSum(length, modulus, chunk=chunk, fused=True),
+    )
+    for sign, seed in terms:
+        plain.add(sign, seed)
+        fused.add(sign, seed)
+    assert np.array_equal(fused.value(), plain.value())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    signs=st.lists(st.sampled_from([1, -1]), min_size=1, max_size=9),
+    length=st.integers(1, 700),
+    modulus=st.sampled_from([2, 3, 1000003, KAT_MODULUS, SMALL_T, 2**62 - 57]),
+    workers=st.integers(1, 5),
+    fused=st.booleans(),
+)
+def test_threads_and_the_compiled_pass_change_no_bit_of_a_sum(
+    signs: list[int], length: int, modulus: int, workers: int, fused: bool
+) -> None:
+    """Any split of the terms among threads, either pass: the sum of the separate vectors."""
+    terms = [(sign, bytes([i]) * (16 if i % 2 else 32)) for i, sign in enumerate(signs)]
+    expected = np.zeros(length, dtype=np.uint64)
+    for sign, seed in terms:
+        (add_mod if sign > 0 else sub_mod)(expected, mask_vector(seed, length, modulus), modulus)
+    got = signed_mask_sum(terms, length, modulus, workers=workers, fused=fused)
+    assert np.array_equal(got, expected)
+
+
+def test_signed_mask_sum_refuses_bad_input() -> None:
+    with pytest.raises(ValueError, match="workers"):
+        signed_mask_sum([(1, bytes(16))], 4, SMALL_T, workers=0)
+    with pytest.raises(ValueError, match="seed"):
+        signed_mask_sum([(1, bytes(16)), (1, bytes(15))], 4, SMALL_T, workers=2)
+    with pytest.raises(ValueError, match="modulus"):
+        signed_mask_sum([(1, bytes(16))], 4, 2**62, fused=True)
 
 
 @settings(max_examples=20, deadline=None)
