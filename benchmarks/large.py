@@ -643,13 +643,13 @@ class Codecs:
 
 def make_codecs(clients: int) -> Codecs:
     """Plain and BFV codecs as sepals builds them (keys generated here, untimed)."""
-    from sepals.common.codec import (
+    from sepals.common.config import EncryptionConfig
+    from sepals.common.scheme import (
         generate_secret_context,
         make_client_codec,
         make_server_codec,
         public_context_bytes,
     )
-    from sepals.common.config import EncryptionConfig
 
     bfv = EncryptionConfig(scheme="bfv", max_clients=clients)
     plain = EncryptionConfig(scheme="none")

@@ -611,11 +611,12 @@ def run_benchmark(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     say = progress if progress is not None else (lambda _text: None)
-    from sepals.common.bfv import BfvCodec, generate_bfv_bundle, public_bfv_bundle
+    from sepals.common.bfv import BfvCodec
     from sepals.common.config import EncryptionConfig
     from sepals.common.mask_prg import add_mod, mask_vector
     from sepals.common.masking import resolve_mask_params
     from sepals.common.models import num_parameters
+    from sepals.common.seal_bundle import generate_bfv_bundle, public_bfv_bundle
     from sepals.simulations.harness import apply_process_env
 
     apply_process_env()

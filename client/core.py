@@ -41,7 +41,7 @@ from sepals.client.training import (
 )
 from sepals.common.accounting import delta_problem
 from sepals.common.bfv import BfvCodec
-from sepals.common.codec import UpdateCodec, make_client_codec
+from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import DeltaTooLargeError, MalformedPayloadError
 from sepals.common.files import checkpoint_sha256
@@ -55,6 +55,7 @@ from sepals.common.plan import (
     verify_round_signature,
 )
 from sepals.common.protocol import RoundConfig, decode_global_model
+from sepals.common.scheme import make_client_codec
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from sepals.common.config import MAX_COEFF_MODULUS_BITS, FederationConfig, check_noise_shares
 from sepals.common.errors import SepalsError
+from sepals.common.records import read_global_record
 
 PLAN_FORMAT = "sepals-plan/1"
 KEY_FEDERATION_ID = "federation-id"
@@ -496,8 +497,6 @@ class OperatorSigner:
             arrays: The ``global`` ArrayRecord sent with it.
 
         """
-        from sepals.common.protocol import read_global_record
-
         out = {k: v for k, v in config.items() if k != KEY_SIGNATURE}
         out[KEY_FEDERATION_ID] = self.federation_id
         digest = global_model_digest(read_global_record(arrays))

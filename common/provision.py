@@ -414,7 +414,7 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
         FileExistsError: ``spec.out`` exists and is not empty (keys are never overwritten).
 
     """
-    from sepals.common.codec import (
+    from sepals.common.scheme import (
         context_fingerprint,
         generate_secret_context,
         make_server_codec,

@@ -6,11 +6,9 @@ HE context (a secret one is refused) and never holds a plaintext model: the init
 model is built by every client from a shared seed, and every later global model is a
 ciphertext sum.
 
-``app`` is the ServerApp that ``flwr run .`` loads (``[tool.flwr.app.components]`` in
-the project's ``pyproject.toml``): it runs the default job of
-:mod:`sepals.simulations.flwr_app` in Flower's local simulation. The strategy that
-:func:`build_strategy` returns recognises replies from a stock Flower ClientApp and
-excludes them with one clear reason (a protocol mismatch) instead of a traceback.
+The strategy that :func:`build_strategy` returns recognises replies from a stock Flower
+ClientApp and excludes them with one clear reason (a protocol mismatch) instead of a
+traceback.
 """
 
 from __future__ import annotations
@@ -23,11 +21,11 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from sepals.common.codec import make_server_codec
 from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.errors import SepalsError
 from sepals.common.log import log
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
+from sepals.common.scheme import make_server_codec
 from sepals.server.roster import NodeRoster
 from sepals.server.strategy import EncryptedFedAvg, RoundRecord
 
@@ -241,19 +239,3 @@ def make_server_app(settings: ServerSettings, strategy: EncryptedFedAvg | None =
 
     return app
 
-
-app = ServerApp()
-
-
-@app.main()
-def _flower_main(grid: Grid, context: Context) -> None:
-    """The ServerApp of ``flwr run .``: the default job (see :mod:`sepals.simulations.flwr_app`).
-
-    Imported lazily so that importing this module stays light. The ServerApp only ever
-    holds the public HE context: a provisioning subprocess writes the clients' secret
-    context. It raises :class:`NoRoundAggregatedError` when no round aggregated, so
-    that Flower marks the run failed.
-    """
-    from sepals.simulations.flwr_app import server_main
-
-    server_main(grid, context)

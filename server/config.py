@@ -18,12 +18,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from sepals.common.codec import UpdateCodec, make_server_codec
+from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.errors import InsecureFileError, PayloadError
 from sepals.common.files import check_usable_dir, require_private
 from sepals.common.plan import FederationPlan, OperatorSigner
 from sepals.common.protocol import plan_conflicts
+from sepals.common.scheme import make_server_codec
 
 _TABLES = ("server", "federation", "encryption", "model", "nodes")
 _SERVER_KEYS = (
@@ -528,7 +529,7 @@ class ServerDeployConfig:
 
 def _key_mismatch(config: EncryptionConfig, public: bytes, path: Path) -> str | None:
     """Which ``[encryption]`` key disagrees with the key material at ``path``, if any."""
-    from sepals.common.bfv import key_parameters
+    from sepals.common.seal_bundle import key_parameters
 
     try:
         made = key_parameters(public)

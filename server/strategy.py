@@ -36,13 +36,10 @@ from sepals.common.protocol import (
     KEY_GLOBAL,
     KEY_MASK,
     KEY_METRICS,
-    KEY_PAYLOAD,
     KEY_UPDATE,
     RoundConfig,
-    global_record,
-    payload_from_array,
-    read_global_record,
 )
+from sepals.common.records import KEY_PAYLOAD, global_record, payload_from_array, read_global_record
 from sepals.server.mask_driver import MaskDriver, SetUp
 from sepals.server.masking import MaskRound
 from sepals.server.replies import (

@@ -1,7 +1,7 @@
 """The default job of ``flwr run .``: sepals as a Flower app in Flower's local simulation.
 
-The project's ``pyproject.toml`` names ``sepals.server.app:app`` and
-``sepals.client.app:app`` as its Flower components; both call into this module. The job
+The project's ``pyproject.toml`` names :data:`server_app` and :data:`client_app` of this
+module as its Flower components. The job
 is the one ``sepals-sim`` runs by default: digits, IID, DP-SGD at epsilon 8 and BFV
 encryption, with every setting in ``[tool.flwr.app.config]`` (override them with
 ``flwr run . --run-config "rounds=5 epsilon=4.0"``). The federation size is Flower's
@@ -39,6 +39,10 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from sepals.client.app import make_client_app
 from sepals.common.config import (
     EncryptionConfig,
     FederationConfig,
@@ -420,3 +424,20 @@ def client_runtime(context: Any) -> Any:
         app=job.app_source(),
     )
     return provider(context)
+
+
+client_app = make_client_app(client_runtime)
+"""The ClientApp of ``flwr run .``: each node's runtime comes from :func:`client_runtime`."""
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_app_main(grid: Grid, context: Context) -> None:
+    """The ServerApp of ``flwr run .``: :func:`server_main`.
+
+    The ServerApp only ever holds the public HE context: a provisioning subprocess writes
+    the clients' secret context. It raises :class:`NoRoundAggregatedError` when no round
+    aggregated, so that Flower marks the run failed.
+    """
+    server_main(grid, context)

@@ -449,7 +449,7 @@ def _pick_device(flag: str, app: EdgeApp | None) -> str:
 # --------------------------------------------------------------------------- parties
 def _write_secret_context(encryption: EncryptionConfig, secret_path: str) -> bytes:
     """Key holder (in a subprocess): create the secret context, write it (0600), return it."""
-    from sepals.common.codec import generate_secret_context
+    from sepals.common.scheme import generate_secret_context
 
     secret = generate_secret_context(encryption)
     atomic_write(Path(secret_path), secret, secret=True)
@@ -458,7 +458,7 @@ def _write_secret_context(encryption: EncryptionConfig, secret_path: str) -> byt
 
 def _provision_keys(encryption: EncryptionConfig, secret_path: str) -> bytes:
     """Key holder (runs in a subprocess): write the secret context, return the public one."""
-    from sepals.common.codec import public_context_bytes
+    from sepals.common.scheme import public_context_bytes
 
     return public_context_bytes(_write_secret_context(encryption, secret_path))
 
@@ -474,7 +474,7 @@ def _evaluator_keys(encryption: EncryptionConfig, secret_path: str | None) -> by
     """
     import torch
 
-    from sepals.common.codec import make_client_codec, public_context_bytes
+    from sepals.common.scheme import make_client_codec, public_context_bytes
 
     torch.set_num_threads(1)
     public = None
@@ -931,7 +931,7 @@ def run_experiment(
     from sepals.client.app import make_client_app
     from sepals.client.training import make_dp_compatible, resolve_device
     from sepals.common.data import client_example_caps
-    from sepals.common.protocol import read_global_record
+    from sepals.common.records import read_global_record
     from sepals.server.app import ServerSettings, build_strategy, make_server_app
     from sepals.server.strategy import RoundRecord, simulation_node_order
     from sepals.simulations.vce_poller import install as install_vce_poller

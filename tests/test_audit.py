@@ -214,9 +214,9 @@ def test_canary_rows_need_tensor_data_with_labels() -> None:
 
 def test_no_canaries_without_an_audit_spec() -> None:
     from sepals.client.core import ClientRuntime
-    from sepals.common.codec import make_client_codec
     from sepals.common.data import client_train_sizes
     from sepals.common.plan import FederationPlan, generate_operator_key
+    from sepals.common.scheme import make_client_codec
     from sepals.simulations.harness import SimulatedClientProvider, _simulated_runtime
 
     assert ClientRuntime.__dataclass_fields__["canaries"].default is None

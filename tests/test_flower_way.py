@@ -34,7 +34,8 @@ from sepals.client.app import (
 )
 from sepals.client.app import protocol_mismatch as client_mismatch
 from sepals.common.config import EncryptionConfig, FederationConfig
-from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_PAYLOAD, KEY_UPDATE, payload_array
+from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
+from sepals.common.records import KEY_PAYLOAD, payload_array
 from sepals.server.app import (
     MISMATCH_NOTE,
     NoRoundAggregatedError,
@@ -274,7 +275,7 @@ def test_flwr_serverapp_fails_when_no_round_aggregates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The ServerApp of ``flwr run .`` raises, so Flower marks the run failed."""
-    from sepals.server.app import app as server_app
+    from sepals.simulations.flwr_app import server_app
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     grid = FakeGrid(_stock_client_app())
@@ -303,7 +304,7 @@ def test_flwr_serverapp_never_holds_the_secret_key(
         raise AssertionError("the ServerApp process generated a secret key")
 
     monkeypatch.setattr(codec, "generate_secret_context", forbidden)
-    from sepals.server.app import app as server_app
+    from sepals.simulations.flwr_app import server_app
 
     seen: dict[str, Any] = {}
     grid = FakeGrid(_stock_client_app())

@@ -50,9 +50,9 @@ from sepals.common.protocol import (
     KEY_CONFIG,
     KEY_GLOBAL,
     RoundConfig,
-    global_record,
     plan_conflicts,
 )
+from sepals.common.records import global_record
 from sepals.server.strategy import EncryptedFedAvg
 
 pytestmark = pytest.mark.usefixtures("run_identity")
@@ -261,7 +261,7 @@ def test_plans_without_a_ring_mean_the_old_default(operator: tuple[bytes, Federa
 
 def test_client_refuses_keys_of_another_ring(operator: tuple[bytes, FederationPlan]) -> None:
     """A plan for N = 4096 with a client holding N = 8192 keys (same fingerprint forged)."""
-    from sepals.common.codec import generate_secret_context, make_client_codec
+    from sepals.common.scheme import generate_secret_context, make_client_codec
 
     encryption = EncryptionConfig(max_clients=10)
     secret = generate_secret_context(encryption)

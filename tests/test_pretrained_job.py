@@ -104,9 +104,8 @@ def test_flowers_apps_run_the_pretrained_job(
     """``flwr run . --run-config "pretrained='PATH'"``'s ServerApp and ClientApp objects."""
     from test_flower_way import FakeGrid
 
-    from sepals.client.app import app as client_app
     from sepals.common.plan import FederationPlan
-    from sepals.server.app import app as server_app
+    from sepals.simulations.flwr_app import client_app, server_app
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     run_config = {"pretrained": str(checkpoint), "rounds": 1, "fraction-evaluate": 0.0}

@@ -27,8 +27,8 @@ from e2e_util import alive, cmdlines, descendants
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sepals.common.bfv import is_bfv_bundle, public_bfv_bundle
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.seal_bundle import is_bfv_bundle, public_bfv_bundle
 from sepals.simulations import harness
 from sepals.simulations.cli import main
 from sepals.simulations.harness import SimulationConfig, run_experiment

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
-from sepals.common.codec import PlainCodec, make_client_codec, make_server_codec
+from sepals.common.codec import PlainCodec
 from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.errors import SecretKeyExposureError
-from sepals.common.protocol import global_record
 from sepals.common.provision import ProvisionSpec, provision
+from sepals.common.records import global_record
+from sepals.common.scheme import make_client_codec, make_server_codec
 from sepals.server.cli import main
 from sepals.server.config import ServerDeployConfig
 from sepals.server.launcher import ServerLauncher

@@ -13,9 +13,11 @@ from flwr.app import ArrayRecord, Context, Message, MessageType
 
 from sepals.client.privacy import PrivacyLedger, compute_epsilon, replace_one_epsilon_of
 from sepals.common.accounting import pld_epsilon
-from sepals.common.codec import PlainCodec, generate_secret_context, make_client_codec
+from sepals.common.codec import PlainCodec
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
-from sepals.common.protocol import KEY_PAYLOAD, KEY_UPDATE, payload_array, payload_from_array
+from sepals.common.protocol import KEY_UPDATE
+from sepals.common.records import KEY_PAYLOAD, payload_array, payload_from_array
+from sepals.common.scheme import generate_secret_context, make_client_codec
 from sepals.simulations.harness import SimulationConfig, run_experiment, summarize
 
 pytestmark = pytest.mark.slow

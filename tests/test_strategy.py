@@ -17,18 +17,13 @@ from flwr.app import (
 )
 
 from sepals.common.bfv import BfvCodec
-from sepals.common.codec import CkksCodec, PlainCodec, generate_secret_context, unpack_payload
+from sepals.common.ckks import CkksCodec
+from sepals.common.codec import PlainCodec, unpack_payload
 from sepals.common.config import EncryptionConfig, FederationConfig
 from sepals.common.errors import MalformedPayloadError
-from sepals.common.protocol import (
-    ERR_BUDGET_EXHAUSTED,
-    KEY_CLIENT,
-    KEY_METRICS,
-    KEY_PAYLOAD,
-    KEY_UPDATE,
-    payload_array,
-    read_global_record,
-)
+from sepals.common.protocol import ERR_BUDGET_EXHAUSTED, KEY_CLIENT, KEY_METRICS, KEY_UPDATE
+from sepals.common.records import KEY_PAYLOAD, payload_array, read_global_record
+from sepals.common.scheme import generate_secret_context
 from sepals.server.roster import DEFAULT_EXAMPLE_CAP, UNCONFIGURED, NodeRoster, RosterError
 from sepals.server.state import CheckpointError, StateDir
 from sepals.server.strategy import EncryptedFedAvg

@@ -40,15 +40,8 @@ from hypothesis import strategies as st
 from sepals.common.bfv import BfvCodec
 from sepals.common.codec import CODEC_PLAIN, PLAIN_FINGERPRINT, PlainCodec, pack_payload
 from sepals.common.config import EncryptionConfig, FederationConfig
-from sepals.common.protocol import (
-    ERR_BUDGET_EXHAUSTED,
-    KEY_CLIENT,
-    KEY_METRICS,
-    KEY_PAYLOAD,
-    KEY_UPDATE,
-    payload_array,
-    read_global_record,
-)
+from sepals.common.protocol import ERR_BUDGET_EXHAUSTED, KEY_CLIENT, KEY_METRICS, KEY_UPDATE
+from sepals.common.records import KEY_PAYLOAD, payload_array, read_global_record
 from sepals.server.roster import NodeRoster
 from sepals.server.strategy import EncryptedFedAvg
 
