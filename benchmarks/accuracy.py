@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/accuracy")
     args = parser.parse_args()
     from sepals.simulations.cli import configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(verbose=False)

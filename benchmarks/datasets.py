@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from sepals.simulations.cli import configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(verbose=False)

@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = QUICK_ROUNDS if args.quick else args.rounds
 
     from sepals.simulations.cli import DATASET_DEFAULTS, configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(verbose=False)

@@ -617,7 +617,7 @@ def run_benchmark(
     from sepals.common.masking import resolve_mask_params
     from sepals.common.models import num_parameters
     from sepals.common.seal_bundle import generate_bfv_bundle, public_bfv_bundle
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     factory = model_factory(sizes.parameters)

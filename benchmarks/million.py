@@ -199,7 +199,8 @@ def _run(
         PrivacyConfig,
         sampled_per_round,
     )
-    from sepals.simulations.harness import SimulationConfig, run_experiment
+    from sepals.simulations.config import SimulationConfig
+    from sepals.simulations.harness import run_experiment
 
     sampled = sampled_per_round(clients, 1.0, 1)
     config = SimulationConfig(
@@ -266,7 +267,7 @@ def run_million(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     from sepals.common.models import num_parameters
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     app = make_app(seed)

@@ -119,7 +119,7 @@ def _config(args: argparse.Namespace, private: bool, out: Path) -> Any:
         PrivacyConfig,
         sampled_per_round,
     )
-    from sepals.simulations.harness import SimulationConfig
+    from sepals.simulations.config import SimulationConfig
 
     federation = FederationConfig(
         rounds=args.rounds,
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sepals.common.config import sampled_per_round
     from sepals.simulations.cli import configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(args.verbose)

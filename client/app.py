@@ -436,4 +436,3 @@ def _slots(client: SepalsClient, cfg: RoundConfig) -> tuple[int, int]:
     if not isinstance(codec, BfvCodec):
         raise PlanViolationError("plan mismatch: masking", "masking needs the BFV codec")
     return codec.slot_count(cfg.vector_length), codec.plain_modulus
-

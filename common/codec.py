@@ -28,7 +28,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -39,9 +39,6 @@ from sepals.common.errors import (
     MalformedPayloadError,
     NonFiniteUpdateError,
 )
-
-if TYPE_CHECKING:
-    pass
 
 FloatVector = npt.NDArray[np.floating[Any]]
 
@@ -289,5 +286,3 @@ class PlainCodec(UpdateCodec):
         for (values,) in loaded:
             total += values
         return [total.astype("<f4").tobytes()]
-
-

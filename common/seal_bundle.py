@@ -28,13 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sepals.common.codec import (
-    FINGERPRINT_BYTES,
-)
+from sepals.common.codec import FINGERPRINT_BYTES
 from sepals.common.config import EncryptionConfig
-from sepals.common.errors import (
-    MalformedPayloadError,
-)
+from sepals.common.errors import MalformedPayloadError
 
 BUNDLE_MAGIC = b"SPLK"
 

@@ -238,4 +238,3 @@ def make_server_app(settings: ServerSettings, strategy: EncryptedFedAvg | None =
         )
 
     return app
-

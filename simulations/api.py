@@ -127,12 +127,9 @@ def simulate(
     import torch
 
     from sepals.client.edge import EdgeApp, load_edge_app
-    from sepals.simulations.harness import (
-        SimulationConfig,
-        absolute_spec,
-        apply_process_env,
-        run_experiment,
-    )
+    from sepals.simulations.config import SimulationConfig, absolute_spec
+    from sepals.simulations.harness import run_experiment
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     if isinstance(app, EdgeApp):

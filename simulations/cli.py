@@ -271,7 +271,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         PrivacyConfig,
         sampled_per_round,
     )
-    from sepals.simulations.harness import SimulationConfig
+    from sepals.simulations.config import SimulationConfig
 
     app_args = parse_app_args(args.app_arg)
     if app_args and args.app is None:
@@ -279,7 +279,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     base = PrivacyConfig(target_epsilon=8.0, delta=1e-5)
     if args.app is not None:
         from sepals.client.edge import load_edge_app
-        from sepals.simulations.harness import absolute_spec
+        from sepals.simulations.config import absolute_spec
 
         base = load_edge_app(absolute_spec(args.app), dict(app_args)).privacy
         d = {**APP_DEFAULTS, "max_grad_norm": base.max_grad_norm}
@@ -378,7 +378,7 @@ def _patterns(text: str | None) -> tuple[str, ...] | None:
 
 
 def _who(entries: list[dict[str, str]]) -> str:
-    from sepals.simulations.harness import LINE_REASON_CHARS, clean_reason
+    from sepals.simulations.reasons import LINE_REASON_CHARS, clean_reason
 
     return ", ".join(
         f"{e['client']} ({clean_reason(e['reason'], LINE_REASON_CHARS)})" for e in entries
@@ -490,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sepals-sim``."""
     args = build_parser().parse_args(argv)
     # Must precede every flwr import: Flower reads the telemetry switch at import time.
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(args.verbose)
@@ -506,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"sepals-sim: error: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
-    from sepals.simulations.harness import run_experiment, summarize
+    from sepals.simulations.harness import run_experiment
+    from sepals.simulations.report import summarize
 
     if args.audit is not None and args.audit < 2:
         print(
@@ -549,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if config.app is not None:
         from sepals.client.edge import load_edge_app
-        from sepals.simulations.harness import absolute_spec
+        from sepals.simulations.config import absolute_spec
 
         metric[0] = load_edge_app(absolute_spec(config.app), dict(config.app_args)).metric_name
     try:

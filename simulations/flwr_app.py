@@ -54,7 +54,7 @@ from sepals.common.errors import SepalsError
 from sepals.common.log import LOGGER, log
 from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan
-from sepals.simulations.harness import AppSource
+from sepals.simulations.config import AppSource
 
 PRETRAINED_JOB_SPEC = "sepals.simulations.jobs:pretrained_job"
 RUNS_DIR = "sepals-runs"
@@ -272,20 +272,20 @@ def _wait_for_nodes(grid: Any, timeout: float) -> int:
 def provision_keys(encryption: EncryptionConfig, keys_dir: Path) -> tuple[str | None, bytes | None]:
     """Create the run's HE keys in a subprocess: ``(secret file, public context)``.
 
-    The subprocess (:func:`sepals.simulations.harness._provision_keys`) writes the secret
+    The subprocess (:func:`sepals.simulations.harness.provision_key_file`) writes the secret
     context to ``keys_dir/clients.secret`` with mode 0600 and returns only the public
     context, so the caller's process never holds the secret key. ``(None, None)`` when
     encryption is off.
     """
     if not encryption.enabled:
         return None, None
-    from sepals.simulations.harness import _provision_keys
+    from sepals.simulations.keys import provision_key_file
 
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret_path = str((keys_dir / SECRET_FILE).resolve())
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(1, mp_context=ctx) as provisioner:
-        public = provisioner.submit(_provision_keys, encryption, secret_path).result()
+        public = provisioner.submit(provision_key_file, encryption, secret_path).result()
     return secret_path, public
 
 
@@ -305,12 +305,10 @@ def server_main(grid: Any, context: Any) -> None:
     from sepals.common.files import atomic_write, checkpoint_sha256
     from sepals.common.models import num_parameters
     from sepals.server.app import ServerSettings, build_strategy, require_aggregation
-    from sepals.simulations.harness import (
-        app_caps,
-        apply_process_env,
-        sign_simulated_rounds,
-        simulation_roster,
-    )
+    from sepals.simulations.app_data import app_caps
+    from sepals.simulations.clients import simulation_roster
+    from sepals.simulations.harness import sign_simulated_rounds
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     _attach_log_handler()
@@ -397,7 +395,7 @@ def client_runtime(context: Any) -> Any:
             lacks the partition fields.
 
     """
-    from sepals.simulations.harness import SimulatedClientProvider
+    from sepals.simulations.clients import SimulatedClientProvider
 
     job = FlowerJob.from_run_config(dict(context.run_config))
     run_dir = run_directory(context.run_id)

@@ -286,7 +286,7 @@ def test_an_edge_client_with_another_checkpoint_refuses_to_join(tmp_path: Path) 
 
 
 def test_clients_share_one_gpu_in_equal_fractions() -> None:
-    from sepals.simulations.harness import client_resources
+    from sepals.simulations.clients import client_resources
 
     assert client_resources(4, on_gpu=True) == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert client_resources(16, on_gpu=False)["num_gpus"] == 0.0

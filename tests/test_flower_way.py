@@ -296,7 +296,7 @@ def test_flwr_serverapp_never_holds_the_secret_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Keys come from a provisioning subprocess; the secret file is gone after the run."""
-    import sepals.common.codec as codec
+    import sepals.common.scheme as codec
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
 

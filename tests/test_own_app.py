@@ -27,14 +27,9 @@ from sepals.client.training import (
 from sepals.common.config import PrivacyConfig
 from sepals.common.data import PartitionSpec
 from sepals.simulations import cli
-from sepals.simulations.harness import (
-    AppSource,
-    _partition_labels,
-    app_caps,
-    app_client_data,
-    clean_reason,
-    pickle_app,
-)
+from sepals.simulations.app_data import _partition_labels, app_caps, app_client_data
+from sepals.simulations.config import AppSource, pickle_app
+from sepals.simulations.reasons import clean_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 REGRESSION = ROOT / "examples" / "regression_app.py"

@@ -29,9 +29,10 @@ from hypothesis import strategies as st
 
 from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
 from sepals.common.seal_bundle import is_bfv_bundle, public_bfv_bundle
-from sepals.simulations import harness
+from sepals.simulations import harness, keys
 from sepals.simulations.cli import main
-from sepals.simulations.harness import SimulationConfig, run_experiment
+from sepals.simulations.config import SimulationConfig
+from sepals.simulations.harness import run_experiment
 from sepals.simulations.ray_cluster import (
     check_reachable,
     cluster_backend_config,
@@ -312,7 +313,7 @@ def test_simulation_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(server_app, "build_strategy", spy_build_strategy)
     monkeypatch.setattr(harness, "cluster_client_slots", spy_slots)
-    harness._read_secret.cache_clear()
+    keys.read_secret.cache_clear()
     with loopback_cluster() as cluster:
         daemons = cluster.daemons()
         assert len(daemons) == 3, "a GCS server and two raylets"
@@ -343,7 +344,7 @@ def test_simulation_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Mo
     # (Stripping the secret key from a bundle changes it exactly when it holds one.)
     public = seen["public_context"]
     assert is_bfv_bundle(public) and public_bfv_bundle(public) == public
-    assert harness._read_secret.cache_info().currsize == 0
+    assert keys.read_secret.cache_info().currsize == 0
     secret_file = out / "keys" / "clients.secret"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
     secret = secret_file.read_bytes()

@@ -18,7 +18,9 @@ from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConf
 from sepals.common.protocol import KEY_UPDATE
 from sepals.common.records import KEY_PAYLOAD, payload_array, payload_from_array
 from sepals.common.scheme import generate_secret_context, make_client_codec
-from sepals.simulations.harness import SimulationConfig, run_experiment, summarize
+from sepals.simulations.config import SimulationConfig
+from sepals.simulations.harness import run_experiment
+from sepals.simulations.report import summarize
 
 pytestmark = pytest.mark.slow
 
