@@ -123,7 +123,7 @@ class TrainReply:
 
     payload: bytes
     num_examples: int
-    metrics: dict[str, float | int]
+    metrics: dict[str, int | float | list[int] | list[float]]
     ledger: PrivacyLedger
 
 
@@ -325,7 +325,7 @@ class SepalsClient:
 
     def evaluate(
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None
-    ) -> dict[str, float | int]:
+    ) -> dict[str, int | float | list[int] | list[float]]:
         """Evaluate the decrypted global model of an admitted round on the local test data.
 
         The reply carries ``loss`` (the app's loss) and, with the default metric,
@@ -379,7 +379,9 @@ def check_checkpoint(plan: FederationPlan, pretrained: Path | None) -> None:
         )
 
 
-def train_metrics(outcome: TrainOutcome, quant_error: float | None) -> dict[str, float | int]:
+def train_metrics(
+    outcome: TrainOutcome, quant_error: float | None
+) -> dict[str, int | float | list[int] | list[float]]:
     """The plaintext metrics of a train reply: what the server's reports need, no more.
 
     * ``num-examples``: the FedAvg weight (the dataset size is public under the
@@ -394,7 +396,7 @@ def train_metrics(outcome: TrainOutcome, quant_error: float | None) -> dict[str,
     Per-round steps and timings stay on the client (its debug log).
     """
     ledger = outcome.ledger
-    metrics: dict[str, float | int] = {
+    metrics: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": outcome.num_examples,
         "total-steps": ledger.steps,
         "rounds-participated": len(ledger.rounds),

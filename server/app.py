@@ -27,7 +27,7 @@ from sepals.common.log import log
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
 from sepals.common.scheme import make_server_codec
 from sepals.server.roster import NodeRoster
-from sepals.server.strategy import EncryptedFedAvg, RoundRecord
+from sepals.server.strategy import EncryptedFedAvg, NodeOrder, RoundRecord, RoundSigner
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -53,6 +53,14 @@ class ServerSettings:
             strategy.
         roster: Who the nodes are and how many examples each may claim (see
             :class:`~sepals.server.roster.NodeRoster`).
+        min_available_nodes: Nodes to wait for before sampling (default: the
+            federation's ``min_train_clients``).
+        node_order: Stable sampling keys of the nodes (a simulation passes
+            :func:`~sepals.server.strategy.simulation_node_order`).
+        metric_higher_is_better: Direction of an app's own metric.
+        round_signer: Signs every round config with the operator's key.
+        node_wait_timeout: Seconds to wait for ``min_available_nodes`` before sampling.
+        round_offset: Rounds already done before this run (a resumed federation).
 
     """
 
@@ -63,6 +71,12 @@ class ServerSettings:
     on_round: Callable[[RoundRecord], None] | None = None
     evaluate_fn: EvaluateFn | None = None
     roster: NodeRoster | None = None
+    min_available_nodes: int | None = None
+    node_order: NodeOrder | None = None
+    metric_higher_is_better: bool = True
+    round_signer: RoundSigner | None = None
+    node_wait_timeout: float = 300.0
+    round_offset: int = 0
 
 
 class NoRoundAggregatedError(SepalsError):
@@ -209,6 +223,12 @@ def build_strategy(settings: ServerSettings) -> EncryptedFedAvg:
         federation=settings.federation,
         on_round=settings.on_round,
         roster=settings.roster,
+        min_available_nodes=settings.min_available_nodes,
+        node_order=settings.node_order,
+        metric_higher_is_better=settings.metric_higher_is_better,
+        round_signer=settings.round_signer,
+        node_wait_timeout=settings.node_wait_timeout,
+        round_offset=settings.round_offset,
     )
 
 

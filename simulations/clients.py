@@ -10,7 +10,7 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from sepals.common.config import (
     EncryptionConfig,
@@ -61,6 +61,19 @@ def _note_node(nodes_dir: str, node_id: int, pid: int) -> None:
     atomic_write(Path(nodes_dir) / str(node_id), f"client-{pid}".encode(), durable=False)
 
 
+class _RuntimeCommon(TypedDict):
+    """The :class:`ClientRuntime` arguments shared by dataset and app clients."""
+
+    client_id: str
+    privacy: PrivacyConfig
+    encryption: EncryptionConfig
+    plan: FederationPlan
+    secret_context: bytes | None
+    seed: int
+    deterministic_noise: bool
+    ledger_path: Path | None
+
+
 @functools.lru_cache(maxsize=64)
 def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
     """Build a simulated client's runtime once per worker process, not once per message."""
@@ -71,7 +84,7 @@ def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
 
     torch.set_num_threads(1)
     secret = read_secret(provider.secret_path) if provider.secret_path else None
-    common = {
+    common: _RuntimeCommon = {
         "client_id": f"client-{pid}",
         "privacy": provider.privacy,
         "encryption": provider.encryption,

@@ -304,10 +304,11 @@ def server_main(grid: Any, context: Any) -> None:
     from sepals.common.data import client_example_caps, load_dataset
     from sepals.common.files import atomic_write, checkpoint_sha256
     from sepals.common.models import num_parameters
+    from sepals.common.scheme import make_server_codec
     from sepals.server.app import ServerSettings, build_strategy, require_aggregation
     from sepals.simulations.app_data import app_caps
     from sepals.simulations.clients import simulation_roster
-    from sepals.simulations.harness import sign_simulated_rounds
+    from sepals.simulations.harness import simulated_plan
     from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
@@ -344,15 +345,18 @@ def server_main(grid: Any, context: Any) -> None:
     encryption = encryption.sized_for(vector_length)
     secret_path, public_context = provision_keys(encryption, run_dir / "keys")
     try:
+        plan, signer = simulated_plan(
+            make_server_codec(encryption, public_context), fed, vector_length, sha256
+        )
         settings = ServerSettings(
             federation=fed,
             encryption=encryption,
             public_context=public_context,
             vector_length=vector_length,
             roster=simulation_roster(caps),
+            round_signer=signer,
         )
         strategy = build_strategy(settings)
-        plan = sign_simulated_rounds(strategy, fed, vector_length, sha256)
         plan.save(run_dir / PLAN_FILE)
         job_record = {"clients": clients, "secret": secret_path, "scheme": encryption.scheme}
         atomic_write(run_dir / JOB_FILE, json.dumps(job_record).encode())

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sepals.common.accounting import check_delta
+from sepals.common.codec import UpdateCodec
 from sepals.common.config import (
     EncryptionConfig,
     FederationConfig,
@@ -56,6 +57,7 @@ from sepals.common.finetune import ParameterCounts, describe_trainable
 from sepals.common.log import log
 from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan, OperatorSigner, generate_operator_key
+from sepals.common.scheme import make_server_codec
 from sepals.simulations.app_data import app_caps
 from sepals.simulations.clients import (
     SimulatedClientProvider,
@@ -153,26 +155,26 @@ def he_ring(encryption: EncryptionConfig, vector_length: int) -> dict[str, Any] 
     }
 
 
-def sign_simulated_rounds(
-    strategy: Any, fed: FederationConfig, vector_length: int, checkpoint_sha256: str = ""
-) -> Any:
-    """Give ``strategy`` a fresh in-memory operator key; return the plan clients follow.
+def simulated_plan(
+    codec: UpdateCodec, fed: FederationConfig, vector_length: int, checkpoint_sha256: str = ""
+) -> tuple[FederationPlan, OperatorSigner]:
+    """The plan simulated clients follow, and the signer of the server's rounds.
 
-    The plan is made from the strategy's own settings, so the simulated server and its
-    clients agree on it; the key never leaves this process.
+    The plan is made from the server codec's name, key fingerprint and ring, so the
+    simulated server and its clients agree on it; the operator key is fresh and never
+    leaves this process (the signer holds it).
     """
     operator_private, operator_public = generate_operator_key()
     plan = FederationPlan.create(
         fed,
-        strategy.codec.name,
-        strategy.codec.fingerprint_hex,
+        codec.name,
+        codec.fingerprint_hex,
         vector_length,
         operator_public,
         checkpoint_sha256=checkpoint_sha256,
-        poly_modulus_degree=strategy.codec.poly_modulus_degree,
+        poly_modulus_degree=codec.poly_modulus_degree,
     )
-    strategy.round_signer = OperatorSigner(operator_private, plan.federation_id)
-    return plan
+    return plan, OperatorSigner(operator_private, plan.federation_id)
 
 
 def run_experiment(
@@ -254,11 +256,12 @@ def run_experiment(
     # The keys, the plan and the report use the BFV ring sized to the update.
     config = dataclasses.replace(config, encryption=config.encryption.sized_for(vector_length))
     checkpoint = None if edge is None or edge.pretrained is None else Path(edge.pretrained)
+    checkpoint_digest = "" if checkpoint is None else checkpoint_sha256(checkpoint)
     model_info = {
         "parameters": counts.to_dict(),
         "trainable": describe_trainable(None if edge is None else edge.trainable),
         "pretrained": None if checkpoint is None else str(checkpoint),
-        "checkpoint_sha256": "" if checkpoint is None else checkpoint_sha256(checkpoint),
+        "checkpoint_sha256": checkpoint_digest,
         "he_ring": he_ring(config.encryption, vector_length),
     }
     if canaries is not None:
@@ -397,6 +400,12 @@ def run_experiment(
         last_time[0] = time.perf_counter()
         return metrics
 
+    plan, signer = simulated_plan(
+        make_server_codec(config.encryption, public_context),
+        fed,
+        vector_length,
+        checkpoint_digest,
+    )
     settings = ServerSettings(
         federation=fed,
         encryption=config.encryption,
@@ -405,14 +414,14 @@ def run_experiment(
         on_round=on_round,
         evaluate_fn=evaluate_fn,
         roster=simulation_roster(caps),
+        # Sample over stable client ids (client-K), not Flower's random node ids, so a
+        # seeded run samples the same clients at any fraction; wait for every node.
+        node_order=simulation_node_order,
+        min_available_nodes=config.clients,
+        metric_higher_is_better=higher_is_better,
+        round_signer=signer,
     )
     strategy = build_strategy(settings)
-    # Sample over stable client ids (client-K), not Flower's random node ids, so a seeded
-    # run samples the same clients at any fraction; and wait until every node is there.
-    strategy.node_order = simulation_node_order
-    strategy.min_available_nodes = config.clients
-    strategy.metric_higher_is_better = higher_is_better
-    plan = sign_simulated_rounds(strategy, fed, vector_length, model_info["checkpoint_sha256"])
     server_app = make_server_app(settings, strategy)
     client_app = make_client_app(
         SimulatedClientProvider(
