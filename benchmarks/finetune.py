@@ -65,7 +65,7 @@ def upload_ratio(report: dict[str, Any]) -> tuple[float, bool]:
 def ensure_checkpoint(path: Path, seed: int = 0) -> Path:
     """``path``, pretrained on public MNIST first if it does not exist yet."""
     if not path.exists():
-        from sepals.common.pretrain import pretrain
+        from sepals.simulations.pretrain import pretrain
 
         result = pretrain(seed=seed, out_path=path)
         print(

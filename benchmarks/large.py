@@ -25,7 +25,7 @@ process, all through sepals' own code:
   its slot mask, revealing shares for the unmask) and the BFV encode/mask/encrypt
   (:meth:`sepals.common.bfv.BfvCodec.encode_update` with ``slot_mask``).
 * **server** (per round): deserialize + validate every upload (``codec.validate``),
-  the masking bookkeeping (:class:`sepals.server.masking.MaskRound`: admitting keys,
+  the masking bookkeeping (:class:`sepals.server.serverapp.masking.MaskRound`: admitting keys,
   shares and reveals, ``slot_offset``: Shamir reconstruction + PRG expansion), and the
   ciphertext additions with the offset (``aggregate_loaded``).
 * **decrypt**: one client's decryption and decoding of the aggregate.
@@ -721,7 +721,7 @@ def run_round(
     from sepals.client import masking as cm
     from sepals.common.bfv import BfvCodec
     from sepals.common.masking import resolve_mask_params
-    from sepals.server.masking import MaskRound
+    from sepals.server.serverapp.masking import MaskRound
 
     say = progress if progress is not None else (lambda _text: None)
     setup = setup if setup is not None else TrainSetup()

@@ -48,13 +48,9 @@ from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import TrainableSpec
 from sepals.common.log import log
 from sepals.common.models import ModelFactory, num_parameters
-from sepals.common.plan import (
-    FederationPlan,
-    PlanViolationError,
-    global_model_digest,
-    verify_round_signature,
-)
+from sepals.common.plan import FederationPlan, PlanViolationError
 from sepals.common.protocol import RoundConfig, decode_global_model
+from sepals.common.round_signature import global_model_digest, verify_round_signature
 from sepals.common.scheme import make_client_codec
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sepals.common.codec import UpdateCodec
-from sepals.common.config import FederationConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.models import ModelFactory, build_seeded, get_flat
 from sepals.common.plan import (
     KEY_FEDERATION_ID,

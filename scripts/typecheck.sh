@@ -9,7 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tree=build/typecheck/sepals
 mkdir -p "$tree"
-ln -sfn ../../../sepals/__init__.py "$tree/__init__.py"
+for file in sepals/*.py; do
+  ln -sfn "../../../$file" "$tree/$(basename "$file")"
+done
 for part in common client server simulations; do
   ln -sfn "../../../$part" "$tree/$part"
 done

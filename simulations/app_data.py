@@ -14,11 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sepals.common.accounting import check_delta
-from sepals.common.data import (
-    PartitionSpec,
-    partition_indices,
-    partition_like,
-)
+from sepals.common.partition import PartitionSpec, partition_indices, partition_like
 from sepals.simulations.config import AppSource
 
 

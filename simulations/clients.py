@@ -25,7 +25,7 @@ from sepals.simulations.keys import read_secret
 
 if TYPE_CHECKING:
     from sepals.client.canaries import CanarySpec
-    from sepals.client.edge import EdgeApp
+    from sepals.client.edge_app import EdgeApp
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
     import torch
 
     from sepals.client.core import ClientRuntime
-    from sepals.common.data import client_partition
+    from sepals.common.partition import client_partition
 
     torch.set_num_threads(1)
     secret = read_secret(provider.secret_path) if provider.secret_path else None
@@ -151,7 +151,7 @@ def simulation_roster(caps: list[int]) -> Any:
 
     The simulation runs every client itself, so the names the clients claim are true.
     """
-    from sepals.server.roster import NodeRoster
+    from sepals.server.serverapp.roster import NodeRoster
 
     return NodeRoster(
         trust_claimed_names=True,

@@ -13,22 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sepals.common.config import (
-    EncryptionConfig,
-    FederationConfig,
-    PrivacyConfig,
-    sampled_per_round,
-)
-from sepals.common.data import (
-    PartitionSpec,
-    check_dataset_name,
-    check_partition,
-)
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.data import check_dataset_name
+from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.finetune import check_trainable
+from sepals.common.partition import PartitionSpec, check_partition
 from sepals.simulations.ray_cluster import parse_ray_address
 
 if TYPE_CHECKING:
-    from sepals.client.edge import EdgeApp
+    from sepals.client.edge_app import EdgeApp
 
 
 #: ``OUT/ledgers/client-K.json``: the privacy ledger of each simulated client.
@@ -192,7 +185,7 @@ def load_app(source: AppSource) -> EdgeApp:
     """The :class:`EdgeApp` that ``source`` names (cached per process: a worker loads it once)."""
     import sys
 
-    from sepals.client.edge import EdgeApp, load_edge_app
+    from sepals.client.edge_app import EdgeApp, load_edge_app
 
     if source.cwd and source.cwd not in sys.path:
         sys.path.insert(0, source.cwd)

@@ -39,7 +39,7 @@ def evaluator_data(
     held-out split for a bundled dataset, their datasets for an app.
     """
     from sepals.client.training import make_dp_compatible
-    from sepals.common.data import client_test_indices
+    from sepals.common.partition import client_test_indices
 
     _EVAL_STATE["device"] = device
     _EVAL_STATE["owner"] = None

@@ -43,16 +43,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from sepals.client.app import make_client_app
-from sepals.common.config import (
-    EncryptionConfig,
-    FederationConfig,
-    PrivacyConfig,
-    sampled_per_round,
-)
-from sepals.common.data import DATASET_NAMES, PartitionSpec
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.data import DATASET_NAMES
 from sepals.common.errors import SepalsError
+from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.log import LOGGER, log
 from sepals.common.masking import masked_federation
+from sepals.common.partition import PartitionSpec
 from sepals.common.plan import FederationPlan
 from sepals.simulations.config import AppSource
 
@@ -301,11 +298,12 @@ def server_main(grid: Any, context: Any) -> None:
     from flwr.app import ArrayRecord
 
     from sepals.client.training import make_dp_compatible
-    from sepals.common.data import client_example_caps, load_dataset
+    from sepals.common.data import load_dataset
     from sepals.common.files import atomic_write, checkpoint_sha256
     from sepals.common.models import num_parameters
+    from sepals.common.partition import client_example_caps
     from sepals.common.scheme import make_server_codec
-    from sepals.server.app import ServerSettings, build_strategy, require_aggregation
+    from sepals.server.serverapp.app import ServerSettings, build_strategy, require_aggregation
     from sepals.simulations.app_data import app_caps
     from sepals.simulations.clients import simulation_roster
     from sepals.simulations.harness import simulated_plan

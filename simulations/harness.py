@@ -42,21 +42,16 @@ from typing import TYPE_CHECKING, Any
 
 from sepals.common.accounting import check_delta
 from sepals.common.codec import UpdateCodec
-from sepals.common.config import (
-    EncryptionConfig,
-    FederationConfig,
-    sampled_per_round,
-)
-from sepals.common.data import (
-    check_client_sizes,
-    client_train_sizes,
-    dataset_model_factory,
-)
+from sepals.common.config import EncryptionConfig
+from sepals.common.data import dataset_model_factory
+from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import ParameterCounts, describe_trainable
 from sepals.common.log import log
 from sepals.common.masking import masked_federation
-from sepals.common.plan import FederationPlan, OperatorSigner, generate_operator_key
+from sepals.common.partition import check_client_sizes, client_train_sizes
+from sepals.common.plan import FederationPlan
+from sepals.common.round_signature import OperatorSigner, generate_operator_key
 from sepals.common.scheme import make_server_codec
 from sepals.simulations.app_data import app_caps
 from sepals.simulations.clients import (
@@ -95,7 +90,7 @@ from sepals.simulations.report import (
 
 if TYPE_CHECKING:
     from sepals.client.canaries import CanarySpec
-    from sepals.client.edge import EdgeApp
+    from sepals.client.edge_app import EdgeApp
 
 
 # --------------------------------------------------------------------------- run
@@ -213,10 +208,10 @@ def run_experiment(
 
     from sepals.client.app import make_client_app
     from sepals.client.training import make_dp_compatible, resolve_device
-    from sepals.common.data import client_example_caps
+    from sepals.common.partition import client_example_caps
     from sepals.common.records import read_global_record
-    from sepals.server.app import ServerSettings, build_strategy, make_server_app
-    from sepals.server.strategy import RoundRecord, simulation_node_order
+    from sepals.server.serverapp.app import ServerSettings, build_strategy, make_server_app
+    from sepals.server.serverapp.strategy import RoundRecord, simulation_node_order
     from sepals.simulations.vce_poller import install as install_vce_poller
 
     out = Path(config.out)

@@ -16,7 +16,8 @@ from torch.utils.data import TensorDataset
 from sepals.client.canaries import CanarySpec, ClientCanaries, canary_directions
 from sepals.client.privacy import PrivacyLedger
 from sepals.client.training import TrainSettings, dp_schedule, train_round
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.models import get_flat
 from sepals.simulations.audit import (
     assess,
@@ -214,8 +215,9 @@ def test_canary_rows_need_tensor_data_with_labels() -> None:
 
 def test_no_canaries_without_an_audit_spec() -> None:
     from sepals.client.core import ClientRuntime
-    from sepals.common.data import client_train_sizes
-    from sepals.common.plan import FederationPlan, generate_operator_key
+    from sepals.common.partition import client_train_sizes
+    from sepals.common.plan import FederationPlan
+    from sepals.common.round_signature import generate_operator_key
     from sepals.common.scheme import make_client_codec
     from sepals.simulations.clients import SimulatedClientProvider, simulated_runtime
 

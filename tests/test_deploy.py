@@ -34,9 +34,9 @@ from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import MissingSecretKeyError
 from sepals.common.plan import FederationPlan
 from sepals.common.procs import free_port
-from sepals.common.provision import make_node_keys
 from sepals.common.scheme import make_client_codec, make_server_codec
-from sepals.server.deployed_app import FAULT_EXIT_AFTER_ROUND
+from sepals.server.control.tls_keys import make_node_keys
+from sepals.server.serverapp.deployed_app import FAULT_EXIT_AFTER_ROUND
 
 pytestmark = pytest.mark.slow
 

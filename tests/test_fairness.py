@@ -14,21 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sepals.common.codec import PlainCodec
-from sepals.common.config import FederationConfig
-from sepals.common.data import (
+from sepals.common.data import load_dataset
+from sepals.common.fairness import ClientSpread, client_spread, format_spread, worst_count
+from sepals.common.federation import FederationConfig
+from sepals.common.partition import (
     PartitionSpec,
     _cached_partitions,
     client_example_caps,
     client_partition,
     client_test_indices,
-    load_dataset,
     partition_like,
 )
-from sepals.common.fairness import ClientSpread, client_spread, format_spread, worst_count
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS
-from sepals.server.replies import EvalMetrics
-from sepals.server.roster import NodeRoster
-from sepals.server.strategy import EncryptedFedAvg, evaluation_spread
+from sepals.server.serverapp.replies import EvalMetrics
+from sepals.server.serverapp.roster import NodeRoster
+from sepals.server.serverapp.strategy import EncryptedFedAvg, evaluation_spread
 
 # --------------------------------------------------------------------------- spread
 
@@ -218,7 +218,7 @@ def test_synthetic_test_splits_are_the_clients_own():
 def test_app_test_split_follows_the_train_labels():
     from torch.utils.data import TensorDataset
 
-    from sepals.client.edge import EdgeApp
+    from sepals.client.edge_app import EdgeApp
     from sepals.simulations.app_data import app_client_data
     from sepals.simulations.config import AppSource, pickle_app
 
@@ -291,14 +291,14 @@ def test_final_fairness_and_summary():
 
 
 def test_round_line_shows_the_spread(capsys):
-    from sepals.simulations.cli import _progress_line
+    from sepals.simulations.cli import progress_line
 
     row = {
         "round": 3, "epsilon": None, "loss": 0.5, "metric": 0.9, "accuracy": 0.9,
         "upload_bytes": 1000, "download_bytes": 1000, "seconds": 1.0,
         "fairness": client_spread([0.8, 1.0]).to_dict(),
     }
-    _progress_line(row, 5)
+    progress_line(row, 5)
     assert "| clients min 80% med 90% max 100% worst10% 80%" in capsys.readouterr().out
 
 
@@ -335,8 +335,8 @@ def _eval_reply(node: int, n: int, loss: float, key: str, value: float) -> Messa
 
 @pytest.mark.usefixtures("run_identity")
 def test_server_keeps_the_spread_of_federated_evaluation(tmp_path, caplog):
-    from sepals.server.launcher import progress_line
-    from sepals.server.state import StateDir
+    from sepals.server.control.launcher import progress_line
+    from sepals.server.serverapp.state import StateDir
 
     strategy = EncryptedFedAvg(
         PlainCodec(), 10, FederationConfig(rounds=1), roster=NodeRoster(default_cap=500)

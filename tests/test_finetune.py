@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from sepals.client.core import ClientRuntime, SepalsClient, check_checkpoint
-from sepals.client.edge import EdgeApp, EdgeClient
+from sepals.client.edge import EdgeClient
+from sepals.client.edge_app import EdgeApp
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
 from sepals.client.training import TrainSettings, model_builder, train_round
 from sepals.common.config import EncryptionConfig, PrivacyConfig
@@ -28,7 +29,7 @@ from sepals.common.finetune import (
 )
 from sepals.common.models import build_seeded, get_flat
 from sepals.common.plan import FederationPlan, PlanViolationError
-from sepals.common.provision import ProvisionSpec, provision
+from sepals.server.control.provision import ProvisionSpec, provision
 
 
 class Net(nn.Module):

@@ -33,10 +33,11 @@ from sepals.client.app import (
     make_client_app,
 )
 from sepals.client.app import protocol_mismatch as client_mismatch
-from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.config import EncryptionConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
 from sepals.common.records import KEY_PAYLOAD, payload_array
-from sepals.server.app import (
+from sepals.server.serverapp.app import (
     MISMATCH_NOTE,
     NoRoundAggregatedError,
     SepalsFedAvg,
@@ -44,7 +45,7 @@ from sepals.server.app import (
     build_strategy,
     require_aggregation,
 )
-from sepals.server.app import protocol_mismatch as server_mismatch
+from sepals.server.serverapp.app import protocol_mismatch as server_mismatch
 from sepals.simulations.flwr_app import FlowerJob
 
 pytestmark = pytest.mark.usefixtures("run_identity")
@@ -168,7 +169,7 @@ def test_stock_reply_without_update_record_is_a_mismatch() -> None:
 
 
 def test_require_aggregation_passes_when_a_round_aggregated() -> None:
-    from sepals.server.strategy import RoundRecord
+    from sepals.server.serverapp.strategy import RoundRecord
 
     strategy = _sepals_strategy()
     strategy.history.extend([RoundRecord(round=1), RoundRecord(round=2, aggregated=True)])

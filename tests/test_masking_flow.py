@@ -26,12 +26,13 @@ from sepals.client.app import load_mask_state, make_client_app
 from sepals.client.core import ClientRuntime
 from sepals.client.privacy import PrivacyLedger
 from sepals.common.bfv import BfvCodec
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.masking import masked_federation
 from sepals.common.protocol import ERR_MASKING, MASK_UNMASK
 from sepals.common.records import read_global_record
 from sepals.common.seal_bundle import generate_bfv_bundle, public_bfv_bundle
-from sepals.server.strategy import EncryptedFedAvg, exchange
+from sepals.server.serverapp.strategy import EncryptedFedAvg, exchange
 from sepals.simulations.harness import simulated_plan
 
 pytestmark = pytest.mark.usefixtures("run_identity")

@@ -25,24 +25,15 @@ from sepals.client.app import LEDGER_STATE_KEY, client_for, make_client_app, vet
 from sepals.client.core import ClientRuntime, SepalsClient
 from sepals.client.privacy import calibrate_noise_multiplier, planned_participation
 from sepals.common.codec import PlainCodec
-from sepals.common.config import (
-    MAX_COEFF_MODULUS_BITS,
-    EncryptionConfig,
-    FederationConfig,
-    PrivacyConfig,
-)
+from sepals.common.config import MAX_COEFF_MODULUS_BITS, EncryptionConfig, PrivacyConfig
 from sepals.common.errors import BudgetExhaustedError, MalformedPayloadError
+from sepals.common.federation import FederationConfig
 from sepals.common.plan import (
     KEY_FEDERATION_ID,
     KEY_SIGNATURE,
     LEGACY_RING,
     FederationPlan,
-    OperatorSigner,
     PlanViolationError,
-    generate_operator_key,
-    global_model_digest,
-    signed_bytes,
-    verify_round_signature,
 )
 from sepals.common.protocol import (
     ERR_CLIENT_FAILURE,
@@ -53,7 +44,14 @@ from sepals.common.protocol import (
     plan_conflicts,
 )
 from sepals.common.records import global_record
-from sepals.server.strategy import EncryptedFedAvg
+from sepals.common.round_signature import (
+    OperatorSigner,
+    generate_operator_key,
+    global_model_digest,
+    signed_bytes,
+    verify_round_signature,
+)
+from sepals.server.serverapp.strategy import EncryptedFedAvg
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 

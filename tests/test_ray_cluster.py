@@ -27,7 +27,8 @@ from e2e_util import alive, cmdlines, descendants
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.seal_bundle import is_bfv_bundle, public_bfv_bundle
 from sepals.simulations import harness, keys
 from sepals.simulations.cli import main
@@ -296,7 +297,7 @@ def test_simulation_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv(LOOPBACK_SWITCH, "0")
     if "ray._private.ray_constants" in sys.modules:
         monkeypatch.setattr(sys.modules["ray._private.ray_constants"], "ENABLE_RAY_CLUSTER", False)
-    import sepals.server.app as server_app
+    import sepals.server.serverapp.app as server_app
 
     seen: dict[str, Any] = {}
     build_strategy = server_app.build_strategy

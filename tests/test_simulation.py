@@ -14,7 +14,8 @@ from flwr.app import ArrayRecord, Context, Message, MessageType
 from sepals.client.privacy import PrivacyLedger, compute_epsilon, replace_one_epsilon_of
 from sepals.common.accounting import pld_epsilon
 from sepals.common.codec import PlainCodec
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.protocol import KEY_UPDATE
 from sepals.common.records import KEY_PAYLOAD, payload_array, payload_from_array
 from sepals.common.scheme import generate_secret_context, make_client_codec

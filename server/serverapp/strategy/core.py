@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from sepals.common.codec import UpdateCodec
-from sepals.common.config import FederationConfig, sampled_per_round
+from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.log import log
 from sepals.common.masking import MaskParams
 from sepals.common.protocol import (
@@ -27,21 +27,21 @@ from sepals.common.protocol import (
     RoundConfig,
 )
 from sepals.common.records import read_global_record
-from sepals.server.mask_driver import MaskDriver, SetUp
-from sepals.server.masking import MaskRound
-from sepals.server.replies import (
+from sepals.server.serverapp.mask_driver import MaskDriver, SetUp
+from sepals.server.serverapp.masking import MaskRound
+from sepals.server.serverapp.replies import (
     sanitize_text,
 )
-from sepals.server.roster import UNCONFIGURED, NodeRoster
-from sepals.server.strategy.grid_io import (
+from sepals.server.serverapp.roster import UNCONFIGURED, NodeRoster
+from sepals.server.serverapp.strategy.grid_io import (
     exchange,
 )
-from sepals.server.strategy.intake import (
+from sepals.server.serverapp.strategy.intake import (
     Intake,
     codec_max_clients,
     codec_quant_step,
 )
-from sepals.server.strategy.rounds import (
+from sepals.server.serverapp.strategy.rounds import (
     DIGEST_BYTES,
     NodeOrder,
     RoundRecord,
@@ -52,9 +52,9 @@ from sepals.server.strategy.rounds import (
 class StrategyCore(Strategy):
     """Settings, history, sampling and signed round messages of the encrypted strategy.
 
-    The round phases build on it: :class:`~sepals.server.strategy.masked_round.MaskedRounds`,
-    :class:`~sepals.server.strategy.evaluation.FederatedEvaluation` and
-    :class:`~sepals.server.strategy.fedavg.EncryptedFedAvg` (training, and the arguments).
+    The round phases build on it: :class:`~.masked_round.MaskedRounds`,
+    :class:`~.evaluation.FederatedEvaluation` and :class:`~.fedavg.EncryptedFedAvg`
+    (training, and the arguments).
     """
 
     def __init__(

@@ -14,12 +14,12 @@ from flwr.app import Message
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import SepalsError
-from sepals.server.replies import (
+from sepals.server.serverapp.replies import (
     ReplyRejected,
     sanitize_text,
 )
-from sepals.server.roster import RosterError
-from sepals.server.strategy.rounds import (
+from sepals.server.serverapp.roster import RosterError
+from sepals.server.serverapp.strategy.rounds import (
     ClientRoundReport,
 )
 

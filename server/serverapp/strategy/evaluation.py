@@ -17,20 +17,20 @@ from sepals.common.protocol import (
     KEY_METRICS,
 )
 from sepals.common.records import read_global_record
-from sepals.server.replies import (
+from sepals.server.serverapp.replies import (
     EvalMetrics,
     ReplyRejected,
     parse_eval_metrics,
 )
-from sepals.server.strategy.core import StrategyCore
-from sepals.server.strategy.intake import (
+from sepals.server.serverapp.strategy.core import StrategyCore
+from sepals.server.serverapp.strategy.intake import (
     Intake,
     error_of,
     reason_of,
     src_node,
     weighted_mean,
 )
-from sepals.server.strategy.rounds import (
+from sepals.server.serverapp.strategy.rounds import (
     RoundRecord,
 )
 

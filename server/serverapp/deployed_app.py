@@ -1,9 +1,9 @@
 """The ServerApp of a deployed federation.
 
 It runs in the process that ``sepals-server`` starts for each run (see
-:mod:`sepals.server.executor`). It loads the operator's configuration named in the run
+:mod:`sepals.server.control.executor`). It loads the operator's configuration named in the run
 config, writes per-round JSON-lines metrics, and checkpoints the encrypted global model
-after every round (:mod:`sepals.server.state`).
+after every round (:mod:`sepals.server.serverapp.state`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from sepals.common.errors import SepalsError
 from sepals.common.log import LOGGER, log
-from sepals.server.app import ServerSettings, build_strategy
-from sepals.server.config import ServerDeployConfig
+from sepals.server.control.config import ServerDeployConfig
 from sepals.server.nodes import read_node_names
-from sepals.server.roster import NodeRoster
-from sepals.server.state import StateDir
-from sepals.server.strategy import RoundRecord
+from sepals.server.serverapp.app import ServerSettings, build_strategy
+from sepals.server.serverapp.roster import NodeRoster
+from sepals.server.serverapp.state import StateDir
+from sepals.server.serverapp.strategy import RoundRecord
 
 RUN_CONFIG_KEY = "sepals-config"
 # Fault injection for tests: the ServerApp process exits right after it has checkpointed

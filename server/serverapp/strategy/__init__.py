@@ -12,12 +12,17 @@ Modules: :mod:`~.core` (settings, sampling, signed messages), :mod:`~.masked_rou
 :mod:`~.grid_io`.
 """
 
-from sepals.server.strategy.evaluation import evaluation_spread
-from sepals.server.strategy.fedavg import EncryptedFedAvg
-from sepals.server.strategy.grid_io import exchange
-from sepals.server.strategy.intake import codec_max_clients
-from sepals.server.strategy.rounds import ClientRoundReport, NodeOrder, RoundRecord, RoundSigner
-from sepals.server.strategy.sampling import simulation_node_order
+from sepals.server.serverapp.strategy.evaluation import evaluation_spread
+from sepals.server.serverapp.strategy.fedavg import EncryptedFedAvg
+from sepals.server.serverapp.strategy.grid_io import exchange
+from sepals.server.serverapp.strategy.intake import codec_max_clients
+from sepals.server.serverapp.strategy.rounds import (
+    ClientRoundReport,
+    NodeOrder,
+    RoundRecord,
+    RoundSigner,
+)
+from sepals.server.serverapp.strategy.sampling import simulation_node_order
 
 __all__ = [
     "ClientRoundReport",

@@ -20,7 +20,7 @@ NodeOrder = Callable[[Grid, Sequence[int]], Mapping[int, str]]
 class ClientRoundReport:
     """Plaintext metadata one client reported in one round (checked, never raw).
 
-    ``client_id`` is the name the server's :class:`~sepals.server.roster.NodeRoster`
+    ``client_id`` is the name the server's :class:`~sepals.server.serverapp.roster.NodeRoster`
     gives the node (in a deployment, the authenticated one), not what the client claims.
     """
 

@@ -12,9 +12,9 @@ from logging import WARNING
 from typing import Any
 
 from sepals.common.log import log
-from sepals.server.mask_driver import SetUp
-from sepals.server.strategy.core import StrategyCore
-from sepals.server.strategy.rounds import (
+from sepals.server.serverapp.mask_driver import SetUp
+from sepals.server.serverapp.strategy.core import StrategyCore
+from sepals.server.serverapp.strategy.rounds import (
     RoundRecord,
 )
 

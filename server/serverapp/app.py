@@ -1,7 +1,7 @@
 """The sepals ServerApp.
 
 :func:`make_server_app` builds a Flower ``ServerApp`` that runs
-:class:`~sepals.server.strategy.EncryptedFedAvg`. The server receives only the public
+:class:`~sepals.server.serverapp.strategy.EncryptedFedAvg`. The server receives only the public
 HE context (a secret one is refused) and never holds a plaintext model: the initial
 model is built by every client from a shared seed, and every later global model is a
 ciphertext sum.
@@ -21,13 +21,14 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.config import EncryptionConfig
 from sepals.common.errors import SepalsError
+from sepals.common.federation import FederationConfig
 from sepals.common.log import log
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
 from sepals.common.scheme import make_server_codec
-from sepals.server.roster import NodeRoster
-from sepals.server.strategy import EncryptedFedAvg, NodeOrder, RoundRecord, RoundSigner
+from sepals.server.serverapp.roster import NodeRoster
+from sepals.server.serverapp.strategy import EncryptedFedAvg, NodeOrder, RoundRecord, RoundSigner
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -52,11 +53,11 @@ class ServerSettings:
             after every round; it runs wherever its key is, never in this process's
             strategy.
         roster: Who the nodes are and how many examples each may claim (see
-            :class:`~sepals.server.roster.NodeRoster`).
+            :class:`~sepals.server.serverapp.roster.NodeRoster`).
         min_available_nodes: Nodes to wait for before sampling (default: the
             federation's ``min_train_clients``).
         node_order: Stable sampling keys of the nodes (a simulation passes
-            :func:`~sepals.server.strategy.simulation_node_order`).
+            :func:`~sepals.server.serverapp.strategy.simulation_node_order`).
         metric_higher_is_better: Direction of an app's own metric.
         round_signer: Signs every round config with the operator's key.
         node_wait_timeout: Seconds to wait for ``min_available_nodes`` before sampling.

@@ -30,23 +30,23 @@ from sepals.common.protocol import (
     KEY_UPDATE,
 )
 from sepals.common.records import KEY_PAYLOAD, global_record, payload_from_array
-from sepals.server.replies import (
+from sepals.server.serverapp.replies import (
     ReplyRejected,
     parse_accountant,
     parse_train_metrics,
 )
-from sepals.server.strategy.evaluation import (
+from sepals.server.serverapp.strategy.evaluation import (
     FederatedEvaluation,
 )
-from sepals.server.strategy.intake import (
+from sepals.server.serverapp.strategy.intake import (
     Admitted,
     Intake,
     error_of,
     reason_of,
     src_node,
 )
-from sepals.server.strategy.masked_round import MaskedRounds
-from sepals.server.strategy.rounds import (
+from sepals.server.serverapp.strategy.masked_round import MaskedRounds
+from sepals.server.serverapp.strategy.rounds import (
     ClientRoundReport,
     RoundRecord,
 )
@@ -68,10 +68,10 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds):
         round_signer: Adds the operator's federation id and signature to every round
             config (clients refuse unsigned rounds when their plan names a key).
         roster: Names and example caps of the nodes. The default,
-            :data:`~sepals.server.roster.UNCONFIGURED`, keeps the behaviour from before
+            :data:`~sepals.server.serverapp.roster.UNCONFIGURED`, keeps the behaviour from before
             rosters: the ``client-id`` a reply claims is its name, a label with no
             authority (no cap of its own), and every count is capped at
-            :data:`~sepals.server.roster.DEFAULT_EXAMPLE_CAP`. A deployment passes
+            :data:`~sepals.server.serverapp.roster.DEFAULT_EXAMPLE_CAP`. A deployment passes
             ``node_names`` so that names are authenticated, and a simulation the
             partition sizes as ``caps``.
         max_clients: Most nodes sampled and updates added per round (default: the
