@@ -143,8 +143,8 @@ def test_quantization_error_bound_of_the_round():
     assert strategy.current_round.quant_error is None
 
 
-# --------------------------------------------------------------------------- the trust boundary: replies that cannot skew a round
-# Each attack below crashed or skewed a round before; now the attacker's reply is
+# ------------------------------------------------ replies that cannot skew a round
+is one that could crash or skew a round; the attacker's reply is
 # excluded with a reason and the round completes with the honest replies.
 
 BFV = EncryptionConfig()
