@@ -7,7 +7,7 @@ Runs, after an untimed one-round warm-up (imports, first Ray start):
 3. the non-private baseline: ``--epsilon 0 --no-encryption``;
 4. with ``--with-ckks``, the default job with the earlier CKKS codec.
 
-and prints accuracy, wall time and the ratios the issues ask for, plus an epsilon audit
+and prints accuracy, wall time and the target ratios, plus an epsilon audit
 (every client's epsilon recomputed from its reported sigma, q and steps). With
 ``--repeats R`` the encrypted and plaintext DP jobs run R times each, alternately, and
 the fastest run of each is compared (the runs are seeded: accuracy is identical across
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--with-ckks", action="store_true", help="also run the CKKS codec")
     args = parser.parse_args()
     from sepals.simulations.cli import configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(verbose=False)

@@ -1,4 +1,4 @@
-"""Accuracy for the same epsilon (issue 11): the default digits job at each target budget.
+"""Accuracy for the same epsilon: the default digits job at each target budget.
 
 Runs ``sepals-sim`` with its defaults (digits, 10 clients, 30 rounds, DP-SGD, BFV with
 pairwise masks) for each row of :data:`ROWS`, once per seed: local DP (the default) and
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/accuracy")
     args = parser.parse_args()
     from sepals.simulations.cli import configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(verbose=False)

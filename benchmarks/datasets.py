@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=None, help="CPUs for Ray (default: all)")
     parser.add_argument("--out", default="runs/datasets")
     args = parser.parse_args(argv)
-    from sepals.common.data import DATASET_NAMES, PartitionSpec, check_partition
+    from sepals.common.data import DATASET_NAMES
+    from sepals.common.partition import PartitionSpec, check_partition
 
     try:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from sepals.simulations.cli import configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(verbose=False)

@@ -62,6 +62,7 @@ def _survives_empty_batches(mode: str, family: str) -> bool:
 
 def _worker(repeats: int, quick: bool) -> dict[str, Any]:
     import torch
+    from torch.utils.data import Subset, TensorDataset
 
     from sepals.client.privacy import PrivacyLedger, poisson_schedule
     from sepals.client.training import TrainSettings, make_dp_compatible, train_round
@@ -72,9 +73,9 @@ def _worker(repeats: int, quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for family, (dataset, batch, epochs) in MODELS.items():
         data = load_dataset(dataset, 0)
-        train = data.train.to_torch()
+        train: TensorDataset | Subset[tuple[torch.Tensor, ...]] = data.train.to_torch()
         if quick and family == "cnn":
-            train = torch.utils.data.Subset(train, range(1000))
+            train = Subset(train, range(1000))
         n = len(train)
         factory = make_dp_compatible(data.model_factory())
         runs: dict[str, tuple[PrivacyConfig, PrivacyLedger, TrainSettings]] = {}

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=None, help="CPUs for Ray (default: all)")
     parser.add_argument("--out", default="runs/fairness")
     args = parser.parse_args(argv)
-    from sepals.common.data import PartitionSpec, check_partition
+    from sepals.common.partition import PartitionSpec, check_partition
 
     try:
         if args.quick and args.rounds is not None:
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds = QUICK_ROUNDS if args.quick else args.rounds
 
     from sepals.simulations.cli import DATASET_DEFAULTS, configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(verbose=False)

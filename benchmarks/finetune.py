@@ -65,7 +65,7 @@ def upload_ratio(report: dict[str, Any]) -> tuple[float, bool]:
 def ensure_checkpoint(path: Path, seed: int = 0) -> Path:
     """``path``, pretrained on public MNIST first if it does not exist yet."""
     if not path.exists():
-        from sepals.common.pretrain import pretrain
+        from sepals.simulations.pretrain import pretrain
 
         result = pretrain(seed=seed, out_path=path)
         print(
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/finetune")
     args = parser.parse_args(argv)
     from sepals.simulations.cli import configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(verbose=False)

@@ -71,14 +71,14 @@ class Cell:
 
 def _codecs() -> dict[str, tuple[Any, Any]]:
     """(client codec, server codec) per encoding; keys made here, public side to server."""
-    from sepals.common.codec import (
-        PlainCodec,
+    from sepals.common.codec import PlainCodec
+    from sepals.common.config import BFV_RINGS, EncryptionConfig
+    from sepals.common.scheme import (
         generate_secret_context,
         make_client_codec,
         make_server_codec,
         public_context_bytes,
     )
-    from sepals.common.config import BFV_RINGS, EncryptionConfig
 
     out: dict[str, tuple[Any, Any]] = {"plain-fp32": (PlainCodec(), PlainCodec())}
     nvflare = EncryptionConfig(

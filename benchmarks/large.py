@@ -25,7 +25,7 @@ process, all through sepals' own code:
   its slot mask, revealing shares for the unmask) and the BFV encode/mask/encrypt
   (:meth:`sepals.common.bfv.BfvCodec.encode_update` with ``slot_mask``).
 * **server** (per round): deserialize + validate every upload (``codec.validate``),
-  the masking bookkeeping (:class:`sepals.server.masking.MaskRound`: admitting keys,
+  the masking bookkeeping (:class:`sepals.server.serverapp.masking.MaskRound`: admitting keys,
   shares and reveals, ``slot_offset``: Shamir reconstruction + PRG expansion), and the
   ciphertext additions with the offset (``aggregate_loaded``).
 * **decrypt**: one client's decryption and decoding of the aggregate.
@@ -643,13 +643,13 @@ class Codecs:
 
 def make_codecs(clients: int) -> Codecs:
     """Plain and BFV codecs as sepals builds them (keys generated here, untimed)."""
-    from sepals.common.codec import (
+    from sepals.common.config import EncryptionConfig
+    from sepals.common.scheme import (
         generate_secret_context,
         make_client_codec,
         make_server_codec,
         public_context_bytes,
     )
-    from sepals.common.config import EncryptionConfig
 
     bfv = EncryptionConfig(scheme="bfv", max_clients=clients)
     plain = EncryptionConfig(scheme="none")
@@ -721,7 +721,7 @@ def run_round(
     from sepals.client import masking as cm
     from sepals.common.bfv import BfvCodec
     from sepals.common.masking import resolve_mask_params
-    from sepals.server.masking import MaskRound
+    from sepals.server.serverapp.masking import MaskRound
 
     say = progress if progress is not None else (lambda _text: None)
     setup = setup if setup is not None else TrainSetup()

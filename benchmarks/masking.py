@@ -18,7 +18,7 @@ measured figure, its ratio against the unmasked baseline, and ``met`` or ``MISSE
    clients' keys and sealed shares come from the same functions; that setup is not
    counted.
 2. **Server time** (target: removing the masks of 10% dropouts takes at most
-   :data:`TARGET_SERVER_SECONDS`). :meth:`~sepals.server.masking.MaskRound.slot_offset`
+   :data:`TARGET_SERVER_SECONDS`). :meth:`~sepals.server.serverapp.masking.MaskRound.slot_offset`
    (Shamir reconstruction and PRG expansion) plus the extra cost of adding the offset
    in ``aggregate_loaded``, against the plain ``aggregate_loaded`` of the survivors'
    payloads. The sum adds real ciphertexts (a few distinct encrypted updates, repeated
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from sepals.common.mask_prg import SlotVector
     from sepals.common.masking import MaskParams
     from sepals.common.plan import FederationPlan
-    from sepals.server.masking import MaskRound
+    from sepals.server.serverapp.masking import MaskRound
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -290,7 +290,7 @@ def run_mask_round(
 
     """
     from sepals.client import masking as cm
-    from sepals.server.masking import MaskRound
+    from sepals.server.serverapp.masking import MaskRound
 
     if me not in nodes or me in dropped:
         raise ValueError("the timed client must be a node that does not drop")
@@ -386,7 +386,7 @@ def reconstruct_all(server: MaskRound) -> float:
     """
     from sepals.common.mask_shares import combine_secrets
     from sepals.common.masking import mask_public_key, self_mask_commitment
-    from sepals.server.masking import KIND_PAIR, KIND_SELF
+    from sepals.server.serverapp.masking import KIND_PAIR, KIND_SELF
 
     jobs = [(n, KIND_SELF) for n in server.survivors] + [(d, KIND_PAIR) for d in server.dropped]
     t0 = time.perf_counter()
@@ -420,8 +420,9 @@ def _train_one_client(
     from benchmarks import million
     from sepals.client.privacy import PrivacyLedger, planned_participation
     from sepals.client.training import TrainSettings, dp_schedule, make_dp_compatible, train_round
-    from sepals.common.config import FederationConfig, PrivacyConfig
-    from sepals.common.data import PartitionSpec, partition_indices
+    from sepals.common.config import PrivacyConfig
+    from sepals.common.federation import FederationConfig
+    from sepals.common.partition import PartitionSpec, partition_indices
 
     torch.set_num_threads(1)  # as a simulated client (one CPU per client)
     app = million.make_app(seed)
@@ -611,12 +612,13 @@ def run_benchmark(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     say = progress if progress is not None else (lambda _text: None)
-    from sepals.common.bfv import BfvCodec, generate_bfv_bundle, public_bfv_bundle
+    from sepals.common.bfv import BfvCodec
     from sepals.common.config import EncryptionConfig
     from sepals.common.mask_prg import add_mod, mask_vector
     from sepals.common.masking import resolve_mask_params
     from sepals.common.models import num_parameters
-    from sepals.simulations.harness import apply_process_env
+    from sepals.common.seal_bundle import generate_bfv_bundle, public_bfv_bundle
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     factory = model_factory(sizes.parameters)

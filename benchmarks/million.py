@@ -14,7 +14,7 @@ digits data split IID among the clients, every client sampled every round.
 DP-SGD stays ON (epsilon 8, delta 1e-5) in BOTH runs, so that the ratio of their times
 isolates the cost of encryption (key provisioning, encrypting every client's update,
 the server's validation and additions, the clients' and the evaluator's decryption of
-every global model). Targets (issue 9): the encrypted run takes at most
+every global model). Targets: the encrypted run takes at most
 :data:`TARGET_RATIO` times the plain one. The verdict is printed as ``met`` or
 ``MISSED``, never asserted. Times are wall-clock seconds of the whole run
 (:func:`run_experiment`, start-up included); the rounds alone are reported as well.
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-    from sepals.client.edge import EdgeApp
+    from sepals.client.edge_app import EdgeApp
 
 TARGET_RATIO = 1.2
 #: ``progress(label, row)``: ``label`` is ``plain`` or ``encrypted``; ``row`` is the
@@ -72,7 +72,7 @@ def make_app(seed: int | str = 0) -> EdgeApp:
     ``seed``, an int or, from ``sepals-sim --app benchmarks.million:make_app``, its
     string); the privacy budget is (epsilon 8, delta 1e-5).
     """
-    from sepals.client.edge import EdgeApp
+    from sepals.client.edge_app import EdgeApp
     from sepals.common.config import PrivacyConfig
     from sepals.common.data import load_dataset
 
@@ -193,13 +193,10 @@ def _run(
     out: Path,
     progress: ProgressFn | None,
 ) -> RunFigures:
-    from sepals.common.config import (
-        EncryptionConfig,
-        FederationConfig,
-        PrivacyConfig,
-        sampled_per_round,
-    )
-    from sepals.simulations.harness import SimulationConfig, run_experiment
+    from sepals.common.config import EncryptionConfig, PrivacyConfig
+    from sepals.common.federation import FederationConfig, sampled_per_round
+    from sepals.simulations.config import SimulationConfig
+    from sepals.simulations.harness import run_experiment
 
     sampled = sampled_per_round(clients, 1.0, 1)
     config = SimulationConfig(
@@ -266,7 +263,7 @@ def run_million(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     from sepals.common.models import num_parameters
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     app = make_app(seed)

@@ -11,7 +11,7 @@ Default federation: ``synthetic:1,1``, 1,000 clients, 10% (100) sampled per roun
 rounds, 2 CPUs. It prints each run's whole time, the ratio, sepals' overhead per
 sampled client per round (``(t_private - t_plain) / (rounds * sampled)``) and the peak
 resident memory of the whole process tree (this process, Ray and its workers and the
-evaluator), sampled every 0.2 s from ``/proc``. Targets (issue 9):
+evaluator), sampled every 0.2 s from ``/proc``. Targets:
 whole run <= 180 s, ratio <= 1.3, overhead <= 20 ms, peak RSS <= 6 GB; each is printed
 as met or MISSED, never asserted.
 
@@ -113,13 +113,9 @@ class RunResult:
 
 
 def _config(args: argparse.Namespace, private: bool, out: Path) -> Any:
-    from sepals.common.config import (
-        EncryptionConfig,
-        FederationConfig,
-        PrivacyConfig,
-        sampled_per_round,
-    )
-    from sepals.simulations.harness import SimulationConfig
+    from sepals.common.config import EncryptionConfig, PrivacyConfig
+    from sepals.common.federation import FederationConfig, sampled_per_round
+    from sepals.simulations.config import SimulationConfig
 
     federation = FederationConfig(
         rounds=args.rounds,
@@ -193,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.lr is None:
         args.lr = defaults["lr"]
 
-    from sepals.common.config import sampled_per_round
+    from sepals.common.federation import sampled_per_round
     from sepals.simulations.cli import configure_logging
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(args.verbose)

@@ -3,13 +3,13 @@
 from sepals.client.core import ClientRuntime, SepalsClient
 from sepals.client.edge import (
     ClientBundle,
-    EdgeApp,
     EdgeClient,
     FederationConnectionError,
     NodeRefusedError,
     ServerUnreachableError,
     join_federation,
 )
+from sepals.client.edge_app import EdgeApp
 from sepals.client.privacy import PrivacyLedger
 
 __all__ = [

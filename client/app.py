@@ -8,10 +8,6 @@ ledger file, on disk as well.
 A message that does not follow the sepals protocol (a stock Flower strategy such as
 ``FedAvg`` sends ``arrays`` and a ``config`` without the sepals round fields) gets one
 error reply naming the protocol mismatch, before the client loads anything.
-
-``app`` is the ClientApp that ``flwr run .`` loads (``[tool.flwr.app.components]`` in
-the project's ``pyproject.toml``); its clients are built by
-:func:`sepals.simulations.flwr_app.client_runtime`.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from sepals.client import masking
+import sepals.client.masking as masking
 from sepals.client.core import ClientRuntime, SepalsClient
 from sepals.client.masking import MaskState
 from sepals.client.privacy import PrivacyLedger
@@ -56,14 +52,12 @@ from sepals.common.protocol import (
     KEY_GLOBAL,
     KEY_MASK,
     KEY_METRICS,
-    KEY_PAYLOAD,
     KEY_SETUP_ERROR,
     KEY_UNMASK,
     KEY_UPDATE,
     RoundConfig,
-    payload_array,
-    read_global_record,
 )
+from sepals.common.records import KEY_PAYLOAD, payload_array, read_global_record
 
 RuntimeProvider = Callable[[Context], ClientRuntime]
 LEDGER_STATE_KEY = "sepals-ledger"
@@ -442,13 +436,3 @@ def _slots(client: SepalsClient, cfg: RoundConfig) -> tuple[int, int]:
     if not isinstance(codec, BfvCodec):
         raise PlanViolationError("plan mismatch: masking", "masking needs the BFV codec")
     return codec.slot_count(cfg.vector_length), codec.plain_modulus
-
-
-def _flower_runtime(context: Context) -> ClientRuntime:
-    """The runtime of a node in ``flwr run .``'s default job (imported lazily)."""
-    from sepals.simulations.flwr_app import client_runtime
-
-    return client_runtime(context)
-
-
-app = make_client_app(_flower_runtime)

@@ -15,12 +15,12 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from sepals.common.codec import context_fingerprint
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import ForeignKeyError
 from sepals.common.files import require_private
 from sepals.common.log import log
 from sepals.common.plan import FederationPlan
+from sepals.common.scheme import context_fingerprint
 
 BUNDLE_FILE = "bundle.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

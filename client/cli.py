@@ -17,12 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
-from sepals.client.edge import (
-    EdgeClient,
-    FederationConnectionError,
-    NodeRefusedError,
-    load_edge_app,
-)
+from sepals.client.edge import EdgeClient, FederationConnectionError, NodeRefusedError
+from sepals.client.edge_app import load_edge_app
 from sepals.common.errors import SepalsError
 from sepals.common.log import configure_cli_logging
 

@@ -41,20 +41,17 @@ from sepals.client.training import (
 )
 from sepals.common.accounting import delta_problem
 from sepals.common.bfv import BfvCodec
-from sepals.common.codec import UpdateCodec, make_client_codec
+from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import DeltaTooLargeError, MalformedPayloadError
 from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import TrainableSpec
 from sepals.common.log import log
 from sepals.common.models import ModelFactory, num_parameters
-from sepals.common.plan import (
-    FederationPlan,
-    PlanViolationError,
-    global_model_digest,
-    verify_round_signature,
-)
+from sepals.common.plan import FederationPlan, PlanViolationError
 from sepals.common.protocol import RoundConfig, decode_global_model
+from sepals.common.round_signature import global_model_digest, verify_round_signature
+from sepals.common.scheme import make_client_codec
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,7 @@ class TrainReply:
 
     payload: bytes
     num_examples: int
-    metrics: dict[str, float | int]
+    metrics: dict[str, int | float | list[int] | list[float]]
     ledger: PrivacyLedger
 
 
@@ -324,7 +321,7 @@ class SepalsClient:
 
     def evaluate(
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None
-    ) -> dict[str, float | int]:
+    ) -> dict[str, int | float | list[int] | list[float]]:
         """Evaluate the decrypted global model of an admitted round on the local test data.
 
         The reply carries ``loss`` (the app's loss) and, with the default metric,
@@ -378,7 +375,9 @@ def check_checkpoint(plan: FederationPlan, pretrained: Path | None) -> None:
         )
 
 
-def train_metrics(outcome: TrainOutcome, quant_error: float | None) -> dict[str, float | int]:
+def train_metrics(
+    outcome: TrainOutcome, quant_error: float | None
+) -> dict[str, int | float | list[int] | list[float]]:
     """The plaintext metrics of a train reply: what the server's reports need, no more.
 
     * ``num-examples``: the FedAvg weight (the dataset size is public under the
@@ -393,7 +392,7 @@ def train_metrics(outcome: TrainOutcome, quant_error: float | None) -> dict[str,
     Per-round steps and timings stay on the client (its debug log).
     """
     ledger = outcome.ledger
-    metrics: dict[str, float | int] = {
+    metrics: dict[str, int | float | list[int] | list[float]] = {
         "num-examples": outcome.num_examples,
         "total-steps": ledger.steps,
         "rounds-participated": len(ledger.rounds),

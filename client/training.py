@@ -397,7 +397,10 @@ def train_round(
             for _, q, k in engine.accountant.history[len(ledger.history) :]:
                 history = merge_entry(history, (sigma, float(q), int(k)))
         new_ledger = ledger.record_round(server_round, history)
-        module: nn.Module = model._module  # the plain module inside GradSampleModule
+        inner = model._module  # the plain module inside GradSampleModule
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"GradSampleModule wraps a {type(inner).__name__}, not a module")
+        module: nn.Module = inner
     else:
         new_ledger = ledger.record_plain_round(server_round)
         module = model

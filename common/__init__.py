@@ -3,7 +3,7 @@
 Nothing in this package knows about :mod:`sepals.server` or :mod:`sepals.client`.
 """
 
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import (
     BudgetExhaustedError,
     ForeignKeyError,
@@ -12,6 +12,7 @@ from sepals.common.errors import (
     SecretKeyExposureError,
     SepalsError,
 )
+from sepals.common.federation import FederationConfig
 
 __all__ = [
     "BudgetExhaustedError",

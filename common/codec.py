@@ -5,20 +5,16 @@ A *payload* is the bytes one party sends: a fixed header followed by chunks::
     magic "SPL1" | codec id (u8) | key fingerprint (16 bytes) | vector length (u64)
     | chunk count (u32) | chunk byte sizes (u32 each) | chunk bytes ...
 
-Three codecs share that envelope and one code path:
+Three codecs share that envelope and one code path (:mod:`sepals.common.scheme` picks one):
 
 * :class:`PlainCodec` sends little-endian fp32 values. The server adds them in the
   clear. It exists so that encrypted and unencrypted runs are directly comparable.
 * :class:`~sepals.common.bfv.BfvCodec` (the default, in :mod:`sepals.common.bfv`)
   quantizes with stochastic rounding, packs two integers per BFV slot and sends seeded
   symmetric ciphertexts: about fp32 size; sums are exact.
-* :class:`CkksCodec` packs N/2 values per CKKS ciphertext (TenSEAL). The server holds
-  only the public context: it can check and add ciphertexts but never decrypt them.
-
-Tolerance of :class:`CkksCodec`: each decoded value of a sum of ``k`` fresh
-ciphertexts is within ``k * 2**-(scale_bits - 13)`` of the exact sum (about 1.2e-7 per
-client at the default scale 2^36); :data:`CKKS_ABS_TOLERANCE_PER_SUMMAND` holds the
-constant and the tests check it.
+* :class:`~sepals.common.ckks.CkksCodec` packs N/2 values per CKKS ciphertext
+  (TenSEAL). The server holds only the public context: it can check and add
+  ciphertexts but never decrypt them.
 
 Key fingerprint: the first 16 bytes of SHA-256 over the public context (public key and
 encryption parameters, no secret key). Every payload carries it, so a ciphertext made
@@ -32,7 +28,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -41,13 +37,8 @@ from sepals.common.config import EncryptionConfig
 from sepals.common.errors import (
     ForeignKeyError,
     MalformedPayloadError,
-    MissingSecretKeyError,
     NonFiniteUpdateError,
-    SecretKeyExposureError,
 )
-
-if TYPE_CHECKING:
-    import tenseal as ts
 
 FloatVector = npt.NDArray[np.floating[Any]]
 
@@ -56,15 +47,7 @@ CODEC_PLAIN = 1
 CODEC_CKKS = 2
 _HEADER = struct.Struct("<4sB16sQI")
 FINGERPRINT_BYTES = 16
-# Measured worst case of fresh CKKS noise is ~2^-(scale_bits-5); 2^-(scale_bits-13)
-# leaves a wide margin and is what the tests assert.
-CKKS_ABS_TOLERANCE_EXPONENT = 13
 PLAIN_FINGERPRINT = hashlib.sha256(b"sepals/plain-fp32").digest()[:FINGERPRINT_BYTES]
-
-
-def ckks_abs_tolerance(scale_bits: int, summands: int) -> float:
-    """Absolute error bound of one decoded value of a sum of ``summands`` ciphertexts."""
-    return float(summands) * 2.0 ** -(scale_bits - CKKS_ABS_TOLERANCE_EXPONENT)
 
 
 @dataclass(frozen=True)
@@ -303,243 +286,3 @@ class PlainCodec(UpdateCodec):
         for (values,) in loaded:
             total += values
         return [total.astype("<f4").tobytes()]
-
-
-def _serialize_public(ctx: ts.Context) -> bytes:
-    return bytes(
-        ctx.serialize(
-            save_public_key=True,
-            save_secret_key=False,
-            save_galois_keys=False,
-            save_relin_keys=False,
-        )
-    )
-
-
-def generate_secret_context(config: EncryptionConfig) -> bytes:
-    """Create fresh keys for ``config`` and return the clients' serialized secret context.
-
-    For ``bfv`` this is a sepals key bundle (:mod:`sepals.common.bfv`), for ``ckks`` a
-    TenSEAL context. The result holds the secret key: it is for clients only. Derive the
-    server's context with :func:`public_context_bytes`.
-    """
-    import tenseal as ts
-
-    if config.scheme == "bfv":
-        from sepals.common.bfv import generate_bfv_bundle
-
-        return generate_bfv_bundle(config)
-    if config.scheme != "ckks":
-        raise ValueError(f"cannot generate keys for scheme {config.scheme!r}")
-    ctx = ts.context(
-        ts.SCHEME_TYPE.CKKS,
-        poly_modulus_degree=config.poly_modulus_degree,
-        coeff_mod_bit_sizes=list(config.coeff_mod_bit_sizes),
-    )
-    ctx.global_scale = 2.0**config.scale_bits
-    return bytes(
-        ctx.serialize(
-            save_public_key=True,
-            save_secret_key=True,
-            save_galois_keys=False,
-            save_relin_keys=False,
-        )
-    )
-
-
-def _fingerprint_of(ctx: ts.Context) -> bytes:
-    return hashlib.sha256(_serialize_public(ctx)).digest()[:FINGERPRINT_BYTES]
-
-
-def public_context_bytes(secret_context: bytes) -> bytes:
-    """Strip the secret key from a serialized context (BFV bundle or TenSEAL context)."""
-    import tenseal as ts
-
-    from sepals.common.bfv import is_bfv_bundle, public_bfv_bundle
-
-    if is_bfv_bundle(secret_context):
-        return public_bfv_bundle(secret_context)
-    return _serialize_public(ts.context_from(secret_context))
-
-
-def context_fingerprint(context: bytes) -> bytes:
-    """Fingerprint of a serialized context (secret or public: same key, same value)."""
-    import tenseal as ts
-
-    from sepals.common.bfv import bfv_fingerprint, is_bfv_bundle
-
-    if is_bfv_bundle(context):
-        return bfv_fingerprint(context)
-    return _fingerprint_of(ts.context_from(context))
-
-
-class CkksCodec(UpdateCodec):
-    """CKKS ciphertexts with N/2 values per ciphertext, via TenSEAL.
-
-    Build a server-side instance with :meth:`for_server` (public context only; a secret
-    context is refused) and a client-side one with :meth:`for_client`.
-    """
-
-    codec_id = CODEC_CKKS
-    name = "ckks"
-    _config: EncryptionConfig
-
-    def __init__(self, context: ts.Context, config: EncryptionConfig) -> None:
-        self._ctx = context
-        self._config = config
-        self._fingerprint = _fingerprint_of(context)
-
-    @classmethod
-    def for_server(cls, public_context: bytes, config: EncryptionConfig) -> CkksCodec:
-        """Load a public context for aggregation.
-
-        Raises:
-            SecretKeyExposureError: the context contains a secret key.
-            MalformedPayloadError: the bytes are not a TenSEAL context.
-
-        """
-        ctx = cls._load(public_context)
-        if ctx.has_secret_key() or not ctx.is_public():
-            raise SecretKeyExposureError(
-                "refusing a CKKS context that holds a secret key: the server must only "
-                "ever receive the public context (see `public_context_bytes`)"
-            )
-        return cls(ctx, config)
-
-    @classmethod
-    def for_client(cls, secret_context: bytes, config: EncryptionConfig) -> CkksCodec:
-        """Load the shared secret context of the clients.
-
-        Raises:
-            MissingSecretKeyError: the context has no secret key.
-
-        """
-        ctx = cls._load(secret_context)
-        if not ctx.has_secret_key():
-            raise MissingSecretKeyError("a client needs the secret CKKS context to decrypt")
-        ctx.global_scale = 2.0**config.scale_bits
-        return cls(ctx, config)
-
-    @staticmethod
-    def _load(data: bytes) -> ts.Context:
-        import tenseal as ts
-
-        try:
-            return ts.context_from(data)
-        except Exception as exc:
-            raise MalformedPayloadError(f"not a TenSEAL context: {exc}") from exc
-
-    @property
-    def fingerprint(self) -> bytes:
-        """Fingerprint of this codec's key."""
-        return self._fingerprint
-
-    @property
-    def can_decrypt(self) -> bool:
-        """Whether this instance holds the secret key."""
-        return bool(self._ctx.has_secret_key())
-
-    def _expected_chunk_lengths(self, length: int) -> list[int]:
-        slots = self._config.slots
-        full, rest = divmod(length, slots)
-        return [slots] * full + ([rest] if rest else [])
-
-    def encode_update(
-        self, vector: FloatVector, rng: np.random.Generator | None = None
-    ) -> tuple[bytes, float | None]:
-        """Encrypt a flat vector, N/2 values per ciphertext (the error is not measured).
-
-        Raises:
-            NonFiniteUpdateError: the vector holds NaN or infinity.
-            ValueError: a value exceeds :attr:`EncryptionConfig.max_update_magnitude`.
-
-        """
-        import tenseal as ts
-
-        arr = _as_finite_vector(vector)
-        bound = self._config.max_update_magnitude
-        peak = float(np.max(np.abs(arr))) if arr.size else 0.0
-        if peak > bound:
-            raise ValueError(
-                f"update magnitude exceeds {bound:.4g}, the per-client bound that keeps a sum "
-                f"of max_clients={self._config.max_clients} updates inside the CKKS headroom; "
-                "lower max_clients, scale_bits or the update weights"
-            )
-        slots = self._config.slots
-        chunks = [
-            ts.ckks_vector(self._ctx, arr[i : i + slots].tolist()).serialize()
-            for i in range(0, arr.size, slots)
-        ]
-        return pack_payload(self.codec_id, self.fingerprint, arr.size, chunks), None
-
-    def _load_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> list[Any]:
-        import tenseal as ts
-
-        expected = self._expected_chunk_lengths(header.length)
-        if len(chunks) != len(expected):
-            raise MalformedPayloadError(
-                f"payload of {header.length} values must hold {len(expected)} ciphertexts, "
-                f"holds {len(chunks)}"
-            )
-        loaded = []
-        for i, (chunk, want) in enumerate(zip(chunks, expected, strict=True)):
-            try:
-                vec = ts.ckks_vector_from(self._ctx, chunk)
-            except Exception as exc:
-                raise MalformedPayloadError(f"ciphertext {i} does not deserialize: {exc}") from exc
-            if vec.size() != want:
-                raise MalformedPayloadError(
-                    f"ciphertext {i} packs {vec.size()} values, expected {want}"
-                )
-            loaded.append(vec)
-        return loaded
-
-    def _sum_chunks(
-        self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None
-    ) -> list[bytes]:
-        _no_slots(self, slot_offset)
-        if len(loaded) > self._config.max_clients:
-            raise ValueError(
-                f"refusing to add {len(loaded)} updates: max_clients={self._config.max_clients} "
-                "bounds the sum inside the CKKS headroom"
-            )
-        totals = [vec.copy() for vec in loaded[0]]
-        for payload in loaded[1:]:
-            for total, vec in zip(totals, payload, strict=True):
-                total.add_(vec)
-        return [bytes(t.serialize()) for t in totals]
-
-    def decode(self, payload: bytes) -> npt.NDArray[np.float64]:
-        """Decrypt a payload (needs the secret key)."""
-        if not self.can_decrypt:
-            raise MissingSecretKeyError("this CKKS context holds no secret key and cannot decrypt")
-        loaded = self.validate(payload)
-        if not loaded:
-            return np.zeros(0, dtype=np.float64)
-        return np.concatenate([np.asarray(v.decrypt(), dtype=np.float64) for v in loaded])
-
-
-def make_client_codec(config: EncryptionConfig, secret_context: bytes | None) -> UpdateCodec:
-    """The codec a client uses for ``config``: plain, BFV or CKKS with the secret key."""
-    if not config.enabled:
-        return PlainCodec()
-    if secret_context is None:
-        raise MissingSecretKeyError("encryption is on but no secret context was given")
-    if config.scheme == "bfv":
-        from sepals.common.bfv import BfvCodec
-
-        return BfvCodec.for_client(secret_context, config)
-    return CkksCodec.for_client(secret_context, config)
-
-
-def make_server_codec(config: EncryptionConfig, public_context: bytes | None) -> UpdateCodec:
-    """The codec the server uses for ``config``: plain, BFV or CKKS with the public context."""
-    if not config.enabled:
-        return PlainCodec()
-    if public_context is None:
-        raise ValueError("encryption is on but no public context was given to the server")
-    if config.scheme == "bfv":
-        from sepals.common.bfv import BfvCodec
-
-        return BfvCodec.for_server(public_context, config)
-    return CkksCodec.for_server(public_context, config)

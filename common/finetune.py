@@ -27,6 +27,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import INFO
@@ -231,7 +232,9 @@ def check_dp_layers(model: nn.Module) -> None:
         )
 
 
-def pretrained_factory(factory: Callable[..., nn.Module], pretrained: str | Path) -> ModelFactory:
+def pretrained_factory(
+    factory: Callable[..., nn.Module], pretrained: str | os.PathLike[str]
+) -> ModelFactory:
     """A factory of ``factory``'s model with the checkpoint ``pretrained`` loaded.
 
     A file is loaded as a ``state_dict`` into ``factory()``; for a directory (a Hugging

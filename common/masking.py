@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from sepals.common.config import FederationConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.mask_prg import SECRET_BYTES, SlotVector, signed_mask_sum
 
 MAX_NODE_ID = 2**64

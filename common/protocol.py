@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sepals.common.codec import UpdateCodec
-from sepals.common.config import FederationConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.models import ModelFactory, build_seeded, get_flat
 from sepals.common.plan import (
     KEY_FEDERATION_ID,
@@ -42,8 +42,6 @@ KEY_GLOBAL = "global"
 KEY_UPDATE = "update"
 KEY_METRICS = "metrics"
 KEY_CLIENT = "client"
-KEY_PAYLOAD = "payload"
-KEY_WEIGHT_TOTAL = "weight-total"
 # Pairwise masking (sepals.common.masking): the ``mask`` ConfigRecord of the masking
 # stages' messages and replies, and the stages' message types (Flower actions of
 # ``train``). Each stage message also carries the signed round ``config`` and an empty
@@ -54,8 +52,6 @@ KEY_SETUP_ERROR = "setup-error"  # a setup reply whose setup part failed: code a
 MASK_REGISTER = "train.mask_register"
 MASK_SETUP = "train.mask_setup"
 MASK_UNMASK = "train.mask_unmask"
-PAYLOAD_STYPE = "sepals.payload.v1"
-PAYLOAD_DTYPE = "bytes"
 
 # The Flower app bundle (FAB) a deployed federation runs; edge nodes serve only this app.
 FAB_NAME = "sepals-federation"
@@ -276,53 +272,3 @@ def decode_global_model(
         return get_flat(build_seeded(factory, model_seed))
     payload, weight_total = global_model
     return codec.decode(payload) / weight_total
-
-
-def payload_array(payload: bytes) -> Any:
-    """Wrap payload bytes in a Flower ``Array`` (chunked by Flower when large)."""
-    from flwr.app import Array
-
-    return Array(dtype=PAYLOAD_DTYPE, shape=(len(payload),), stype=PAYLOAD_STYPE, data=payload)
-
-
-def payload_from_array(array: Any) -> bytes:
-    """The payload bytes inside an ``Array`` made by :func:`payload_array`.
-
-    Raises:
-        ValueError: the array is not a sepals payload.
-
-    """
-    if getattr(array, "stype", None) != PAYLOAD_STYPE:
-        raise ValueError(
-            f"array has stype {getattr(array, 'stype', None)!r}, expected {PAYLOAD_STYPE!r}"
-        )
-    return bytes(array.data)
-
-
-def global_record(payload: bytes, weight_total: float) -> Any:
-    """The ``global`` ArrayRecord: encrypted weighted sum plus its weight total."""
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord(
-        {
-            KEY_PAYLOAD: payload_array(payload),
-            KEY_WEIGHT_TOTAL: Array(np.array([weight_total], dtype=np.float64)),
-        }
-    )
-
-
-def read_global_record(record: Any) -> tuple[bytes, float] | None:
-    """``(payload, weight_total)`` of a ``global`` record, or ``None`` if it is empty.
-
-    Raises:
-        ValueError: the record is malformed.
-
-    """
-    if record is None or len(record) == 0:
-        return None
-    if KEY_PAYLOAD not in record or KEY_WEIGHT_TOTAL not in record:
-        raise ValueError("global record must hold 'payload' and 'weight-total'")
-    weight_total = float(record[KEY_WEIGHT_TOTAL].numpy().reshape(-1)[0])
-    if not (np.isfinite(weight_total) and weight_total > 0):
-        raise ValueError(f"global weight total must be positive, got {weight_total}")
-    return payload_from_array(record[KEY_PAYLOAD]), weight_total

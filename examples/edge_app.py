@@ -29,7 +29,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sepals.client import EdgeApp, FederationConnectionError, join_federation
+from sepals import EdgeApp, FederationConnectionError, join_federation
 from sepals.common.config import PrivacyConfig
 from sepals.common.errors import SepalsError
 

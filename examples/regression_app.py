@@ -35,7 +35,7 @@ from sklearn.datasets import load_diabetes
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sepals.client import EdgeApp
+from sepals import EdgeApp
 from sepals.common.config import PrivacyConfig
 
 

@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sepals.client import EdgeApp
+from sepals import EdgeApp
 from sepals.common.config import PrivacyConfig
 from sepals.common.finetune import LoRA
 

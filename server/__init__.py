@@ -1,6 +1,12 @@
-"""The sepals server: encrypted-aggregation strategy and Flower ServerApp."""
+"""The sepals server, in its three trust zones.
 
-from sepals.server.app import ServerSettings, build_strategy, make_server_app
-from sepals.server.strategy import EncryptedFedAvg, RoundRecord
+* :mod:`sepals.server.front`: the public front, the only thing on the public address;
+  it serves SuperNodes (Flower's Fleet API) and nothing else.
+* :mod:`sepals.server.control`: the operator's control plane (``sepals-server``, its
+  configuration, key provisioning, the processes it supervises).
+* :mod:`sepals.server.serverapp`: the ServerApp and its encrypted strategy, which only
+  ever hold the public HE context.
 
-__all__ = ["EncryptedFedAvg", "RoundRecord", "ServerSettings", "build_strategy", "make_server_app"]
+:mod:`sepals.server.nodes` (which authenticated node is which client) is written by the
+control plane and read by the ServerApp.
+"""

@@ -25,17 +25,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sepals.common.config import (
-    EncryptionConfig,
-    FederationConfig,
-    PrivacyConfig,
-    sampled_per_round,
-)
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.federation import FederationConfig, sampled_per_round
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from sepals.client.edge import EdgeApp
+    from sepals.client.edge_app import EdgeApp
     from sepals.simulations.harness import ProgressFn
 
 
@@ -126,13 +122,10 @@ def simulate(
     """
     import torch
 
-    from sepals.client.edge import EdgeApp, load_edge_app
-    from sepals.simulations.harness import (
-        SimulationConfig,
-        absolute_spec,
-        apply_process_env,
-        run_experiment,
-    )
+    from sepals.client.edge_app import EdgeApp, load_edge_app
+    from sepals.simulations.config import SimulationConfig, absolute_spec
+    from sepals.simulations.harness import run_experiment
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     if isinstance(app, EdgeApp):

@@ -346,8 +346,9 @@ def run_audit(
     from torch.utils.data import ConcatDataset
 
     from sepals.client.training import make_dp_compatible
-    from sepals.common.data import client_partition, dataset_model_factory
+    from sepals.common.data import dataset_model_factory
     from sepals.common.models import build_seeded, get_flat, num_parameters
+    from sepals.common.partition import client_partition
     from sepals.simulations.harness import run_experiment
 
     if not config.privacy.enabled:

@@ -19,8 +19,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sepals.common.pretrain import DEFAULT_OUT as DEFAULT_CHECKPOINT
-from sepals.common.pretrain import pretrain
+from sepals.simulations.pretrain import DEFAULT_OUT as DEFAULT_CHECKPOINT
+from sepals.simulations.pretrain import pretrain
+from sepals.simulations.progress import (
+    _model_text,
+    format_metric,
+    progress_line,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,21 +270,17 @@ def parse_app_args(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """Turn parsed flags into a :class:`SimulationConfig` (raises ValueError on bad input)."""
-    from sepals.common.config import (
-        EncryptionConfig,
-        FederationConfig,
-        PrivacyConfig,
-        sampled_per_round,
-    )
-    from sepals.simulations.harness import SimulationConfig
+    from sepals.common.config import EncryptionConfig, PrivacyConfig
+    from sepals.common.federation import FederationConfig, sampled_per_round
+    from sepals.simulations.config import SimulationConfig
 
     app_args = parse_app_args(args.app_arg)
     if app_args and args.app is None:
         raise ValueError("--app-arg needs --app")
     base = PrivacyConfig(target_epsilon=8.0, delta=1e-5)
     if args.app is not None:
-        from sepals.client.edge import load_edge_app
-        from sepals.simulations.harness import absolute_spec
+        from sepals.client.edge_app import load_edge_app
+        from sepals.simulations.config import absolute_spec
 
         base = load_edge_app(absolute_spec(args.app), dict(app_args)).privacy
         d = {**APP_DEFAULTS, "max_grad_norm": base.max_grad_norm}
@@ -377,100 +378,6 @@ def _patterns(text: str | None) -> tuple[str, ...] | None:
     return patterns
 
 
-def _who(entries: list[dict[str, str]]) -> str:
-    from sepals.simulations.harness import LINE_REASON_CHARS, clean_reason
-
-    return ", ".join(
-        f"{e['client']} ({clean_reason(e['reason'], LINE_REASON_CHARS)})" for e in entries
-    )
-
-
-def format_metric(name: str, value: float | None) -> str:
-    """``acc  93.10%`` for accuracy, ``NAME 0.1234`` for an app's own metric."""
-    if value is None:
-        return f"{'acc' if name == 'accuracy' else name} n/a"
-    if name == "accuracy":
-        return f"acc {100 * value:6.2f}%"
-    return f"{name} {value:.4f}"
-
-
-def _progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accuracy") -> None:
-    eps = row["epsilon"]
-    qerr = row.get("quant_error")
-    loss = row["loss"]
-    value = row.get("metric", row.get("accuracy"))
-    extra = _mask_text(row)
-    if row.get("fairness"):
-        from sepals.common.fairness import format_spread
-
-        extra = f" | {format_spread(row['fairness'], metric_name)}{extra}"
-    if row.get("declined"):
-        extra += f" | declined: {_who(row['declined'])}"
-    if row.get("excluded"):
-        extra += f" | excluded: {_who(row['excluded'])}"
-    print(
-        f"round {row['round']:>3}/{rounds} | {format_metric(metric_name, value)} | "
-        f"loss {'n/a' if loss is None else f'{loss:.4f}'} | "
-        f"eps {'  off' if eps is None else f'{eps:5.2f}'}{_replace_one_text(row)} | "
-        f"up {row['upload_bytes'] / 1e3:8.1f} kB{_per_client(row)} | "
-        f"down {row['download_bytes'] / 1e3:8.1f} kB | "
-        f"{row['seconds']:5.2f} s | {row.get('codec', '?')} q-err "
-        f"{'n/a' if qerr is None else f'{qerr:.1e}'}{extra}",
-        flush=True,
-    )
-
-
-def _replace_one_text(row: dict[str, Any]) -> str:
-    """`` (r1 14.65)``: the round's largest replace-one epsilon, when DP is on."""
-    value = row.get("epsilon_replace_one")
-    return "" if value is None or row.get("epsilon") is None else f" (r1 {value:5.2f})"
-
-
-def _per_client(row: dict[str, Any]) -> str:
-    """`` (4.1 kB/client, 650/20,394 params)``: one update's size and what it carries."""
-    per = row.get("upload_bytes_per_client")
-    if not per:
-        return ""
-    return (
-        f" ({per / 1e3:.1f} kB/client, {row['trainable_parameters']:,}/"
-        f"{row['total_parameters']:,} params)"
-    )
-
-
-def _model_text(model: dict[str, Any] | None) -> str:
-    """The start line's model part: what is trained, of how much, and the upload's size."""
-    if not model:
-        return ""
-    counts = model["parameters"]
-    start = "pretrained" if model.get("pretrained") else "seeded"
-    ring = model.get("he_ring")
-    ring_text = (
-        f" | HE ring N={ring['poly_modulus_degree']}, {ring['ciphertexts_per_update']} "
-        "ciphertext(s) per update"
-        if ring
-        else ""
-    )
-    return (
-        f" | {start} model, training {counts['trainable']:,} of {counts['total']:,} "
-        f"parameters ({model['trainable']}; {counts['trainable_fp32_bytes'] / 1e3:.1f} kB "
-        f"fp32 per update){ring_text}"
-    )
-
-
-def _mask_text(row: dict[str, Any]) -> str:
-    """The round line's masking part: survivors, dropouts, and whether masks came off."""
-    mask = row.get("mask")
-    if not mask:
-        return ""
-    if mask.get("abandoned"):
-        return f" | masking abandoned: {mask['abandoned'][:80]}"
-    state = "masks removed" if mask.get("removed") else "masks kept"
-    return (
-        f" | masked {mask['survivors']}/{mask['members']} (T={mask['threshold']}, "
-        f"{mask['dropouts']} dropped) {state}"
-    )
-
-
 def configure_logging(verbose: bool) -> None:
     """Give the ``sepals`` logger a stderr handler (once) and quiet Flower unless verbose."""
     sepals_logger = logging.getLogger("sepals")
@@ -490,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sepals-sim``."""
     args = build_parser().parse_args(argv)
     # Must precede every flwr import: Flower reads the telemetry switch at import time.
-    from sepals.simulations.harness import apply_process_env
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(args.verbose)
@@ -506,7 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"sepals-sim: error: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
-    from sepals.simulations.harness import run_experiment, summarize
+    from sepals.simulations.harness import run_experiment
+    from sepals.simulations.report import summarize
 
     if args.audit is not None and args.audit < 2:
         print(
@@ -548,8 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     if config.app is not None:
-        from sepals.client.edge import load_edge_app
-        from sepals.simulations.harness import absolute_spec
+        from sepals.client.edge_app import load_edge_app
+        from sepals.simulations.config import absolute_spec
 
         metric[0] = load_edge_app(absolute_spec(config.app), dict(config.app_args)).metric_name
     try:
@@ -560,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = functools.partial(run_audit, canaries=args.audit)
         report = run(
             config,
-            progress=lambda row: _progress_line(row, fed.rounds, metric[0]),
+            progress=lambda row: progress_line(row, fed.rounds, metric[0]),
             on_start=started,
         )
     except ValueError as exc:

@@ -1,7 +1,7 @@
 """The default job of ``flwr run .``: sepals as a Flower app in Flower's local simulation.
 
-The project's ``pyproject.toml`` names ``sepals.server.app:app`` and
-``sepals.client.app:app`` as its Flower components; both call into this module. The job
+The project's ``pyproject.toml`` names :data:`server_app` and :data:`client_app` of this
+module as its Flower components. The job
 is the one ``sepals-sim`` runs by default: digits, IID, DP-SGD at epsilon 8 and BFV
 encryption, with every setting in ``[tool.flwr.app.config]`` (override them with
 ``flwr run . --run-config "rounds=5 epsilon=4.0"``). The federation size is Flower's
@@ -39,18 +39,19 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from sepals.common.config import (
-    EncryptionConfig,
-    FederationConfig,
-    PrivacyConfig,
-    sampled_per_round,
-)
-from sepals.common.data import DATASET_NAMES, PartitionSpec
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from sepals.client.app import make_client_app
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.data import DATASET_NAMES
 from sepals.common.errors import SepalsError
+from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.log import LOGGER, log
 from sepals.common.masking import masked_federation
+from sepals.common.partition import PartitionSpec
 from sepals.common.plan import FederationPlan
-from sepals.simulations.harness import AppSource
+from sepals.simulations.config import AppSource
 
 PRETRAINED_JOB_SPEC = "sepals.simulations.jobs:pretrained_job"
 RUNS_DIR = "sepals-runs"
@@ -268,20 +269,20 @@ def _wait_for_nodes(grid: Any, timeout: float) -> int:
 def provision_keys(encryption: EncryptionConfig, keys_dir: Path) -> tuple[str | None, bytes | None]:
     """Create the run's HE keys in a subprocess: ``(secret file, public context)``.
 
-    The subprocess (:func:`sepals.simulations.harness._provision_keys`) writes the secret
+    The subprocess (:func:`sepals.simulations.harness.provision_key_file`) writes the secret
     context to ``keys_dir/clients.secret`` with mode 0600 and returns only the public
     context, so the caller's process never holds the secret key. ``(None, None)`` when
     encryption is off.
     """
     if not encryption.enabled:
         return None, None
-    from sepals.simulations.harness import _provision_keys
+    from sepals.simulations.keys import provision_key_file
 
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret_path = str((keys_dir / SECRET_FILE).resolve())
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(1, mp_context=ctx) as provisioner:
-        public = provisioner.submit(_provision_keys, encryption, secret_path).result()
+        public = provisioner.submit(provision_key_file, encryption, secret_path).result()
     return secret_path, public
 
 
@@ -297,16 +298,16 @@ def server_main(grid: Any, context: Any) -> None:
     from flwr.app import ArrayRecord
 
     from sepals.client.training import make_dp_compatible
-    from sepals.common.data import client_example_caps, load_dataset
+    from sepals.common.data import load_dataset
     from sepals.common.files import atomic_write, checkpoint_sha256
     from sepals.common.models import num_parameters
-    from sepals.server.app import ServerSettings, build_strategy, require_aggregation
-    from sepals.simulations.harness import (
-        app_caps,
-        apply_process_env,
-        sign_simulated_rounds,
-        simulation_roster,
-    )
+    from sepals.common.partition import client_example_caps
+    from sepals.common.scheme import make_server_codec
+    from sepals.server.serverapp.app import ServerSettings, build_strategy, require_aggregation
+    from sepals.simulations.app_data import app_caps
+    from sepals.simulations.clients import simulation_roster
+    from sepals.simulations.harness import simulated_plan
+    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     _attach_log_handler()
@@ -342,15 +343,18 @@ def server_main(grid: Any, context: Any) -> None:
     encryption = encryption.sized_for(vector_length)
     secret_path, public_context = provision_keys(encryption, run_dir / "keys")
     try:
+        plan, signer = simulated_plan(
+            make_server_codec(encryption, public_context), fed, vector_length, sha256
+        )
         settings = ServerSettings(
             federation=fed,
             encryption=encryption,
             public_context=public_context,
             vector_length=vector_length,
             roster=simulation_roster(caps),
+            round_signer=signer,
         )
         strategy = build_strategy(settings)
-        plan = sign_simulated_rounds(strategy, fed, vector_length, sha256)
         plan.save(run_dir / PLAN_FILE)
         job_record = {"clients": clients, "secret": secret_path, "scheme": encryption.scheme}
         atomic_write(run_dir / JOB_FILE, json.dumps(job_record).encode())
@@ -393,7 +397,7 @@ def client_runtime(context: Any) -> Any:
             lacks the partition fields.
 
     """
-    from sepals.simulations.harness import SimulatedClientProvider
+    from sepals.simulations.clients import SimulatedClientProvider
 
     job = FlowerJob.from_run_config(dict(context.run_config))
     run_dir = run_directory(context.run_id)
@@ -420,3 +424,20 @@ def client_runtime(context: Any) -> Any:
         app=job.app_source(),
     )
     return provider(context)
+
+
+client_app = make_client_app(client_runtime)
+"""The ClientApp of ``flwr run .``: each node's runtime comes from :func:`client_runtime`."""
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_app_main(grid: Grid, context: Context) -> None:
+    """The ServerApp of ``flwr run .``: :func:`server_main`.
+
+    The ServerApp only ever holds the public HE context: a provisioning subprocess writes
+    the clients' secret context. It raises :class:`NoRoundAggregatedError` when no round
+    aggregated, so that Flower marks the run failed.
+    """
+    server_main(grid, context)

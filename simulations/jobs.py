@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sepals.client.edge import EdgeApp
+from sepals.client.edge_app import EdgeApp
 from sepals.common.data import load_dataset
 from sepals.common.finetune import TrainableSpec
-from sepals.common.pretrain import DEFAULT_TRAINABLE, DigitsCNN
+from sepals.simulations.pretrain import DEFAULT_TRAINABLE, DigitsCNN
 
 PRETRAINED_DATASETS: tuple[str, ...] = ("digits",)
 
@@ -30,7 +30,7 @@ def pretrained_app(
         dataset: A bundled dataset with a pretraining job (:data:`PRETRAINED_DATASETS`).
         checkpoint: The checkpoint ``sepals pretrain`` wrote.
         trainable: Parameter-name patterns to fine-tune (``None``: the job's default,
-            :data:`sepals.common.pretrain.DEFAULT_TRAINABLE`).
+            :data:`sepals.simulations.pretrain.DEFAULT_TRAINABLE`).
         seed: Seed of the dataset's train/test split (the federation's seed).
 
     Raises:

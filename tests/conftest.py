@@ -11,8 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def ckks_keys() -> tuple[bytes, bytes]:
-    from sepals.common.codec import generate_secret_context, public_context_bytes
     from sepals.common.config import EncryptionConfig
+    from sepals.common.scheme import generate_secret_context, public_context_bytes
 
     secret = generate_secret_context(EncryptionConfig(scheme="ckks"))
     return secret, public_context_bytes(secret)
@@ -20,8 +20,8 @@ def ckks_keys() -> tuple[bytes, bytes]:
 
 @pytest.fixture(scope="session")
 def bfv_keys() -> tuple[bytes, bytes]:
-    from sepals.common.codec import generate_secret_context, public_context_bytes
     from sepals.common.config import EncryptionConfig
+    from sepals.common.scheme import generate_secret_context, public_context_bytes
 
     secret = generate_secret_context(EncryptionConfig())
     return secret, public_context_bytes(secret)

@@ -9,9 +9,11 @@ from torch.utils.data import TensorDataset
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
 from sepals.client.training import TrainSettings, train_round
 from sepals.common.codec import PlainCodec
-from sepals.common.config import FederationConfig, PrivacyConfig
+from sepals.common.config import PrivacyConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.models import get_flat
-from sepals.common.plan import FederationPlan, generate_operator_key
+from sepals.common.plan import FederationPlan
+from sepals.common.round_signature import generate_operator_key
 
 EXAMPLES = 60
 

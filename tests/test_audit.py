@@ -16,7 +16,8 @@ from torch.utils.data import TensorDataset
 from sepals.client.canaries import CanarySpec, ClientCanaries, canary_directions
 from sepals.client.privacy import PrivacyLedger
 from sepals.client.training import TrainSettings, dp_schedule, train_round
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.models import get_flat
 from sepals.simulations.audit import (
     assess,
@@ -214,10 +215,11 @@ def test_canary_rows_need_tensor_data_with_labels() -> None:
 
 def test_no_canaries_without_an_audit_spec() -> None:
     from sepals.client.core import ClientRuntime
-    from sepals.common.codec import make_client_codec
-    from sepals.common.data import client_train_sizes
-    from sepals.common.plan import FederationPlan, generate_operator_key
-    from sepals.simulations.harness import SimulatedClientProvider, _simulated_runtime
+    from sepals.common.partition import client_train_sizes
+    from sepals.common.plan import FederationPlan
+    from sepals.common.round_signature import generate_operator_key
+    from sepals.common.scheme import make_client_codec
+    from sepals.simulations.clients import SimulatedClientProvider, simulated_runtime
 
     assert ClientRuntime.__dataclass_fields__["canaries"].default is None
     fed = FederationConfig(rounds=2)
@@ -229,16 +231,16 @@ def test_no_canaries_without_an_audit_spec() -> None:
         "digits", 4, "iid", 0, PrivacyConfig(), EncryptionConfig(scheme="none"), None, plan
     )
     sizes = client_train_sizes("digits", 4, "iid", 0)
-    plain = _simulated_runtime(base, 1)
+    plain = simulated_runtime(base, 1)
     assert plain.canaries is None and len(plain.train_data) == sizes[1]
     spec = make_canary_spec(0, 40, 10, 4)
-    audited = _simulated_runtime(SimulatedClientProvider(**{**base.__dict__, "canaries": spec}), 1)
+    audited = simulated_runtime(SimulatedClientProvider(**{**base.__dict__, "canaries": spec}), 1)
     assert audited.canaries is not None
     assert len(audited.train_data) == sizes[1] + spec.per_client(4)[1]
 
 
 def test_run_audit_refuses_what_it_cannot_audit(tmp_path: Path) -> None:
-    from sepals.simulations.harness import SimulationConfig
+    from sepals.simulations.config import SimulationConfig
 
     off = SimulationConfig(privacy=PrivacyConfig(target_epsilon=None), out=str(tmp_path))
     with pytest.raises(ValueError, match="DP on"):
@@ -249,7 +251,7 @@ def test_run_audit_refuses_what_it_cannot_audit(tmp_path: Path) -> None:
 
 
 def _small(tmp_path: Path, name: str) -> object:
-    from sepals.simulations.harness import SimulationConfig
+    from sepals.simulations.config import SimulationConfig
 
     return SimulationConfig(
         dataset="digits",

@@ -26,14 +26,14 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 
+from sepals.cli import main as sepals_main
 from sepals.client.privacy import PrivacyLedger
-from sepals.common.cli import main as sepals_main
 from sepals.common.config import PrivacyConfig
 from sepals.common.ledger import LedgerFileError
-from sepals.common.plan import generate_operator_key
-from sepals.common.provision import ProvisionSpec, provision
-from sepals.server.cli import main as server_main
-from sepals.server.config import ServerDeployConfig, split_address
+from sepals.common.round_signature import generate_operator_key
+from sepals.server.control.cli import main as server_main
+from sepals.server.control.config import ServerDeployConfig, split_address
+from sepals.server.control.provision import ProvisionSpec, provision
 
 
 @pytest.fixture(scope="module")

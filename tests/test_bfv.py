@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from sepals.common.bfv import BfvCodec, _unpack_bundle, key_parameters, public_bfv_bundle
-from sepals.common.codec import (
-    PlainCodec,
-    context_fingerprint,
-    generate_secret_context,
-    make_client_codec,
-    make_server_codec,
-    pack_payload,
-    unpack_payload,
-)
+from sepals.common.bfv import BfvCodec
+from sepals.common.codec import PlainCodec, pack_payload, unpack_payload
 from sepals.common.config import (
     BFV_NOISE_PER_SUMMAND,
     BFV_RINGS,
@@ -35,6 +27,13 @@ from sepals.common.errors import (
     NonFiniteUpdateError,
     SecretKeyExposureError,
 )
+from sepals.common.scheme import (
+    context_fingerprint,
+    generate_secret_context,
+    make_client_codec,
+    make_server_codec,
+)
+from sepals.common.seal_bundle import key_parameters, public_bfv_bundle, unpack_bundle
 
 CFG = EncryptionConfig()
 PER_CT = CFG.values_per_ciphertext
@@ -138,7 +137,7 @@ def test_server_refuses_secret_bundle_and_cannot_decrypt(bfv_keys, codecs):
     with pytest.raises(MissingSecretKeyError):
         server.encode(np.arange(10.0))
     assert public_bfv_bundle(secret) == public
-    assert _unpack_bundle(public)[2] is None  # the server's bundle holds no secret key
+    assert unpack_bundle(public)[2] is None  # the server's bundle holds no secret key
     assert context_fingerprint(secret) == context_fingerprint(public) == server.fingerprint
 
 

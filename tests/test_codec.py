@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 import tenseal as ts
 
-from sepals.common.codec import (
-    CkksCodec,
-    PlainCodec,
-    ckks_abs_tolerance,
-    context_fingerprint,
-    generate_secret_context,
-    pack_payload,
-    unpack_payload,
-)
+from sepals.common.ckks import CkksCodec, ckks_abs_tolerance
+from sepals.common.codec import PlainCodec, pack_payload, unpack_payload
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import (
     ForeignKeyError,
@@ -23,6 +16,7 @@ from sepals.common.errors import (
     NonFiniteUpdateError,
     SecretKeyExposureError,
 )
+from sepals.common.scheme import context_fingerprint, generate_secret_context
 
 CFG = EncryptionConfig(scheme="ckks")
 

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from sepals.common.config import EncryptionConfig
-from sepals.common.data import PartitionSpec, client_partition, load_dataset, partition_indices
+from sepals.common.data import load_dataset
 from sepals.common.models import MLP, SmallCNN, build_seeded, get_flat, num_parameters, set_flat
+from sepals.common.partition import PartitionSpec, client_partition, partition_indices
 from sepals.simulations.cli import build_parser, config_from_args
 
 
@@ -125,7 +126,7 @@ def test_cli_rejects_bad_flags(argv):
 
 
 def test_progress_line_shows_codec_and_quantization_error(capsys):
-    from sepals.simulations.cli import _progress_line
+    from sepals.simulations.cli import progress_line
 
     row = {
         "round": 3,
@@ -140,14 +141,14 @@ def test_progress_line_shows_codec_and_quantization_error(capsys):
         "codec": "bfv-q2",
         "quant_error": 1.23e-4,
     }
-    _progress_line(row, 30)
+    progress_line(row, 30)
     assert "bfv-q2 q-err 1.2e-04" in capsys.readouterr().out
-    _progress_line({**row, "codec": "ckks", "quant_error": None}, 30)
+    progress_line({**row, "codec": "ckks", "quant_error": None}, 30)
     assert "ckks q-err n/a" in capsys.readouterr().out
 
 
 def test_check_client_sizes_refuses_empty_clients_and_warns_below_two_batches():
-    from sepals.common.data import check_client_sizes
+    from sepals.common.partition import check_client_sizes
 
     assert check_client_sizes([64, 100], batch_size=32) == []
     warnings = check_client_sizes([64, 63, 5], batch_size=32)
@@ -182,7 +183,7 @@ def test_partition_indices_fails_clearly(clients, spec, match, recwarn):
 
 def test_more_clients_than_test_examples_still_split():
     """digits at 400 clients: 360 held-out examples, so some clients get no local test."""
-    from sepals.common.data import check_client_sizes, client_example_caps, client_train_sizes
+    from sepals.common.partition import check_client_sizes, client_example_caps, client_train_sizes
 
     sizes = client_train_sizes("digits", 400, "iid", 0)
     assert sum(sizes) == 1437 and min(sizes) >= 3

@@ -30,13 +30,13 @@ import pytest
 from e2e_util import BIN, metrics, spawn, stop, wait_for
 
 from sepals.client.privacy import PrivacyLedger, compute_epsilon, replace_one_epsilon_of
-from sepals.common.codec import make_client_codec, make_server_codec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import MissingSecretKeyError
 from sepals.common.plan import FederationPlan
 from sepals.common.procs import free_port
-from sepals.common.provision import make_node_keys
-from sepals.server.deployed_app import FAULT_EXIT_AFTER_ROUND
+from sepals.common.scheme import make_client_codec, make_server_codec
+from sepals.server.control.tls_keys import make_node_keys
+from sepals.server.serverapp.deployed_app import FAULT_EXIT_AFTER_ROUND
 
 pytestmark = pytest.mark.slow
 

@@ -15,18 +15,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from torch.utils.data import DataLoader, TensorDataset
 
 from sepals.client.cli import main as client_main
-from sepals.client.edge import (
-    ClientBundle,
-    EdgeApp,
-    EdgeClient,
-    _node_config_runtime,
-    load_edge_app,
-)
+from sepals.client.edge import ClientBundle, EdgeClient
+from sepals.client.edge_app import EdgeApp, load_edge_app
+from sepals.client.fab_app import _node_config_runtime
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import ForeignKeyError, InsecureFileError, LedgerLockedError
 from sepals.common.procs import free_port
 from sepals.common.protocol import ERR_PLAN_MISMATCH, KEY_CONFIG, KEY_GLOBAL, RoundConfig
-from sepals.common.provision import ProvisionSpec, provision
+from sepals.server.control.provision import ProvisionSpec, provision
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "edge_app.py"
 

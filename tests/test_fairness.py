@@ -14,21 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sepals.common.codec import PlainCodec
-from sepals.common.config import FederationConfig
-from sepals.common.data import (
+from sepals.common.data import load_dataset
+from sepals.common.fairness import ClientSpread, client_spread, format_spread, worst_count
+from sepals.common.federation import FederationConfig
+from sepals.common.partition import (
     PartitionSpec,
     _cached_partitions,
     client_example_caps,
     client_partition,
     client_test_indices,
-    load_dataset,
     partition_like,
 )
-from sepals.common.fairness import ClientSpread, client_spread, format_spread, worst_count
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS
-from sepals.server.replies import EvalMetrics
-from sepals.server.roster import NodeRoster
-from sepals.server.strategy import EncryptedFedAvg, evaluation_spread
+from sepals.server.serverapp.replies import EvalMetrics
+from sepals.server.serverapp.roster import NodeRoster
+from sepals.server.serverapp.strategy import EncryptedFedAvg, evaluation_spread
 
 # --------------------------------------------------------------------------- spread
 
@@ -218,8 +218,9 @@ def test_synthetic_test_splits_are_the_clients_own():
 def test_app_test_split_follows_the_train_labels():
     from torch.utils.data import TensorDataset
 
-    from sepals.client.edge import EdgeApp
-    from sepals.simulations.harness import AppSource, app_client_data, pickle_app
+    from sepals.client.edge_app import EdgeApp
+    from sepals.simulations.app_data import app_client_data
+    from sepals.simulations.config import AppSource, pickle_app
 
     rng = np.random.default_rng(0)
     y_train = torch.from_numpy(rng.integers(0, 4, 400))
@@ -248,7 +249,7 @@ def test_app_test_split_follows_the_train_labels():
 def test_grouped_accuracy_matches_per_client_evaluation():
     from sepals.client.training import evaluate_model
     from sepals.common.models import get_flat
-    from sepals.simulations.harness import _grouped_accuracy
+    from sepals.simulations.evaluator import grouped_accuracy
 
     data = load_dataset("digits", 0)
     factory = data.model_factory()
@@ -259,27 +260,27 @@ def test_grouped_accuracy_matches_per_client_evaluation():
     owner = np.full(len(data.test), -1, dtype=np.int64)
     for k, rows in enumerate(idx):
         owner[rows] = k
-    loss, acc, per_client = _grouped_accuracy(factory, weights, test, owner, "cpu")
+    loss, acc, per_client = grouped_accuracy(factory, weights, test, owner, "cpu")
     ref_loss, ref_acc, _ = evaluate_model(factory, weights, test)
     assert loss == pytest.approx(ref_loss) and acc == pytest.approx(ref_acc)
     assert per_client is not None and sorted(per_client) == [f"client-{k}" for k in range(7)]
     for k, rows in enumerate(idx):
         _, own, _ = evaluate_model(factory, weights, data.test.subset(rows).to_torch())
         assert per_client[f"client-{k}"] == pytest.approx(own)
-    _, _, none = _grouped_accuracy(factory, weights, test, np.full_like(owner, -1), "cpu")
+    _, _, none = grouped_accuracy(factory, weights, test, np.full_like(owner, -1), "cpu")
     assert none is None
 
 
 def test_final_fairness_and_summary():
-    from sepals.simulations.harness import _spread_of, final_fairness, summarize
+    from sepals.simulations.report import final_fairness, spread_of, summarize
 
     per = {"client-10": 1.0, "client-2": 0.5, "client-1": 0.75}
-    spread = _spread_of(per, True)
+    spread = spread_of(per, True)
     assert spread is not None and spread["min"] == 0.5 and spread["count"] == 3
     final = final_fairness(spread, per, "accuracy")
     assert final is not None and list(final["clients"]) == ["client-1", "client-2", "client-10"]
     assert final["metric"] == "accuracy" and final["median"] == 0.75
-    assert final_fairness(None, {}, "accuracy") is None and _spread_of({}, True) is None
+    assert final_fairness(None, {}, "accuracy") is None and spread_of({}, True) is None
     report = {
         "final": {
             "accuracy": 0.8, "metric": 0.8, "metric_name": "accuracy", "epsilon": None,
@@ -290,14 +291,14 @@ def test_final_fairness_and_summary():
 
 
 def test_round_line_shows_the_spread(capsys):
-    from sepals.simulations.cli import _progress_line
+    from sepals.simulations.cli import progress_line
 
     row = {
         "round": 3, "epsilon": None, "loss": 0.5, "metric": 0.9, "accuracy": 0.9,
         "upload_bytes": 1000, "download_bytes": 1000, "seconds": 1.0,
         "fairness": client_spread([0.8, 1.0]).to_dict(),
     }
-    _progress_line(row, 5)
+    progress_line(row, 5)
     assert "| clients min 80% med 90% max 100% worst10% 80%" in capsys.readouterr().out
 
 
@@ -334,8 +335,8 @@ def _eval_reply(node: int, n: int, loss: float, key: str, value: float) -> Messa
 
 @pytest.mark.usefixtures("run_identity")
 def test_server_keeps_the_spread_of_federated_evaluation(tmp_path, caplog):
-    from sepals.server.launcher import progress_line
-    from sepals.server.state import StateDir
+    from sepals.server.control.launcher import progress_line
+    from sepals.server.serverapp.state import StateDir
 
     strategy = EncryptedFedAvg(
         PlainCodec(), 10, FederationConfig(rounds=1), roster=NodeRoster(default_cap=500)
@@ -404,7 +405,7 @@ def test_evaluator_scores_an_apps_clients_and_leaves_out_non_finite_values(monke
     from torch.utils.data import TensorDataset
 
     from sepals.common.codec import PlainCodec
-    from sepals.simulations import harness
+    from sepals.simulations import evaluator
 
     def r2(out: torch.Tensor, y: torch.Tensor) -> float:
         return float(1 - ((out - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
@@ -421,8 +422,8 @@ def test_evaluator_scores_an_apps_clients_and_leaves_out_non_finite_values(monke
         "client_tests": [("client-0", data(20, 1)), ("client-1", data(1, 2)),
                          ("client-2", data(30, 3))],
     }
-    monkeypatch.setattr(harness, "_EVAL_STATE", state)
-    loss, value, error, per_client = harness._evaluator_run(None, 0)
+    monkeypatch.setattr(evaluator, "_EVAL_STATE", state)
+    loss, value, error, per_client = evaluator.evaluator_run(None, 0)
     assert error is None and loss is not None and value is not None
     # one example: R^2 divides by zero; that client is left out, not the run
     assert per_client is not None and sorted(per_client) == ["client-0", "client-2"]
@@ -440,6 +441,6 @@ def test_evaluator_scores_an_apps_clients_and_leaves_out_non_finite_values(monke
         return 0.5
 
     state["metric"] = broken
-    loss, value, error, per_client = harness._evaluator_run(None, 0)
+    loss, value, error, per_client = evaluator.evaluator_run(None, 0)
     assert value == 0.5 and per_client is None
     assert error == "per-client evaluation: RuntimeError: boom"

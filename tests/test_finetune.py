@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from sepals.client.core import ClientRuntime, SepalsClient, check_checkpoint
-from sepals.client.edge import EdgeApp, EdgeClient
+from sepals.client.edge import EdgeClient
+from sepals.client.edge_app import EdgeApp
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
 from sepals.client.training import TrainSettings, model_builder, train_round
 from sepals.common.config import EncryptionConfig, PrivacyConfig
@@ -28,7 +29,7 @@ from sepals.common.finetune import (
 )
 from sepals.common.models import build_seeded, get_flat
 from sepals.common.plan import FederationPlan, PlanViolationError
-from sepals.common.provision import ProvisionSpec, provision
+from sepals.server.control.provision import ProvisionSpec, provision
 
 
 class Net(nn.Module):
@@ -286,7 +287,7 @@ def test_an_edge_client_with_another_checkpoint_refuses_to_join(tmp_path: Path) 
 
 
 def test_clients_share_one_gpu_in_equal_fractions() -> None:
-    from sepals.simulations.harness import client_resources
+    from sepals.simulations.clients import client_resources
 
     assert client_resources(4, on_gpu=True) == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert client_resources(16, on_gpu=False)["num_gpus"] == 0.0

@@ -33,9 +33,11 @@ from sepals.client.app import (
     make_client_app,
 )
 from sepals.client.app import protocol_mismatch as client_mismatch
-from sepals.common.config import EncryptionConfig, FederationConfig
-from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_PAYLOAD, KEY_UPDATE, payload_array
-from sepals.server.app import (
+from sepals.common.config import EncryptionConfig
+from sepals.common.federation import FederationConfig
+from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
+from sepals.common.records import KEY_PAYLOAD, payload_array
+from sepals.server.serverapp.app import (
     MISMATCH_NOTE,
     NoRoundAggregatedError,
     SepalsFedAvg,
@@ -43,7 +45,7 @@ from sepals.server.app import (
     build_strategy,
     require_aggregation,
 )
-from sepals.server.app import protocol_mismatch as server_mismatch
+from sepals.server.serverapp.app import protocol_mismatch as server_mismatch
 from sepals.simulations.flwr_app import FlowerJob
 
 pytestmark = pytest.mark.usefixtures("run_identity")
@@ -167,7 +169,7 @@ def test_stock_reply_without_update_record_is_a_mismatch() -> None:
 
 
 def test_require_aggregation_passes_when_a_round_aggregated() -> None:
-    from sepals.server.strategy import RoundRecord
+    from sepals.server.serverapp.strategy import RoundRecord
 
     strategy = _sepals_strategy()
     strategy.history.extend([RoundRecord(round=1), RoundRecord(round=2, aggregated=True)])
@@ -274,7 +276,7 @@ def test_flwr_serverapp_fails_when_no_round_aggregates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The ServerApp of ``flwr run .`` raises, so Flower marks the run failed."""
-    from sepals.server.app import app as server_app
+    from sepals.simulations.flwr_app import server_app
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     grid = FakeGrid(_stock_client_app())
@@ -295,7 +297,7 @@ def test_flwr_serverapp_never_holds_the_secret_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Keys come from a provisioning subprocess; the secret file is gone after the run."""
-    import sepals.common.codec as codec
+    import sepals.common.scheme as codec
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
 
@@ -303,7 +305,7 @@ def test_flwr_serverapp_never_holds_the_secret_key(
         raise AssertionError("the ServerApp process generated a secret key")
 
     monkeypatch.setattr(codec, "generate_secret_context", forbidden)
-    from sepals.server.app import app as server_app
+    from sepals.simulations.flwr_app import server_app
 
     seen: dict[str, Any] = {}
     grid = FakeGrid(_stock_client_app())

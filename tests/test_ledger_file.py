@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 from flwr.app import Context, RecordDict
 
+from sepals.cli import main as sepals_main
 from sepals.client.app import LEDGER_STATE_KEY, load_ledger, store_ledger
 from sepals.client.core import ClientRuntime
 from sepals.client.privacy import PrivacyLedger, compute_epsilon
-from sepals.common.cli import main as sepals_main
 from sepals.common.codec import PlainCodec
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import InsecureFileError
+from sepals.common.federation import FederationConfig
 from sepals.common.ledger import LedgerFileError, read_ledger_file, write_ledger_file
-from sepals.common.plan import FederationPlan, generate_operator_key
+from sepals.common.plan import FederationPlan
+from sepals.common.round_signature import generate_operator_key
 
 PRIVACY = PrivacyConfig(target_epsilon=8.0, delta=1e-5)
 

@@ -1,4 +1,4 @@
-"""Pairwise masking under BFV (issue 10), at the protocol level: no Flower, no Ray.
+"""Pairwise masking under BFV, at the protocol level: no Flower, no Ray.
 
 Covers: exact sums with dropouts up to the threshold and abandonment one beyond it;
 what a colluding server plus one client (which holds the shared BFV key) sees of another
@@ -68,7 +68,7 @@ from sepals.common.masking import (
     unpack_ids,
 )
 from sepals.common.plan import FederationPlan
-from sepals.server.masking import KIND_PAIR, KIND_SELF, MaskRound, MaskRoundAbandoned
+from sepals.server.serverapp.masking import KIND_PAIR, KIND_SELF, MaskRound, MaskRoundAbandoned
 
 CFG = EncryptionConfig()
 PER_CT = CFG.values_per_ciphertext
@@ -287,7 +287,7 @@ def test_the_offset_is_the_same_on_the_compiled_pass_and_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A large model's offset path (compiled pass, several threads) removes the same masks."""
-    import sepals.server.masking as sm
+    import sepals.server.serverapp.masking as sm
 
     run = start(*GRAPHS["ring-12-k4"])
     dropped = _drops(run, "limit")
@@ -311,7 +311,7 @@ def test_the_server_expands_only_the_masks_left_in_the_sum(
 
     A round nobody dropped from rebuilds no mask key and expands no pairwise mask.
     """
-    import sepals.server.masking as sm
+    import sepals.server.serverapp.masking as sm
 
     run = start(*GRAPHS["ring-12-k4"])
     dropped = _drops(run, case)

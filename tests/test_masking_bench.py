@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from benchmarks import masking as bench
-from sepals.common.bfv import BfvCodec, generate_bfv_bundle, public_bfv_bundle
+from sepals.common.bfv import BfvCodec
 from sepals.common.config import EncryptionConfig
 from sepals.common.mask_prg import add_mod
 from sepals.common.masking import resolve_mask_params
 from sepals.common.models import num_parameters
+from sepals.common.seal_bundle import generate_bfv_bundle, public_bfv_bundle
 
 T_SMALL = 2**20 + 7  # any modulus in [2, 2^62) works for the slot-domain checks
 

@@ -25,16 +25,15 @@ from torch.utils.data import TensorDataset
 from sepals.client.app import load_mask_state, make_client_app
 from sepals.client.core import ClientRuntime
 from sepals.client.privacy import PrivacyLedger
-from sepals.common.bfv import BfvCodec, generate_bfv_bundle, public_bfv_bundle
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
+from sepals.common.bfv import BfvCodec
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.masking import masked_federation
-from sepals.common.protocol import (
-    ERR_MASKING,
-    MASK_UNMASK,
-    read_global_record,
-)
-from sepals.server.strategy import EncryptedFedAvg, exchange
-from sepals.simulations.harness import sign_simulated_rounds
+from sepals.common.protocol import ERR_MASKING, MASK_UNMASK
+from sepals.common.records import read_global_record
+from sepals.common.seal_bundle import generate_bfv_bundle, public_bfv_bundle
+from sepals.server.serverapp.strategy import EncryptedFedAvg, exchange
+from sepals.simulations.harness import simulated_plan
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 
@@ -115,8 +114,8 @@ def _run(
 ) -> tuple[EncryptedFedAvg, LossyGrid]:
     fed = fed or _federation(n, rounds, masked, threshold)
     server = BfvCodec.for_server(public_bfv_bundle(bundle), ENC)
-    strategy = EncryptedFedAvg(server, LENGTH, fed, node_wait_timeout=0.0)
-    plan = sign_simulated_rounds(strategy, plan_fed or fed, LENGTH)
+    plan, signer = simulated_plan(server, plan_fed or fed, LENGTH)
+    strategy = EncryptedFedAvg(server, LENGTH, fed, node_wait_timeout=0.0, round_signer=signer)
     nodes = [101 + 17 * i for i in range(n)]
     rng = np.random.default_rng(7)
     runtimes = {}

@@ -19,10 +19,12 @@ from torch.utils.data import TensorDataset
 
 from sepals.client.privacy import PrivacyLedger, compute_epsilon, poisson_schedule
 from sepals.client.training import TrainSettings, train_round
-from sepals.common.config import FederationConfig, PrivacyConfig
+from sepals.common.config import PrivacyConfig
+from sepals.common.federation import FederationConfig
 from sepals.common.models import get_flat
-from sepals.common.plan import FederationPlan, PlanViolationError, generate_operator_key
+from sepals.common.plan import FederationPlan, PlanViolationError
 from sepals.common.protocol import RoundConfig
+from sepals.common.round_signature import generate_operator_key
 from sepals.simulations.cli import build_parser, config_from_args
 
 MASKED = FederationConfig(rounds=3, mask_neighbours=9, mask_threshold=7)

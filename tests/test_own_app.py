@@ -25,16 +25,11 @@ from sepals.client.training import (
     train_round,
 )
 from sepals.common.config import PrivacyConfig
-from sepals.common.data import PartitionSpec
+from sepals.common.partition import PartitionSpec
 from sepals.simulations import cli
-from sepals.simulations.harness import (
-    AppSource,
-    _partition_labels,
-    app_caps,
-    app_client_data,
-    clean_reason,
-    pickle_app,
-)
+from sepals.simulations.app_data import _partition_labels, app_caps, app_client_data
+from sepals.simulations.config import AppSource, pickle_app
+from sepals.simulations.reasons import clean_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 REGRESSION = ROOT / "examples" / "regression_app.py"
@@ -218,7 +213,7 @@ def test_cli_takes_the_apps_privacy_unless_told():
 
 
 def test_server_accepts_an_apps_own_metric_in_evaluate_replies():
-    from sepals.server.replies import ReplyRejected, parse_eval_metrics
+    from sepals.server.serverapp.replies import ReplyRejected, parse_eval_metrics
 
     m = parse_eval_metrics({"num-examples": 5, "loss": 0.3, "metric": -2.5}, 10)
     assert (m.accuracy, m.metric) == (None, -2.5)

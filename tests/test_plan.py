@@ -25,24 +25,15 @@ from sepals.client.app import LEDGER_STATE_KEY, client_for, make_client_app, vet
 from sepals.client.core import ClientRuntime, SepalsClient
 from sepals.client.privacy import calibrate_noise_multiplier, planned_participation
 from sepals.common.codec import PlainCodec
-from sepals.common.config import (
-    MAX_COEFF_MODULUS_BITS,
-    EncryptionConfig,
-    FederationConfig,
-    PrivacyConfig,
-)
+from sepals.common.config import MAX_COEFF_MODULUS_BITS, EncryptionConfig, PrivacyConfig
 from sepals.common.errors import BudgetExhaustedError, MalformedPayloadError
+from sepals.common.federation import FederationConfig
 from sepals.common.plan import (
     KEY_FEDERATION_ID,
     KEY_SIGNATURE,
     LEGACY_RING,
     FederationPlan,
-    OperatorSigner,
     PlanViolationError,
-    generate_operator_key,
-    global_model_digest,
-    signed_bytes,
-    verify_round_signature,
 )
 from sepals.common.protocol import (
     ERR_CLIENT_FAILURE,
@@ -50,10 +41,17 @@ from sepals.common.protocol import (
     KEY_CONFIG,
     KEY_GLOBAL,
     RoundConfig,
-    global_record,
     plan_conflicts,
 )
-from sepals.server.strategy import EncryptedFedAvg
+from sepals.common.records import global_record
+from sepals.common.round_signature import (
+    OperatorSigner,
+    generate_operator_key,
+    global_model_digest,
+    signed_bytes,
+    verify_round_signature,
+)
+from sepals.server.serverapp.strategy import EncryptedFedAvg
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 
@@ -261,7 +259,7 @@ def test_plans_without_a_ring_mean_the_old_default(operator: tuple[bytes, Federa
 
 def test_client_refuses_keys_of_another_ring(operator: tuple[bytes, FederationPlan]) -> None:
     """A plan for N = 4096 with a client holding N = 8192 keys (same fingerprint forged)."""
-    from sepals.common.codec import generate_secret_context, make_client_codec
+    from sepals.common.scheme import generate_secret_context, make_client_codec
 
     encryption = EncryptionConfig(max_clients=10)
     secret = generate_secret_context(encryption)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sepals.common.cli import main
+from sepals.cli import main
 from sepals.common.files import checkpoint_sha256
-from sepals.common.pretrain import (
+from sepals.simulations.pretrain import (
     DEFAULT_TRAINABLE,
     DigitsCNN,
     PretrainResult,
@@ -118,7 +118,7 @@ def test_cli_happy_path(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import sepals.common.pretrain as module
+    import sepals.simulations.pretrain as module
 
     out = tmp_path / "sub" / "digits-cnn.pt"
     real = module.pretrain

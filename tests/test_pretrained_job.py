@@ -11,9 +11,9 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from sepals.common.files import checkpoint_sha256
-from sepals.common.pretrain import pretrain
 from sepals.simulations.cli import main as sim_main
 from sepals.simulations.jobs import pretrained_app
+from sepals.simulations.pretrain import pretrain
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 
@@ -104,9 +104,8 @@ def test_flowers_apps_run_the_pretrained_job(
     """``flwr run . --run-config "pretrained='PATH'"``'s ServerApp and ClientApp objects."""
     from test_flower_way import FakeGrid
 
-    from sepals.client.app import app as client_app
     from sepals.common.plan import FederationPlan
-    from sepals.server.app import app as server_app
+    from sepals.simulations.flwr_app import client_app, server_app
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     run_config = {"pretrained": str(checkpoint), "rounds": 1, "fraction-evaluate": 0.0}
@@ -154,9 +153,9 @@ def test_a_deployment_fine_tunes_with_the_sdk(checkpoint: Path, tmp_path: Path) 
     BFV with masks, and a client with another checkpoint refused at construction.
     """
     from sepals.client.edge import EdgeClient
-    from sepals.common.provision import ProvisionSpec, provision
-    from sepals.server.deployed_app import RUN_CONFIG_KEY
-    from sepals.server.deployed_app import app as deployed_app
+    from sepals.server.control.provision import ProvisionSpec, provision
+    from sepals.server.serverapp.deployed_app import RUN_CONFIG_KEY
+    from sepals.server.serverapp.deployed_app import app as deployed_app
 
     job = pretrained_app("digits", checkpoint)
     trainable = sum(p.numel() for p in job.build_model_factory()().parameters() if p.requires_grad)

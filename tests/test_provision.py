@@ -13,14 +13,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from sepals.common.bfv import key_parameters
-from sepals.common.cli import main as sepals_main
-from sepals.common.codec import context_fingerprint, make_client_codec, make_server_codec
-from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.cli import main as sepals_main
+from sepals.common.config import EncryptionConfig
 from sepals.common.errors import SecretKeyExposureError
-from sepals.common.plan import FederationPlan, OperatorSigner
+from sepals.common.federation import FederationConfig
+from sepals.common.plan import FederationPlan
 from sepals.common.protocol import plan_conflicts
-from sepals.common.provision import ProvisionSpec, provision, sha256_hex
+from sepals.common.round_signature import OperatorSigner
+from sepals.common.scheme import context_fingerprint, make_client_codec, make_server_codec
+from sepals.common.seal_bundle import key_parameters
+from sepals.server.control.provision import ProvisionSpec, provision, sha256_hex
 
 
 @pytest.fixture(scope="module")

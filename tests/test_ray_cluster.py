@@ -27,11 +27,13 @@ from e2e_util import alive, cmdlines, descendants
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sepals.common.bfv import is_bfv_bundle, public_bfv_bundle
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
-from sepals.simulations import harness
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.federation import FederationConfig
+from sepals.common.seal_bundle import is_bfv_bundle, public_bfv_bundle
+from sepals.simulations import harness, keys
 from sepals.simulations.cli import main
-from sepals.simulations.harness import SimulationConfig, run_experiment
+from sepals.simulations.config import SimulationConfig
+from sepals.simulations.harness import run_experiment
 from sepals.simulations.ray_cluster import (
     check_reachable,
     cluster_backend_config,
@@ -295,7 +297,7 @@ def test_simulation_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv(LOOPBACK_SWITCH, "0")
     if "ray._private.ray_constants" in sys.modules:
         monkeypatch.setattr(sys.modules["ray._private.ray_constants"], "ENABLE_RAY_CLUSTER", False)
-    import sepals.server.app as server_app
+    import sepals.server.serverapp.app as server_app
 
     seen: dict[str, Any] = {}
     build_strategy = server_app.build_strategy
@@ -312,7 +314,7 @@ def test_simulation_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(server_app, "build_strategy", spy_build_strategy)
     monkeypatch.setattr(harness, "cluster_client_slots", spy_slots)
-    harness._read_secret.cache_clear()
+    keys.read_secret.cache_clear()
     with loopback_cluster() as cluster:
         daemons = cluster.daemons()
         assert len(daemons) == 3, "a GCS server and two raylets"
@@ -343,7 +345,7 @@ def test_simulation_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Mo
     # (Stripping the secret key from a bundle changes it exactly when it holds one.)
     public = seen["public_context"]
     assert is_bfv_bundle(public) and public_bfv_bundle(public) == public
-    assert harness._read_secret.cache_info().currsize == 0
+    assert keys.read_secret.cache_info().currsize == 0
     secret_file = out / "keys" / "clients.secret"
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
     secret = secret_file.read_bytes()

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from sepals.common.codec import PlainCodec
-from sepals.common.config import EncryptionConfig, FederationConfig, sampled_per_round
-from sepals.server.strategy import EncryptedFedAvg, simulation_node_order
+from sepals.common.config import EncryptionConfig
+from sepals.common.federation import FederationConfig, sampled_per_round
+from sepals.server.serverapp.strategy import EncryptedFedAvg, simulation_node_order
 
 
 @pytest.mark.parametrize(

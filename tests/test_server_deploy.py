@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord
 
-from sepals.common.codec import PlainCodec, make_client_codec, make_server_codec
-from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.codec import PlainCodec
+from sepals.common.config import EncryptionConfig
 from sepals.common.errors import SecretKeyExposureError
-from sepals.common.protocol import global_record
-from sepals.common.provision import ProvisionSpec, provision
-from sepals.server.cli import main
-from sepals.server.config import ServerDeployConfig
-from sepals.server.launcher import ServerLauncher
-from sepals.server.state import CheckpointError, StateDir
-from sepals.server.strategy import EncryptedFedAvg, RoundRecord
+from sepals.common.federation import FederationConfig
+from sepals.common.records import global_record
+from sepals.common.scheme import make_client_codec, make_server_codec
+from sepals.server.control.cli import main
+from sepals.server.control.config import ServerDeployConfig
+from sepals.server.control.launcher import ServerLauncher
+from sepals.server.control.provision import ProvisionSpec, provision
+from sepals.server.serverapp.state import CheckpointError, StateDir
+from sepals.server.serverapp.strategy import EncryptedFedAvg, RoundRecord
 
 
 @pytest.fixture(scope="module")

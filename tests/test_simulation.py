@@ -13,10 +13,15 @@ from flwr.app import ArrayRecord, Context, Message, MessageType
 
 from sepals.client.privacy import PrivacyLedger, compute_epsilon, replace_one_epsilon_of
 from sepals.common.accounting import pld_epsilon
-from sepals.common.codec import PlainCodec, generate_secret_context, make_client_codec
-from sepals.common.config import EncryptionConfig, FederationConfig, PrivacyConfig
-from sepals.common.protocol import KEY_PAYLOAD, KEY_UPDATE, payload_array, payload_from_array
-from sepals.simulations.harness import SimulationConfig, run_experiment, summarize
+from sepals.common.codec import PlainCodec
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.federation import FederationConfig
+from sepals.common.protocol import KEY_UPDATE
+from sepals.common.records import KEY_PAYLOAD, payload_array, payload_from_array
+from sepals.common.scheme import generate_secret_context, make_client_codec
+from sepals.simulations.config import SimulationConfig
+from sepals.simulations.harness import run_experiment
+from sepals.simulations.report import summarize
 
 pytestmark = pytest.mark.slow
 

@@ -17,21 +17,22 @@ from flwr.app import (
 )
 
 from sepals.common.bfv import BfvCodec
-from sepals.common.codec import CkksCodec, PlainCodec, generate_secret_context, unpack_payload
-from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.ckks import CkksCodec
+from sepals.common.codec import PlainCodec, unpack_payload
+from sepals.common.config import EncryptionConfig
 from sepals.common.errors import MalformedPayloadError
-from sepals.common.protocol import (
-    ERR_BUDGET_EXHAUSTED,
-    KEY_CLIENT,
-    KEY_METRICS,
-    KEY_PAYLOAD,
-    KEY_UPDATE,
-    payload_array,
-    read_global_record,
+from sepals.common.federation import FederationConfig
+from sepals.common.protocol import ERR_BUDGET_EXHAUSTED, KEY_CLIENT, KEY_METRICS, KEY_UPDATE
+from sepals.common.records import KEY_PAYLOAD, payload_array, read_global_record
+from sepals.common.scheme import generate_secret_context
+from sepals.server.serverapp.roster import (
+    DEFAULT_EXAMPLE_CAP,
+    UNCONFIGURED,
+    NodeRoster,
+    RosterError,
 )
-from sepals.server.roster import DEFAULT_EXAMPLE_CAP, UNCONFIGURED, NodeRoster, RosterError
-from sepals.server.state import CheckpointError, StateDir
-from sepals.server.strategy import EncryptedFedAvg
+from sepals.server.serverapp.state import CheckpointError, StateDir
+from sepals.server.serverapp.strategy import EncryptedFedAvg
 
 CFG = EncryptionConfig(scheme="ckks")
 LENGTH = 50
@@ -142,8 +143,8 @@ def test_quantization_error_bound_of_the_round():
     assert strategy.current_round.quant_error is None
 
 
-# --------------------------------------------------------------------------- issue 8
-# Each attack below crashed or skewed a round before; now the attacker's reply is
+# ------------------------------------------------ replies that cannot skew a round
+is one that could crash or skew a round; the attacker's reply is
 # excluded with a reason and the round completes with the honest replies.
 
 BFV = EncryptionConfig()

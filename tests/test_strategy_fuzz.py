@@ -8,7 +8,7 @@ reply is accepted, excluded or declined exactly once; the aggregate is the FedAv
 exactly the replies that the rules below call valid; every stored reason is printable
 and short.
 
-The rules are written out here independently of ``sepals.server.replies`` (they are
+The rules are written out here independently of ``sepals.server.serverapp.replies`` (they are
 the specification); only the generated data decides which replies are valid.
 """
 
@@ -39,18 +39,12 @@ from hypothesis import strategies as st
 
 from sepals.common.bfv import BfvCodec
 from sepals.common.codec import CODEC_PLAIN, PLAIN_FINGERPRINT, PlainCodec, pack_payload
-from sepals.common.config import EncryptionConfig, FederationConfig
-from sepals.common.protocol import (
-    ERR_BUDGET_EXHAUSTED,
-    KEY_CLIENT,
-    KEY_METRICS,
-    KEY_PAYLOAD,
-    KEY_UPDATE,
-    payload_array,
-    read_global_record,
-)
-from sepals.server.roster import NodeRoster
-from sepals.server.strategy import EncryptedFedAvg
+from sepals.common.config import EncryptionConfig
+from sepals.common.federation import FederationConfig
+from sepals.common.protocol import ERR_BUDGET_EXHAUSTED, KEY_CLIENT, KEY_METRICS, KEY_UPDATE
+from sepals.common.records import KEY_PAYLOAD, payload_array, read_global_record
+from sepals.server.serverapp.roster import NodeRoster
+from sepals.server.serverapp.strategy import EncryptedFedAvg
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 

@@ -5,15 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sepals.common.data import (
-    check_dataset_name,
-    client_example_caps,
-    client_partition,
-    client_train_sizes,
-    dataset_model_factory,
-    load_dataset,
-)
+from sepals.common.data import check_dataset_name, dataset_model_factory, load_dataset
 from sepals.common.models import num_parameters
+from sepals.common.partition import client_example_caps, client_partition, client_train_sizes
 from sepals.common.synthetic import (
     CLASSES,
     FEATURES,

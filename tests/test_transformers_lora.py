@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from sepals.client.core import check_checkpoint
-from sepals.client.edge import EdgeApp
+from sepals.client.edge_app import EdgeApp
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
 from sepals.client.training import TrainSettings, train_round
 from sepals.common.config import PrivacyConfig

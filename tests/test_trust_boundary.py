@@ -23,7 +23,7 @@ from e2e_util import BIN, alive, client, cmdlines, descendants, metrics, spawn, 
 from sepals.client.privacy import PrivacyLedger, compute_epsilon
 from sepals.common.config import PrivacyConfig
 from sepals.common.procs import free_port
-from sepals.common.provision import make_node_keys
+from sepals.server.control.tls_keys import make_node_keys
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The process that runs one ServerApp task: ``python -m sepals.server.serverapp_proc``.
+"""The process that runs one ServerApp task: ``python -m sepals.server.control.serverapp_proc``.
 
 Flower's own ``flwr-serverapp`` takes the task token on its command line, where every
 local user can read it in ``ps``. ``sepals-server`` starts this module instead and
@@ -34,7 +34,7 @@ def read_token(stream: object) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ServerApp task whose token arrives on standard input."""
-    parser = argparse.ArgumentParser(prog="sepals.server.serverapp_proc")
+    parser = argparse.ArgumentParser(prog="sepals.server.control.serverapp_proc")
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--root-certificates", type=Path)
     parser.add_argument("--insecure", action="store_true")

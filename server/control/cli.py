@@ -2,7 +2,7 @@
 
 The operator runs ``sepals-server --config server.toml``. The command checks the
 configuration (a secret HE context is refused before anything starts), starts the
-server's processes (:mod:`sepals.server.launcher`), prints one progress line per round
+server's processes (:mod:`sepals.server.control.launcher`), prints one progress line per round
 and stops everything when the run ends or on SIGTERM / SIGINT.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 from sepals.common.errors import SecretKeyExposureError
 from sepals.common.log import configure_cli_logging
-from sepals.server.config import ServerDeployConfig
-from sepals.server.deployed_app import DeploymentError
-from sepals.server.launcher import ServerLauncher
-from sepals.server.state import CheckpointError
+from sepals.server.control.config import ServerDeployConfig
+from sepals.server.control.launcher import ServerLauncher
+from sepals.server.serverapp.deployed_app import DeploymentError
+from sepals.server.serverapp.state import CheckpointError
 
 _INSECURE_WARNING = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!

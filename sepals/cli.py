@@ -1,10 +1,10 @@
 """``sepals``: administration commands.
 
 * ``sepals provision --out DIR --clients N --server-host HOST`` writes every key of a
-  federation and one bundle per party (:mod:`sepals.common.provision`).
+  federation and one bundle per party (:mod:`sepals.server.control.provision`).
 * ``sepals ledger show PATH`` prints a client's privacy ledger.
 * ``sepals pretrain [--out PATH] [--seed N] [--epochs E]`` pretrains the digits backbone
-  on public MNIST (:mod:`sepals.common.pretrain`); no privacy is spent, because its data
+  on public MNIST (:mod:`sepals.simulations.pretrain`); no privacy is spent, because its data
   is public.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import InsecureFileError
 from sepals.common.ledger import LedgerFileError, format_ledger, read_ledger_file
-from sepals.common.provision import ProvisionSpec, provision
+from sepals.server.control.provision import ProvisionSpec, provision
 
 
 def _provision(args: argparse.Namespace) -> int:
@@ -96,7 +96,7 @@ def _ledger_show(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from sepals.common.pretrain import pretrain  # torch and mlxtend: only for this command
+    from sepals.simulations.pretrain import pretrain  # torch and mlxtend: only for this command
 
     if args.epochs < 1:
         print(f"sepals pretrain: --epochs must be >= 1, got {args.epochs}", file=sys.stderr)

@@ -30,11 +30,11 @@ from sepals.common.procs import (
     wait_for_port,
 )
 from sepals.common.protocol import FAB_NAME
-from sepals.server.config import ServerDeployConfig, split_address
-from sepals.server.deployed_app import RUN_CONFIG_KEY, DeploymentError
-from sepals.server.executor import ServerAppExecutor
+from sepals.server.control.config import ServerDeployConfig, split_address
+from sepals.server.control.executor import ServerAppExecutor
 from sepals.server.nodes import NODES_FILE
-from sepals.server.state import StateDir
+from sepals.server.serverapp.deployed_app import RUN_CONFIG_KEY, DeploymentError
+from sepals.server.serverapp.state import StateDir
 
 CONNECTION = "sepals"
 
@@ -56,8 +56,8 @@ dependencies = []
 publisher = "sepals"
 
 [tool.flwr.app.components]
-serverapp = "sepals.server.deployed_app:app"
-clientapp = "sepals.client.edge:fab_client_app"
+serverapp = "sepals.server.serverapp.deployed_app:app"
+clientapp = "sepals.client.fab_app:fab_client_app"
 
 [tool.flwr.app.config]
 {RUN_CONFIG_KEY} = ""
@@ -90,7 +90,7 @@ class ServerLauncher:
     * ``127.0.0.1:<free port>``: the SuperLink (all of Flower's APIs, TLS with the same
       certificate, SuperNode authentication, Runtime API behind a SuperExec secret);
     * no listener: the ServerApp process, which this launcher starts for its own run
-      only (:mod:`sepals.server.executor`).
+      only (:mod:`sepals.server.control.executor`).
     """
 
     def __init__(self, cfg: ServerDeployConfig, insecure: bool = False) -> None:

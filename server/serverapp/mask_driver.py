@@ -1,4 +1,4 @@
-"""The message exchanges of pairwise masking, on the server (see :mod:`sepals.server.masking`).
+"""The message exchanges of pairwise masking, on the server (see :mod:`.masking`).
 
 A masked round costs one exchange more than an unmasked one:
 
@@ -40,8 +40,8 @@ from sepals.common.protocol import (
     MASK_SETUP,
     MASK_UNMASK,
 )
-from sepals.server.masking import MaskRound
-from sepals.server.replies import ReplyRejected, sanitize_text
+from sepals.server.serverapp.masking import MaskRound
+from sepals.server.serverapp.replies import ReplyRejected, sanitize_text
 
 # (server round, node ids, message type, per-node records) -> signed messages
 MessageFactory = Callable[[int, Sequence[int], str, Callable[[int], dict[str, Any]]], list[Message]]

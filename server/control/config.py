@@ -10,20 +10,29 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import re
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from sepals.common.codec import UpdateCodec, make_server_codec
-from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.codec import UpdateCodec
+from sepals.common.config import EncryptionConfig
 from sepals.common.errors import InsecureFileError, PayloadError
+from sepals.common.federation import FederationConfig
 from sepals.common.files import check_usable_dir, require_private
-from sepals.common.plan import FederationPlan, OperatorSigner
+from sepals.common.plan import FederationPlan
 from sepals.common.protocol import plan_conflicts
+from sepals.common.round_signature import OperatorSigner
+from sepals.common.scheme import make_server_codec
+from sepals.server.control.toml_table import (
+    _DOTTED_NUMBERS,
+    _HOSTNAME,
+    _PORT,
+    TomlTable,
+    show_value,
+)
 
 _TABLES = ("server", "federation", "encryption", "model", "nodes")
 _SERVER_KEYS = (
@@ -46,147 +55,11 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 # Largest example count a cap may allow: integers above 2**53 are not exact as floats.
 MAX_EXAMPLES_CAP = 2**53
 DEFAULT_MAX_EXAMPLES = 10_000
-# DNS labels (underscores allowed, as container and service names use them).
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
-)
-_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
-_PORT = re.compile(r"[0-9]{1,5}")
-
-
-def _kind(value: object) -> str:
-    """The TOML name of ``value``'s type."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return "a date/time"
-
-
-def _show(value: object) -> str:
-    """``value`` and its TOML type, short and on one line."""
-    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{text} ({_kind(value)})"
-
-
-class _Table:
-    """One TOML table: typed, range-checked reads whose errors name ``[table] key``."""
-
-    def __init__(self, raw: Mapping[str, Any], name: str, known: Iterable[str]) -> None:
-        value = raw.get(name.split(".")[0], {})
-        for part in name.split(".")[1:]:
-            value = value.get(part, {}) if isinstance(value, dict) else value
-        if not isinstance(value, dict):
-            raise ValueError(f"[{name}] must be a table, got {_show(value)}")
-        known = set(known)
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown key(s) in [{name}]: {', '.join(map(repr, unknown))}; "
-                f"known: {', '.join(sorted(known))}"
-            )
-        self.name = name
-        self.raw: dict[str, Any] = value
-
-    def where(self, key: str) -> str:
-        """``[table] key``, for messages."""
-        return f"[{self.name}] {key}"
-
-    def integer(self, key: str, default: int, *, low: int, high: int | None = None) -> int:
-        """An integer in ``[low, high]`` (booleans and floats are refused)."""
-        value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{self.where(key)} must be an integer, got {_show(value)}")
-        if value < low or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ValueError(f"{self.where(key)} must be {bounds}, got {value}")
-        return value
-
-    def number(
-        self,
-        key: str,
-        default: float,
-        *,
-        low: float,
-        high: float,
-        low_open: bool = False,
-        high_open: bool = False,
-    ) -> float:
-        """A finite number in the interval given (an integer is accepted, a boolean not)."""
-        value = self.raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{self.where(key)} must be a number, got {_show(value)}")
-        number = float(value)
-        if (
-            not math.isfinite(number)
-            or number < low
-            or number > high
-            or (low_open and number == low)
-            or (high_open and number == high)
-        ):
-            closing = ")" if high_open or math.isinf(high) else "]"
-            interval = f"{'(' if low_open else '['}{low:g}, {high:g}{closing}"
-            raise ValueError(f"{self.where(key)} must be a number in {interval}, got {value!r}")
-        return number
-
-    def string(self, key: str, default: str, choices: tuple[str, ...]) -> str:
-        """One of ``choices``."""
-        value = self.raw.get(key, default)
-        if not isinstance(value, str):
-            raise ValueError(f"{self.where(key)} must be a string, got {_show(value)}")
-        if value not in choices:
-            raise ValueError(
-                f"{self.where(key)} must be one of {', '.join(map(repr, choices))}, "
-                f"got {_show(value)}"
-            )
-        return value
-
-    def integers(self, key: str, default: tuple[int, ...], *, most: int) -> tuple[int, ...]:
-        """A non-empty array of at most ``most`` integers."""
-        value = self.raw.get(key, list(default))
-        if not isinstance(value, list) or not value:
-            raise ValueError(
-                f"{self.where(key)} must be a non-empty array of integers, got {_show(value)}"
-            )
-        if len(value) > most:
-            raise ValueError(f"{self.where(key)} holds {len(value)} values, at most {most}")
-        for item in value:
-            if isinstance(item, bool) or not isinstance(item, int):
-                raise ValueError(
-                    f"{self.where(key)} must hold integers only, got {_show(item)} in it"
-                )
-        return tuple(value)
-
-    def path(self, key: str, base: Path, default: str | None = None) -> Path | None:
-        """A path (relative to ``base``); an empty string or no key means none."""
-        value = self.raw.get(key, default)
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise ValueError(f"{self.where(key)} must be a path string, got {_show(value)}")
-        if "\0" in value:
-            raise ValueError(f"{self.where(key)} contains a NUL byte")
-        try:
-            path = Path(value).expanduser()
-            return path if path.is_absolute() else (base / path).resolve()
-        except (OSError, RuntimeError) as exc:
-            raise ValueError(f"{self.where(key)} {value!r} cannot be resolved: {exc}") from exc
 
 
 def _federation(raw: Mapping[str, Any]) -> FederationConfig:
     known = [f.name for f in fields(FederationConfig)]
-    t = _Table(raw, "federation", known)
+    t = TomlTable(raw, "federation", known)
     d = FederationConfig()
     readers: dict[str, Callable[[], object]] = {
         "rounds": lambda: t.integer("rounds", d.rounds, low=1),
@@ -223,7 +96,7 @@ def _federation(raw: Mapping[str, Any]) -> FederationConfig:
 
 def _encryption(raw: Mapping[str, Any]) -> EncryptionConfig:
     known = [f.name for f in fields(EncryptionConfig)]
-    t = _Table(raw, "encryption", known)
+    t = TomlTable(raw, "encryption", known)
     d = EncryptionConfig()
     readers: dict[str, Callable[[], object]] = {
         "scheme": lambda: t.string("scheme", d.scheme, ("bfv", "ckks", "none")),
@@ -248,14 +121,14 @@ def _encryption(raw: Mapping[str, Any]) -> EncryptionConfig:
 
 
 def _node_caps(raw: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
-    t = _Table(raw, "nodes", ("default_max_examples", "max_examples"))
+    t = TomlTable(raw, "nodes", ("default_max_examples", "max_examples"))
     default = t.integer("default_max_examples", DEFAULT_MAX_EXAMPLES, low=1, high=MAX_EXAMPLES_CAP)
     table = t.raw.get("max_examples", {})
     if not isinstance(table, dict):
         raise ValueError(
-            f"[nodes] max_examples must be a table of client name = cap, got {_show(table)}"
+            f"[nodes] max_examples must be a table of client name = cap, got {show_value(table)}"
         )
-    per_node = _Table(raw, "nodes.max_examples", table)
+    per_node = TomlTable(raw, "nodes.max_examples", table)
     caps: dict[str, int] = {}
     for name in per_node.raw:
         if not name or not name.isprintable() or any(c.isspace() for c in name):
@@ -268,7 +141,7 @@ def _node_caps(raw: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
 
 
 def _check_server_files(
-    server: _Table,
+    server: TomlTable,
     paths: dict[str, Path | None],
     encryption: EncryptionConfig,
     caps: Mapping[str, int],
@@ -406,15 +279,17 @@ class ServerDeployConfig:
                 f"{', '.join(map(repr, unknown))}; known tables: {', '.join(_TABLES)}"
             )
         base = path.resolve().parent
-        server = _Table(raw, "server", _SERVER_KEYS)
+        server = TomlTable(raw, "server", _SERVER_KEYS)
         address = server.raw.get("address", "0.0.0.0:9092")
         if not isinstance(address, str):
-            raise ValueError(f"[server] address must be a HOST:PORT string, got {_show(address)}")
+            raise ValueError(
+                f"[server] address must be a HOST:PORT string, got {show_value(address)}"
+            )
         split_address(address)
         paths = {key: server.path(key, base) for key in (*_FILE_KEYS, "nodes_dir")}
         state = server.path("state_dir", base, "state") or base / "state"
         wait = server.number("node_wait_timeout", 300.0, low=0.0, high=MAX_TIMEOUT, low_open=True)
-        model = _Table(raw, "model", ("parameters",))
+        model = TomlTable(raw, "model", ("parameters",))
         if "parameters" not in model.raw:
             raise ValueError("[model] parameters (the model's parameter count) is required")
         parameters = model.integer("parameters", 0, low=1)
@@ -528,7 +403,7 @@ class ServerDeployConfig:
 
 def _key_mismatch(config: EncryptionConfig, public: bytes, path: Path) -> str | None:
     """Which ``[encryption]`` key disagrees with the key material at ``path``, if any."""
-    from sepals.common.bfv import key_parameters
+    from sepals.common.seal_bundle import key_parameters
 
     try:
         made = key_parameters(public)
@@ -567,7 +442,7 @@ def split_address(address: str) -> tuple[str, int]:
     """
     bad = ValueError(
         f"[server] address must be HOST:PORT (a DNS name, an IPv4 address or a "
-        f"[bracketed] IPv6 address, and a port 1..65535), got {_show(address)}"
+        f"[bracketed] IPv6 address, and a port 1..65535), got {show_value(address)}"
     )
     host, sep, port = address.rpartition(":")
     if not sep or not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:

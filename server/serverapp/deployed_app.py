@@ -1,9 +1,9 @@
 """The ServerApp of a deployed federation.
 
 It runs in the process that ``sepals-server`` starts for each run (see
-:mod:`sepals.server.executor`). It loads the operator's configuration named in the run
+:mod:`sepals.server.control.executor`). It loads the operator's configuration named in the run
 config, writes per-round JSON-lines metrics, and checkpoints the encrypted global model
-after every round (:mod:`sepals.server.state`).
+after every round (:mod:`sepals.server.serverapp.state`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from sepals.common.errors import SepalsError
 from sepals.common.log import LOGGER, log
-from sepals.server.config import ServerDeployConfig
+from sepals.server.control.config import ServerDeployConfig
 from sepals.server.nodes import read_node_names
-from sepals.server.roster import NodeRoster
-from sepals.server.state import StateDir
-from sepals.server.strategy import EncryptedFedAvg, RoundRecord
+from sepals.server.serverapp.app import ServerSettings, build_strategy
+from sepals.server.serverapp.roster import NodeRoster
+from sepals.server.serverapp.state import StateDir
+from sepals.server.serverapp.strategy import RoundRecord
 
 RUN_CONFIG_KEY = "sepals-config"
 # Fault injection for tests: the ServerApp process exits right after it has checkpointed
@@ -62,25 +63,6 @@ def _server_main(grid: Grid, context: Context) -> None:
     codec = cfg.codec()
     checkpoint = state.load_checkpoint(codec, cfg.parameters)
     done = checkpoint.round if checkpoint is not None else 0
-    strategy = EncryptedFedAvg(
-        codec=codec,
-        vector_length=cfg.parameters,
-        federation=cfg.federation,
-        node_wait_timeout=cfg.node_wait_timeout,
-        min_available_nodes=cfg.min_available_clients,
-        round_offset=done,
-        round_signer=cfg.signer(codec),
-        # Nodes are named by their authenticated key (STATE/nodes.json, written by
-        # sepals-server at registration), never by the id a reply claims.
-        roster=NodeRoster(
-            default_cap=cfg.default_max_examples,
-            caps=dict(cfg.max_examples),
-            node_names=read_node_names(cfg.state_dir),
-        ),
-    )
-    if checkpoint is not None:
-        checkpoint.restore(strategy)
-
     crash_after = os.environ.get(FAULT_EXIT_AFTER_ROUND)
 
     def sink(record: RoundRecord) -> None:
@@ -91,7 +73,29 @@ def _server_main(grid: Grid, context: Context) -> None:
             logging.shutdown()
             os._exit(3)
 
-    strategy.on_round = sink
+    # cfg.codec() has checked that the public context exists and matches [encryption].
+    public = cfg.public_context.read_bytes() if cfg.public_context is not None else None
+    settings = ServerSettings(
+        federation=cfg.federation,
+        encryption=cfg.encryption,
+        public_context=public if cfg.encryption.enabled else None,
+        vector_length=cfg.parameters,
+        on_round=sink,
+        # Nodes are named by their authenticated key (STATE/nodes.json, written by
+        # sepals-server at registration), never by the id a reply claims.
+        roster=NodeRoster(
+            default_cap=cfg.default_max_examples,
+            caps=dict(cfg.max_examples),
+            node_names=read_node_names(cfg.state_dir),
+        ),
+        min_available_nodes=cfg.min_available_clients,
+        node_wait_timeout=cfg.node_wait_timeout,
+        round_offset=done,
+        round_signer=cfg.signer(codec),
+    )
+    strategy = build_strategy(settings)
+    if checkpoint is not None:
+        checkpoint.restore(strategy)
     remaining = cfg.federation.rounds - done
     log(
         INFO,

@@ -4,7 +4,7 @@
 secret, so the SuperLink starts no executor of its own and its Runtime API hands tasks
 only to a caller that signs with that secret. :class:`ServerAppExecutor` is that caller:
 it acquires ServerApp tasks from the Runtime API on loopback, runs the one that belongs
-to the run it was told about in a child process (:mod:`sepals.server.serverapp_proc`,
+to the run it was told about in a child process (:mod:`sepals.server.control.serverapp_proc`,
 token passed on standard input, never in ``argv``), and fails any other task at once
 without running its code. The child dies with ``sepals-server`` and is stopped by it.
 
@@ -144,7 +144,7 @@ class ServerAppExecutor:
         cmd = [
             sys.executable,
             "-m",
-            "sepals.server.serverapp_proc",
+            "sepals.server.control.serverapp_proc",
             "--runtime-api-address",
             self.runtime_address,
             "--parent-pid",

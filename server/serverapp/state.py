@@ -35,8 +35,8 @@ from sepals.common.codec import UpdateCodec
 from sepals.common.errors import SepalsError
 from sepals.common.files import SECRET_MODE, make_private_dir
 from sepals.common.files import atomic_write as _atomic_write
-from sepals.common.protocol import global_record, read_global_record
-from sepals.server.strategy import EncryptedFedAvg, RoundRecord
+from sepals.common.records import global_record, read_global_record
+from sepals.server.serverapp.strategy import EncryptedFedAvg, RoundRecord
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.json"

@@ -1,16 +1,14 @@
 """The sepals ServerApp.
 
 :func:`make_server_app` builds a Flower ``ServerApp`` that runs
-:class:`~sepals.server.strategy.EncryptedFedAvg`. The server receives only the public
+:class:`~sepals.server.serverapp.strategy.EncryptedFedAvg`. The server receives only the public
 HE context (a secret one is refused) and never holds a plaintext model: the initial
 model is built by every client from a shared seed, and every later global model is a
 ciphertext sum.
 
-``app`` is the ServerApp that ``flwr run .`` loads (``[tool.flwr.app.components]`` in
-the project's ``pyproject.toml``): it runs the default job of
-:mod:`sepals.simulations.flwr_app` in Flower's local simulation. The strategy that
-:func:`build_strategy` returns recognises replies from a stock Flower ClientApp and
-excludes them with one clear reason (a protocol mismatch) instead of a traceback.
+The strategy that :func:`build_strategy` returns recognises replies from a stock Flower
+ClientApp and excludes them with one clear reason (a protocol mismatch) instead of a
+traceback.
 """
 
 from __future__ import annotations
@@ -23,13 +21,14 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from sepals.common.codec import make_server_codec
-from sepals.common.config import EncryptionConfig, FederationConfig
+from sepals.common.config import EncryptionConfig
 from sepals.common.errors import SepalsError
+from sepals.common.federation import FederationConfig
 from sepals.common.log import log
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
-from sepals.server.roster import NodeRoster
-from sepals.server.strategy import EncryptedFedAvg, RoundRecord
+from sepals.common.scheme import make_server_codec
+from sepals.server.serverapp.roster import NodeRoster
+from sepals.server.serverapp.strategy import EncryptedFedAvg, NodeOrder, RoundRecord, RoundSigner
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -54,7 +53,15 @@ class ServerSettings:
             after every round; it runs wherever its key is, never in this process's
             strategy.
         roster: Who the nodes are and how many examples each may claim (see
-            :class:`~sepals.server.roster.NodeRoster`).
+            :class:`~sepals.server.serverapp.roster.NodeRoster`).
+        min_available_nodes: Nodes to wait for before sampling (default: the
+            federation's ``min_train_clients``).
+        node_order: Stable sampling keys of the nodes (a simulation passes
+            :func:`~sepals.server.serverapp.strategy.simulation_node_order`).
+        metric_higher_is_better: Direction of an app's own metric.
+        round_signer: Signs every round config with the operator's key.
+        node_wait_timeout: Seconds to wait for ``min_available_nodes`` before sampling.
+        round_offset: Rounds already done before this run (a resumed federation).
 
     """
 
@@ -65,6 +72,12 @@ class ServerSettings:
     on_round: Callable[[RoundRecord], None] | None = None
     evaluate_fn: EvaluateFn | None = None
     roster: NodeRoster | None = None
+    min_available_nodes: int | None = None
+    node_order: NodeOrder | None = None
+    metric_higher_is_better: bool = True
+    round_signer: RoundSigner | None = None
+    node_wait_timeout: float = 300.0
+    round_offset: int = 0
 
 
 class NoRoundAggregatedError(SepalsError):
@@ -211,6 +224,12 @@ def build_strategy(settings: ServerSettings) -> EncryptedFedAvg:
         federation=settings.federation,
         on_round=settings.on_round,
         roster=settings.roster,
+        min_available_nodes=settings.min_available_nodes,
+        node_order=settings.node_order,
+        metric_higher_is_better=settings.metric_higher_is_better,
+        round_signer=settings.round_signer,
+        node_wait_timeout=settings.node_wait_timeout,
+        round_offset=settings.round_offset,
     )
 
 
@@ -240,20 +259,3 @@ def make_server_app(settings: ServerSettings, strategy: EncryptedFedAvg | None =
         )
 
     return app
-
-
-app = ServerApp()
-
-
-@app.main()
-def _flower_main(grid: Grid, context: Context) -> None:
-    """The ServerApp of ``flwr run .``: the default job (see :mod:`sepals.simulations.flwr_app`).
-
-    Imported lazily so that importing this module stays light. The ServerApp only ever
-    holds the public HE context: a provisioning subprocess writes the clients' secret
-    context. It raises :class:`NoRoundAggregatedError` when no round aggregated, so
-    that Flower marks the run failed.
-    """
-    from sepals.simulations.flwr_app import server_main
-
-    server_main(grid, context)

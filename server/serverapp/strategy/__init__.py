@@ -1,0 +1,37 @@
+"""Encrypted federated averaging on Flower's Message API.
+
+:class:`EncryptedFedAvg` is a Flower ``Strategy``: it reuses ``Strategy.start`` (the
+round loop) and implements sampling, validation and aggregation itself, because the
+server only ever holds ciphertexts. Each client sends ``n_i * w_i`` encrypted; the
+server adds the ciphertexts and keeps ``sum(n_i)`` in the clear; clients decrypt the
+sum and divide. With the plain codec the very same code runs FedAvg in the clear.
+
+Modules: :mod:`~.core` (settings, sampling, signed messages), :mod:`~.masked_round`,
+:mod:`~.evaluation`, :mod:`~.fedavg` (training and the strategy itself), :mod:`~.intake`
+(reply admission), :mod:`~.rounds` (what is recorded), :mod:`~.sampling` and
+:mod:`~.grid_io`.
+"""
+
+from sepals.server.serverapp.strategy.evaluation import evaluation_spread
+from sepals.server.serverapp.strategy.fedavg import EncryptedFedAvg
+from sepals.server.serverapp.strategy.grid_io import exchange
+from sepals.server.serverapp.strategy.intake import codec_max_clients
+from sepals.server.serverapp.strategy.rounds import (
+    ClientRoundReport,
+    NodeOrder,
+    RoundRecord,
+    RoundSigner,
+)
+from sepals.server.serverapp.strategy.sampling import simulation_node_order
+
+__all__ = [
+    "ClientRoundReport",
+    "EncryptedFedAvg",
+    "NodeOrder",
+    "RoundRecord",
+    "RoundSigner",
+    "codec_max_clients",
+    "evaluation_spread",
+    "exchange",
+    "simulation_node_order",
+]

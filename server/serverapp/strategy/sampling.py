@@ -1,0 +1,36 @@
+"""Stable node order for reproducible sampling, and the simulation's node keys.
+
+Flower gives nodes random ids, so a seeded draw over node ids would differ from run to
+run; ordering the connected nodes by stable keys first makes the same seed sample the
+same clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flwr.serverapp import Grid
+
+
+def simulation_node_order(grid: Grid, node_ids: Sequence[int]) -> dict[int, str]:
+    """Stable keys of simulated nodes: ``client-K`` for the node of partition ``K``.
+
+    A :data:`NodeOrder` for Flower 1.41's simulation (``run_simulation`` and ``flwr
+    run`` with the simulation runtime). Its ``InMemoryGrid`` holds the in-memory link
+    state in which the simulation engine registered node ``K`` (``partition-id`` ``K``
+    in the node's ``node_config``) as the ``K``-th node (``vce_api._register_nodes``);
+    the link state keeps its nodes in registration order, which this reads. The keys
+    are the ``client-id`` names that sepals' simulated clients report.
+
+    Raises:
+        TypeError: ``grid`` is not a simulation's in-memory grid.
+
+    """
+    state = getattr(grid, "state", None)
+    get_node_info = getattr(state, "get_node_info", None)
+    if get_node_info is None:
+        raise TypeError(
+            f"{type(grid).__name__} is not a simulation grid: its node ids carry no partition ids"
+        )
+    order = {int(info.node_id): pid for pid, info in enumerate(get_node_info())}
+    return {n: f"client-{order[n]}" for n in node_ids if n in order}

@@ -1,0 +1,178 @@
+"""Simulated clients: the runtime each Ray worker builds for its node.
+
+Each node's runtime is built from the run's dataset or app, the signed plan and the
+secret context file, the way a deployed client builds its own from its bundle.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from sepals.common.config import (
+    EncryptionConfig,
+    PrivacyConfig,
+)
+from sepals.common.data import dataset_model_factory
+from sepals.common.files import atomic_write
+from sepals.common.plan import FederationPlan
+from sepals.simulations.app_data import app_client_data
+from sepals.simulations.config import AppSource
+from sepals.simulations.keys import read_secret
+
+if TYPE_CHECKING:
+    from sepals.client.canaries import CanarySpec
+    from sepals.client.edge_app import EdgeApp
+
+
+@dataclass(frozen=True)
+class SimulatedClientProvider:
+    """Builds a simulated client's runtime inside a Ray worker (picklable: no keys, no data)."""
+
+    dataset: str
+    clients: int
+    partition: str
+    seed: int
+    privacy: PrivacyConfig
+    encryption: EncryptionConfig
+    secret_path: str | None
+    plan: FederationPlan
+    app: AppSource | None = None
+    device: str = "auto"
+    nodes_dir: str | None = None
+    canaries: CanarySpec | None = None  # privacy audits only (sepals.simulations.audit)
+    ledger_dir: str | None = None
+    reproducible_noise: bool = False
+
+    def __call__(self, context: Any) -> Any:
+        """The :class:`ClientRuntime` of the node in ``context``."""
+        pid = int(context.node_config["partition-id"])
+        if self.nodes_dir is not None:
+            _note_node(self.nodes_dir, int(context.node_id), pid)
+        return simulated_runtime(self, pid)
+
+
+@functools.lru_cache(maxsize=4096)
+def _note_node(nodes_dir: str, node_id: int, pid: int) -> None:
+    """Tell the harness which client a Flower node id plays (for names in round lines)."""
+    atomic_write(Path(nodes_dir) / str(node_id), f"client-{pid}".encode(), durable=False)
+
+
+class _RuntimeCommon(TypedDict):
+    """The :class:`ClientRuntime` arguments shared by dataset and app clients."""
+
+    client_id: str
+    privacy: PrivacyConfig
+    encryption: EncryptionConfig
+    plan: FederationPlan
+    secret_context: bytes | None
+    seed: int
+    deterministic_noise: bool
+    ledger_path: Path | None
+
+
+@functools.lru_cache(maxsize=64)
+def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
+    """Build a simulated client's runtime once per worker process, not once per message."""
+    import torch
+
+    from sepals.client.core import ClientRuntime
+    from sepals.common.partition import client_partition
+
+    torch.set_num_threads(1)
+    secret = read_secret(provider.secret_path) if provider.secret_path else None
+    common: _RuntimeCommon = {
+        "client_id": f"client-{pid}",
+        "privacy": provider.privacy,
+        "encryption": provider.encryption,
+        "plan": provider.plan,
+        "secret_context": secret,
+        "seed": provider.seed,
+        "deterministic_noise": provider.reproducible_noise,
+        "ledger_path": (
+            None if provider.ledger_dir is None else Path(provider.ledger_dir, f"client-{pid}.json")
+        ),
+    }
+    if provider.app is not None:
+        app = provider.app.load()
+        train_ds, test_ds = app_client_data(
+            provider.app, provider.clients, provider.partition, provider.seed, pid
+        )
+        return ClientRuntime(
+            model_factory=app.model_factory,
+            train_data=train_ds,
+            test_data=test_ds,
+            loss_fn=app.loss_fn,
+            metric=app.metric,
+            metric_name=app.metric_name,
+            device=pick_device(provider.device, app),
+            pretrained=None if app.pretrained is None else Path(app.pretrained),
+            trainable=app.trainable,
+            **common,
+        )
+    train, test = client_partition(
+        provider.dataset, provider.clients, provider.partition, provider.seed, pid
+    )
+    train_data = train.to_torch()
+    canaries = None
+    if provider.canaries is not None:
+        canaries = provider.canaries.for_client(pid)
+        train_data = canaries.add_rows(train_data)
+    return ClientRuntime(
+        model_factory=dataset_model_factory(provider.dataset),
+        train_data=train_data,
+        test_data=test.to_torch(),
+        device=provider.device,
+        canaries=canaries,
+        **common,
+    )
+
+
+def wait_for_workers(actors: int, timeout: float = 180.0) -> None:
+    """Block until Ray is up and ``actors`` client actors are alive (or ``timeout``)."""
+    import ray
+    from ray._private import state
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ray.is_initialized() and len(state.actors(actor_state_name="ALIVE")) >= actors:
+                return
+        except Exception:  # Ray still starting: try again
+            pass
+        time.sleep(0.2)
+
+
+def simulation_roster(caps: list[int]) -> Any:
+    """The node roster of a simulation: client ``client-K`` may claim ``caps[K]`` examples.
+
+    The simulation runs every client itself, so the names the clients claim are true.
+    """
+    from sepals.server.serverapp.roster import NodeRoster
+
+    return NodeRoster(
+        trust_claimed_names=True,
+        caps={f"client-{pid}": cap for pid, cap in enumerate(caps)},
+        default_cap=max(caps),
+    )
+
+
+def client_resources(cpus: int, on_gpu: bool) -> dict[str, float]:
+    """Ray resources of one simulated client: one CPU, and on a GPU an equal share of it.
+
+    Ray runs ``cpus`` clients at once; with ``num_gpus = 1 / cpus`` they all fit on the
+    one GPU together (Ray packs fractional GPUs onto a device).
+    """
+    if cpus < 1:
+        raise ValueError(f"cpus must be >= 1, got {cpus}")
+    return {"num_cpus": 1.0, "num_gpus": 1.0 / cpus if on_gpu else 0.0}
+
+
+def pick_device(flag: str, app: EdgeApp | None) -> str:
+    """The device clients use: the flag unless ``auto``, then the app's, then auto."""
+    if flag != "auto" or app is None:
+        return flag
+    return app.device

@@ -1,0 +1,100 @@
+"""Progress lines of ``sepals-sim``: one line per round, safe to print."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _who(entries: list[dict[str, str]]) -> str:
+    from sepals.simulations.reasons import LINE_REASON_CHARS, clean_reason
+
+    return ", ".join(
+        f"{e['client']} ({clean_reason(e['reason'], LINE_REASON_CHARS)})" for e in entries
+    )
+
+
+def format_metric(name: str, value: float | None) -> str:
+    """``acc  93.10%`` for accuracy, ``NAME 0.1234`` for an app's own metric."""
+    if value is None:
+        return f"{'acc' if name == 'accuracy' else name} n/a"
+    if name == "accuracy":
+        return f"acc {100 * value:6.2f}%"
+    return f"{name} {value:.4f}"
+
+
+def progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accuracy") -> None:
+    """Print one round's line: metric, epsilon, clients, masking, bytes and seconds."""
+    eps = row["epsilon"]
+    qerr = row.get("quant_error")
+    loss = row["loss"]
+    value = row.get("metric", row.get("accuracy"))
+    extra = _mask_text(row)
+    if row.get("fairness"):
+        from sepals.common.fairness import format_spread
+
+        extra = f" | {format_spread(row['fairness'], metric_name)}{extra}"
+    if row.get("declined"):
+        extra += f" | declined: {_who(row['declined'])}"
+    if row.get("excluded"):
+        extra += f" | excluded: {_who(row['excluded'])}"
+    print(
+        f"round {row['round']:>3}/{rounds} | {format_metric(metric_name, value)} | "
+        f"loss {'n/a' if loss is None else f'{loss:.4f}'} | "
+        f"eps {'  off' if eps is None else f'{eps:5.2f}'}{_replace_one_text(row)} | "
+        f"up {row['upload_bytes'] / 1e3:8.1f} kB{_per_client(row)} | "
+        f"down {row['download_bytes'] / 1e3:8.1f} kB | "
+        f"{row['seconds']:5.2f} s | {row.get('codec', '?')} q-err "
+        f"{'n/a' if qerr is None else f'{qerr:.1e}'}{extra}",
+        flush=True,
+    )
+
+
+def _replace_one_text(row: dict[str, Any]) -> str:
+    """`` (r1 14.65)``: the round's largest replace-one epsilon, when DP is on."""
+    value = row.get("epsilon_replace_one")
+    return "" if value is None or row.get("epsilon") is None else f" (r1 {value:5.2f})"
+
+
+def _per_client(row: dict[str, Any]) -> str:
+    """`` (4.1 kB/client, 650/20,394 params)``: one update's size and what it carries."""
+    per = row.get("upload_bytes_per_client")
+    if not per:
+        return ""
+    return (
+        f" ({per / 1e3:.1f} kB/client, {row['trainable_parameters']:,}/"
+        f"{row['total_parameters']:,} params)"
+    )
+
+
+def _model_text(model: dict[str, Any] | None) -> str:
+    """The start line's model part: what is trained, of how much, and the upload's size."""
+    if not model:
+        return ""
+    counts = model["parameters"]
+    start = "pretrained" if model.get("pretrained") else "seeded"
+    ring = model.get("he_ring")
+    ring_text = (
+        f" | HE ring N={ring['poly_modulus_degree']}, {ring['ciphertexts_per_update']} "
+        "ciphertext(s) per update"
+        if ring
+        else ""
+    )
+    return (
+        f" | {start} model, training {counts['trainable']:,} of {counts['total']:,} "
+        f"parameters ({model['trainable']}; {counts['trainable_fp32_bytes'] / 1e3:.1f} kB "
+        f"fp32 per update){ring_text}"
+    )
+
+
+def _mask_text(row: dict[str, Any]) -> str:
+    """The round line's masking part: survivors, dropouts, and whether masks came off."""
+    mask = row.get("mask")
+    if not mask:
+        return ""
+    if mask.get("abandoned"):
+        return f" | masking abandoned: {mask['abandoned'][:80]}"
+    state = "masks removed" if mask.get("removed") else "masks kept"
+    return (
+        f" | masked {mask['survivors']}/{mask['members']} (T={mask['threshold']}, "
+        f"{mask['dropouts']} dropped) {state}"
+    )
