@@ -144,7 +144,7 @@ def test_quantization_error_bound_of_the_round():
 
 
 # ------------------------------------------------ replies that cannot skew a round
-is one that could crash or skew a round; the attacker's reply is
+# Each attack below is one that could crash or skew a round; the attacker's reply is
 # excluded with a reason and the round completes with the honest replies.
 
 BFV = EncryptionConfig()
