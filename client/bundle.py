@@ -19,12 +19,11 @@ from sepals.common.config import EncryptionConfig
 from sepals.common.errors import ForeignKeyError
 from sepals.common.files import require_private
 from sepals.common.log import log
-from sepals.common.plan import FederationPlan
+from sepals.common.plan import HEX32, FederationPlan
 from sepals.common.scheme import context_fingerprint
 
 BUNDLE_FILE = "bundle.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _INT_FIELDS = ("poly_modulus_degree", "scale_bits", "max_clients", "plain_modulus_bits")
 
 
@@ -139,7 +138,7 @@ class ClientBundle:
         encryption = _encryption(meta["encryption"], where)
         fingerprint = meta.get("he_key_fingerprint", "")
         if not isinstance(fingerprint, str) or (
-            encryption.enabled and not _HEX32.match(fingerprint)
+            encryption.enabled and not HEX32.match(fingerprint)
         ):
             raise ValueError(f"{where}: he_key_fingerprint is malformed: {fingerprint!r}")
         if "plan" not in meta:

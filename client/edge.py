@@ -96,9 +96,7 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _edge_runtime(
-    bundle: ClientBundle, app: EdgeApp, ledger_path: Path, seed: int
-) -> ClientRuntime:
+def edge_runtime(bundle: ClientBundle, app: EdgeApp, ledger_path: Path, seed: int) -> ClientRuntime:
     """The client runtime of ``app`` joining with ``bundle``."""
     if app.train_dataset is None:
         raise ValueError(
@@ -197,7 +195,7 @@ class EdgeClient:
             require_private(
                 self.ledger_path, "privacy ledger", allow_insecure=allow_insecure_permissions
             )
-        self.runtime = _edge_runtime(
+        self.runtime = edge_runtime(
             self.bundle, app, self.ledger_path, seed if seed is not None else secrets.randbits(31)
         )
         # Load the key and check the model against the plan now, not at the first round.
@@ -396,8 +394,3 @@ def join_federation(
             return client.run()
         except KeyboardInterrupt:
             return client.tasks_done
-
-
-# --------------------------------------------------------------------------- FAB app
-# Ledger locks of the FAB ClientApp, held until this (per-message) process exits.
-_NODE_CONFIG_LOCKS: list[LedgerLock] = []

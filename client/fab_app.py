@@ -11,16 +11,19 @@ from flwr.app import Context
 from sepals.client.app import make_client_app
 from sepals.client.bundle import ClientBundle
 from sepals.client.core import ClientRuntime
-from sepals.client.edge import _NODE_CONFIG_LOCKS, _edge_runtime
+from sepals.client.edge import edge_runtime
 from sepals.client.edge_app import load_edge_app
 from sepals.common.ledger import LedgerLock
+
+# Ledger locks of the FAB ClientApp, held until this (per-message) process exits.
+_NODE_CONFIG_LOCKS: list[LedgerLock] = []
 
 
 @functools.lru_cache(maxsize=4)
 def _runtime_from_node_config(app_spec: str, bundle_dir: str, ledger: str) -> ClientRuntime:
     bundle = ClientBundle.load(bundle_dir)
     ledger_path = Path(ledger) if ledger else bundle.root / "ledger.json"
-    runtime = _edge_runtime(bundle, load_edge_app(app_spec), ledger_path, secrets.randbits(31))
+    runtime = edge_runtime(bundle, load_edge_app(app_spec), ledger_path, secrets.randbits(31))
     lock = LedgerLock(ledger_path)
     lock.acquire()
     _NODE_CONFIG_LOCKS.append(lock)

@@ -38,7 +38,7 @@ from sepals.common.codec import (
     FloatVector,
     PayloadHeader,
     UpdateCodec,
-    _as_finite_vector,
+    as_finite_vector,
     pack_payload,
 )
 from sepals.common.config import EncryptionConfig
@@ -187,7 +187,7 @@ class BfvCodec(UpdateCodec):
             ValueError: a value exceeds ``update_bound``.
 
         """
-        arr = _as_finite_vector(vector)
+        arr = as_finite_vector(vector)
         bound = self._config.update_bound
         if arr.size and float(np.max(np.abs(arr))) > bound:
             raise ValueError(

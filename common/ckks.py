@@ -21,9 +21,9 @@ from sepals.common.codec import (
     FloatVector,
     PayloadHeader,
     UpdateCodec,
-    _as_finite_vector,
-    _no_slots,
+    as_finite_vector,
     pack_payload,
+    refuse_slot_offset,
 )
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import (
@@ -177,7 +177,7 @@ class CkksCodec(UpdateCodec):
         """
         import tenseal as ts
 
-        arr = _as_finite_vector(vector)
+        arr = as_finite_vector(vector)
         bound = self._config.max_update_magnitude
         peak = float(np.max(np.abs(arr))) if arr.size else 0.0
         if peak > bound:
@@ -218,7 +218,7 @@ class CkksCodec(UpdateCodec):
     def _sum_chunks(
         self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None
     ) -> list[bytes]:
-        _no_slots(self, slot_offset)
+        refuse_slot_offset(self, slot_offset)
         if len(loaded) > self._config.max_clients:
             raise ValueError(
                 f"refusing to add {len(loaded)} updates: max_clients={self._config.max_clients} "

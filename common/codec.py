@@ -227,12 +227,14 @@ class UpdateCodec(ABC):
         return pack_payload(self.codec_id, self.fingerprint, length, chunks)
 
 
-def _no_slots(codec: UpdateCodec, slot_offset: object) -> None:
+def refuse_slot_offset(codec: UpdateCodec, slot_offset: object) -> None:
+    """Refuse a slot offset (a mask) for a codec without integer slots."""
     if slot_offset is not None:
         raise ValueError(f"codec {codec.name} has no integer slots to offset (masking is BFV only)")
 
 
-def _as_finite_vector(vector: FloatVector) -> npt.NDArray[np.float64]:
+def as_finite_vector(vector: FloatVector) -> npt.NDArray[np.float64]:
+    """``vector`` as a flat float64 array, refusing other shapes and non-finite values."""
     arr = np.asarray(vector, dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"expected a flat vector, got shape {arr.shape}")
@@ -258,7 +260,7 @@ class PlainCodec(UpdateCodec):
         self, vector: FloatVector, rng: np.random.Generator | None = None
     ) -> tuple[bytes, float | None]:
         """Serialize the vector as fp32; the error is that of rounding to fp32."""
-        arr = _as_finite_vector(vector)
+        arr = as_finite_vector(vector)
         f32 = arr.astype("<f4")
         error = float(np.max(np.abs(arr - f32))) if arr.size else 0.0
         return pack_payload(self.codec_id, self.fingerprint, arr.size, [f32.tobytes()]), error
@@ -281,7 +283,7 @@ class PlainCodec(UpdateCodec):
     def _sum_chunks(
         self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None
     ) -> list[bytes]:
-        _no_slots(self, slot_offset)
+        refuse_slot_offset(self, slot_offset)
         total = np.zeros_like(loaded[0][0], dtype=np.float64)
         for (values,) in loaded:
             total += values

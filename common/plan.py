@@ -44,7 +44,8 @@ from sepals.common.federation import FederationConfig, check_noise_shares
 PLAN_FORMAT = "sepals-plan/1"
 KEY_FEDERATION_ID = "federation-id"
 KEY_SIGNATURE = "signature"
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+# Federation ids and key fingerprints: 16 bytes as lowercase hex.
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CODEC = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
@@ -160,7 +161,7 @@ class FederationPlan:
     poly_modulus_degree: int | None = None
 
     def __post_init__(self) -> None:
-        _str("federation_id", self.federation_id, _HEX32, "32 lowercase hex digits")
+        _str("federation_id", self.federation_id, HEX32, "32 lowercase hex digits")
         _int("rounds", self.rounds, 1)
         # Numbers are stored as floats, so that a plan reads the same however it was made.
         fraction = _float("fraction_train", self.fraction_train, 0.0, 1.0, open_low=True)
@@ -179,7 +180,7 @@ class FederationPlan:
         object.__setattr__(self, "momentum", momentum)
         _int("model_seed", self.model_seed, 0)
         _str("codec", self.codec, _CODEC, "a codec name such as 'bfv-q2'")
-        _str("key_fingerprint", self.key_fingerprint, _HEX32, "32 lowercase hex digits")
+        _str("key_fingerprint", self.key_fingerprint, HEX32, "32 lowercase hex digits")
         _int("vector_length", self.vector_length, 1)
         _str("operator_key", self.operator_key, _HEX64, "64 lowercase hex digits")
         try:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from sepals.common.plan import (
-    _HEX32,
+    HEX32,
     KEY_FEDERATION_ID,
     KEY_SIGNATURE,
     FederationPlan,
@@ -35,7 +35,6 @@ _SIGNED_DOMAIN = b"sepals-round/1\n"
 _GLOBAL_DOMAIN = b"sepals-global/1"
 
 
-# --------------------------------------------------------------------------- signatures
 def generate_operator_key() -> tuple[bytes, str]:
     """A fresh operator signing key: ``(private key PEM (PKCS#8), public key hex)``."""
     key = Ed25519PrivateKey.generate()
@@ -111,7 +110,7 @@ class OperatorSigner:
             raise ValueError("operator key is not an unencrypted PEM private key") from exc
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"operator key must be Ed25519, got {type(key).__name__}")
-        if not isinstance(federation_id, str) or not _HEX32.match(federation_id):
+        if not isinstance(federation_id, str) or not HEX32.match(federation_id):
             raise ValueError(
                 f"federation id must be 32 lowercase hex digits, got {federation_id!r}"
             )

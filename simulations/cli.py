@@ -22,8 +22,8 @@ from typing import Any
 from sepals.simulations.pretrain import DEFAULT_OUT as DEFAULT_CHECKPOINT
 from sepals.simulations.pretrain import pretrain
 from sepals.simulations.progress import (
-    _model_text,
     format_metric,
+    model_text,
     progress_line,
 )
 
@@ -451,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def started(info: dict[str, Any]) -> None:
         print(
             f"started in {info['startup_seconds']:.1f} s | round 0: "
-            f"{format_metric(metric[0], info.get('metric'))}{_model_text(info.get('model'))}",
+            f"{format_metric(metric[0], info.get('metric'))}{model_text(info.get('model'))}",
             flush=True,
         )
 

@@ -93,7 +93,6 @@ if TYPE_CHECKING:
     from sepals.client.edge_app import EdgeApp
 
 
-# --------------------------------------------------------------------------- run
 ProgressFn = Callable[[dict[str, Any]], None]
 
 

@@ -66,7 +66,7 @@ def _per_client(row: dict[str, Any]) -> str:
     )
 
 
-def _model_text(model: dict[str, Any] | None) -> str:
+def model_text(model: dict[str, Any] | None) -> str:
     """The start line's model part: what is trained, of how much, and the upload's size."""
     if not model:
         return ""

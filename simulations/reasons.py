@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import re
 
-# --------------------------------------------------------------------------- output
 _ANSI = re.compile(r"(\x1b|\?)\[[0-9;]*[A-Za-z]")
-
-
 REPORT_REASON_CHARS = 300
-
-
 LINE_REASON_CHARS = 60
 
 

@@ -300,14 +300,7 @@ def test_readme_shows_entry_point_commands() -> None:
     [pytest.param(p, a, id=shlex.join([p, *a])[:80]) for _, _, p, a in README_COMMANDS],
 )
 def test_readme_command_parses(program: str, argv: list[str]) -> None:
-    command = shlex.join([program, *argv])
-    try:
-        parse_command(program, argv)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            pytest.fail(f"README command does not parse (exit {exc.code}): {command}")
-    except AssertionError as exc:
-        pytest.fail(f"README command does not parse: {command}: {exc}")
+    _check_parses("README", program, argv)
 
 
 @pytest.mark.parametrize(
@@ -319,14 +312,19 @@ def test_readme_command_parses(program: str, argv: list[str]) -> None:
 )
 def test_docs_command_parses(page: Path, program: str, argv: list[str]) -> None:
     """The manual's commands are held to the same rule as the README's."""
+    _check_parses(_rel(page), program, argv)
+
+
+def _check_parses(where: str, program: str, argv: list[str]) -> None:
+    """Fail, naming ``where`` and the command, unless ``program argv`` parses."""
     command = shlex.join([program, *argv])
     try:
         parse_command(program, argv)
     except SystemExit as exc:
         if exc.code not in (0, None):
-            pytest.fail(f"{_rel(page)}: command does not parse (exit {exc.code}): {command}")
+            pytest.fail(f"{where}: command does not parse (exit {exc.code}): {command}")
     except AssertionError as exc:
-        pytest.fail(f"{_rel(page)}: command does not parse: {command}: {exc}")
+        pytest.fail(f"{where}: command does not parse: {command}: {exc}")
 
 
 def test_a_bad_flag_fails_to_parse() -> None:

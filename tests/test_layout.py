@@ -12,8 +12,13 @@ import pytest
 import sepals
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"common": "sepals.common", "client": "sepals.client", "server": "sepals.server",
-            "simulations": "sepals.simulations", "sepals": "sepals"}
+PACKAGES = {
+    "common": "sepals.common",
+    "client": "sepals.client",
+    "server": "sepals.server",
+    "simulations": "sepals.simulations",
+    "sepals": "sepals",
+}
 # What each part may import from sepals (its own part included): common <- client/server
 # <- simulations <- the top-level package.
 ALLOWED = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -26,13 +27,7 @@ from sepals.common.plan import FederationPlan
 from sepals.common.protocol import plan_conflicts
 from sepals.common.round_signature import OperatorSigner
 from sepals.common.scheme import make_server_codec
-from sepals.server.control.toml_table import (
-    _DOTTED_NUMBERS,
-    _HOSTNAME,
-    _PORT,
-    TomlTable,
-    show_value,
-)
+from sepals.server.control.toml_table import TomlTable, show_value
 
 _TABLES = ("server", "federation", "encryption", "model", "nodes")
 _SERVER_KEYS = (
@@ -428,6 +423,15 @@ def _key_mismatch(config: EncryptionConfig, public: bytes, path: Path) -> str | 
                 f"{key} = {actual}; [encryption] must match the provisioned keys"
             )
     return None
+
+
+# DNS labels (underscores allowed, as container and service names use them).
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-# DNS labels (underscores allowed, as container and service names use them).
-_HOSTNAME = re.compile(
-    r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
-)
-
-
-_DOTTED_NUMBERS = re.compile(r"[0-9.]+")
-
-
-_PORT = re.compile(r"[0-9]{1,5}")
 
 
 def kind_of(value: object) -> str:

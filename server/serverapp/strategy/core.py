@@ -47,6 +47,7 @@ from sepals.server.serverapp.strategy.rounds import (
     RoundRecord,
     RoundSigner,
 )
+from sepals.server.serverapp.strategy.sampling import stable_order
 
 
 class StrategyCore(Strategy):
@@ -201,33 +202,12 @@ class StrategyCore(Strategy):
                 minimum,
             )
             return []
-        nodes = self._stable_order(grid, nodes)
+        nodes = stable_order(grid, nodes, self.node_order)
         k = sampled_per_round(len(nodes), fraction, minimum)
         if self.max_clients is not None:
             k = min(k, self.max_clients)
         chosen = self.rng.choice(len(nodes), size=k, replace=False)
         return sorted(nodes[i] for i in chosen)
-
-    def _stable_order(self, grid: Grid, nodes: list[int]) -> list[int]:
-        """``nodes`` sorted by their :attr:`node_order` keys (by node id without one).
-
-        Keys that are missing for some node, or not distinct, cannot order the nodes;
-        then the node-id order is kept, with a WARNING (the run goes on, unreproducibly).
-        """
-        if self.node_order is None:
-            return nodes
-        try:
-            keys = self.node_order(grid, nodes)
-            missing = [n for n in nodes if n not in keys]
-            if missing:
-                raise ValueError(f"no stable key for {len(missing)} of {len(nodes)} nodes")
-            if len({keys[n] for n in nodes}) != len(nodes):
-                raise ValueError("stable keys are not distinct")
-        except Exception as exc:  # sampling must go on
-            reason = str(exc)[:200] or type(exc).__name__
-            log(WARNING, "sampling by node id, not reproducible: %s", reason)
-            return nodes
-        return sorted(nodes, key=lambda n: keys[n])
 
     def _messages(
         self,

@@ -8,8 +8,34 @@ same clients.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from logging import WARNING
 
 from flwr.serverapp import Grid
+
+from sepals.common.log import log
+from sepals.server.serverapp.strategy.rounds import NodeOrder
+
+
+def stable_order(grid: Grid, nodes: list[int], node_order: NodeOrder | None) -> list[int]:
+    """``nodes`` sorted by their ``node_order`` keys (by node id without one).
+
+    Keys that are missing for some node, or not distinct, cannot order the nodes;
+    then the node-id order is kept, with a WARNING (the run goes on, unreproducibly).
+    """
+    if node_order is None:
+        return nodes
+    try:
+        keys = node_order(grid, nodes)
+        missing = [n for n in nodes if n not in keys]
+        if missing:
+            raise ValueError(f"no stable key for {len(missing)} of {len(nodes)} nodes")
+        if len({keys[n] for n in nodes}) != len(nodes):
+            raise ValueError("stable keys are not distinct")
+    except Exception as exc:  # sampling must go on
+        reason = str(exc)[:200] or type(exc).__name__
+        log(WARNING, "sampling by node id, not reproducible: %s", reason)
+        return nodes
+    return sorted(nodes, key=lambda n: keys[n])
 
 
 def simulation_node_order(grid: Grid, node_ids: Sequence[int]) -> dict[int, str]:
