@@ -15,9 +15,11 @@ the client's list) and zero features. :meth:`ClientCanaries.strip` removes them 
 batch before the forward pass and remembers which were sampled;
 :meth:`ClientCanaries.inject` appends their gradient rows after the backward pass.
 
-Only the simulation harness builds canaries, from a :class:`CanarySpec` handed to its
-client provider; a deployed client never has any (``ClientRuntime.canaries`` is
-``None``).
+Canaries wrap a client's training data: :meth:`ClientCanaries.add_rows` returns a
+:class:`CanaryData` that holds the real rows, the marked rows and the hook, and DP-SGD
+(:func:`sepals.client.training.train_round`) runs the hook for such data only. Only a
+privacy audit wraps data this way, from a :class:`CanarySpec` handed to the simulated
+clients; a deployed client's data is its own and never holds any.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 
 def canary_directions(seed: int, count: int, dimension: int) -> npt.NDArray[np.float64]:
@@ -141,24 +143,23 @@ class ClientCanaries:
     no_noise: bool = False
     _sampled: list[int] = field(default_factory=list, repr=False)
 
-    def add_rows(self, data: TensorDataset) -> TensorDataset:
+    def add_rows(self, data: Dataset[Any]) -> CanaryData:
         """``data`` with one marked row per canary appended (zero features, label ``-(1+j)``).
 
+        ``data`` is a ``TensorDataset`` of ``(x, y)``, a ``Subset`` of one, or any
+        dataset of ``(x, y)`` pairs (gathered into tensors).
+
         Raises:
-            ValueError: ``data`` is not an ``(x, y)`` TensorDataset with integer labels.
+            ValueError: ``data`` is not ``(x, y)`` pairs with non-negative integer labels.
 
         """
-        if type(data) is not TensorDataset or len(data.tensors) != 2:
-            raise ValueError("canaries need an (x, y) TensorDataset of training data")
-        x, y = data.tensors
+        x, y = _pair_tensors(data)
         if y.dtype not in (torch.int64, torch.int32) or (len(y) and int(y.min()) < 0):
             raise ValueError("canaries need non-negative integer labels")
         k = len(self.ids)
-        if k == 0:
-            return data
         cx = torch.zeros((k, *x.shape[1:]), dtype=x.dtype)
         cy = -torch.arange(1, k + 1, dtype=y.dtype)
-        return TensorDataset(torch.cat([x, cx]), torch.cat([y, cy]))
+        return CanaryData(torch.cat([x, cx]), torch.cat([y, cy]), canaries=self)
 
     def strip(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch without its canary rows; remembers which canaries it sampled."""
@@ -199,6 +200,39 @@ class ClientCanaries:
             setattr(p, "grad_sample", torch.cat([grad_sample, part.to(grad_sample)]))  # noqa: B010
             offset += n
         self._sampled.clear()
+
+
+class CanaryData(TensorDataset):
+    """Training data that holds gradient canaries: the rows, then one marked row per canary.
+
+    It batches like a ``TensorDataset``; :attr:`canaries` is the hook DP-SGD runs on
+    each batch (:meth:`ClientCanaries.strip` and :meth:`ClientCanaries.inject`).
+    """
+
+    def __init__(self, *tensors: torch.Tensor, canaries: ClientCanaries) -> None:
+        super().__init__(*tensors)
+        self.canaries = canaries
+
+
+def _pair_tensors(data: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(x, y)`` tensors of ``data``, gathered by index where it can be."""
+    if isinstance(data, Subset) and type(data.dataset) is TensorDataset:
+        idx = torch.as_tensor(list(data.indices), dtype=torch.long)
+        tensors = tuple(t[idx] for t in data.dataset.tensors)
+    elif type(data) is TensorDataset:
+        tensors = data.tensors
+    else:
+        rows = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+        if not all(isinstance(r, tuple | list) and len(r) == 2 for r in rows):
+            tensors = ()
+        else:
+            tensors = tuple(torch.stack([torch.as_tensor(r[j]) for r in rows]) for j in (0, 1))
+    if len(tensors) != 2:
+        raise ValueError(
+            "canaries need training data of (x, y) pairs: a TensorDataset of two tensors "
+            "or a dataset of pairs"
+        )
+    return tensors[0], tensors[1]
 
 
 def _add_no_noise(self: Any) -> None:

@@ -27,7 +27,6 @@ import numpy as np
 import numpy.typing as npt
 from torch.utils.data import Dataset
 
-from sepals.client.canaries import ClientCanaries
 from sepals.client.privacy import PrivacyLedger, planned_participation
 from sepals.client.training import (
     LossFn,
@@ -61,7 +60,8 @@ class ClientRuntime:
     Attributes:
         client_id: A stable name for reports and ledgers (not a secret).
         model_factory: Builds a fresh, untrained model; BatchNorm is fixed automatically.
-        train_data: Local training data (never leaves the process).
+        train_data: Local training data (never leaves the process). A privacy audit's
+            simulated clients hold :class:`sepals.client.canaries.CanaryData`.
         test_data: Local evaluation data, or ``None`` to decline federated evaluation.
         privacy: The client's own privacy budget.
         encryption: Encryption settings; must match the federation's.
@@ -82,9 +82,6 @@ class ClientRuntime:
         metric_name: The metric's name in reports.
         device: Where training runs: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
             Encoding and decoding stay on the CPU.
-        canaries: Privacy audits in simulation only: the gradient canaries whose
-            marked rows ``train_data`` holds (:mod:`sepals.client.canaries`). A
-            deployed client never has any.
         pretrained: The client's local copy of the federation's pretrained checkpoint
             (a file or directory), or ``None`` for a seeded random start. Its SHA-256
             must be the plan's ``checkpoint_sha256``.
@@ -108,7 +105,6 @@ class ClientRuntime:
     metric: MetricFn | None = None
     metric_name: str = "accuracy"
     device: str = "auto"
-    canaries: ClientCanaries | None = None
     pretrained: Path | None = None
     trainable: TrainableSpec = None
 
@@ -255,7 +251,6 @@ class SepalsClient:
             cfg.server_round,
             loss_fn=rt.loss_fn,
             device=rt.device,
-            canaries=rt.canaries,
         )
         rounding = (
             np.random.default_rng(_derive_seed(rt.seed, rt.client_id, cfg.server_round, "rounding"))

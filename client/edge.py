@@ -56,10 +56,7 @@ from sepals.client.connect import (
     wait_for_server,
 )
 from sepals.client.core import ClientRuntime
-from sepals.client.edge_app import (
-    EdgeApp,
-    load_edge_app,
-)
+from sepals.client.edge_app import EdgeApp, build_runtime, load_edge_app
 from sepals.common.files import atomic_write, require_private
 from sepals.common.ledger import LedgerLock
 from sepals.common.log import log
@@ -102,28 +99,17 @@ def edge_runtime(bundle: ClientBundle, app: EdgeApp, ledger_path: Path, seed: in
         raise ValueError(
             "an edge client needs the app's train_data (client_data is for simulations)"
         )
-    return ClientRuntime(
+    return build_runtime(
+        app,
         client_id=bundle.name,
-        model_factory=app.model_factory,
         train_data=app.train_dataset,
         test_data=app.test_dataset,
-        privacy=app.privacy,
         encryption=bundle.encryption,
         plan=bundle.plan,
         secret_context=bundle.read_secret_context(),
         seed=seed,
         ledger_path=ledger_path,
-        loss_fn=app.loss_fn,
-        metric=app.metric,
-        metric_name=app.metric_name,
-        device=app.device,
-        pretrained=_as_path(app.pretrained),
-        trainable=app.trainable,
     )
-
-
-def _as_path(value: str | Path | None) -> Path | None:
-    return None if value is None else Path(value)
 
 
 class EdgeClient:

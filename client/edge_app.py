@@ -15,12 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from sepals.client.core import ClientRuntime
 from sepals.client.training import DEVICE_CHOICES, LossFn, MetricFn, model_builder
-from sepals.common.config import PrivacyConfig
+from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.finetune import TrainableSpec, check_trainable
 from sepals.common.models import ModelFactory
+from sepals.common.plan import FederationPlan
 
 
 def as_dataset(data: Dataset | DataLoader | None) -> Dataset | None:  # type: ignore[type-arg]
@@ -130,6 +133,75 @@ class EdgeApp:
     def test_dataset(self) -> Dataset | None:  # type: ignore[type-arg]
         """``test_data`` as a ``Dataset``, or ``None``."""
         return as_dataset(self.test_data)
+
+
+def gathered(data: Dataset | None) -> Dataset | None:  # type: ignore[type-arg]
+    """``data``, with a ``Subset`` of a ``TensorDataset`` gathered into its own tensors.
+
+    The training loader fetches a ``TensorDataset``'s batches whole (one indexing per
+    tensor), so a client's share of an app's tensors trains as fast as bundled data.
+    """
+    if isinstance(data, Subset) and type(data.dataset) is TensorDataset:
+        idx = torch.as_tensor(list(data.indices), dtype=torch.long)
+        return TensorDataset(*(t[idx] for t in data.dataset.tensors))
+    return data
+
+
+def build_runtime(
+    app: EdgeApp,
+    *,
+    client_id: str,
+    train_data: Dataset,  # type: ignore[type-arg]
+    test_data: Dataset | None,  # type: ignore[type-arg]
+    encryption: EncryptionConfig,
+    plan: FederationPlan,
+    secret_context: bytes | None,
+    seed: int,
+    ledger_path: Path | None,
+    privacy: PrivacyConfig | None = None,
+    device: str | None = None,
+    deterministic_noise: bool = False,
+) -> ClientRuntime:
+    """What runs for ``app`` as client ``client_id``: the one way every path builds a client.
+
+    The edge SDK, a simulated client (own app or bundled dataset), ``flwr run`` and a
+    privacy audit all call this; only where the data and the keys come from differs.
+
+    Args:
+        app: The client's description.
+        client_id: The client's name in reports and ledgers.
+        train_data: This client's training data (the app's own, or its simulated share,
+            possibly wrapped with an audit's canaries).
+        test_data: This client's evaluation data, or ``None``.
+        encryption: The federation's encryption settings.
+        plan: The federation's plan.
+        secret_context: The serialized secret context (``None`` without encryption).
+        seed: Seed of batch order (and of the noise with ``deterministic_noise``).
+        ledger_path: The client's privacy ledger file (``None``: in Flower's state).
+        privacy: Overrides ``app.privacy`` (a simulation's budget; ``None`` keeps it).
+        device: Overrides ``app.device`` (``None`` keeps it).
+        deterministic_noise: Reproducible simulations only (see :class:`ClientRuntime`).
+
+    """
+    return ClientRuntime(
+        client_id=client_id,
+        model_factory=app.model_factory,
+        train_data=gathered(train_data),  # type: ignore[arg-type]
+        test_data=gathered(test_data),
+        privacy=app.privacy if privacy is None else privacy,
+        encryption=encryption,
+        plan=plan,
+        secret_context=secret_context,
+        seed=seed,
+        deterministic_noise=deterministic_noise,
+        ledger_path=ledger_path,
+        loss_fn=app.loss_fn,
+        metric=app.metric,
+        metric_name=app.metric_name,
+        device=app.device if device is None else device,
+        pretrained=None if app.pretrained is None else Path(app.pretrained),
+        trainable=app.trainable,
+    )
 
 
 def import_target(target: str) -> Any:

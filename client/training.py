@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from sepals.client.canaries import CanaryData
 from sepals.client.privacy import PrivacyLedger, merge_entry, poisson_schedule
 from sepals.common.config import PrivacyConfig
 from sepals.common.errors import ModelCompatibilityError
@@ -261,7 +262,7 @@ def make_loader(
     generator: torch.Generator,
 ) -> DataLoader:  # type: ignore[type-arg]
     """The shuffled training loader; batches of a ``TensorDataset`` are fetched whole."""
-    if type(data) is TensorDataset:
+    if type(data) is TensorDataset or type(data) is CanaryData:
         return DataLoader(
             _BatchedTensors(data),
             batch_size=batch_size,
@@ -285,7 +286,6 @@ def train_round(
     poisson_sampling: bool = True,
     loss_fn: LossFn | None = None,
     device: str | torch.device = "cpu",
-    canaries: Any = None,
 ) -> TrainOutcome:
     """Train one round locally and return the new weights and ledger.
 
@@ -295,7 +295,8 @@ def train_round(
     Args:
         factory: Builds a fresh (DP-compatible) model.
         initial_weights: Flat global weights; ``None`` keeps the factory's weights.
-        data: The client's training data.
+        data: The client's training data. A privacy audit's :class:`CanaryData` also
+            holds gradient canaries, whose hook runs on every batch.
         settings: Local training settings.
         privacy: The client's privacy configuration.
         ledger: The ledger before this round.
@@ -307,8 +308,6 @@ def train_round(
             gradients of this loss, scaled for a mean reduction.
         device: Where the model and batches live (``cpu``, ``cuda``, ``auto``). Weights
             come back on the CPU.
-        canaries: Audits only: a :class:`sepals.client.canaries.ClientCanaries` whose
-            marked rows of ``data`` become gradient canaries (``None`` everywhere else).
 
     """
     t0 = time.perf_counter()
@@ -321,6 +320,7 @@ def train_round(
     n = len(data)  # type: ignore[arg-type]
     if n < 1:
         raise ValueError("cannot train on an empty dataset")
+    canaries = data.canaries if isinstance(data, CanaryData) else None
     loader_gen = torch.Generator()
     loader_gen.manual_seed(settings.data_seed)
     loader = make_loader(data, settings.batch_size, loader_gen)

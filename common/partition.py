@@ -186,6 +186,19 @@ def client_test_indices(
     return [p.copy() for p in _test_partitions(name, num_clients, spec, seed)]
 
 
+def client_test_rows(
+    name: str, num_clients: int, partition: str, seed: int, client: int
+) -> npt.NDArray[np.int64]:
+    """Client ``client``'s rows of the held-out test split (see :func:`client_test_indices`)."""
+    if not 0 <= client < num_clients:
+        raise ValueError(f"client index {client} outside 0..{num_clients - 1}")
+    check_partition(name, partition)
+    if is_synthetic(name):
+        return client_test_indices(name, num_clients, partition, seed)[client]
+    spec = str(PartitionSpec.parse(partition))
+    return _test_partitions(name, num_clients, spec, seed)[client].copy()
+
+
 def partition_like(
     test_labels: npt.NDArray[np.int64],
     train_labels: npt.NDArray[np.int64],

@@ -14,7 +14,12 @@ import numpy as np
 import numpy.typing as npt
 
 from sepals.common.accounting import check_delta
-from sepals.common.partition import PartitionSpec, partition_indices, partition_like
+from sepals.common.partition import (
+    PartitionSpec,
+    check_client_sizes,
+    partition_indices,
+    partition_like,
+)
 from sepals.simulations.config import AppSource
 
 
@@ -101,28 +106,62 @@ def app_client_data(
     return Subset(app.train_dataset, train_parts[client].tolist()), test  # type: ignore[arg-type]
 
 
+@functools.lru_cache(maxsize=8)
+def _app_sizes(
+    source: AppSource, clients: int, partition: str, seed: int
+) -> tuple[tuple[int, int], ...]:
+    sizes = []
+    for pid in range(clients):
+        train, test = app_client_data(source, clients, partition, seed, pid)
+        sizes.append((len(train), 0 if test is None else len(test)))
+    return tuple(sizes)
+
+
+def app_train_sizes(source: AppSource, clients: int, partition: str, seed: int) -> list[int]:
+    """Per client, its number of training examples (client ``k`` at ``k``)."""
+    return [n for n, _ in _app_sizes(source, clients, partition, seed)]
+
+
 def app_caps(
     source: AppSource, clients: int, partition: str, seed: int, *, delta: float | None = None
 ) -> list[int]:
-    """Per client, the most examples it may claim.
+    """Per client, the most examples it may claim: the larger of its train and test data.
 
     Raises:
         ValueError: a client has no training data, or (with DP at ``delta``) has
             ``delta >= 1/n``.
 
     """
-    caps: list[int] = []
-    sizes: list[int] = []
-    for pid in range(clients):
-        train, test = app_client_data(source, clients, partition, seed, pid)
-        sizes.append(len(train))
-        caps.append(max(sizes[-1], len(test) if test is not None else 0, 1))
-    empty = [pid for pid, n in enumerate(sizes) if n < 1]
-    if empty:
-        raise ValueError(
-            f"{len(empty)} of {clients} clients get no training example (first: "
-            f"client-{empty[0]}); use fewer clients or another partition"
-        )
+    sizes = _app_sizes(source, clients, partition, seed)
+    train = [n for n, _ in sizes]
+    check_client_sizes(train, 1)
     if delta is not None:
-        check_delta(delta, sizes)
-    return caps
+        check_delta(delta, train)
+    return [max(n, m, 1) for n, m in sizes]
+
+
+def client_test_owner(
+    source: AppSource, clients: int, partition: str, seed: int
+) -> npt.NDArray[np.int64] | None:
+    """Per row of the app's ``test_data``, the client whose test data it is (``-1``: none).
+
+    Known when sepals splits the app's test data, or when its ``client_data`` tells each
+    client's rows (``client_data.test_rows(client, clients)``, as a bundled dataset's
+    does); ``None`` otherwise.
+    """
+    app = source.load()
+    test = app.test_dataset
+    if test is None:
+        return None
+    parts: list[npt.NDArray[np.int64]] | None
+    if app.client_data is None:
+        parts = _app_partitions(source, clients, partition, seed)[1]
+    else:
+        rows_of = getattr(app.client_data, "test_rows", None)
+        parts = None if rows_of is None else [rows_of(k, clients) for k in range(clients)]
+    if parts is None:
+        return None
+    owner = np.full(len(test), -1, dtype=np.int64)  # type: ignore[arg-type]
+    for k, rows in enumerate(parts):
+        owner[np.asarray(rows, dtype=np.int64)] = k
+    return owner

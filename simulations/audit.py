@@ -268,19 +268,21 @@ def make_canary_spec(
 
 def quiet_coordinates(
     factory: Any,
-    weights: npt.NDArray[np.floating],
+    weights: npt.NDArray[np.floating],  # type: ignore[type-arg]
     data: Any,
     count: int,
-    seed: int,  # type: ignore[type-arg]
+    seed: int,
+    loss_fn: Any = None,
 ) -> tuple[int, ...]:
     """The ``count`` parameters whose loss gradient on ``data`` is weakest at ``weights``.
 
     The gradient energy of each parameter is the sum of its squared mini-batch (64)
-    gradients of cross-entropy over ``data``; ties (e.g. the weights of an input feature
-    that is always zero) are broken at random from ``seed``. Canaries there compete
-    with the least real training signal (as the gradient canaries of Nasr et al.,
-    IEEE S&P 2021); the choice is made before training and independently of which
-    canaries are included, so the bound stays valid.
+    gradients of the loss (``loss_fn``, default cross-entropy) over ``data``; ties (e.g.
+    the weights of an input feature that is always zero) are broken at random from
+    ``seed``. Canaries there compete with the least real training signal (as the
+    gradient canaries of Nasr et al., IEEE S&P 2021); the choice is made before
+    training and independently of which canaries are included, so the bound stays
+    valid.
 
     Raises:
         ValueError: ``count`` exceeds the number of parameters.
@@ -300,7 +302,7 @@ def quiet_coordinates(
     energy = np.zeros(dim)
     for x, y in DataLoader(data, batch_size=64):
         model.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        (loss_fn or torch.nn.functional.cross_entropy)(model(x), y).backward()
         grads = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
         energy += grads.detach().double().numpy() ** 2
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD17AC]))
@@ -319,12 +321,13 @@ def run_audit(
 ) -> dict[str, Any]:
     """Audit ``config``'s simulation: train it once with canaries, bound epsilon from below.
 
-    The run is :func:`sepals.simulations.harness.run_experiment` with the same settings;
-    its ``report.json`` gains an ``audit`` section (:class:`AuditResult`).
+    The run is :func:`sepals.simulations.harness.run_experiment` with the same settings
+    and app (a bundled dataset, ``--app`` or a pretrained job), with every client's
+    training data wrapped with the canaries it holds; its ``report.json`` gains an
+    ``audit`` section (:class:`AuditResult`).
 
     Args:
-        config: A :class:`~sepals.simulations.harness.SimulationConfig` with DP on and a
-            bundled dataset.
+        config: A :class:`~sepals.simulations.harness.SimulationConfig` with DP on.
         canaries: How many canaries to draw (``m``).
         progress: Passed to ``run_experiment`` (each round's row).
         on_start: Passed to ``run_experiment``.
@@ -337,7 +340,8 @@ def run_audit(
         The report, as written to ``report.json``, with ``audit``.
 
     Raises:
-        ValueError: DP is off, the run simulates an own app, or ``canaries`` < 2.
+        ValueError: DP is off, ``canaries`` < 2 or more than the trainable parameters,
+            or the app's training data is not ``(x, y)`` pairs with class labels.
 
     """
     import time
@@ -345,34 +349,30 @@ def run_audit(
     import torch
     from torch.utils.data import ConcatDataset
 
-    from sepals.client.training import make_dp_compatible
-    from sepals.common.data import dataset_model_factory
     from sepals.common.models import build_seeded, get_flat, num_parameters
-    from sepals.common.partition import client_partition
-    from sepals.simulations.harness import run_experiment
+    from sepals.simulations.app_data import app_client_data
+    from sepals.simulations.harness import run_experiment, simulated_app_source
 
     if not config.privacy.enabled:
         raise ValueError("the audit checks a DP claim: turn DP on (epsilon > 0)")
-    if config.app is not None:
-        raise ValueError("the privacy audit supports the bundled datasets, not --app")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     t0 = time.perf_counter()
-    factory = make_dp_compatible(dataset_model_factory(config.dataset))
+    seed = config.federation.seed
+    source = simulated_app_source(config, None)
+    app = source.load()
+    factory = app.build_model_factory()
     dimension = num_parameters(factory())
     if canaries > dimension:
-        raise ValueError(f"at most {dimension} canaries fit this model's parameters")
-    seed = config.federation.seed
+        raise ValueError(f"at most {dimension} canaries fit this model's trainable parameters")
     theta_0 = get_flat(build_seeded(factory, seed))
-    train: Any = ConcatDataset(
-        [
-            client_partition(config.dataset, config.clients, config.partition, seed, pid)[
-                0
-            ].to_torch()
-            for pid in range(config.clients)
-        ]
+    shares = [
+        app_client_data(source, config.clients, config.partition, seed, pid)[0]
+        for pid in range(config.clients)
+    ]
+    coordinates = quiet_coordinates(
+        factory, theta_0, ConcatDataset(shares), canaries, seed, app.loss_fn
     )
-    coordinates = quiet_coordinates(factory, theta_0, train, canaries, seed)
     spec = make_canary_spec(
         seed,
         canaries,
@@ -381,6 +381,7 @@ def run_audit(
         coordinates=coordinates,
         broken_no_noise=_broken_no_noise_for_tests,
     )
+    spec.for_client(0).add_rows(shares[0])  # refuses data canaries cannot mark, up front
     report = run_experiment(config, progress=progress, on_start=on_start, canaries=spec)
     out = Path(config.out)
     if not report["final"].get("model"):

@@ -1,6 +1,6 @@
 """Simulated clients: the runtime each Ray worker builds for its node.
 
-Each node's runtime is built from the run's dataset or app, the signed plan and the
+Each node's runtime is built from the run's app (a bundled dataset is one), the signed plan and the
 secret context file, the way a deployed client builds its own from its bundle.
 """
 
@@ -10,13 +10,10 @@ import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
-from sepals.common.config import (
-    EncryptionConfig,
-    PrivacyConfig,
-)
-from sepals.common.data import dataset_model_factory
+from sepals.client.edge_app import build_runtime
+from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.files import atomic_write
 from sepals.common.plan import FederationPlan
 from sepals.simulations.app_data import app_client_data
@@ -30,9 +27,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SimulatedClientProvider:
-    """Builds a simulated client's runtime inside a Ray worker (picklable: no keys, no data)."""
+    """Builds a simulated client's runtime inside a Ray worker (picklable: no keys, no data).
 
-    dataset: str
+    Attributes:
+        app: The simulated app (a bundled dataset is one too:
+            :func:`sepals.simulations.jobs.bundled_app`).
+        canaries: Privacy audits only (:mod:`sepals.simulations.audit`): every client's
+            training data is wrapped with the canaries it holds.
+
+    """
+
+    app: AppSource
     clients: int
     partition: str
     seed: int
@@ -40,10 +45,9 @@ class SimulatedClientProvider:
     encryption: EncryptionConfig
     secret_path: str | None
     plan: FederationPlan
-    app: AppSource | None = None
     device: str = "auto"
     nodes_dir: str | None = None
-    canaries: CanarySpec | None = None  # privacy audits only (sepals.simulations.audit)
+    canaries: CanarySpec | None = None
     ledger_dir: str | None = None
     reproducible_noise: bool = False
 
@@ -61,73 +65,37 @@ def _note_node(nodes_dir: str, node_id: int, pid: int) -> None:
     atomic_write(Path(nodes_dir) / str(node_id), f"client-{pid}".encode(), durable=False)
 
 
-class _RuntimeCommon(TypedDict):
-    """The :class:`ClientRuntime` arguments shared by dataset and app clients."""
-
-    client_id: str
-    privacy: PrivacyConfig
-    encryption: EncryptionConfig
-    plan: FederationPlan
-    secret_context: bytes | None
-    seed: int
-    deterministic_noise: bool
-    ledger_path: Path | None
-
-
 @functools.lru_cache(maxsize=64)
 def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
-    """Build a simulated client's runtime once per worker process, not once per message."""
+    """Build a simulated client's runtime once per worker process, not once per message.
+
+    The run's budget (``provider.privacy``) applies in place of the app's own.
+    """
     import torch
 
-    from sepals.client.core import ClientRuntime
-    from sepals.common.partition import client_partition
-
     torch.set_num_threads(1)
-    secret = read_secret(provider.secret_path) if provider.secret_path else None
-    common: _RuntimeCommon = {
-        "client_id": f"client-{pid}",
-        "privacy": provider.privacy,
-        "encryption": provider.encryption,
-        "plan": provider.plan,
-        "secret_context": secret,
-        "seed": provider.seed,
-        "deterministic_noise": provider.reproducible_noise,
-        "ledger_path": (
-            None if provider.ledger_dir is None else Path(provider.ledger_dir, f"client-{pid}.json")
-        ),
-    }
-    if provider.app is not None:
-        app = provider.app.load()
-        train_ds, test_ds = app_client_data(
-            provider.app, provider.clients, provider.partition, provider.seed, pid
-        )
-        return ClientRuntime(
-            model_factory=app.model_factory,
-            train_data=train_ds,
-            test_data=test_ds,
-            loss_fn=app.loss_fn,
-            metric=app.metric,
-            metric_name=app.metric_name,
-            device=pick_device(provider.device, app),
-            pretrained=None if app.pretrained is None else Path(app.pretrained),
-            trainable=app.trainable,
-            **common,
-        )
-    train, test = client_partition(
-        provider.dataset, provider.clients, provider.partition, provider.seed, pid
+    app = provider.app.load()
+    train, test = app_client_data(
+        provider.app, provider.clients, provider.partition, provider.seed, pid
     )
-    train_data = train.to_torch()
-    canaries = None
     if provider.canaries is not None:
-        canaries = provider.canaries.for_client(pid)
-        train_data = canaries.add_rows(train_data)
-    return ClientRuntime(
-        model_factory=dataset_model_factory(provider.dataset),
-        train_data=train_data,
-        test_data=test.to_torch(),
-        device=provider.device,
-        canaries=canaries,
-        **common,
+        train = provider.canaries.for_client(pid).add_rows(train)
+    ledger = (
+        None if provider.ledger_dir is None else Path(provider.ledger_dir, f"client-{pid}.json")
+    )
+    return build_runtime(
+        app,
+        client_id=f"client-{pid}",
+        train_data=train,
+        test_data=test,
+        encryption=provider.encryption,
+        plan=provider.plan,
+        secret_context=read_secret(provider.secret_path) if provider.secret_path else None,
+        seed=provider.seed,
+        ledger_path=ledger,
+        privacy=provider.privacy,
+        device=pick_device(provider.device, app),
+        deterministic_noise=provider.reproducible_noise,
     )
 
 

@@ -180,6 +180,16 @@ class AppSource:
         return load_app(self)
 
 
+BUNDLED_JOB_SPEC = "sepals.simulations.jobs:bundled_job"
+"""The spec of a bundled dataset's app (:func:`sepals.simulations.jobs.bundled_app`)."""
+
+
+def bundled_source(dataset: str, clients: int, partition: str, seed: int) -> AppSource:
+    """The :class:`AppSource` of bundled ``dataset`` split among ``clients`` clients."""
+    args = (("dataset", dataset), ("clients", str(clients)), ("partition", partition))
+    return AppSource(BUNDLED_JOB_SPEC, (*args, ("seed", str(seed))))
+
+
 @functools.lru_cache(maxsize=4)
 def load_app(source: AppSource) -> EdgeApp:
     """The :class:`EdgeApp` that ``source`` names (cached per process: a worker loads it once)."""

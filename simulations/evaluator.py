@@ -15,9 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from sepals.common.config import EncryptionConfig
-from sepals.common.data import load_dataset
 from sepals.common.files import atomic_write
-from sepals.simulations.app_data import app_client_data
+from sepals.simulations.app_data import app_client_data, client_test_owner
 from sepals.simulations.config import AppSource
 from sepals.simulations.keys import write_secret_context
 from sepals.simulations.reasons import clean_reason
@@ -25,44 +24,28 @@ from sepals.simulations.reasons import clean_reason
 _EVAL_STATE: dict[str, Any] = {}
 
 
-def evaluator_data(
-    dataset: str | None,
-    app: AppSource | None,
-    seed: int,
-    device: str,
-    clients: int,
-    partition: str = "iid",
-) -> None:
+def evaluator_data(app: AppSource, seed: int, device: str, clients: int, partition: str) -> None:
     """Evaluator (subprocess): load the model factory and the test data.
 
-    That is the held-out test split and the clients' own test splits: their rows of the
-    held-out split for a bundled dataset, their datasets for an app.
+    That is the app's held-out test data and the clients' own test data. Where every
+    client's test data is known to be rows of the held-out data and the loss and metric
+    are the defaults (a bundled dataset, or an app whose test data sepals splits), one
+    pass over the held-out data scores them all.
     """
-    from sepals.client.training import make_dp_compatible
-    from sepals.common.partition import client_test_indices
-
+    edge = app.load()
     _EVAL_STATE["device"] = device
+    _EVAL_STATE["factory"] = edge.build_model_factory()
+    _EVAL_STATE["test"] = edge.test_dataset
+    _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = edge.loss_fn, edge.metric
     _EVAL_STATE["owner"] = None
     _EVAL_STATE["client_tests"] = []
-    if app is not None:
-        edge = app.load()
-        _EVAL_STATE["factory"] = edge.build_model_factory()
-        _EVAL_STATE["test"] = edge.test_dataset
-        _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = edge.loss_fn, edge.metric
+    if edge.loss_fn is None and edge.metric is None:
+        _EVAL_STATE["owner"] = client_test_owner(app, clients, partition, seed)
+    if _EVAL_STATE["owner"] is None:
         tests = [(k, app_client_data(app, clients, partition, seed, k)[1]) for k in range(clients)]
         _EVAL_STATE["client_tests"] = [
             (f"client-{k}", ds) for k, ds in tests if ds is not None and len(ds) > 0
         ]
-    else:
-        data = load_dataset(dataset or "", seed, num_clients=clients)
-        _EVAL_STATE["factory"] = make_dp_compatible(data.model_factory())
-        _EVAL_STATE["test"] = data.test.to_torch()
-        _EVAL_STATE["loss_fn"], _EVAL_STATE["metric"] = None, None
-        # The clients' test splits partition the held-out one: one pass serves both.
-        owner = np.full(len(data.test), -1, dtype=np.int64)
-        for k, rows in enumerate(client_test_indices(dataset or "", clients, partition, seed)):
-            owner[rows] = k
-        _EVAL_STATE["owner"] = owner
 
 
 PerClient = dict[str, float]
@@ -88,9 +71,12 @@ def evaluator_run(
     _EVAL_STATE["latest"] = weights
     owner = _EVAL_STATE.get("owner")
     if _EVAL_STATE["test"] is not None and owner is not None:
-        loss, value, grouped = grouped_accuracy(
-            factory, weights, _EVAL_STATE["test"], owner, _EVAL_STATE["device"]
-        )
+        try:
+            loss, value, grouped = grouped_accuracy(
+                factory, weights, _EVAL_STATE["test"], owner, _EVAL_STATE["device"]
+            )
+        except Exception as exc:  # an app's model whose outputs are not class scores
+            return None, None, clean_reason(f"{type(exc).__name__}: {exc}"), None
         return loss, value, None, grouped
     loss_value: tuple[float | None, float | None] = (None, None)
     if _EVAL_STATE["test"] is not None:

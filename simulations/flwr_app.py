@@ -51,7 +51,7 @@ from sepals.common.log import LOGGER, log
 from sepals.common.masking import masked_federation
 from sepals.common.partition import PartitionSpec
 from sepals.common.plan import FederationPlan
-from sepals.simulations.config import AppSource
+from sepals.simulations.config import AppSource, bundled_source
 
 PRETRAINED_JOB_SPEC = "sepals.simulations.jobs:pretrained_job"
 RUNS_DIR = "sepals-runs"
@@ -166,10 +166,10 @@ class FlowerJob:
             pretrained=_get(config, "pretrained", ""),
         )
 
-    def app_source(self) -> AppSource | None:
-        """The pretraining job as every party loads it (``None`` without a checkpoint)."""
+    def app_source(self, clients: int) -> AppSource:
+        """The job's app as every party loads it: the dataset, or its pretraining job."""
         if not self.pretrained:
-            return None
+            return bundled_source(self.dataset, clients, self.partition, self.federation.seed)
         path = str(Path(self.pretrained).expanduser().resolve())
         seed = str(self.federation.seed)
         args = (("dataset", self.dataset), ("checkpoint", path), ("seed", seed))
@@ -297,11 +297,8 @@ def server_main(grid: Any, context: Any) -> None:
     """
     from flwr.app import ArrayRecord
 
-    from sepals.client.training import make_dp_compatible
-    from sepals.common.data import load_dataset
     from sepals.common.files import atomic_write, checkpoint_sha256
     from sepals.common.models import num_parameters
-    from sepals.common.partition import client_example_caps
     from sepals.common.scheme import make_server_codec
     from sepals.server.serverapp.app import ServerSettings, build_strategy, require_aggregation
     from sepals.simulations.app_data import app_caps
@@ -329,16 +326,10 @@ def server_main(grid: Any, context: Any) -> None:
         encryption.scheme,
     )
     log(INFO, "sepals flwr app: federated evaluation %s", fed.evaluation_disclosure)
-    source = job.app_source()
-    sha256 = ""
-    if source is None:
-        data = load_dataset(job.dataset, fed.seed)
-        vector_length = num_parameters(make_dp_compatible(data.model_factory())())
-        caps = client_example_caps(job.dataset, clients, job.partition, fed.seed)
-    else:
-        vector_length = num_parameters(source.load().build_model_factory()())
-        caps = app_caps(source, clients, job.partition, fed.seed)
-        sha256 = checkpoint_sha256(job.pretrained)
+    source = job.app_source(clients)
+    vector_length = num_parameters(source.load().build_model_factory()())
+    caps = app_caps(source, clients, job.partition, fed.seed)
+    sha256 = checkpoint_sha256(job.pretrained) if job.pretrained else ""
     # Keys for the BFV ring sized to this model; each client sizes the same way.
     encryption = encryption.sized_for(vector_length)
     secret_path, public_context = provision_keys(encryption, run_dir / "keys")
@@ -413,7 +404,7 @@ def client_runtime(context: Any) -> Any:
     if clients != int(record["clients"]):
         raise ValueError(f"node config has {clients} partitions, the job {record['clients']}")
     provider = SimulatedClientProvider(
-        dataset=job.dataset,
+        app=job.app_source(clients),
         clients=clients,
         partition=job.partition,
         seed=job.federation.seed,
@@ -421,7 +412,6 @@ def client_runtime(context: Any) -> Any:
         encryption=job.encryption(clients).sized_for(plan.vector_length),
         secret_path=record["secret"],
         plan=plan,
-        app=job.app_source(),
     )
     return provider(context)
 

@@ -40,20 +40,18 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sepals.common.accounting import check_delta
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig
-from sepals.common.data import dataset_model_factory
 from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import ParameterCounts, describe_trainable
 from sepals.common.log import log
 from sepals.common.masking import masked_federation
-from sepals.common.partition import check_client_sizes, client_train_sizes
+from sepals.common.partition import check_client_sizes
 from sepals.common.plan import FederationPlan
 from sepals.common.round_signature import OperatorSigner, generate_operator_key
 from sepals.common.scheme import make_server_codec
-from sepals.simulations.app_data import app_caps
+from sepals.simulations.app_data import app_caps, app_train_sizes
 from sepals.simulations.clients import (
     SimulatedClientProvider,
     client_resources,
@@ -66,6 +64,7 @@ from sepals.simulations.config import (
     AppSource,
     SimulationConfig,
     absolute_spec,
+    bundled_source,
     pickle_app,
 )
 from sepals.simulations.evaluator import (
@@ -139,6 +138,19 @@ def fine_tuned_app(config: SimulationConfig, app: EdgeApp | None) -> EdgeApp | N
     return dataclasses.replace(app, **changes)
 
 
+def simulated_app_source(config: SimulationConfig, app: EdgeApp | None) -> AppSource:
+    """How every process of the run loads its app: the given one, ``--app``, or the dataset.
+
+    A bundled dataset is an app like any other (:func:`sepals.simulations.jobs.bundled_app`).
+    """
+    app = fine_tuned_app(config, app)
+    if app is not None:
+        return AppSource(pickled=pickle_app(app), cwd=os.getcwd())
+    if config.app is not None:
+        return AppSource(absolute_spec(config.app), tuple(config.app_args), cwd=os.getcwd())
+    return bundled_source(config.dataset, config.clients, config.partition, config.federation.seed)
+
+
 def he_ring(encryption: EncryptionConfig, vector_length: int) -> dict[str, Any] | None:
     """The report's ring entry: N and ciphertexts per update (``None`` without HE)."""
     if not encryption.enabled:
@@ -206,8 +218,7 @@ def run_experiment(
     from flwr.simulation import run_simulation
 
     from sepals.client.app import make_client_app
-    from sepals.client.training import make_dp_compatible, resolve_device
-    from sepals.common.partition import client_example_caps
+    from sepals.client.training import resolve_device
     from sepals.common.records import read_global_record
     from sepals.server.serverapp.app import ServerSettings, build_strategy, make_server_app
     from sepals.server.serverapp.strategy import RoundRecord, simulation_node_order
@@ -218,49 +229,34 @@ def run_experiment(
     fed = simulated_federation(config)
     config = dataclasses.replace(config, federation=fed)  # the report shows the settings run
     t_start = time.perf_counter()
-    source: AppSource | None = None
-    edge: EdgeApp | None = None
-    app = fine_tuned_app(config, app)
-    if app is not None:
-        source = AppSource(pickled=pickle_app(app), cwd=os.getcwd())
-    elif config.app is not None:
-        source = AppSource(absolute_spec(config.app), tuple(config.app_args), cwd=os.getcwd())
-    if source is not None:
-        edge = source.load()
-        factory = edge.build_model_factory()
-        caps = app_caps(
-            source,
-            config.clients,
-            config.partition,
-            fed.seed,
-            delta=config.privacy.delta if config.privacy.enabled else None,
-        )
-        metric_name, higher_is_better = edge.metric_name, edge.higher_is_better
-    else:
-        factory = make_dp_compatible(dataset_model_factory(config.dataset))
-        sizes = client_train_sizes(config.dataset, config.clients, config.partition, fed.seed)
-        for warning in check_client_sizes(sizes, fed.batch_size):
-            log(WARNING, "%s", warning)
-        if config.privacy.enabled:
-            check_delta(config.privacy.delta, sizes)
-        caps = client_example_caps(config.dataset, config.clients, config.partition, fed.seed)
-        metric_name, higher_is_better = "accuracy", True
+    source = simulated_app_source(config, app)
+    edge = source.load()
+    factory = edge.build_model_factory()
+    sizes = app_train_sizes(source, config.clients, config.partition, fed.seed)
+    for warning in check_client_sizes(sizes, fed.batch_size):
+        log(WARNING, "%s", warning)
+    caps = app_caps(
+        source,
+        config.clients,
+        config.partition,
+        fed.seed,
+        delta=config.privacy.delta if config.privacy.enabled else None,
+    )
+    metric_name, higher_is_better = edge.metric_name, edge.higher_is_better
     counts = ParameterCounts.of(factory())
     vector_length = counts.trainable
     # The keys, the plan and the report use the BFV ring sized to the update.
     config = dataclasses.replace(config, encryption=config.encryption.sized_for(vector_length))
-    checkpoint = None if edge is None or edge.pretrained is None else Path(edge.pretrained)
+    checkpoint = None if edge.pretrained is None else Path(edge.pretrained)
     checkpoint_digest = "" if checkpoint is None else checkpoint_sha256(checkpoint)
     model_info = {
         "parameters": counts.to_dict(),
-        "trainable": describe_trainable(None if edge is None else edge.trainable),
+        "trainable": describe_trainable(edge.trainable),
         "pretrained": None if checkpoint is None else str(checkpoint),
         "checkpoint_sha256": checkpoint_digest,
         "he_ring": he_ring(config.encryption, vector_length),
     }
     if canaries is not None:
-        if source is not None:
-            raise ValueError("the privacy audit supports the bundled datasets, not --app")
         if canaries.dimension != vector_length:
             raise ValueError(
                 f"canaries of dimension {canaries.dimension} for a {vector_length}-parameter model"
@@ -286,7 +282,7 @@ def run_experiment(
         evaluator.shutdown(wait=True, cancel_futures=True)
         raise
     evaluator_ready = evaluator.submit(
-        evaluator_data, config.dataset, source, fed.seed, device, config.clients, config.partition
+        evaluator_data, source, fed.seed, device, config.clients, config.partition
     )
     cpus = config.cpus or os.cpu_count() or 1
     nodes_dir = tempfile.mkdtemp(prefix=".nodes-", dir=out)
@@ -419,7 +415,7 @@ def run_experiment(
     server_app = make_server_app(settings, strategy)
     client_app = make_client_app(
         SimulatedClientProvider(
-            dataset=config.dataset,
+            app=source,
             clients=config.clients,
             partition=config.partition,
             seed=fed.seed,
@@ -427,7 +423,6 @@ def run_experiment(
             encryption=config.encryption,
             secret_path=secret_path,
             plan=plan,
-            app=source,
             device="cpu" if config.ray_address else config.device,
             nodes_dir=nodes_dir,
             canaries=canaries,

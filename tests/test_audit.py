@@ -174,14 +174,16 @@ def test_a_sampled_canary_moves_the_model_by_exactly_c_u_without_noise() -> None
     ledger = _ledger(privacy, len(data), settings)
     assert ledger.noise_multiplier is not None and ledger.noise_multiplier > 1.0
     theta0 = get_flat(_model())
-    out = train_round(_model, None, data, settings, privacy, ledger, 1, canaries=canaries)
+    out = train_round(_model, None, data, settings, privacy, ledger, 1)
     assert out.steps == 1 and out.num_examples == 1
     assert np.allclose(theta0 - out.weights, 0.5 * u[0], atol=1e-5)
     # The ledger records the calibrated sigma: the broken switch claims the budget.
     assert out.ledger.history[-1][0] == ledger.noise_multiplier
     # With the noise on, the same step is far from C*u.
-    honest = ClientCanaries((0,), u)
-    noisy = train_round(_model, None, data, settings, privacy, ledger, 1, canaries=honest)
+    honest = ClientCanaries((0,), u).add_rows(
+        TensorDataset(torch.zeros((0, 4)), data.tensors[1][:0])
+    )
+    noisy = train_round(_model, None, honest, settings, privacy, ledger, 1)
     assert np.linalg.norm(theta0 - noisy.weights - 0.5 * u[0]) > 1.0
 
 
@@ -197,7 +199,7 @@ def test_canaries_are_poisson_sampled_at_the_step_rate() -> None:
     ledger = _ledger(privacy, len(data), settings)
     q = ledger.sample_rate
     assert q == pytest.approx(0.1)
-    out = train_round(_model, None, data, settings, privacy, ledger, 1, canaries=canaries)
+    out = train_round(_model, None, data, settings, privacy, ledger, 1)
     rate = sum(canaries.seen) / (out.steps * k)
     assert out.steps == 50 and out.num_examples == 250
     assert abs(rate - q) < 0.025  # 2500 Bernoulli(0.1) draws: sd 0.006
@@ -213,30 +215,60 @@ def test_canary_rows_need_tensor_data_with_labels() -> None:
     assert y.tolist() == [0, 1, 1, -1] and float(x[3].abs().sum()) == 0.0
 
 
-def test_no_canaries_without_an_audit_spec() -> None:
-    from sepals.client.core import ClientRuntime
+def test_canaries_wrap_the_training_data_only_in_an_audit() -> None:
+    from sepals.client.canaries import CanaryData
     from sepals.common.partition import client_train_sizes
     from sepals.common.plan import FederationPlan
     from sepals.common.round_signature import generate_operator_key
     from sepals.common.scheme import make_client_codec
     from sepals.simulations.clients import SimulatedClientProvider, simulated_runtime
+    from sepals.simulations.config import bundled_source
 
-    assert ClientRuntime.__dataclass_fields__["canaries"].default is None
     fed = FederationConfig(rounds=2)
     codec = make_client_codec(EncryptionConfig(scheme="none"), None)
     plan = FederationPlan.create(
         fed, codec.name, codec.fingerprint_hex, 10, generate_operator_key()[1]
     )
     base = SimulatedClientProvider(
-        "digits", 4, "iid", 0, PrivacyConfig(), EncryptionConfig(scheme="none"), None, plan
+        bundled_source("digits", 4, "iid", 0),
+        4,
+        "iid",
+        0,
+        PrivacyConfig(),
+        EncryptionConfig(scheme="none"),
+        None,
+        plan,
     )
     sizes = client_train_sizes("digits", 4, "iid", 0)
     plain = simulated_runtime(base, 1)
-    assert plain.canaries is None and len(plain.train_data) == sizes[1]
+    assert not isinstance(plain.train_data, CanaryData) and len(plain.train_data) == sizes[1]
     spec = make_canary_spec(0, 40, 10, 4)
     audited = simulated_runtime(SimulatedClientProvider(**{**base.__dict__, "canaries": spec}), 1)
-    assert audited.canaries is not None
+    assert isinstance(audited.train_data, CanaryData)
+    assert audited.train_data.canaries.ids == spec.for_client(1).ids
     assert len(audited.train_data) == sizes[1] + spec.per_client(4)[1]
+
+
+def test_canaries_wrap_any_dataset_of_labelled_pairs() -> None:
+    from torch.utils.data import Subset
+
+    c = ClientCanaries((0, 1), canary_directions(0, 2, 5))
+    base = TensorDataset(torch.arange(12.0).reshape(6, 2), torch.tensor([0, 1, 2, 0, 1, 2]))
+    from_subset = c.add_rows(Subset(base, [4, 1]))
+    assert from_subset.tensors[1].tolist() == [1, 1, -1, -2]
+    assert from_subset.tensors[0][:2].tolist() == [[8.0, 9.0], [2.0, 3.0]]
+
+    class Pairs(torch.utils.data.Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return torch.full((2,), float(i)), i
+
+    from_pairs = c.add_rows(Pairs())
+    assert from_pairs.tensors[1].tolist() == [0, 1, 2, -1, -2]
+    with pytest.raises(ValueError, match="labels"):
+        c.add_rows(TensorDataset(torch.zeros(3, 2), torch.tensor([0.5, 1.0, 2.0])))
 
 
 def test_run_audit_refuses_what_it_cannot_audit(tmp_path: Path) -> None:
@@ -268,8 +300,20 @@ def _small(tmp_path: Path, name: str) -> object:
 
 @pytest.mark.slow
 def test_audit_catches_a_broken_mechanism_and_passes_an_honest_one(tmp_path: Path) -> None:
-    broken = run_audit(_small(tmp_path, "broken"), 200, _broken_no_noise_for_tests=True)
+    import dataclasses
+
+    from e2e_util import EXAMPLE
+
+    # The broken run audits an own app (the example edge app's model and data, split
+    # by sepals); the honest one the bundled dataset: both go through the same path.
+    own_app = dataclasses.replace(
+        _small(tmp_path, "broken"),  # type: ignore[type-var]
+        app=f"{EXAMPLE}:make_app",
+        app_args=(("partitions", "1"),),
+    )
+    broken = run_audit(own_app, 200, _broken_no_noise_for_tests=True)
     honest = run_audit(_small(tmp_path, "honest"), 200)
+    assert broken["config"]["app"].endswith("edge_app.py:make_app")
     b, h = broken["audit"], honest["audit"]
     assert b["claimed_epsilon"] <= 1.0 + 1e-6 and h["claimed_epsilon"] <= 1.0 + 1e-6
     assert b["broken_no_noise_for_tests"] and not h["broken_no_noise_for_tests"]

@@ -52,7 +52,7 @@ def test_sim_cli_refuses_bad_pretrained_flags(
         (["--pretrained", str(tmp_path / "missing.pt")], "does not exist"),
         (["--pretrained", str(checkpoint), "--dataset", "mnist5k"], "pretraining job"),
         (["--pretrained", str(checkpoint), "--trainable", " , "], "at least one"),
-        (["--pretrained", str(checkpoint), "--audit", "50"], "no --app"),
+        (["--pretrained", str(checkpoint), "--audit", "50", "--epsilon", "0"], "--epsilon > 0"),
     ]
     for argv, message in cases:
         assert sim_main([*argv, "--out", str(tmp_path / "o")]) == 2
