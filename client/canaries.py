@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 
 def canary_directions(seed: int, count: int, dimension: int) -> npt.NDArray[np.float64]:
@@ -146,8 +146,8 @@ class ClientCanaries:
     def add_rows(self, data: Dataset[Any]) -> CanaryData:
         """``data`` with one marked row per canary appended (zero features, label ``-(1+j)``).
 
-        ``data`` is a ``TensorDataset`` of ``(x, y)``, a ``Subset`` of one, or any
-        dataset of ``(x, y)`` pairs (gathered into tensors).
+        ``data`` is a ``TensorDataset`` of ``(x, y)`` or any dataset of ``(x, y)``
+        pairs (stacked into tensors).
 
         Raises:
             ValueError: ``data`` is not ``(x, y)`` pairs with non-negative integer labels.
@@ -215,11 +215,8 @@ class CanaryData(TensorDataset):
 
 
 def _pair_tensors(data: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(x, y)`` tensors of ``data``, gathered by index where it can be."""
-    if isinstance(data, Subset) and type(data.dataset) is TensorDataset:
-        idx = torch.as_tensor(list(data.indices), dtype=torch.long)
-        tensors = tuple(t[idx] for t in data.dataset.tensors)
-    elif type(data) is TensorDataset:
+    """The ``(x, y)`` tensors of ``data``: its own, or its pairs stacked."""
+    if type(data) is TensorDataset:
         tensors = data.tensors
     else:
         rows = [data[i] for i in range(len(data))]  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sepals.client.edge_app import build_runtime
+from sepals.client.edge_app import build_runtime, gathered
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.files import atomic_write
 from sepals.common.plan import FederationPlan
@@ -79,7 +79,7 @@ def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
         provider.app, provider.clients, provider.partition, provider.seed, pid
     )
     if provider.canaries is not None:
-        train = provider.canaries.for_client(pid).add_rows(train)
+        train = provider.canaries.for_client(pid).add_rows(gathered(train))
     ledger = (
         None if provider.ledger_dir is None else Path(provider.ledger_dir, f"client-{pid}.json")
     )

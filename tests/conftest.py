@@ -35,3 +35,14 @@ def run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the files that hold end-to-end (``slow``) tests first, each file's tests together.
+
+    Under ``pytest-xdist``'s ``loadfile`` distribution the workers take whole files in
+    this order, so the long end-to-end files start at once, side by side, and the many
+    short tests fill in behind them instead of one long file finishing alone at the end.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: files stay whole
