@@ -79,7 +79,7 @@ def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
         provider.app, provider.clients, provider.partition, provider.seed, pid
     )
     if provider.canaries is not None:
-        train = provider.canaries.for_client(pid).add_rows(gathered(train))
+        train = provider.canaries.for_client(pid).add_rows(gathered(train) or train)
     ledger = (
         None if provider.ledger_dir is None else Path(provider.ledger_dir, f"client-{pid}.json")
     )
