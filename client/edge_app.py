@@ -135,7 +135,7 @@ class EdgeApp:
         return as_dataset(self.test_data)
 
 
-def gathered(data: Dataset | None) -> Dataset | None:  # type: ignore[type-arg]
+def gathered(data: Dataset) -> Dataset:  # type: ignore[type-arg]
     """``data``, with a ``Subset`` of a ``TensorDataset`` gathered into its own tensors.
 
     The training loader fetches a ``TensorDataset``'s batches whole (one indexing per
@@ -186,8 +186,8 @@ def build_runtime(
     return ClientRuntime(
         client_id=client_id,
         model_factory=app.model_factory,
-        train_data=gathered(train_data),  # type: ignore[arg-type]
-        test_data=gathered(test_data),
+        train_data=gathered(train_data),
+        test_data=None if test_data is None else gathered(test_data),
         privacy=app.privacy if privacy is None else privacy,
         encryption=encryption,
         plan=plan,

@@ -1,7 +1,8 @@
 """Simulated clients: the runtime each Ray worker builds for its node.
 
-Each node's runtime is built from the run's app (a bundled dataset is one), the signed plan and the
-secret context file, the way a deployed client builds its own from its bundle.
+Each node's runtime is built from the run's app (a bundled dataset is one), the
+signed plan and the secret context file, the way a deployed client builds its own
+from its bundle.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
         provider.app, provider.clients, provider.partition, provider.seed, pid
     )
     if provider.canaries is not None:
-        train = provider.canaries.for_client(pid).add_rows(gathered(train) or train)
+        train = provider.canaries.for_client(pid).add_rows(gathered(train))
     ledger = (
         None if provider.ledger_dir is None else Path(provider.ledger_dir, f"client-{pid}.json")
     )
