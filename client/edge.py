@@ -57,6 +57,7 @@ from sepals.client.connect import (
 )
 from sepals.client.core import ClientRuntime
 from sepals.client.edge_app import EdgeApp, build_runtime, load_edge_app
+from sepals.client.runtime_loop import RuntimeLoop
 from sepals.common.files import atomic_write, require_private
 from sepals.common.ledger import LedgerLock
 from sepals.common.log import log
@@ -295,8 +296,6 @@ class EdgeClient:
                 is not the federation's.
 
         """
-        from sepals.client.runtime_loop import RuntimeLoop
-
         secret_file = self.work_dir / "superexec.secret"
         superexec_secret = secrets.token_bytes(32)
         atomic_write(secret_file, superexec_secret, secret=True)

@@ -40,6 +40,7 @@ from sepals.common.codec import (
     UpdateCodec,
     as_finite_vector,
     pack_payload,
+    unpack_payload,
 )
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import (
@@ -274,7 +275,6 @@ class BfvCodec(UpdateCodec):
 
         if self._decryptor is None:
             raise MissingSecretKeyError("this BFV bundle holds no secret key and cannot decrypt")
-        from sepals.common.codec import unpack_payload
 
         header, _ = unpack_payload(payload)
         loaded = self.validate(payload)

@@ -123,6 +123,11 @@ class UpdateCodec(ABC):
         return 0 if self._config is None else self._config.poly_modulus_degree
 
     @property
+    def can_decrypt(self) -> bool:
+        """Whether this instance holds a secret key (never true for a plaintext codec)."""
+        return False
+
+    @property
     @abstractmethod
     def fingerprint(self) -> bytes:
         """16-byte identifier of the key material (or of the plain codec)."""

@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sepals.common.accounting import pld_epsilon
 from sepals.common.errors import LedgerLockedError, SepalsError
 from sepals.common.files import atomic_write, require_private
 
@@ -203,8 +204,6 @@ def check_ledger(led: dict[str, Any], path: Path) -> None:
 
 def _pld(led: dict[str, Any]) -> str:
     """Epsilon of the ledger's history under the PLD accountant, for both relations."""
-    from sepals.common.accounting import pld_epsilon
-
     try:
         history, delta = led.get("history", []), float(led["delta"])
         add_remove = pld_epsilon(history, delta, replace_one=False)

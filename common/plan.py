@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from sepals.common.config import MAX_COEFF_MODULUS_BITS
 from sepals.common.errors import SepalsError
 from sepals.common.federation import FederationConfig, check_noise_shares
+from sepals.common.files import atomic_write
 
 PLAN_FORMAT = "sepals-plan/1"
 KEY_FEDERATION_ID = "federation-id"
@@ -341,8 +342,6 @@ class FederationPlan:
 
     def save(self, path: Path) -> None:
         """Write the plan to ``path`` (atomically; it is public)."""
-        from sepals.common.files import atomic_write
-
         atomic_write(path, self.to_json().encode())
 
     @classmethod

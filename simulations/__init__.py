@@ -4,15 +4,6 @@
 :mod:`sepals.simulations.api`).
 """
 
-from typing import Any
+from sepals.simulations.api import SimulationResult, simulate
 
 __all__ = ["SimulationResult", "simulate"]
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy, so that ``import sepals.simulations.cli`` stays light until it runs.
-    if name in __all__:
-        from sepals.simulations import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'sepals.simulations' has no attribute {name!r}")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.federation import FederationConfig, sampled_per_round
+from sepals.simulations.process_env import apply_process_env
 
 if TYPE_CHECKING:
     from torch import nn
@@ -120,12 +121,13 @@ def simulate(
         ValueError: a bad setting, or an app that cannot be loaded or split.
 
     """
+    # ``import sepals`` stays light: torch, Flower and the harness load when a run starts.
     import torch
 
     from sepals.client.edge_app import EdgeApp, load_edge_app
+    from sepals.common.masking import masked_federation
     from sepals.simulations.config import SimulationConfig, absolute_spec
     from sepals.simulations.harness import run_experiment
-    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     if isinstance(app, EdgeApp):
@@ -165,8 +167,6 @@ def simulate(
         seed=seed,
     )
     if noise_shares != 1:
-        from sepals.common.masking import masked_federation
-
         if encryption.scheme != "bfv":
             raise ValueError("noise_shares needs BFV encryption with pairwise masking")
         sampled = sampled_per_round(max(clients, 1), fraction, 1)

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
+from torch.utils.data import Subset
 
 from sepals.common.accounting import check_delta
 from sepals.common.partition import (
@@ -25,8 +27,6 @@ from sepals.simulations.config import AppSource
 
 def _labels_of(ds: Any) -> npt.NDArray[Any]:
     """The targets of a dataset of ``(x, y)`` pairs, one row per example."""
-    import torch
-
     if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) >= 2:
         y = ds.tensors[1]
     else:
@@ -93,8 +93,6 @@ def app_client_data(
     source: AppSource, clients: int, partition: str, seed: int, client: int
 ) -> tuple[Any, Any]:
     """Client ``client``'s ``(train, test-or-None)`` datasets of an own app."""
-    from torch.utils.data import Subset
-
     app = source.load()
     if app.client_data is not None:
         train, test = app.client_data(client, clients)

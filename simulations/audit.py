@@ -37,6 +37,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 from logging import INFO
 from pathlib import Path
@@ -44,9 +45,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from scipy import stats
+from torch.utils.data import ConcatDataset, DataLoader
 
+from sepals.client.canaries import CanarySpec
 from sepals.common.log import log
+from sepals.common.models import build_seeded, get_flat, num_parameters, set_flat
+from sepals.simulations.app_data import app_client_data
+from sepals.simulations.harness import run_experiment, simulated_app_source
 from sepals.simulations.one_shot import one_shot_estimate
 
 #: Canaries per audit (Dirac canaries on the quietest of the digits MLP's 2,410
@@ -253,8 +260,6 @@ def make_canary_spec(
         ValueError: fewer than 2 canaries or no client.
 
     """
-    from sepals.client.canaries import CanarySpec
-
     if count < 2:
         raise ValueError(f"an audit needs at least 2 canaries, got {count}")
     if clients < 1:
@@ -288,11 +293,6 @@ def quiet_coordinates(
         ValueError: ``count`` exceeds the number of parameters.
 
     """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from sepals.common.models import set_flat
-
     model = factory()
     set_flat(model, np.asarray(weights))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -344,15 +344,6 @@ def run_audit(
             or the app's training data is not ``(x, y)`` pairs with class labels.
 
     """
-    import time
-
-    import torch
-    from torch.utils.data import ConcatDataset
-
-    from sepals.common.models import build_seeded, get_flat, num_parameters
-    from sepals.simulations.app_data import app_client_data
-    from sepals.simulations.harness import run_experiment, simulated_app_source
-
     if not config.privacy.enabled:
         raise ValueError("the audit checks a DP claim: turn DP on (epsilon > 0)")
     if not 0.0 < confidence < 1.0:

@@ -19,13 +19,19 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.data import check_dataset_name
+from sepals.common.federation import FederationConfig, sampled_per_round
+from sepals.simulations.config import SimulationConfig, absolute_spec
 from sepals.simulations.pretrain import DEFAULT_OUT as DEFAULT_CHECKPOINT
 from sepals.simulations.pretrain import pretrain
+from sepals.simulations.process_env import apply_process_env
 from sepals.simulations.progress import (
     format_metric,
     model_text,
     progress_line,
 )
+from sepals.simulations.report import summarize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,21 +276,18 @@ def parse_app_args(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """Turn parsed flags into a :class:`SimulationConfig` (raises ValueError on bad input)."""
-    from sepals.common.config import EncryptionConfig, PrivacyConfig
-    from sepals.common.federation import FederationConfig, sampled_per_round
-    from sepals.simulations.config import SimulationConfig
-
     app_args = parse_app_args(args.app_arg)
     if app_args and args.app is None:
         raise ValueError("--app-arg needs --app")
     base = PrivacyConfig(target_epsilon=8.0, delta=1e-5)
     if args.app is not None:
+        # The SDK (and Flower with it) loads only when an app is named.
         from sepals.client.edge_app import load_edge_app
-        from sepals.simulations.config import absolute_spec
 
         base = load_edge_app(absolute_spec(args.app), dict(app_args)).privacy
         d = {**APP_DEFAULTS, "max_grad_norm": base.max_grad_norm}
     elif args.pretrained is not None:
+        # The pretraining jobs (and Flower with them) load only for --pretrained.
         from sepals.simulations.jobs import PRETRAINED_DATASETS
 
         if args.dataset not in PRETRAINED_DATASETS:
@@ -295,8 +298,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
         d = PRETRAINED_DEFAULTS[args.dataset]
         base = replace(base, accountant=d["accountant"])
     else:
-        from sepals.common.data import check_dataset_name
-
         name = check_dataset_name(args.dataset)
         d = DATASET_DEFAULTS[name.split(":", 1)[0]]
         base = replace(base, accountant=d["accountant"])
@@ -342,6 +343,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.noise_shares != 1 and not privacy.enabled:
         raise ValueError("--noise-shares splits DP noise: it needs DP on (--epsilon > 0)")
     if tuned or args.noise_shares != 1:
+        # Masking's key agreement loads only when masking is tuned.
         from sepals.common.masking import masked_federation
 
         sampled = sampled_per_round(max(args.clients, 1), federation.fraction_train, 1)
@@ -397,7 +399,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sepals-sim``."""
     args = build_parser().parse_args(argv)
     # Must precede every flwr import: Flower reads the telemetry switch at import time.
-    from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()
     configure_logging(args.verbose)
@@ -413,8 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"sepals-sim: error: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
+    # Flower and the harness load once the flags are checked: bad flags fail fast.
     from sepals.simulations.harness import run_experiment
-    from sepals.simulations.report import summarize
 
     if args.audit is not None and args.audit < 2:
         print(
@@ -452,13 +453,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
 
     if config.app is not None:
+        # The SDK loads only when an app is named.
         from sepals.client.edge_app import load_edge_app
-        from sepals.simulations.config import absolute_spec
 
         metric[0] = load_edge_app(absolute_spec(config.app), dict(config.app_args)).metric_name
     try:
         run: Any = run_experiment
         if args.audit is not None:
+            # The audit loads only for --audit.
             from sepals.simulations.audit import run_audit
 
             run = functools.partial(run_audit, canaries=args.audit)
@@ -472,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(summarize(report), flush=True)
     if "audit" in report:
-        from sepals.simulations.audit import summarize_audit
+        from sepals.simulations.audit import summarize_audit  # only for --audit
 
         print(summarize_audit(report), flush=True)
     out = os.path.abspath(config.out)

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from sepals.client.edge_app import build_runtime, gathered
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.files import atomic_write
 from sepals.common.plan import FederationPlan
+from sepals.server.serverapp.roster import NodeRoster
 from sepals.simulations.app_data import app_client_data
 from sepals.simulations.config import AppSource
 from sepals.simulations.keys import read_secret
@@ -72,8 +75,6 @@ def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
 
     The run's budget (``provider.privacy``) applies in place of the app's own.
     """
-    import torch
-
     torch.set_num_threads(1)
     app = provider.app.load()
     train, test = app_client_data(
@@ -120,8 +121,6 @@ def simulation_roster(caps: list[int]) -> Any:
 
     The simulation runs every client itself, so the names the clients claim are true.
     """
-    from sepals.server.serverapp.roster import NodeRoster
-
     return NodeRoster(
         trust_claimed_names=True,
         caps={f"client-{pid}": cap for pid, cap in enumerate(caps)},

@@ -8,7 +8,10 @@ simulated client process can rebuild the same app.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import sys
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -114,6 +117,8 @@ class SimulationConfig:
             raise ValueError(
                 f"masking needs the BFV codec, not encryption scheme {self.encryption.scheme!r}"
             )
+        # This module loads with the CLI, before its flags are parsed: the client's
+        # training module (and Flower) load when a config is made, and an app when used.
         from sepals.client.training import resolve_device
 
         resolve_device(self.device)  # fails fast on a bad name or a missing CUDA
@@ -193,9 +198,7 @@ def bundled_source(dataset: str, clients: int, partition: str, seed: int) -> App
 @functools.lru_cache(maxsize=4)
 def load_app(source: AppSource) -> EdgeApp:
     """The :class:`EdgeApp` that ``source`` names (cached per process: a worker loads it once)."""
-    import sys
-
-    from sepals.client.edge_app import EdgeApp, load_edge_app
+    from sepals.client.edge_app import EdgeApp, load_edge_app  # see __post_init__
 
     if source.cwd and source.cwd not in sys.path:
         sys.path.insert(0, source.cwd)
@@ -222,9 +225,6 @@ def pickle_app(app: EdgeApp) -> bytes:
         ValueError: the app does not pickle.
 
     """
-    import inspect
-    import sysconfig
-
     import cloudpickle
 
     installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}

@@ -6,6 +6,7 @@ test split, overall and per client; the server never sees its inputs in the clea
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -13,9 +14,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
+from torch.utils.data import DataLoader
 
+from sepals.client.training import evaluate_model, resolve_device
 from sepals.common.config import EncryptionConfig
 from sepals.common.files import atomic_write
+from sepals.common.models import set_flat
+from sepals.common.protocol import decode_global_model
+from sepals.common.scheme import make_client_codec, public_context_bytes
 from sepals.simulations.app_data import app_client_data, client_test_owner
 from sepals.simulations.config import AppSource
 from sepals.simulations.keys import write_secret_context
@@ -63,9 +70,6 @@ def evaluator_run(
     decrypted and kept, and loss and metric are ``None``; so they are when the app's
     loss or metric fails (``error`` says why).
     """
-    from sepals.client.training import evaluate_model
-    from sepals.common.protocol import decode_global_model
-
     factory = _EVAL_STATE["factory"]
     weights = decode_global_model(_EVAL_STATE["codec"], factory, global_model, model_seed)
     _EVAL_STATE["latest"] = weights
@@ -124,12 +128,6 @@ def grouped_accuracy(
     One pass over ``test`` (as :func:`sepals.client.training.evaluate_model` makes it,
     batch by batch); ``owner[i]`` is the client index of example ``i`` (``-1``: none).
     """
-    import torch
-    from torch.utils.data import DataLoader
-
-    from sepals.client.training import resolve_device
-    from sepals.common.models import set_flat
-
     dev = resolve_device(device)
     model = factory()
     set_flat(model, np.asarray(weights))
@@ -158,12 +156,6 @@ def grouped_accuracy(
 
 def evaluator_save(path: str) -> str:
     """Evaluator (subprocess): write the latest decrypted global model's ``state_dict``."""
-    import io
-
-    import torch
-
-    from sepals.common.models import set_flat
-
     model = _EVAL_STATE["factory"]()
     set_flat(model, _EVAL_STATE["latest"])
     buffer = io.BytesIO()
@@ -178,10 +170,6 @@ def evaluator_keys(encryption: EncryptionConfig, secret_path: str | None) -> byt
     Returns the public context for the server, ``None`` without encryption. The secret
     key leaves this process only in the 0600 key file the simulated clients read.
     """
-    import torch
-
-    from sepals.common.scheme import make_client_codec, public_context_bytes
-
     torch.set_num_threads(1)
     public = None
     secret = None

@@ -39,19 +39,29 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.utils import get_flwr_home
 
 from sepals.client.app import make_client_app
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.data import DATASET_NAMES
 from sepals.common.errors import SepalsError
 from sepals.common.federation import FederationConfig, sampled_per_round
+from sepals.common.files import atomic_write, checkpoint_sha256
 from sepals.common.log import LOGGER, log
 from sepals.common.masking import masked_federation
+from sepals.common.models import num_parameters
 from sepals.common.partition import PartitionSpec
 from sepals.common.plan import FederationPlan
+from sepals.common.scheme import make_server_codec
+from sepals.server.serverapp.app import ServerSettings, build_strategy, require_aggregation
+from sepals.simulations.app_data import app_caps
+from sepals.simulations.clients import SimulatedClientProvider, simulation_roster
 from sepals.simulations.config import AppSource, bundled_source
+from sepals.simulations.harness import simulated_plan
+from sepals.simulations.keys import provision_key_file
+from sepals.simulations.process_env import apply_process_env
 
 PRETRAINED_JOB_SPEC = "sepals.simulations.jobs:pretrained_job"
 RUNS_DIR = "sepals-runs"
@@ -196,8 +206,6 @@ class FlowerJob:
 
 def run_directory(run_id: int) -> Path:
     """``$FLWR_HOME/sepals-runs/<run_id>``: where a run's plan and client key live."""
-    from flwr.supercore.utils import get_flwr_home
-
     return get_flwr_home() / RUNS_DIR / str(int(run_id))
 
 
@@ -233,8 +241,6 @@ def check_no_runtime_install() -> None:
         RuntimeInstallError: such an environment is on ``sys.path``.
 
     """
-    from flwr.supercore.utils import get_flwr_home
-
     envs = (get_flwr_home() / "runtime-envs").resolve()
     for entry in sys.path:
         try:
@@ -276,7 +282,6 @@ def provision_keys(encryption: EncryptionConfig, keys_dir: Path) -> tuple[str | 
     """
     if not encryption.enabled:
         return None, None
-    from sepals.simulations.keys import provision_key_file
 
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret_path = str((keys_dir / SECRET_FILE).resolve())
@@ -295,17 +300,6 @@ def server_main(grid: Any, context: Any) -> None:
         NoRoundAggregatedError: no round aggregated any update.
 
     """
-    from flwr.app import ArrayRecord
-
-    from sepals.common.files import atomic_write, checkpoint_sha256
-    from sepals.common.models import num_parameters
-    from sepals.common.scheme import make_server_codec
-    from sepals.server.serverapp.app import ServerSettings, build_strategy, require_aggregation
-    from sepals.simulations.app_data import app_caps
-    from sepals.simulations.clients import simulation_roster
-    from sepals.simulations.harness import simulated_plan
-    from sepals.simulations.process_env import apply_process_env
-
     apply_process_env()
     _attach_log_handler()
     check_no_runtime_install()
@@ -334,13 +328,11 @@ def server_main(grid: Any, context: Any) -> None:
     encryption = encryption.sized_for(vector_length)
     secret_path, public_context = provision_keys(encryption, run_dir / "keys")
     try:
-        plan, signer = simulated_plan(
-            make_server_codec(encryption, public_context), fed, vector_length, sha256
-        )
+        server_codec = make_server_codec(encryption, public_context)
+        plan, signer = simulated_plan(server_codec, fed, vector_length, sha256)
         settings = ServerSettings(
             federation=fed,
-            encryption=encryption,
-            public_context=public_context,
+            codec=server_codec,
             vector_length=vector_length,
             roster=simulation_roster(caps),
             round_signer=signer,
@@ -388,8 +380,6 @@ def client_runtime(context: Any) -> Any:
             lacks the partition fields.
 
     """
-    from sepals.simulations.clients import SimulatedClientProvider
-
     job = FlowerJob.from_run_config(dict(context.run_config))
     run_dir = run_directory(context.run_id)
     try:

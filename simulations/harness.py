@@ -40,6 +40,10 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flwr.app import ArrayRecord, MetricRecord
+
+from sepals.client.app import make_client_app
+from sepals.client.training import resolve_device
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig
 from sepals.common.federation import FederationConfig, sampled_per_round
@@ -49,8 +53,11 @@ from sepals.common.log import log
 from sepals.common.masking import masked_federation
 from sepals.common.partition import check_client_sizes
 from sepals.common.plan import FederationPlan
+from sepals.common.records import read_global_record
 from sepals.common.round_signature import OperatorSigner, generate_operator_key
 from sepals.common.scheme import make_server_codec
+from sepals.server.serverapp.app import ServerSettings, build_strategy, make_server_app
+from sepals.server.serverapp.strategy import RoundRecord, simulation_node_order
 from sepals.simulations.app_data import app_caps, app_train_sizes
 from sepals.simulations.clients import (
     SimulatedClientProvider,
@@ -74,6 +81,8 @@ from sepals.simulations.evaluator import (
     evaluator_run,
     evaluator_save,
 )
+from sepals.simulations.jobs import pretrained_app
+from sepals.simulations.plots import write_plots
 from sepals.simulations.process_env import apply_process_env
 from sepals.simulations.ray_cluster import (
     check_reachable,
@@ -86,6 +95,7 @@ from sepals.simulations.report import (
     named_reasons,
     spread_of,
 )
+from sepals.simulations.vce_poller import install as install_vce_poller
 
 if TYPE_CHECKING:
     from sepals.client.canaries import CanarySpec
@@ -122,8 +132,6 @@ def fine_tuned_app(config: SimulationConfig, app: EdgeApp | None) -> EdgeApp | N
     if config.pretrained is None and config.trainable is None:
         return app
     if app is None and config.app is None:
-        from sepals.simulations.jobs import pretrained_app  # imports the job's model
-
         return pretrained_app(
             config.dataset, config.pretrained, config.trainable, config.federation.seed
         )
@@ -214,15 +222,8 @@ def run_experiment(
 
     """
     apply_process_env()
-    from flwr.app import ArrayRecord, MetricRecord
+    # Flower's simulation engine imports Ray, which reads the environment set just above.
     from flwr.simulation import run_simulation
-
-    from sepals.client.app import make_client_app
-    from sepals.client.training import resolve_device
-    from sepals.common.records import read_global_record
-    from sepals.server.serverapp.app import ServerSettings, build_strategy, make_server_app
-    from sepals.server.serverapp.strategy import RoundRecord, simulation_node_order
-    from sepals.simulations.vce_poller import install as install_vce_poller
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -390,16 +391,11 @@ def run_experiment(
         last_time[0] = time.perf_counter()
         return metrics
 
-    plan, signer = simulated_plan(
-        make_server_codec(config.encryption, public_context),
-        fed,
-        vector_length,
-        checkpoint_digest,
-    )
+    server_codec = make_server_codec(config.encryption, public_context)
+    plan, signer = simulated_plan(server_codec, fed, vector_length, checkpoint_digest)
     settings = ServerSettings(
         federation=fed,
-        encryption=config.encryption,
-        public_context=public_context,
+        codec=server_codec,
         vector_length=vector_length,
         on_round=on_round,
         evaluate_fn=evaluate_fn,
@@ -487,7 +483,6 @@ def run_experiment(
         rows[-1].get("fairness") if rows else None, last_clients, metric_name
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    from sepals.simulations.plots import write_plots
 
     write_plots(report, out)
     return report

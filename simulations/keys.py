@@ -12,12 +12,11 @@ from pathlib import Path
 
 from sepals.common.config import EncryptionConfig
 from sepals.common.files import atomic_write
+from sepals.common.scheme import generate_secret_context, public_context_bytes
 
 
 def write_secret_context(encryption: EncryptionConfig, secret_path: str) -> bytes:
     """Key holder (in a subprocess): create the secret context, write it (0600), return it."""
-    from sepals.common.scheme import generate_secret_context
-
     secret = generate_secret_context(encryption)
     atomic_write(Path(secret_path), secret, secret=True)
     return secret
@@ -25,8 +24,6 @@ def write_secret_context(encryption: EncryptionConfig, secret_path: str) -> byte
 
 def provision_key_file(encryption: EncryptionConfig, secret_path: str) -> bytes:
     """Key holder (runs in a subprocess): write the secret context, return the public one."""
-    from sepals.common.scheme import public_context_bytes
-
     return public_context_bytes(write_secret_context(encryption, secret_path))
 
 

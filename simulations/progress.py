@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from sepals.common.fairness import format_spread
+from sepals.simulations.reasons import LINE_REASON_CHARS, clean_reason
+
 
 def _who(entries: list[dict[str, str]]) -> str:
-    from sepals.simulations.reasons import LINE_REASON_CHARS, clean_reason
 
     return ", ".join(
         f"{e['client']} ({clean_reason(e['reason'], LINE_REASON_CHARS)})" for e in entries
@@ -30,8 +32,6 @@ def progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accuracy
     value = row.get("metric", row.get("accuracy"))
     extra = _mask_text(row)
     if row.get("fairness"):
-        from sepals.common.fairness import format_spread
-
         extra = f" | {format_spread(row['fairness'], metric_name)}{extra}"
     if row.get("declined"):
         extra += f" | declined: {_who(row['declined'])}"

@@ -120,6 +120,7 @@ def _noise_shares_summary(
     shares = config.federation.noise_shares
     if shares == 1 or not config.privacy.enabled:
         return {}
+    # Opacus' accountant loads only for a report that has noise shares to compare.
     from sepals.client.privacy import compute_epsilon
 
     lone = [

@@ -70,6 +70,7 @@ def install() -> bool:
         the attributes the poller reads.
 
     """
+    # Flower's simulation internals import Ray: they load only when a simulation starts.
     import flwr
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState

@@ -33,7 +33,7 @@ from sepals.client.app import (
     make_client_app,
 )
 from sepals.client.app import protocol_mismatch as client_mismatch
-from sepals.common.config import EncryptionConfig
+from sepals.common.codec import PlainCodec
 from sepals.common.federation import FederationConfig
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
 from sepals.common.records import KEY_PAYLOAD, payload_array
@@ -107,7 +107,7 @@ def _stock_client_app() -> ClientApp:
 def _sepals_strategy(rounds: int = 2) -> SepalsFedAvg:
     fed = FederationConfig(rounds=rounds, min_train_clients=1, fraction_evaluate=1.0)
     strategy = build_strategy(
-        ServerSettings(federation=fed, encryption=EncryptionConfig(scheme="none"), vector_length=4)
+        ServerSettings(federation=fed, codec=PlainCodec(), vector_length=4)
     )
     assert isinstance(strategy, SepalsFedAvg)
     strategy.node_wait_timeout = 0.0

@@ -152,3 +152,85 @@ def test_the_server_zones_import_apart() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == ""
+
+
+# The server's trust zones: the operator's control plane starts the public front and the
+# ServerApp and may use both; neither of them may reach into the control plane (the
+# ServerApp reads the run spec the control plane wrote, never server.toml).
+ZONES = {
+    "sepals.server.serverapp": {"sepals.server.control", "sepals.server.front"},
+    "sepals.server.front": {"sepals.server.control", "sepals.server.serverapp"},
+}
+
+
+@pytest.mark.parametrize("zone", sorted(ZONES))
+def test_the_server_trust_zones_import_one_way(zone: str) -> None:
+    members = [m for m in MODULES if m == zone or m.startswith(zone + ".")]
+    assert members
+    wrong = sorted(
+        f"{module} -> {target}"
+        for module in members
+        for target in _imports(MODULES[module], top_level_only=False)
+        if any(target == z or target.startswith(z + ".") for z in ZONES[zone])
+    )
+    assert not wrong, f"{zone} reaches into another zone: {wrong}"
+
+
+# An import inside a function needs a reason. These packages are slow to load or
+# optional, and only some paths use them, so loading them where they are used is the
+# reason: a process that never encrypts never loads SEAL, ``sepals-sim --help`` never
+# loads Ray. Any other import inside a function says why in a comment on the line above
+# its group of imports, or on the import itself.
+LAZY_PACKAGES = {
+    "cloudpickle",
+    "datasets",
+    "dp_accounting",
+    "flwr_datasets",
+    "galois",
+    "matplotlib",
+    "mlxtend",
+    "opacus",
+    "peft",
+    "ray",
+    "safetensors",
+    "sklearn",
+    "tenseal",
+    "uvicorn",
+}
+
+
+def _import_line(line: str) -> bool:
+    return line.strip().startswith(("import ", "from ", ")"))
+
+
+def _unexplained_imports(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    tree = ast.parse("\n".join(lines))
+    bad: list[str] = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+            if (name or "").split(".")[0] in LAZY_PACKAGES:
+                continue
+            # The group: the import lines above it, across the blank line that
+            # separates third-party imports from sepals' own.
+            first = node.lineno - 1
+            while first > 0 and (
+                _import_line(lines[first - 1])
+                or (not lines[first - 1].strip() and first > 1 and _import_line(lines[first - 2]))
+            ):
+                first -= 1
+            above = lines[first - 1].strip() if first > 0 else ""
+            group = lines[first : node.end_lineno]
+            if not above.startswith("#") and not any("#" in line for line in group):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}")
+    return bad
+
+
+def test_imports_inside_functions_have_a_reason() -> None:
+    bad = [entry for path in sorted(set(MODULES.values())) for entry in _unexplained_imports(path)]
+    assert not bad, "imports inside functions without a reason:\n" + "\n".join(bad)

@@ -153,6 +153,7 @@ def test_a_deployment_fine_tunes_with_the_sdk(checkpoint: Path, tmp_path: Path) 
     BFV with masks, and a client with another checkpoint refused at construction.
     """
     from sepals.client.edge import EdgeClient
+    from sepals.server.control.config import ServerDeployConfig
     from sepals.server.control.provision import ProvisionSpec, provision
     from sepals.server.serverapp.deployed_app import RUN_CONFIG_KEY
     from sepals.server.serverapp.deployed_app import app as deployed_app
@@ -180,7 +181,9 @@ def test_a_deployment_fine_tunes_with_the_sdk(checkpoint: Path, tmp_path: Path) 
         bundle = bundles / "clients" / f"client-{k + 1}"
         clients[100 + k] = EdgeClient(bundle, app, ledger_path=tmp_path / f"ledger-{k}.json")
     try:
-        run_config = {RUN_CONFIG_KEY: str(bundles / "server" / "server.toml")}
+        # What sepals-server hands its ServerApp: the spec of the checked server.toml.
+        spec = ServerDeployConfig.from_toml(bundles / "server" / "server.toml").run_spec()
+        run_config = {RUN_CONFIG_KEY: str(spec.save())}
         server = Context(
             run_id=92, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
         )

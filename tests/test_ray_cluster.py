@@ -297,14 +297,12 @@ def test_simulation_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv(LOOPBACK_SWITCH, "0")
     if "ray._private.ray_constants" in sys.modules:
         monkeypatch.setattr(sys.modules["ray._private.ray_constants"], "ENABLE_RAY_CLUSTER", False)
-    import sepals.server.serverapp.app as server_app
-
     seen: dict[str, Any] = {}
-    build_strategy = server_app.build_strategy
+    make_server_codec = harness.make_server_codec
 
-    def spy_build_strategy(settings: Any) -> Any:
-        seen["public_context"] = settings.public_context
-        return build_strategy(settings)
+    def spy_server_codec(encryption: Any, public_context: bytes | None) -> Any:
+        seen["public_context"] = public_context
+        return make_server_codec(encryption, public_context)
 
     slots = harness.cluster_client_slots
 
@@ -312,7 +310,7 @@ def test_simulation_on_a_two_node_cluster(tmp_path: Path, monkeypatch: pytest.Mo
         seen["slots"] = slots()
         return int(seen["slots"])
 
-    monkeypatch.setattr(server_app, "build_strategy", spy_build_strategy)
+    monkeypatch.setattr(harness, "make_server_codec", spy_server_codec)
     monkeypatch.setattr(harness, "cluster_client_slots", spy_slots)
     keys.read_secret.cache_clear()
     with loopback_cluster() as cluster:

@@ -20,6 +20,8 @@ from sepals.server.control.cli import main
 from sepals.server.control.config import ServerDeployConfig
 from sepals.server.control.launcher import ServerLauncher
 from sepals.server.control.provision import ProvisionSpec, provision
+from sepals.server.serverapp.app import ServerSettings, build_strategy
+from sepals.server.serverapp.run_spec import DeployedRun
 from sepals.server.serverapp.state import CheckpointError, StateDir
 from sepals.server.serverapp.strategy import EncryptedFedAvg, RoundRecord
 
@@ -46,6 +48,53 @@ def test_provisioned_config_parses_with_paths_relative_to_it(bundles: Path) -> N
     assert cfg.min_available_clients == cfg.federation.min_train_clients
     codec = cfg.codec()
     assert codec.name.startswith(EncryptionConfig().scheme) and not codec.can_decrypt
+
+
+def test_the_run_spec_round_trips_and_holds_nothing_of_tls(bundles: Path, tmp_path: Path) -> None:
+    toml = _server_copy(bundles, tmp_path)
+    text = toml.read_text()
+    toml.write_text(text + '\n[nodes.max_examples]\nclient-1 = 7\n')
+    cfg = ServerDeployConfig.from_toml(toml)
+    spec = cfg.run_spec()
+    path = spec.save()
+    assert path.parent == cfg.state_dir and oct(path.stat().st_mode & 0o777) == "0o600"
+    loaded = DeployedRun.load(path)
+    assert loaded == spec and dict(loaded.max_examples) == {"client-1": 7}
+    codec = loaded.codec()
+    assert not codec.can_decrypt and codec.fingerprint == cfg.codec().fingerprint
+    loaded.signer(codec)  # the plan agrees with the spec
+    # The ServerApp is told no TLS file, no address and no node key.
+    told = path.read_text()
+    for secret in ("server.key", "server.pem", "ca.pem", "nodes", "9092"):
+        assert secret not in told
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{", "cannot read the run spec"),
+        ('{"format": "other"}', "not a run spec written by sepals-server"),
+        ('{"format": "sepals-run-spec/1", "state_dir": "/x"}', "not a valid run spec"),
+    ],
+)
+def test_a_bad_run_spec_names_the_file(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "serverapp.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        DeployedRun.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_the_strategy_refuses_a_codec_that_can_decrypt(bundles: Path) -> None:
+    encryption = EncryptionConfig().sized_for(10)
+    secret = (bundles / "clients" / "client-1" / "he-secret.ctx").read_bytes()
+    settings = ServerSettings(
+        federation=FederationConfig(rounds=1),
+        codec=make_client_codec(encryption, secret),
+        vector_length=10,
+    )
+    with pytest.raises(SecretKeyExposureError, match="secret HE key"):
+        build_strategy(settings)
 
 
 @pytest.mark.parametrize(

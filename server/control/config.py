@@ -23,11 +23,10 @@ from sepals.common.config import EncryptionConfig
 from sepals.common.errors import InsecureFileError, PayloadError
 from sepals.common.federation import FederationConfig
 from sepals.common.files import check_usable_dir, require_private
-from sepals.common.plan import FederationPlan
-from sepals.common.protocol import plan_conflicts
 from sepals.common.round_signature import OperatorSigner
-from sepals.common.scheme import make_server_codec
+from sepals.common.seal_bundle import key_parameters
 from sepals.server.control.toml_table import TomlTable, show_value
+from sepals.server.serverapp.run_spec import DeployedRun
 
 _TABLES = ("server", "federation", "encryption", "model", "nodes")
 _SERVER_KEYS = (
@@ -320,37 +319,25 @@ class ServerDeployConfig:
             max_examples=MappingProxyType(caps),
         )
 
-    def signer(self, codec: UpdateCodec) -> OperatorSigner:
-        """The signer of this federation's rounds, after checking the plan against us.
-
-        Raises:
-            ValueError: the plan or operator key is missing or unusable, or
-                ``[federation]``, the codec, the key or the model size departs from the
-                plan (clients would refuse every round); the message names the fields.
-
-        """
-        for key in ("plan", "operator_key"):
-            if getattr(self, key) is None:
-                raise ValueError(
-                    f"[server] {key} is required: clients serve only rounds that follow "
-                    "the provisioned plan and carry the operator's signature"
-                )
-        try:
-            plan = FederationPlan.load(self.plan)  # type: ignore[arg-type]
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"[server] plan {self.plan}: {exc}") from exc
-        conflicts = plan_conflicts(
-            plan, self.federation, codec.name, codec.fingerprint_hex, self.parameters
+    def run_spec(self) -> DeployedRun:
+        """What the ServerApp is told of this configuration (no TLS or node material)."""
+        return DeployedRun(
+            state_dir=self.state_dir,
+            parameters=self.parameters,
+            federation=self.federation,
+            encryption=self.encryption,
+            public_context=self.public_context,
+            plan=self.plan,
+            operator_key=self.operator_key,
+            min_available_clients=self.min_available_clients,
+            node_wait_timeout=self.node_wait_timeout,
+            default_max_examples=self.default_max_examples,
+            max_examples=self.max_examples,
         )
-        if conflicts:
-            raise ValueError(
-                f"server.toml departs from the federation's plan in: {', '.join(conflicts)}; "
-                "clients would refuse every round (re-provision to change the plan)"
-            )
-        try:
-            return OperatorSigner.for_plan(self.operator_key, plan)  # type: ignore[arg-type]
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"[server] operator_key {self.operator_key}: {exc}") from exc
+
+    def signer(self, codec: UpdateCodec) -> OperatorSigner:
+        """The signer of this federation's rounds (see :meth:`DeployedRun.signer`)."""
+        return self.run_spec().signer(codec)
 
     def max_examples_for(self, name: str) -> int:
         """The ``num-examples`` cap of the node provisioned as ``name``."""
@@ -366,28 +353,23 @@ class ServerDeployConfig:
                 says (the message names the key that differs).
 
         """
-        if not self.encryption.enabled:
-            return make_server_codec(self.encryption, None)
-        if self.public_context is None:
-            raise ValueError("[server] public_context is required when encryption is on")
         try:
-            public = self.public_context.read_bytes()
-        except OSError as exc:
-            raise ValueError(
-                f"[server] public_context {self.public_context} cannot be read: "
-                f"{exc.strerror or exc}"
-            ) from exc
-        try:
-            codec = make_server_codec(self.encryption, public)
+            codec = self.run_spec().codec()
         except PayloadError as exc:
-            mismatch = _key_mismatch(self.encryption, public, self.public_context)
             raise ValueError(
-                mismatch or f"[server] public_context {self.public_context} is not usable: {exc}"
+                self._key_mismatch()
+                or f"[server] public_context {self.public_context} is not usable: {exc}"
             ) from exc
-        mismatch = _key_mismatch(self.encryption, public, self.public_context)
+        mismatch = self._key_mismatch()
         if mismatch is not None:
             raise ValueError(mismatch)
         return codec
+
+    def _key_mismatch(self) -> str | None:
+        """Which ``[encryption]`` key disagrees with the public context, if any."""
+        if not self.encryption.enabled or self.public_context is None:
+            return None
+        return _key_mismatch(self.encryption, self.public_context.read_bytes(), self.public_context)
 
     def node_keys(self) -> list[Path]:
         """The node public keys to register."""
@@ -398,8 +380,6 @@ class ServerDeployConfig:
 
 def _key_mismatch(config: EncryptionConfig, public: bytes, path: Path) -> str | None:
     """Which ``[encryption]`` key disagrees with the key material at ``path``, if any."""
-    from sepals.common.seal_bundle import key_parameters
-
     try:
         made = key_parameters(public)
     except PayloadError:

@@ -15,6 +15,18 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+from flwr.proto.control_pb2 import (  # type: ignore[attr-defined]
+    ListNodesRequest,
+    ListRunsRequest,
+    RegisterNodeRequest,
+)
+from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
 from sepals.common.codec import UpdateCodec
 from sepals.common.fairness import format_spread
 from sepals.common.files import atomic_write
@@ -276,10 +288,6 @@ class ServerLauncher:
         """
         if self._control_client is not None:
             return self._control_client
-        from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
-        from flwr.supercore.control import ControlHttpClient
-        from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-
         self._control_client = ControlHttpClient.from_server_address(
             server_address=self.dial_address,
             insecure=self.insecure,
@@ -303,14 +311,6 @@ class ServerLauncher:
             That map.
 
         """
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from flwr.proto.control_pb2 import (  # type: ignore[attr-defined]
-            ListNodesRequest,
-            RegisterNodeRequest,
-        )
-        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
-
         if self.insecure:
             # Without node authentication SuperNodes register themselves under fresh
             # ids, so no key can be mapped: the ServerApp names nodes by id.
@@ -358,7 +358,7 @@ class ServerLauncher:
             str(app_dir),
             CONNECTION,
             "--run-config",
-            f'{RUN_CONFIG_KEY}="{self.cfg.source}"',
+            f'{RUN_CONFIG_KEY}="{self.cfg.run_spec().save()}"',
         )
         if not res.get("success"):
             raise DeploymentError(f"flwr run failed: {res.get('error-message')}")
@@ -370,8 +370,6 @@ class ServerLauncher:
         """``(status, details)`` of the submitted run, e.g. ``finished:completed``."""
         if self.run_id is None:
             return "unknown", ""
-        from flwr.proto.control_pb2 import ListRunsRequest  # type: ignore[attr-defined]
-
         try:
             res = self._control().ListRuns(ListRunsRequest(run_id=int(self.run_id)))
         except Exception as exc:

@@ -50,6 +50,12 @@ from sepals.common.files import atomic_write, checkpoint_sha256
 from sepals.common.masking import masked_federation
 from sepals.common.plan import FederationPlan
 from sepals.common.round_signature import generate_operator_key
+from sepals.common.scheme import (
+    context_fingerprint,
+    generate_secret_context,
+    make_server_codec,
+    public_context_bytes,
+)
 from sepals.server.control.tls_keys import (
     make_node_keys,
     make_tls,
@@ -292,6 +298,8 @@ parameters = {parameters}
 
 def default_model_parameters() -> int:
     """Parameter count of the default model (the digits MLP that sepals-sim trains)."""
+    # Only a provision that is not told the parameter count builds the default model
+    # (and loads torch for it).
     from sepals.common.data import load_dataset
     from sepals.common.models import num_parameters
 
@@ -316,13 +324,6 @@ def provision(spec: ProvisionSpec) -> ProvisionResult:
         FileExistsError: ``spec.out`` exists and is not empty (keys are never overwritten).
 
     """
-    from sepals.common.scheme import (
-        context_fingerprint,
-        generate_secret_context,
-        make_server_codec,
-        public_context_bytes,
-    )
-
     out = spec.out
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; refusing to overwrite existing keys")

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         sys.stdin.close()
+    # Flower's ServerApp runtime loads only in the process that runs it, once its token
+    # has arrived.
     from flwr.supercore.logger import mirror_output_to_queue, restore_output
     from flwr.superlink.runtime import run_serverapp
 

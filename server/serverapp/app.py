@@ -14,19 +14,18 @@ traceback.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from logging import DEBUG, ERROR, INFO
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from sepals.common.config import EncryptionConfig
-from sepals.common.errors import SepalsError
+from sepals.common.codec import UpdateCodec
+from sepals.common.errors import SecretKeyExposureError, SepalsError
 from sepals.common.federation import FederationConfig
 from sepals.common.log import log
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
-from sepals.common.scheme import make_server_codec
 from sepals.server.serverapp.roster import NodeRoster
 from sepals.server.serverapp.strategy import EncryptedFedAvg, NodeOrder, RoundRecord, RoundSigner
 
@@ -45,8 +44,9 @@ class ServerSettings:
 
     Attributes:
         federation: Rounds, sampling and local-training settings.
-        encryption: Encryption settings (``scheme="none"`` runs plain FedAvg).
-        public_context: Serialized public TenSEAL context (``None`` without encryption).
+        codec: The server's codec, from
+            :func:`~sepals.common.scheme.make_server_codec` (which refuses a secret HE
+            context); a plain codec runs plain FedAvg.
         vector_length: Number of model parameters.
         on_round: Sink for each round's :class:`RoundRecord`.
         evaluate_fn: Optional evaluation hook, called with the (encrypted) global model
@@ -66,8 +66,7 @@ class ServerSettings:
     """
 
     federation: FederationConfig
-    encryption: EncryptionConfig
-    public_context: bytes | None = field(default=None, repr=False)
+    codec: UpdateCodec
     vector_length: int = 0
     on_round: Callable[[RoundRecord], None] | None = None
     evaluate_fn: EvaluateFn | None = None
@@ -212,14 +211,21 @@ def require_aggregation(strategy: EncryptedFedAvg) -> None:
 
 
 def build_strategy(settings: ServerSettings) -> EncryptedFedAvg:
-    """The strategy for ``settings``; refuses a secret HE context.
+    """The strategy for ``settings``.
 
     It is a :class:`SepalsFedAvg`, so a stock Flower ClientApp's replies are excluded
     with a protocol-mismatch reason.
+
+    Raises:
+        SecretKeyExposureError: the codec holds a secret key, which the server never may.
+
     """
-    codec = make_server_codec(settings.encryption, settings.public_context)
+    if settings.codec.can_decrypt:
+        raise SecretKeyExposureError(
+            "the server's codec holds a secret HE key; give the server the public context only"
+        )
     return SepalsFedAvg(
-        codec=codec,
+        codec=settings.codec,
         vector_length=settings.vector_length,
         federation=settings.federation,
         on_round=settings.on_round,
