@@ -275,19 +275,32 @@ def partition_like(
     return [np.sort(p).astype(np.int64) for p in parts]
 
 
+def client_split_sizes(
+    name: str, num_clients: int, partition: str, seed: int
+) -> list[tuple[int, int]]:
+    """Per simulated client, ``(train, test)`` example counts, without building the splits.
+
+    Raises:
+        ValueError: the dataset cannot be split among ``num_clients`` clients, or the
+            partition does not apply to the dataset.
+
+    """
+    check_partition(name, partition)
+    if is_synthetic(name):
+        return list(client_sizes(SyntheticSpec.parse(name), num_clients, seed))
+    spec = str(PartitionSpec.parse(partition))
+    train = _cached_partitions(name, num_clients, spec, seed, "train")
+    test = _test_partitions(name, num_clients, spec, seed)
+    return [(len(a), len(b)) for a, b in zip(train, test, strict=True)]
+
+
 def client_example_caps(name: str, num_clients: int, partition: str, seed: int) -> list[int]:
     """Per simulated client, the most examples it can honestly claim in any reply.
 
     That is the larger of its training and local test split: the example count of a
     train reply and the count of an evaluate reply can never exceed it.
     """
-    check_partition(name, partition)
-    if is_synthetic(name):
-        return [max(a, b) for a, b in client_sizes(SyntheticSpec.parse(name), num_clients, seed)]
-    spec = str(PartitionSpec.parse(partition))
-    train = _cached_partitions(name, num_clients, spec, seed, "train")
-    test = _test_partitions(name, num_clients, spec, seed)
-    return [max(len(a), len(b)) for a, b in zip(train, test, strict=True)]
+    return [max(a, b) for a, b in client_split_sizes(name, num_clients, partition, seed)]
 
 
 def client_train_sizes(name: str, num_clients: int, partition: str, seed: int) -> list[int]:
@@ -298,11 +311,7 @@ def client_train_sizes(name: str, num_clients: int, partition: str, seed: int) -
             partition does not apply to the dataset.
 
     """
-    check_partition(name, partition)
-    if is_synthetic(name):
-        return [a for a, _ in client_sizes(SyntheticSpec.parse(name), num_clients, seed)]
-    spec = str(PartitionSpec.parse(partition))
-    return [len(a) for a in _cached_partitions(name, num_clients, spec, seed, "train")]
+    return [a for a, _ in client_split_sizes(name, num_clients, partition, seed)]
 
 
 def check_client_sizes(

@@ -108,6 +108,15 @@ def app_client_data(
 def _app_sizes(
     source: AppSource, clients: int, partition: str, seed: int
 ) -> tuple[tuple[int, int], ...]:
+    """Every client's ``(train, test)`` example counts.
+
+    A ``client_data`` that can count without building the data (``client_data.sizes(
+    clients)``, as a bundled dataset's does) is asked; otherwise every share is built.
+    """
+    app = source.load()
+    count = getattr(app.client_data, "sizes", None)
+    if count is not None:
+        return tuple((int(n), int(m)) for n, m in count(clients))
     sizes = []
     for pid in range(clients):
         train, test = app_client_data(source, clients, partition, seed, pid)

@@ -25,7 +25,12 @@ from torch.utils.data import Dataset, TensorDataset
 from sepals.client.edge_app import EdgeApp
 from sepals.common.data import dataset_model_factory, load_dataset
 from sepals.common.finetune import TrainableSpec
-from sepals.common.partition import check_partition, client_partition, client_test_rows
+from sepals.common.partition import (
+    check_partition,
+    client_partition,
+    client_split_sizes,
+    client_test_rows,
+)
 from sepals.simulations.pretrain import DEFAULT_TRAINABLE, DigitsCNN
 
 PRETRAINED_DATASETS: tuple[str, ...] = ("digits",)
@@ -58,7 +63,8 @@ class BundledClientData:
     """A bundled dataset's ``client_data``: one client's train and test splits.
 
     :meth:`test_rows` tells the central evaluator which rows of the held-out split are
-    each client's, so it scores them all in one pass over that split.
+    each client's, so it scores them all in one pass over that split; :meth:`sizes`
+    counts every client's examples for the server's caps without building any split.
     """
 
     dataset: str
@@ -71,6 +77,11 @@ class BundledClientData:
         self._check(clients)
         train, test = client_partition(self.dataset, clients, self.partition, self.seed, client)
         return train.to_torch(), test.to_torch()
+
+    def sizes(self, clients: int) -> list[tuple[int, int]]:
+        """Every client's ``(train, test)`` example counts, without building its data."""
+        self._check(clients)
+        return client_split_sizes(self.dataset, clients, self.partition, self.seed)
 
     def test_rows(self, client: int, clients: int) -> npt.NDArray[np.int64]:
         """Client ``client``'s rows of the held-out split (the app's ``test_data``)."""

@@ -28,7 +28,7 @@ from sepals.common.config import PrivacyConfig
 from sepals.common.partition import PartitionSpec
 from sepals.simulations import cli
 from sepals.simulations.app_data import _partition_labels, app_caps, app_client_data
-from sepals.simulations.config import AppSource, pickle_app
+from sepals.simulations.config import AppSource, bundled_source, pickle_app
 from sepals.simulations.reasons import clean_reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,3 +340,21 @@ def test_simulate_an_edge_app_object_with_client_data(tmp_path):
         with torch.no_grad():
             value = _mse_metric(model(own.tensors[0]), own.tensors[1])
         assert fair["clients"][f"client-{i}"] == pytest.approx(value, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "clients", "partition"),
+    [("synthetic:1,1", 40, "iid"), ("digits", 7, "iid"), ("digits", 7, "dirichlet:0.5")],
+)
+def test_a_bundled_app_counts_its_clients_without_building_them(
+    dataset: str, clients: int, partition: str
+) -> None:
+    source = bundled_source(dataset, clients, partition, 3)
+    app = source.load()
+    counted = app.client_data.sizes(clients)  # type: ignore[union-attr]
+    built = []
+    for k in range(clients):
+        train, test = app.client_data(k, clients)  # type: ignore[misc]
+        built.append((len(train), len(test)))
+    assert counted == built
+    assert app_caps(source, clients, partition, 3) == [max(n, m, 1) for n, m in built]
