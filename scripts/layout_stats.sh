@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Usage: layout_stats.sh REV  -- line counts of the package modules at REV
-rev=$1
+# The layout's figures at a commit: README length, package modules and their sizes, the
+# modules over 500 lines, imports inside functions, and test files that import private
+# names. Usage: bash scripts/layout_stats.sh [REV]   (default HEAD)
+set -uo pipefail
+rev=${1:-HEAD}
 tmp=$(mktemp -d); git -C "$(dirname "$0")/.." archive "$rev" | tar -x -C "$tmp"
 cd "$tmp"
 echo "rev $rev"

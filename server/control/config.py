@@ -320,20 +320,11 @@ class ServerDeployConfig:
         )
 
     def run_spec(self) -> DeployedRun:
-        """What the ServerApp is told of this configuration (no TLS or node material)."""
-        return DeployedRun(
-            state_dir=self.state_dir,
-            parameters=self.parameters,
-            federation=self.federation,
-            encryption=self.encryption,
-            public_context=self.public_context,
-            plan=self.plan,
-            operator_key=self.operator_key,
-            min_available_clients=self.min_available_clients,
-            node_wait_timeout=self.node_wait_timeout,
-            default_max_examples=self.default_max_examples,
-            max_examples=self.max_examples,
-        )
+        """What the ServerApp is told of this configuration (no TLS or node material).
+
+        Every field of the spec is the field of the same name here.
+        """
+        return DeployedRun(**{f.name: getattr(self, f.name) for f in fields(DeployedRun)})
 
     def signer(self, codec: UpdateCodec) -> OperatorSigner:
         """The signer of this federation's rounds (see :meth:`DeployedRun.signer`)."""
