@@ -178,12 +178,7 @@ def client_test_indices(
 
     """
     check_partition(name, partition)
-    if is_synthetic(name):
-        sizes = [b for _, b in client_sizes(SyntheticSpec.parse(name), num_clients, seed)]
-        ends = np.cumsum(sizes)
-        return [np.arange(e - n, e, dtype=np.int64) for n, e in zip(sizes, ends, strict=True)]
-    spec = str(PartitionSpec.parse(partition))
-    return [p.copy() for p in _test_partitions(name, num_clients, spec, seed)]
+    return [p.copy() for p in _client_test_rows(name, num_clients, partition, seed)]
 
 
 def client_test_rows(
@@ -193,10 +188,19 @@ def client_test_rows(
     if not 0 <= client < num_clients:
         raise ValueError(f"client index {client} outside 0..{num_clients - 1}")
     check_partition(name, partition)
+    return _client_test_rows(name, num_clients, partition, seed)[client].copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _client_test_rows(
+    name: str, num_clients: int, partition: str, seed: int
+) -> list[npt.NDArray[np.int64]]:
+    """Every client's rows of the held-out test split, computed once per split."""
     if is_synthetic(name):
-        return client_test_indices(name, num_clients, partition, seed)[client]
-    spec = str(PartitionSpec.parse(partition))
-    return _test_partitions(name, num_clients, spec, seed)[client].copy()
+        sizes = [b for _, b in client_sizes(SyntheticSpec.parse(name), num_clients, seed)]
+        ends = np.cumsum(sizes)
+        return [np.arange(e - n, e, dtype=np.int64) for n, e in zip(sizes, ends, strict=True)]
+    return _test_partitions(name, num_clients, str(PartitionSpec.parse(partition)), seed)
 
 
 def partition_like(
