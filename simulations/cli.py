@@ -398,8 +398,7 @@ def configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``sepals-sim``."""
     args = build_parser().parse_args(argv)
-    # Must precede every flwr import: Flower reads the telemetry switch at import time.
-
+    # Telemetry off and the hub offline, here and in every process the run starts.
     apply_process_env()
     configure_logging(args.verbose)
     if args.pretrained == str(DEFAULT_CHECKPOINT) and not DEFAULT_CHECKPOINT.exists():

@@ -8,6 +8,7 @@ allocator is tuned for Opacus' many short-lived per-sample gradient tensors.
 from __future__ import annotations
 
 import os
+import sys
 
 # Flower sends anonymous usage telemetry unless told not to. A privacy product does not.
 PROCESS_ENV_DEFAULTS = {
@@ -22,7 +23,21 @@ PROCESS_ENV_DEFAULTS = {
 }
 
 
+# Flower reads its telemetry switch once, into this module's FLWR_TELEMETRY_ENABLED, when
+# the module is first imported (a Flower internal: docs/flower-internals.md).
+_FLOWER_TELEMETRY = "flwr.supercore.telemetry"
+
+
 def apply_process_env() -> None:
-    """Set sepals' environment defaults (telemetry off, offline hub) unless already set."""
+    """Set sepals' environment defaults (telemetry off, offline hub) unless already set.
+
+    The child processes of the run inherit them. In this process, Flower may have read
+    its telemetry switch already (any import of Flower does); the switch is then set
+    from the environment too, so the order of imports cannot turn telemetry on.
+    """
     for key, value in PROCESS_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    telemetry = sys.modules.get(_FLOWER_TELEMETRY)
+    if telemetry is not None:
+        switch = os.environ["FLWR_TELEMETRY_ENABLED"]
+        telemetry.FLWR_TELEMETRY_ENABLED = switch  # type: ignore[attr-defined]

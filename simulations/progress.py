@@ -9,7 +9,6 @@ from sepals.simulations.reasons import LINE_REASON_CHARS, clean_reason
 
 
 def _who(entries: list[dict[str, str]]) -> str:
-
     return ", ".join(
         f"{e['client']} ({clean_reason(e['reason'], LINE_REASON_CHARS)})" for e in entries
     )
