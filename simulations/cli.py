@@ -274,7 +274,7 @@ def parse_app_args(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
+def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     """Turn parsed flags into a :class:`SimulationConfig` (raises ValueError on bad input)."""
     app_args = parse_app_args(args.app_arg)
     if app_args and args.app is None:
