@@ -1,8 +1,7 @@
 """Accuracy for the same epsilon: the default digits job at each target budget.
 
 Runs ``sepals-sim`` with its defaults (digits, 10 clients, 30 rounds, DP-SGD, BFV with
-pairwise masks) for each row of :data:`ROWS`, once per seed: local DP (the default) and
-distributed noise over 5 clients (``--noise-shares 5``). It prints a table of the
+pairwise masks) for each row of :data:`ROWS`, once per seed. It prints a table of the
 final test accuracy per seed, the mean, the target and a verdict, with the non-private
 baseline run in the same invocation. Every client's epsilon is checked against its
 budget and recomputed from its reported sigma, q and steps.
@@ -36,19 +35,12 @@ class Row:
 
 
 _DIR = ("--partition", "dirichlet:0.5")
-#: Distributed noise over 5 clients (of the 10; masking threshold T = 7 tolerates 2
-#: colluders): the opt-in mode, ``--noise-shares 5``.
-_M5 = ("--noise-shares", "5")
 ROWS: tuple[Row, ...] = (
     Row("non-private, iid", ("--epsilon", "0"), 0.96, None),
     Row("eps 8, iid", ("--epsilon", "8"), 0.93, 8.0),
     Row("eps 3, iid", ("--epsilon", "3"), 0.90, 3.0),
     Row("eps 1, iid", ("--epsilon", "1"), 0.80, 1.0),
     Row("eps 8, dir0.5", ("--epsilon", "8", *_DIR), 0.93, 8.0),
-    Row("eps 8, iid, m=5", ("--epsilon", "8", *_M5), 0.93, 8.0),
-    Row("eps 3, iid, m=5", ("--epsilon", "3", *_M5), 0.90, 3.0),
-    Row("eps 1, iid, m=5", ("--epsilon", "1", *_M5), 0.80, 1.0),
-    Row("eps 8, dir0.5, m=5", ("--epsilon", "8", *_DIR, *_M5), 0.93, 8.0),
 )
 
 

@@ -141,7 +141,7 @@ def measure(
 ) -> Row:
     """Run the non-private and the epsilon 8 job of one (dataset, partition)."""
     from sepals.common.data import load_dataset
-    from sepals.simulations.cli import DATASET_DEFAULTS
+    from sepals.simulations.defaults import DATASET_DEFAULTS
 
     t0 = time.perf_counter()
     common = ["--dataset", dataset, "--partition", partition, "--clients", str(CLIENTS)]

@@ -1,7 +1,7 @@
 """Fairness benchmark: how the final model serves each client, by partition, DP on and off.
 
 Runs the real ``sepals-sim`` job (digits, 10 clients, BFV encryption on, the dataset's
-defaults as ``sepals.simulations.cli.DATASET_DEFAULTS`` gives them) for the partitions
+defaults as ``sepals.simulations.defaults.DATASET_DEFAULTS`` gives them) for the partitions
 ``iid``, ``dirichlet:0.5`` and ``dirichlet:0.1``, each with DP on (the default
 epsilon) and off (``--epsilon 0``), and prints one row per run: the global accuracy on
 the held-out test split and the spread of the per-client accuracy of the final model on
@@ -153,7 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rounds = QUICK_ROUNDS if args.quick else args.rounds
 
-    from sepals.simulations.cli import DATASET_DEFAULTS, configure_logging
+    from sepals.simulations.cli import configure_logging
+    from sepals.simulations.defaults import DATASET_DEFAULTS
     from sepals.simulations.process_env import apply_process_env
 
     apply_process_env()

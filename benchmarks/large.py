@@ -491,8 +491,6 @@ def client_trainer(
         batch_size=setup.batch,
         learning_rate=0.05,
         momentum=0.9,
-        data_seed=seed,
-        noise_seed=seed,
     )
     rate, steps = dp_schedule(setup.examples, settings)
     ledger = PrivacyLedger.empty(privacy).calibrated(
@@ -500,17 +498,14 @@ def client_trainer(
     )
 
     def train(i: int) -> TrainedClient:
-        from dataclasses import replace
-
         data = synthetic_tokens(bench.arch.vocab, setup.examples, setup.seq_len, seed + 1000 + i)
-        mine = replace(settings, data_seed=seed + i, noise_seed=seed + i)
         ledger.check_budget(steps)
         t0 = time.perf_counter()
         out = train_round(
             bench.factory,
             bench.initial,
             data,
-            mine,
+            settings,
             privacy,
             ledger,
             SERVER_ROUND,

@@ -419,10 +419,13 @@ def _train_one_client(
 
     from benchmarks import million
     from sepals.client.privacy import PrivacyLedger, planned_participation
+    from sepals.client.secret_random import DpRandomness
     from sepals.client.training import TrainSettings, dp_schedule, make_dp_compatible, train_round
     from sepals.common.config import PrivacyConfig
     from sepals.common.federation import FederationConfig
+    from sepals.common.models import get_flat
     from sepals.common.partition import PartitionSpec, partition_indices
+    from sepals.common.protocol import encode_contribution
 
     torch.set_num_threads(1)  # as a simulated client (one CPU per client)
     app = million.make_app(seed)
@@ -439,8 +442,7 @@ def _train_one_client(
         batch_size=fed.batch_size,
         learning_rate=fed.learning_rate,
         momentum=fed.momentum,
-        data_seed=seed,
-        noise_seed=seed,
+        randomness=DpRandomness(seed=seed),
     )
     fixed = make_dp_compatible(factory)
     rate, steps = dp_schedule(len(data), settings)
@@ -448,10 +450,14 @@ def _train_one_client(
         privacy, rate, steps, planned_participation(fed.rounds, fed.fraction_train)
     )
 
+    anchor = get_flat(fixed())
+
     def run() -> tuple[np.ndarray[Any, Any], int]:
         ledger.check_budget(steps)
         out = train_round(fixed, None, data, settings, privacy, ledger, SERVER_ROUND, device="cpu")
-        return out.weights * float(out.num_examples), out.num_examples
+        # What a client encodes: its change from the round-0 model, at full weight.
+        change, _ = encode_contribution(out.weights, anchor, out.num_examples, len(data), None)
+        return change, out.num_examples
 
     return run, len(data)
 
@@ -573,7 +579,7 @@ def run_wall(repeats: int, progress: Callable[[str], None] | None = None) -> dic
         for i in range(repeats):
             order = ("masked", "unmasked") if i % 2 == 0 else ("unmasked", "masked")
             for kind in order:
-                argv = ["--out", str(Path(tmp) / f"{kind}-{i}"), "--reproducible-noise"]
+                argv = ["--out", str(Path(tmp) / f"{kind}-{i}"), "--insecure-reproducible"]
                 if kind == "unmasked":
                     argv.append("--no-masking")
                 report = run_experiment(config_from_args(build_parser().parse_args(argv)))

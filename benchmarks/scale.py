@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--verbose", action="store_true", help="show sepals' and Flower's log")
     args = p.parse_args(argv)
-    from sepals.simulations.cli import DATASET_DEFAULTS
+    from sepals.simulations.defaults import DATASET_DEFAULTS
 
     defaults = DATASET_DEFAULTS[args.dataset.split(":", 1)[0]]
     if args.batch_size is None:

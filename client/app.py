@@ -35,8 +35,10 @@ from sepals.common.errors import (
     LedgerLockedError,
     MalformedPayloadError,
     MaskProtocolError,
+    ModelCompatibilityError,
     NonFiniteUpdateError,
     SepalsError,
+    TrainingInputError,
 )
 from sepals.common.ledger import LedgerFileError
 from sepals.common.log import log
@@ -159,7 +161,12 @@ _VETTED: tuple[tuple[type[Exception], int, str], ...] = (
     (LedgerFileError, ERR_CLIENT_FAILURE, "ledger unusable"),
     (LedgerLockedError, ERR_CLIENT_FAILURE, "ledger in use"),
     (DeltaTooLargeError, ERR_CLIENT_FAILURE, "delta not below 1/n for this client's data"),
-    (ValueError, ERR_BAD_GLOBAL, "bad input"),
+    (ModelCompatibilityError, ERR_CLIENT_FAILURE, "model cannot be trained with DP-SGD"),
+    # Raised by the app's own model, data or loss (sepals' own checks raise the
+    # errors above, or TrainingInputError with its reason): the text stays here.
+    (ValueError, ERR_CLIENT_FAILURE, "the app's model, data or loss raised ValueError"),
+    (TypeError, ERR_CLIENT_FAILURE, "the app's model, data or loss raised TypeError"),
+    (RuntimeError, ERR_CLIENT_FAILURE, "the app's model, data or loss raised RuntimeError"),
 )
 
 
@@ -170,15 +177,31 @@ def vetted_reason(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, BudgetExhaustedError):
         # Built by PrivacyLedger.check_budget from the client's own epsilon figures.
         return ERR_BUDGET_EXHAUSTED, str(exc)
+    if isinstance(exc, TrainingInputError):
+        return ERR_CLIENT_FAILURE, exc.reason
     for kind, code, reason in _VETTED:
         if isinstance(exc, kind):
             return code, reason
     return ERR_CLIENT_FAILURE, "client failure"
 
 
-def _logged(context: Context, action: str, exc: Exception) -> tuple[int, str]:
+# Told of every failure, with the message and the exception, after the client logged it:
+# a simulation keeps the full reason for its own report (the run is one party's). A
+# deployed client has none: the full reason stays in its own log.
+FailureHook = Callable[[Context, Message, str, BaseException], None]
+
+
+def _logged(
+    context: Context,
+    action: str,
+    exc: Exception,
+    msg: Message | None = None,
+    on_failure: FailureHook | None = None,
+) -> tuple[int, str]:
     """Log why ``action`` failed; return the error code and the reason the server may see."""
     code, reason = vetted_reason(exc)
+    if on_failure is not None and msg is not None:
+        on_failure(context, msg, action, exc)
     where = f"node {context.node_id}"
     if code in (ERR_BUDGET_EXHAUSTED, ERR_PLAN_MISMATCH):
         log(INFO, "%s declines to %s: %s", where, action, exc)
@@ -189,7 +212,13 @@ def _logged(context: Context, action: str, exc: Exception) -> tuple[int, str]:
     return code, reason
 
 
-def _guarded(msg: Message, context: Context, action: str, work: Callable[[], Message]) -> Message:
+def _guarded(
+    msg: Message,
+    context: Context,
+    action: str,
+    work: Callable[[], Message],
+    on_failure: FailureHook | None = None,
+) -> Message:
     """Run ``work``; turn every failure into an error reply with a vetted reason.
 
     A message that does not follow the sepals protocol gets the protocol-mismatch error
@@ -201,7 +230,7 @@ def _guarded(msg: Message, context: Context, action: str, work: Callable[[], Mes
     try:
         return work()
     except Exception as exc:
-        code, reason = _logged(context, action, exc)
+        code, reason = _logged(context, action, exc, msg, on_failure)
         return _error_reply(msg, code, reason)
 
 
@@ -259,16 +288,30 @@ def _mask_record(msg: Message, client: SepalsClient) -> Any:
     return record
 
 
+def _global_of(msg: Message) -> tuple[bytes, float] | None:
+    """The message's ``global`` record, parsed; a malformed one is a bad global model."""
+    try:
+        return read_global_record(msg.content.array_records.get(KEY_GLOBAL))
+    except ValueError as exc:
+        raise MalformedPayloadError(f"global record: {exc}") from exc
+
+
 def _node_of(msg: Message, context: Context) -> int:
     return int(msg.metadata.dst_node_id or context.node_id)
 
 
-def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) -> ClientApp:
+def make_client_app(
+    provider: RuntimeProvider,
+    mods: list[Mod] | None = None,
+    on_failure: FailureHook | None = None,
+) -> ClientApp:
     """A ``ClientApp`` that trains and evaluates with the runtime ``provider`` builds.
 
     Args:
         provider: Builds the :class:`ClientRuntime` from Flower's ``Context``.
         mods: Optional Flower client mods, applied around every message.
+        on_failure: Told of every failure with the full exception (simulations only;
+            see :data:`FailureHook`). The reply carries a vetted reason either way.
 
     """
     app = ClientApp(mods=mods or [])
@@ -278,7 +321,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
         def work() -> Message:
             runtime = provider(context)
             client = client_for(runtime)
-            global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
+            global_model = _global_of(msg)
             ledger = load_ledger(context, runtime)
             cfg = client.admit(
                 msg.metadata.message_type,
@@ -312,7 +355,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
             )
             return Message(content, reply_to=msg)
 
-        return _guarded(msg, context, "train", work)
+        return _guarded(msg, context, "train", work, on_failure)
 
     def admitted(
         msg: Message, context: Context, budget: bool
@@ -328,7 +371,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
         cfg = client.admit(
             msg.metadata.message_type,
             msg.content.config_records.get(KEY_CONFIG),
-            read_global_record(msg.content.array_records.get(KEY_GLOBAL)),
+            _global_of(msg),
             ledger,
         )
         if client.plan.mask_neighbours == 0:
@@ -355,7 +398,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
             }
             return Message(RecordDict(content), reply_to=msg)
 
-        return _guarded(msg, context, "register for masking", work)
+        return _guarded(msg, context, "register for masking", work, on_failure)
 
     @app.train("mask_setup")
     def mask_setup(msg: Message, context: Context) -> Message:
@@ -373,7 +416,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
                         raise MaskProtocolError("unmask request names no round")
                     content[KEY_UNMASK] = reveal(client_for(runtime), context, unmask, earlier)
                 except Exception as exc:
-                    _logged(context, "reveal mask shares", exc)
+                    _logged(context, "reveal mask shares", exc, msg, on_failure)
             try:
                 runtime, client, cfg = admitted(msg, context, budget=True)
                 state, body = masking.setup_round(
@@ -386,11 +429,11 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
                 store_mask_state(context, state)
                 content[KEY_MASK] = ConfigRecord(body)
             except Exception as exc:
-                code, reason = _logged(context, "set up masking", exc)
+                code, reason = _logged(context, "set up masking", exc, msg, on_failure)
                 content[KEY_SETUP_ERROR] = ConfigRecord({"code": code, "reason": reason})
             return Message(RecordDict(content), reply_to=msg)
 
-        return _guarded(msg, context, "set up masking", work)
+        return _guarded(msg, context, "set up masking", work, on_failure)
 
     @app.train("mask_unmask")
     def mask_unmask(msg: Message, context: Context) -> Message:
@@ -405,14 +448,14 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
             }
             return Message(RecordDict(content), reply_to=msg)
 
-        return _guarded(msg, context, "reveal mask shares", work)
+        return _guarded(msg, context, "reveal mask shares", work, on_failure)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         def work() -> Message:
             runtime = provider(context)
             client = client_for(runtime)
-            global_model = read_global_record(msg.content.array_records.get(KEY_GLOBAL))
+            global_model = _global_of(msg)
             cfg = client.admit(
                 msg.metadata.message_type, msg.content.config_records.get(KEY_CONFIG), global_model
             )
@@ -425,7 +468,7 @@ def make_client_app(provider: RuntimeProvider, mods: list[Mod] | None = None) ->
             )
             return Message(content, reply_to=msg)
 
-        return _guarded(msg, context, "evaluate", work)
+        return _guarded(msg, context, "evaluate", work, on_failure)
 
     return app
 

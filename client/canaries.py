@@ -1,14 +1,16 @@
 """White-box gradient canaries for the privacy audit (simulations only).
 
 A canary is a fixed unit direction ``u`` in parameter space: the unit vector of one
-parameter (Dirac canaries, as the audit places them) or a random direction. A client that holds
-it treats it as ONE extra training example: it is a row of the client's training data
-(so it counts in the example count, the Poisson sample rate and the FedAvg weight), it
-is Poisson-sampled like any other row, and when a step samples it its per-sample
-gradient is exactly ``C * u`` (``C`` = ``max_grad_norm``). The row is injected into
-Opacus's per-sample gradients (``p.grad_sample``) before clipping and noise, so the
-DP-SGD optimizer clips, sums and noises it like a real example (Steinke, Nasr and
-Jagielski, NeurIPS 2023; Andrew et al., ICLR 2024).
+parameter (Dirac canaries, as the audit places them) or a random direction. Every
+canary, included or not, is ONE row of its holder's training data, Poisson-sampled like
+any other row. When a step samples it, an *included* canary's per-sample gradient is
+exactly ``C * u`` (``C`` = ``max_grad_norm``) and a left-out canary's is zero: a null
+example. So inclusion changes neither the example count, the sample rate, sigma nor the
+FedAvg weight, and the two runs an audit tells apart are zero-out neighbours, the
+relation the claimed epsilon is stated for (docs/privacy.md#neighbouring-relations).
+The row is injected into Opacus's per-sample gradients (``p.grad_sample``) before
+clipping and noise, so the DP-SGD optimizer clips, sums and noises it like a real
+example (Steinke, Nasr and Jagielski, NeurIPS 2023; Andrew et al., ICLR 2024).
 
 Canary rows are marked by a negative label ``-(1 + j)`` (``j``: the canary's index in
 the client's list) and zero features. :meth:`ClientCanaries.strip` removes them from a
@@ -52,13 +54,14 @@ def canary_directions(seed: int, count: int, dimension: int) -> npt.NDArray[np.f
 
 @dataclass(frozen=True)
 class CanarySpec:
-    """Which canaries exist and which client holds each (plain, picklable data).
+    """Which canaries exist, which client holds each, and which are in (picklable data).
 
     Attributes:
         seed: Seed of the canaries' random directions (:func:`canary_directions`).
         dimension: Number of trainable model parameters.
-        holders: Per canary, the partition id of the client that holds it, or ``-1``
-            when the canary is left out of training.
+        holders: Per canary, the partition id of the client whose data holds its row.
+        inclusion: Per canary, whether its row carries its gradient (``True``) or is a
+            null row (``False``, left out).
         coordinates: Dirac canaries: canary ``i``'s direction is the unit vector of
             parameter ``coordinates[i]`` (distinct, so the canaries are orthogonal).
             Empty: random unit directions drawn from ``seed``.
@@ -74,6 +77,7 @@ class CanarySpec:
     seed: int
     dimension: int
     holders: tuple[int, ...]
+    inclusion: tuple[bool, ...]
     coordinates: tuple[int, ...] = ()
     broken_no_noise_for_tests: bool = False
 
@@ -82,8 +86,10 @@ class CanarySpec:
             raise ValueError(f"dimension must be >= 1, got {self.dimension}")
         if not self.holders:
             raise ValueError("a canary spec needs at least one canary")
-        if any(h < -1 for h in self.holders):
-            raise ValueError("a canary's holder is a partition id >= 0, or -1 (left out)")
+        if any(h < 0 for h in self.holders):
+            raise ValueError("a canary's holder is a partition id >= 0")
+        if len(self.inclusion) != len(self.holders):
+            raise ValueError("a canary spec needs one inclusion flag per canary")
         if self.coordinates:
             if len(self.coordinates) != len(self.holders):
                 raise ValueError("Dirac canaries need one coordinate per canary")
@@ -106,23 +112,23 @@ class CanarySpec:
         return len(self.holders)
 
     def included(self) -> npt.NDArray[np.bool_]:
-        """Per canary, whether it was put into training."""
-        return np.asarray(self.holders) >= 0
+        """Per canary, whether its gradient was put into training."""
+        return np.asarray(self.inclusion, dtype=bool)
 
     def for_client(self, pid: int) -> ClientCanaries:
-        """The canaries client ``pid`` holds (possibly none)."""
+        """The canary rows client ``pid`` holds (possibly none)."""
         ids = tuple(i for i, h in enumerate(self.holders) if h == pid)
         dirs = self.directions()[list(ids)]
-        return ClientCanaries(ids, dirs, self.broken_no_noise_for_tests)
+        live = self.included()[list(ids)]
+        return ClientCanaries(ids, dirs * live[:, None], self.broken_no_noise_for_tests)
 
     def per_client(self, clients: int) -> list[int]:
-        """How many canaries each of ``clients`` clients holds."""
+        """How many canary rows each of ``clients`` clients holds."""
         counts = [0] * clients
         for h in self.holders:
             if h >= clients:
                 raise ValueError(f"canary holder {h} is not one of {clients} clients")
-            if h >= 0:
-                counts[h] += 1
+            counts[h] += 1
         return counts
 
 
@@ -132,8 +138,9 @@ class ClientCanaries:
 
     Attributes:
         ids: Global indices of the canaries (into the spec's directions).
-        directions: Their unit directions, one row each (flat parameter order of
-            :func:`sepals.common.models.get_flat`).
+        directions: Per canary row, the gradient direction it injects (scaled by ``C``):
+            its unit direction if it is included, zero (a null row) if it is left out,
+            in the flat parameter order of :func:`sepals.common.models.get_flat`.
         no_noise: TEST ONLY (see :class:`CanarySpec`): remove the DP noise.
 
     """

@@ -15,11 +15,10 @@ plan alone; nothing a message says can change it.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from logging import DEBUG
+from logging import DEBUG, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy.typing as npt
 from torch.utils.data import Dataset
 
 from sepals.client.privacy import PrivacyLedger, planned_participation
+from sepals.client.secret_random import DpRandomness
 from sepals.client.training import (
     LossFn,
     MetricFn,
@@ -48,7 +48,12 @@ from sepals.common.finetune import TrainableSpec
 from sepals.common.log import log
 from sepals.common.models import ModelFactory, num_parameters
 from sepals.common.plan import FederationPlan, PlanViolationError
-from sepals.common.protocol import RoundConfig, decode_global_model
+from sepals.common.protocol import (
+    RoundConfig,
+    decode_global_model,
+    encode_contribution,
+    initial_weights,
+)
 from sepals.common.round_signature import global_model_digest, verify_round_signature
 from sepals.common.scheme import make_client_codec
 
@@ -69,9 +74,10 @@ class ClientRuntime:
             harness hands every client the plan it made). It fixes the noise
             calibration and decides which rounds this client serves.
         secret_context: Serialized TenSEAL secret context (``None`` when encryption is off).
-        seed: Seed of batch order (and, if ``deterministic_noise``, of the DP noise).
-        deterministic_noise: Derive the DP noise seed from ``seed`` (reproducible
-            simulations only); otherwise noise is seeded from ``os.urandom``.
+        reproducible_seed: TESTS ONLY. ``None`` (the default, and the only private
+            choice) draws the DP sampling, noise and rounding under fresh keys from the
+            kernel's CSPRNG; an integer derives them from itself, the client id and the
+            round, so anyone who knows it can replay them and no epsilon holds.
         ledger_path: The persistent privacy ledger file (deployments). Each round's
             spend is written there atomically before the update leaves the client, and
             the file is authoritative across restarts. ``None`` keeps the ledger only in
@@ -98,8 +104,7 @@ class ClientRuntime:
     encryption: EncryptionConfig
     plan: FederationPlan
     secret_context: bytes | None = field(default=None, repr=False)
-    seed: int = 0
-    deterministic_noise: bool = False
+    reproducible_seed: int | None = None
     ledger_path: Path | None = None
     loss_fn: LossFn | None = None
     metric: MetricFn | None = None
@@ -117,11 +122,6 @@ class TrainReply:
     num_examples: int
     metrics: dict[str, int | float | list[int] | list[float]]
     ledger: PrivacyLedger
-
-
-def _derive_seed(*parts: object) -> int:
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @functools.lru_cache(maxsize=4)
@@ -207,11 +207,18 @@ class SepalsClient:
             raise PlanViolationError("round already trained", f"round {cfg.server_round}")
         return cfg
 
+    @functools.cached_property
+    def anchor(self) -> npt.NDArray[np.float64]:
+        """The shared round-0 model, built once: every update is its change from it."""
+        return initial_weights(self.factory, self.plan.model_seed)
+
     def global_weights(
         self, cfg: RoundConfig, global_model: tuple[bytes, float] | None
     ) -> npt.NDArray[np.float64]:
         """Decrypt the global model, or build the shared seeded round-0 model."""
-        weights = decode_global_model(self.codec, self.factory, global_model, cfg.model_seed)
+        weights = decode_global_model(
+            self.codec, self.factory, global_model, cfg.model_seed, self.anchor
+        )
         if weights.shape != (cfg.vector_length,):
             raise MalformedPayloadError(
                 f"global model has {weights.size} values, the plan says {cfg.vector_length}"
@@ -252,16 +259,28 @@ class SepalsClient:
             loss_fn=rt.loss_fn,
             device=rt.device,
         )
-        rounding = (
-            np.random.default_rng(_derive_seed(rt.seed, rt.client_id, cfg.server_round, "rounding"))
-            if rt.deterministic_noise
-            else None  # stochastic rounding seeded from OS entropy
+        rounding = settings.randomness.generator("rounding")
+        change, clamped = encode_contribution(
+            outcome.weights,
+            self.anchor,
+            outcome.num_examples,
+            self.plan.weight_cap,
+            self.codec.value_bound,
         )
-        weighted = outcome.weights * float(outcome.num_examples)
+        if clamped:
+            log(
+                WARNING,
+                "client %s round %s: %s values of the update's change from the initial "
+                "model exceeded update_bound=%g and were clamped to it (raise update_bound)",
+                rt.client_id,
+                cfg.server_round,
+                clamped,
+                self.codec.value_bound,
+            )
         if slot_mask is None:
-            payload, quant_error = self.codec.encode_update(weighted, rounding)
+            payload, quant_error = self.codec.encode_update(change, rounding)
         elif isinstance(self.codec, BfvCodec):
-            payload, quant_error = self.codec.encode_update(weighted, rounding, slot_mask=slot_mask)
+            payload, quant_error = self.codec.encode_update(change, rounding, slot_mask=slot_mask)
         else:
             raise ValueError(f"masking needs the BFV codec, this client has {self.codec.name}")
         log(
@@ -272,11 +291,8 @@ class SepalsClient:
             outcome.steps,
             outcome.seconds,
         )
-        # Under distributed noise a lone update carries only part of the noise, so even
-        # its rounding error stays on the client: nothing about one update goes out in
-        # the clear that the aggregate's epsilon does not cover.
-        shared_error = quant_error if self.plan.noise_shares == 1 else None
-        metrics = train_metrics(outcome, shared_error)
+        metrics = train_metrics(outcome, quant_error)
+        metrics["clamped-values"] = clamped
         return TrainReply(payload, outcome.num_examples, metrics, outcome.ledger)
 
     def check_budget(self, cfg: RoundConfig, ledger: PrivacyLedger) -> None:
@@ -298,13 +314,7 @@ class SepalsClient:
             batch_size=plan.batch_size,
             learning_rate=plan.learning_rate_at(cfg.server_round),
             momentum=plan.momentum,
-            data_seed=_derive_seed(rt.seed, rt.client_id, cfg.server_round, "data"),
-            noise_seed=(
-                _derive_seed(rt.seed, rt.client_id, cfg.server_round, "noise")
-                if rt.deterministic_noise
-                else None
-            ),
-            noise_fraction=1.0 / math.sqrt(plan.noise_shares),
+            randomness=DpRandomness(rt.reproducible_seed).child(rt.client_id, cfg.server_round),
         )
         n = len(rt.train_data)  # type: ignore[arg-type]
         problem = delta_problem(rt.privacy.delta, n) if rt.privacy.enabled else None
@@ -375,14 +385,17 @@ def train_metrics(
 ) -> dict[str, int | float | list[int] | list[float]]:
     """The plaintext metrics of a train reply: what the server's reports need, no more.
 
-    * ``num-examples``: the FedAvg weight (the dataset size is public under the
-      add/remove-one DP convention).
+    * ``num-examples``: sets the FedAvg weight (the dataset size is public under the
+      zero-out relation the budget is stated for).
     * ``total-steps``, ``rounds-participated``, and with DP ``epsilon``, ``delta``,
       ``noise-multiplier``, ``sample-rate``: the privacy spend, so that anyone can
       recompute epsilon from sigma, q and the steps; ``epsilon-replace-one``: the
       same spend for replace-one neighbours, which also covers the example count.
     * ``quant-error``: the largest rounding error of the encoded update, at most one
       quantization step, so it says nothing about the update's values.
+    * ``clamped-values`` (added by :meth:`SepalsClient.train`): how many values of the
+      weighted change reached the codec's bound and were clamped; post-processing of
+      the DP-SGD output.
 
     Per-round steps and timings stay on the client (its debug log).
     """

@@ -94,7 +94,7 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def edge_runtime(bundle: ClientBundle, app: EdgeApp, ledger_path: Path, seed: int) -> ClientRuntime:
+def edge_runtime(bundle: ClientBundle, app: EdgeApp, ledger_path: Path) -> ClientRuntime:
     """The client runtime of ``app`` joining with ``bundle``."""
     if app.train_dataset is None:
         raise ValueError(
@@ -108,7 +108,6 @@ def edge_runtime(bundle: ClientBundle, app: EdgeApp, ledger_path: Path, seed: in
         encryption=bundle.encryption,
         plan=bundle.plan,
         secret_context=bundle.read_secret_context(),
-        seed=seed,
         ledger_path=ledger_path,
     )
 
@@ -123,8 +122,6 @@ class EdgeClient:
         server_address: Override the bundle's ``host:port``.
         insecure: Connect without TLS or node authentication (only to a server started
             with ``--insecure``, for local trials).
-        seed: Seed of batch sampling (default: fresh randomness). DP noise is always
-            drawn from ``os.urandom``-seeded generators.
         work_dir: Where the SuperNode's files and log go (default: a temporary directory).
         activation_timeout: Seconds to keep retrying when the server refuses the node.
         activation_retry: Seconds between those retries.
@@ -152,7 +149,6 @@ class EdgeClient:
         ledger_path: Path | str | None = None,
         server_address: str | None = None,
         insecure: bool = False,
-        seed: int | None = None,
         work_dir: Path | str | None = None,
         activation_timeout: float = 150.0,
         activation_retry: float = 10.0,
@@ -182,9 +178,10 @@ class EdgeClient:
             require_private(
                 self.ledger_path, "privacy ledger", allow_insecure=allow_insecure_permissions
             )
-        self.runtime = edge_runtime(
-            self.bundle, app, self.ledger_path, seed if seed is not None else secrets.randbits(31)
-        )
+        # The DP sampling, noise and rounding are drawn under fresh keys from the
+        # kernel's CSPRNG (the runtime has no seed): nothing an edge app passes can
+        # make them predictable.
+        self.runtime = edge_runtime(self.bundle, app, self.ledger_path)
         # Load the key and check the model against the plan now, not at the first round.
         client_for(self.runtime)
         runtime = self.runtime

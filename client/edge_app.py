@@ -156,11 +156,10 @@ def build_runtime(
     encryption: EncryptionConfig,
     plan: FederationPlan,
     secret_context: bytes | None,
-    seed: int,
     ledger_path: Path | None,
     privacy: PrivacyConfig | None = None,
     device: str | None = None,
-    deterministic_noise: bool = False,
+    reproducible_seed: int | None = None,
 ) -> ClientRuntime:
     """What runs for ``app`` as client ``client_id``: the one way every path builds a client.
 
@@ -176,11 +175,11 @@ def build_runtime(
         encryption: The federation's encryption settings.
         plan: The federation's plan.
         secret_context: The serialized secret context (``None`` without encryption).
-        seed: Seed of batch order (and of the noise with ``deterministic_noise``).
         ledger_path: The client's privacy ledger file (``None``: in Flower's state).
         privacy: Overrides ``app.privacy`` (a simulation's budget; ``None`` keeps it).
         device: Overrides ``app.device`` (``None`` keeps it).
-        deterministic_noise: Reproducible simulations only (see :class:`ClientRuntime`).
+        reproducible_seed: TESTS ONLY: derive the DP randomness from this seed, which
+            voids the epsilon (see :class:`ClientRuntime`).
 
     """
     return ClientRuntime(
@@ -192,8 +191,7 @@ def build_runtime(
         encryption=encryption,
         plan=plan,
         secret_context=secret_context,
-        seed=seed,
-        deterministic_noise=deterministic_noise,
+        reproducible_seed=reproducible_seed,
         ledger_path=ledger_path,
         loss_fn=app.loss_fn,
         metric=app.metric,

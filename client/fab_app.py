@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import secrets
 from pathlib import Path
 
 from flwr.app import Context
@@ -23,7 +22,7 @@ _NODE_CONFIG_LOCKS: list[LedgerLock] = []
 def _runtime_from_node_config(app_spec: str, bundle_dir: str, ledger: str) -> ClientRuntime:
     bundle = ClientBundle.load(bundle_dir)
     ledger_path = Path(ledger) if ledger else bundle.root / "ledger.json"
-    runtime = edge_runtime(bundle, load_edge_app(app_spec), ledger_path, secrets.randbits(31))
+    runtime = edge_runtime(bundle, load_edge_app(app_spec), ledger_path)
     lock = LedgerLock(ledger_path)
     lock.acquire()
     _NODE_CONFIG_LOCKS.append(lock)

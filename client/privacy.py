@@ -3,279 +3,51 @@
 :class:`PrivacyLedger` is the persistent record: the Opacus accountant history (one
 ``(noise_multiplier, sample_rate, steps)`` entry per run of identical steps), the rounds
 the client joined, and the resulting epsilon. It is a frozen value: each round yields a
-new ledger, which the client stores *before* it sends its update.
-
-The math (calibrating sigma, composing epsilon) is delegated to Opacus's accountants in
-:func:`calibrate_noise_multiplier` and :func:`compute_epsilon`. For the default RDP
-accountant two things keep it cheap enough for a thousand clients a round:
-
-* Opacus's RDP of the subsampled Gaussian is linear in the steps, so the per-step RDP
-  of each ``(q, sigma)`` is computed once per process and scaled; the epsilon is the one
-  Opacus's ``RDPAccountant`` reports, to the bit.
-* Sigma is searched over the *integer* orders among Opacus's default orders, whose
-  RDP has a closed form (about 20x faster than the fractional orders' series). They are
-  a subset of the orders the reported epsilon minimises over, so that sigma meets the
-  budget over all orders too; a few checked steps then lower it to within Opacus's 0.01
-  tolerance of the target (each candidate is checked over the orders near the best
-  one, a subset, so a candidate that passes is within budget over all orders).
-
-The ``pld`` accountant is Google ``dp-accounting``'s privacy-loss-distribution
-accountant (:func:`sepals.common.accounting.pld_epsilon`, add/remove-one neighbours,
-pessimistic discretization, so every epsilon it reports is an upper bound). It is the
-tightest for DP-SGD's Poisson-subsampled Gaussian: the same sigma, q and steps that RDP
-reports as epsilon 8.00 compose to 7.32 under it. Opacus does not know it, so Opacus
-keeps the history (with its RDP accountant, whose history is the same list of
-``(sigma, q, steps)``) and the epsilon is composed here; sigma is found by bisection
-(:func:`_calibrate_pld`).
+new ledger, which the client stores *before* it sends its update. The math (calibrating
+sigma, composing epsilon for both neighbouring relations) is in
+:mod:`sepals.client.epsilon`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from sepals.common.accounting import pld_epsilon
+from sepals.client.epsilon import (
+    EPSILON_TOLERANCE,
+    PLD_DISCRETIZATION,
+    HistoryEntry,
+    calibrate_noise_multiplier,
+    calibration_orders,
+    compute_epsilon,
+    rdp_replace_one_epsilon,
+    replace_one_epsilon_of,
+)
 from sepals.common.config import PrivacyConfig
-from sepals.common.errors import BudgetExhaustedError
+from sepals.common.errors import BudgetExhaustedError, TrainingInputError
 from sepals.common.ledger import LedgerFileError, read_ledger_file, write_ledger_file
 
-HistoryEntry = tuple[float, float, int]
-
-#: Calibration stops once the planned epsilon is within this of the target (Opacus's
-#: ``get_noise_multiplier`` default).
-EPSILON_TOLERANCE = 0.01
-#: Value discretization of the PLD accountant: pessimistic, so a coarser grid only
-#: loosens the bound (by about 0.007 at epsilon 8 against 3e-3), at half the cost.
-PLD_DISCRETIZATION = 1e-2
-_REFINE_STEPS = 3
+__all__ = [
+    "EPSILON_TOLERANCE",
+    "PLD_DISCRETIZATION",
+    "HistoryEntry",
+    "PrivacyLedger",
+    "calibrate_noise_multiplier",
+    "calibration_orders",
+    "compute_epsilon",
+    "merge_entry",
+    "planned_participation",
+    "poisson_schedule",
+    "rdp_replace_one_epsilon",
+    "replace_one_epsilon_of",
+]
 
 # A projected epsilon may exceed the target by this relative slack before a round is
 # refused; it absorbs float noise in the accountants, never a real overspend.
 _EPS_SLACK = 1e-9
-
-
-def _make_accountant(name: str) -> Any:
-    from opacus.accountants import create_accountant
-
-    return create_accountant(mechanism=name)
-
-
-def _rdp_orders() -> list[float]:
-    from opacus.accountants import RDPAccountant
-
-    return [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]
-
-
-def calibration_orders() -> list[float]:
-    """The integer orders among Opacus's default RDP orders (2-10 and 12-63)."""
-    return [a for a in _rdp_orders() if a.is_integer()]
-
-
-@functools.lru_cache(maxsize=4096)
-def _rdp_per_step(sample_rate: float, sigma: float) -> tuple[float, ...]:
-    """Opacus's RDP of one subsampled-Gaussian step at each default order (memoised)."""
-    from opacus.accountants.analysis import rdp
-
-    per_step = rdp.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=1, orders=_rdp_orders())
-    return tuple(float(v) for v in np.asarray(per_step))
-
-
-def _rdp_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> float:
-    """What Opacus's ``RDPAccountant.get_epsilon`` returns, from memoised per-step RDP.
-
-    ``compute_rdp`` returns the per-step vector times the steps, and the accountant sums
-    one such vector per history entry; this does the same arithmetic in the same order.
-    """
-    from opacus.accountants.analysis import rdp
-
-    total = sum(np.asarray(_rdp_per_step(q, s)) * n for s, q, n in history)
-    eps, _ = rdp.get_privacy_spent(orders=_rdp_orders(), rdp=total, delta=delta)
-    return float(eps)
-
-
-def compute_epsilon(accountant: str, history: tuple[HistoryEntry, ...], delta: float) -> float:
-    """Epsilon that Opacus's ``accountant`` composes over ``history`` at ``delta``."""
-    if not history:
-        return 0.0
-    entries = tuple((float(s), float(q), int(n)) for s, q, n in history)
-    return _epsilon_of(accountant, entries, float(delta))
-
-
-@functools.lru_cache(maxsize=4096)
-def _epsilon_of(
-    accountant: str, entries: tuple[tuple[float, float, int], ...], delta: float
-) -> float:
-    """:func:`compute_epsilon` on normalised entries, memoised.
-
-    A client checks its budget for the same history when it sets up masking and again
-    when it trains.
-    """
-    with warnings.catch_warnings():
-        # RDP warns when the best order is the largest one tried; the bound is then
-        # merely loose (conservative), never wrong.
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        if accountant == "rdp":
-            return _rdp_epsilon(entries, delta)
-        if accountant == "pld":
-            return pld_epsilon(entries, delta, replace_one=False, discretization=PLD_DISCRETIZATION)
-        acc = _make_accountant(accountant)
-        acc.history = list(entries)
-        return float(acc.get_epsilon(delta=delta))
-
-
-def replace_one_epsilon_of(history: tuple[HistoryEntry, ...], delta: float) -> float:
-    """Epsilon of ``history`` at ``delta`` for replace-one neighbours (PLD, pessimistic).
-
-    A step without noise (sigma 0) has no guarantee: infinity.
-    """
-    entries = tuple((float(s), float(q), int(n)) for s, q, n in history if n)
-    if not entries:
-        return 0.0
-    if any(s <= 0.0 for s, _, _ in entries):
-        return math.inf
-    return _replace_one_of(entries, float(delta))
-
-
-@functools.lru_cache(maxsize=4096)
-def _replace_one_of(entries: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    return pld_epsilon(entries, delta, replace_one=True, discretization=PLD_DISCRETIZATION)
-
-
-@functools.lru_cache(maxsize=1024)
-def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
-    """Smallest sigma (to Opacus's 0.01 epsilon tolerance) that keeps ``steps`` within budget.
-
-    Opacus's ``get_noise_multiplier`` does the search. With the RDP accountant it
-    searches over :func:`calibration_orders` (see the module docstring), whose sigma
-    meets the target over all orders too, and a few checked steps then lower it toward
-    the all-orders answer (:func:`_refine_rdp_sigma`): the epsilon
-    :func:`compute_epsilon` reports for the result is never above ``target_epsilon``
-    and usually within 0.01 of it. Calibration is done once per client for its planned
-    participation and memoised per process, never per round.
-    """
-    from opacus.accountants.utils import get_noise_multiplier
-
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
-
-    def search(**orders: Any) -> float:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=EPSILON_TOLERANCE,
-                **orders,
-            )
-        )
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        if accountant == "pld":
-            return _calibrate_pld(target_epsilon, delta, sample_rate, steps)
-        if accountant != "rdp":
-            return search()
-        sigma = _refine_rdp_sigma(
-            target_epsilon, delta, sample_rate, steps, search(alphas=calibration_orders())
-        )
-        spent = compute_epsilon(accountant, ((sigma, sample_rate, steps),), delta)
-        if target_epsilon - spent > 2 * EPSILON_TOLERANCE:
-            # Still loose (a regime the refinement does not reach): Opacus's own search
-            # over all orders, slower but as tight as its tolerance.
-            sigma = search()
-    return float(sigma)
-
-
-def _calibrate_pld(target: float, delta: float, sample_rate: float, steps: int) -> float:
-    """Smallest sigma whose PLD epsilon is within :data:`EPSILON_TOLERANCE` below ``target``.
-
-    Bisection between a sigma that overspends and one that does not, starting from the
-    RDP calibration (PLD is tighter, so its epsilon there is usually below the target).
-    Every returned sigma was checked: its PLD epsilon is at most ``target``.
-    """
-
-    def eps(sigma: float) -> float:
-        return compute_epsilon("pld", ((sigma, sample_rate, steps),), delta)
-
-    hi = calibrate_noise_multiplier(target, delta, sample_rate, steps, "rdp")
-    while eps(hi) > target:
-        hi *= 1.25
-    lo = hi * 0.8
-    while eps(lo) <= target:
-        hi, lo = lo, lo * 0.8
-    while target - eps(hi) > EPSILON_TOLERANCE and hi - lo > 1e-4 * hi:
-        mid = (lo + hi) / 2
-        if eps(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-def _rdp_epsilon_over(
-    orders: list[float], sigma: float, sample_rate: float, steps: int, delta: float
-) -> tuple[float, float]:
-    """Opacus's epsilon and best order for one schedule, minimised over ``orders`` only.
-
-    Over a subset of the default orders this is an upper bound on the reported epsilon.
-    """
-    from opacus.accountants.analysis import rdp
-
-    values = rdp.compute_rdp(q=sample_rate, noise_multiplier=sigma, steps=steps, orders=orders)
-    eps, best = rdp.get_privacy_spent(orders=orders, rdp=values, delta=delta)
-    return float(eps), float(best)
-
-
-def _refine_rdp_sigma(
-    target: float, delta: float, sample_rate: float, steps: int, sigma: float
-) -> float:
-    """Lower an integer-order sigma toward the all-orders one, checking every candidate.
-
-    ``sigma`` meets ``target`` over the integer orders. Candidates are checked over the
-    default orders within 1.5 of its best integer order: a subset, so a candidate that
-    meets the target there meets it over all orders (and the reported epsilon is lower
-    still), at a fifth of the cost of all orders. Each step guesses a smaller sigma
-    from a local power law ``eps ~ sigma**-k`` fitted to the last two points (bisecting
-    once a guess that overspends brackets the answer). At most :data:`_REFINE_STEPS`
-    candidates.
-    """
-    integer = calibration_orders()
-    _, best = _rdp_epsilon_over(integer, sigma, sample_rate, steps, delta)
-    # At the smallest integer order the best order may lie below it: look down too.
-    window = [
-        a for a in _rdp_orders() if abs(a - best) <= 1.5 or (best <= min(integer) and a < best)
-    ]
-    aim = target - EPSILON_TOLERANCE / 2
-    hi, eps_hi = sigma, _rdp_epsilon_over(window, sigma, sample_rate, steps, delta)[0]
-    lo = 0.0
-    slope = 1.5
-    for _ in range(_REFINE_STEPS):
-        if target - eps_hi <= EPSILON_TOLERANCE or eps_hi <= 0.0:
-            break
-        guess = hi * (eps_hi / aim) ** (1.0 / slope)
-        if not lo < guess < hi:
-            guess = (lo + hi) / 2
-        eps = _rdp_epsilon_over(window, guess, sample_rate, steps, delta)[0]
-        if eps > eps_hi:
-            slope = max(math.log(eps / eps_hi) / math.log(hi / guess), 0.1)
-        if eps <= target:
-            hi, eps_hi = guess, eps
-        else:
-            lo = guess
-    return hi
 
 
 def planned_participation(rounds: int, fraction: float) -> int:
@@ -321,12 +93,13 @@ class PrivacyLedger:
         history: Opacus accountant history.
         rounds: Server rounds this client trained in.
         epsilon: Epsilon composed over ``history`` (``None`` when DP is off), for
-            add/remove-one neighbours. It treats the dataset size as public: the example
-            count, sample rate and sigma the client reveals are functions of it.
-        replace_one_epsilon: Epsilon of the same history for replace-one neighbours
-            (PLD accountant, pessimistic). Replace-one neighbours have the same size, so
-            this one also covers what the client reveals about its size. Reported beside
-            ``epsilon``; the budget is enforced on ``epsilon``.
+            zero-out neighbours (one example replaced by a null example; the same numbers
+            as add/remove-one with the dataset size public, which it is: the example
+            count, sample rate and sigma the client reveals are functions of it). The
+            budget is enforced on it.
+        replace_one_epsilon: Epsilon of the same history, by the same accountant, for
+            replace-one neighbours (one example replaced by any other), reported beside
+            ``epsilon``.
 
     """
 
@@ -369,9 +142,10 @@ class PrivacyLedger:
         target = privacy.target_epsilon
         if target is None or self.noise_multiplier is not None:
             if self.sample_rate is not None and not math.isclose(self.sample_rate, sample_rate):
-                raise ValueError(
+                raise TrainingInputError(
+                    "training data changed size since the ledger was calibrated",
                     f"this client's sample rate changed from {self.sample_rate:.6g} to "
-                    f"{sample_rate:.6g}; the ledger was calibrated for another dataset size"
+                    f"{sample_rate:.6g}; the ledger was calibrated for another dataset size",
                 )
             return self
         sigma = privacy.noise_multiplier
@@ -417,7 +191,9 @@ class PrivacyLedger:
             history=history,
             rounds=(*self.rounds, server_round),
             epsilon=compute_epsilon(self.accountant, history, self.delta) if private else None,
-            replace_one_epsilon=replace_one_epsilon_of(history, self.delta) if private else None,
+            replace_one_epsilon=(
+                replace_one_epsilon_of(self.accountant, history, self.delta) if private else None
+            ),
         )
 
     def record_plain_round(self, server_round: int) -> PrivacyLedger:

@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
@@ -23,9 +23,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from sepals.client.canaries import CanaryData
-from sepals.client.privacy import PrivacyLedger, merge_entry, poisson_schedule
+from sepals.client.privacy import PrivacyLedger, poisson_schedule
+from sepals.client.secret_random import (
+    DpRandomness,
+    SecretNoise,
+    secret_poisson_loader,
+    use_secret_noise,
+)
 from sepals.common.config import PrivacyConfig
-from sepals.common.errors import ModelCompatibilityError
+from sepals.common.errors import ModelCompatibilityError, TrainingInputError
 from sepals.common.finetune import TrainableSpec, pretrained_factory, with_trainable
 from sepals.common.models import ModelFactory, get_flat, set_flat
 
@@ -64,8 +70,9 @@ def _mean_loss(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> torch.Ten
     loss = loss_fn(out, y)
     # (Under ghost clipping the loss is Opacus's wrapper, not a plain tensor.)
     if type(loss) is torch.Tensor and loss.dim() != 0:
-        raise ValueError(
-            "loss_fn must return a 0-dim tensor: the mean loss over the batch (reduction='mean')"
+        raise TrainingInputError(
+            "loss is not a batch mean",
+            "loss_fn must return a 0-dim tensor: the mean loss over the batch (reduction='mean')",
         )
     return loss
 
@@ -79,22 +86,16 @@ class TrainSettings:
         batch_size: Batch size (expected batch size under Poisson sampling).
         learning_rate: SGD learning rate.
         momentum: SGD momentum.
-        data_seed: Seed of batch order and Poisson sampling.
-        noise_seed: Seed of the DP noise, for reproducible tests only (the noise is then
-            predictable from the seed). ``None`` (the default, and the only private
-            choice) seeds the noise generator afresh from ``os.urandom``, the kernel's
-            CSPRNG, before every DP-SGD step (:func:`reseed_from_os`).
+        randomness: Where the round's Poisson sampling and DP noise come from: fresh
+            keys from the kernel's CSPRNG by default, the only private choice
+            (:class:`~sepals.client.secret_random.DpRandomness`; a seeded one is for
+            tests and voids the epsilon).
         grad_sample_mode: Opacus per-sample-gradient mode. ``hooks`` (the default) and
             ``ghost`` (ghost clipping: two backward passes, no per-sample gradients in
             memory) survive the empty batches that Poisson sampling yields on small
             clients; ``functorch`` fails on them for convolutional models and ``ew``
             always. ``python -m benchmarks.dp`` measured ``hooks`` fastest for both
             model families (see the README), so it is the default for both.
-        noise_fraction: The share of the ledger's noise multiplier this client adds:
-            1 (local DP) or ``1 / sqrt(m)`` under distributed noise over ``m`` clients
-            (:attr:`sepals.common.config.FederationConfig.noise_shares`). The ledger
-            still records, and composes epsilon for, the whole sigma: the noise an
-            aggregate of ``m`` clients carries.
 
     """
 
@@ -102,10 +103,8 @@ class TrainSettings:
     batch_size: int = 32
     learning_rate: float = 0.1
     momentum: float = 0.9
-    data_seed: int = 0
-    noise_seed: int | None = None
+    randomness: DpRandomness = field(default_factory=DpRandomness)
     grad_sample_mode: str = "hooks"
-    noise_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -114,8 +113,6 @@ class TrainSettings:
             )
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if not (math.isfinite(self.noise_fraction) and 0.0 < self.noise_fraction <= 1.0):
-            raise ValueError(f"noise_fraction must lie in (0, 1], got {self.noise_fraction!r}")
 
 
 @dataclass(frozen=True)
@@ -185,34 +182,13 @@ def model_builder(
     return with_trainable(base, trainable)
 
 
-def _noise_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    # Opacus draws the noise on the parameters' device, so the generator must live there.
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        reseed_from_os(gen)
-    return gen
-
-
-def reseed_from_os(gen: torch.Generator) -> None:
-    """Seed ``gen`` with 64 fresh bits from ``os.urandom`` (the kernel's CSPRNG).
-
-    Opacus draws DP-SGD noise from a torch generator, a Mersenne Twister whose state can
-    be recovered from enough of its outputs. Reseeding it before every step from the
-    CSPRNG leaves no state shared between steps: predicting one step's noise means
-    guessing that step's 64-bit seed.
-    """
-    gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
-
-
 def _silence_opacus_notices(fn: Callable[P, R]) -> Callable[P, R]:
     """Hide two notices that are not actionable for sepals users.
 
     Opacus announces that ``secure_mode`` is off (it needs torchcsprng, which does not
-    exist for torch 2.x; the noise generator is reseeded from ``os.urandom`` before
-    every step instead, :func:`reseed_from_os`), and torch
-    warns about full backward hooks on input layers.
+    exist for torch 2.x; sepals draws the sampling and the noise from its own CSPRNG
+    instead, :mod:`sepals.client.secret_random`), and torch warns about full backward
+    hooks on input layers.
     """
 
     @functools.wraps(fn)
@@ -256,21 +232,80 @@ def _as_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
     return batch
 
 
+def _batched(data: Dataset) -> tuple[Dataset, Callable[[Any], Any] | None]:  # type: ignore[type-arg]
+    """``data`` as the loader should index it, and the collate function that goes with it."""
+    if type(data) is TensorDataset or type(data) is CanaryData:
+        return _BatchedTensors(data), _as_batch
+    return data, None
+
+
 def make_loader(
     data: Dataset,  # type: ignore[type-arg]
     batch_size: int,
-    generator: torch.Generator,
+    randomness: DpRandomness,
+    *,
+    poisson: bool,
 ) -> DataLoader:  # type: ignore[type-arg]
-    """The shuffled training loader; batches of a ``TensorDataset`` are fetched whole."""
-    if type(data) is TensorDataset or type(data) is CanaryData:
-        return DataLoader(
-            _BatchedTensors(data),
-            batch_size=batch_size,
-            shuffle=True,
-            generator=generator,
-            collate_fn=_as_batch,
-        )
-    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
+    """The training loader; batches of a ``TensorDataset`` are fetched whole.
+
+    ``poisson``: DP-SGD's Poisson batches from the secret sampler
+    (:func:`~sepals.client.secret_random.secret_poisson_loader`); otherwise shuffled
+    batches of ``batch_size`` (non-private training, and equivalence tests).
+    """
+    dataset, collate = _batched(data)
+    if poisson:
+        return secret_poisson_loader(dataset, batch_size, randomness.child("batches"), collate)
+    shuffle = torch.Generator()
+    shuffle.manual_seed(randomness.key("shuffle") % (1 << 63))
+    if collate is None:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=shuffle)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, generator=shuffle, collate_fn=collate
+    )
+
+
+def _make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: Any,
+    loader: DataLoader,  # type: ignore[type-arg]
+    settings: TrainSettings,
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger,
+    poisson_sampling: bool,
+) -> tuple[Any, Any, Any, Any]:
+    """Wrap the round's model, optimizer and loss with a fresh Opacus ``PrivacyEngine``.
+
+    The loader is already the secret Poisson loader, so Opacus is told not to replace
+    it; the accountant still records ``(sigma, 1 / len(loader), steps)``.
+    """
+    from opacus import PrivacyEngine
+
+    if ledger.noise_multiplier is None or ledger.sample_rate is None:
+        raise ValueError("the privacy ledger must be calibrated before a DP round")
+    # Opacus keeps the history; a ``pld`` ledger composes it itself (client.privacy).
+    mechanism = "rdp" if privacy.accountant == "pld" else privacy.accountant
+    engine = PrivacyEngine(accountant=mechanism)
+    if ledger.history:
+        engine.accountant.load_state_dict({"history": list(ledger.history), "mechanism": mechanism})
+    wrapped = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=ledger.noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        poisson_sampling=False,
+        grad_sample_mode=settings.grad_sample_mode,
+        criterion=criterion,
+    )
+    if len(wrapped) == 4:  # ghost clipping also wraps the loss (two backward passes)
+        private_model, private_optimizer, criterion, _ = wrapped
+    else:
+        private_model, private_optimizer, _ = wrapped
+    if poisson_sampling:
+        # As Opacus does for its own Poisson loader: every step is one sampled batch.
+        private_model.forbid_grad_accumulation()
+    return engine, private_model, private_optimizer, criterion
 
 
 @_silence_opacus_notices
@@ -319,11 +354,12 @@ def train_round(
     model.train()
     n = len(data)  # type: ignore[arg-type]
     if n < 1:
-        raise ValueError("cannot train on an empty dataset")
+        raise TrainingInputError("no training data", "cannot train on an empty dataset")
     canaries = data.canaries if isinstance(data, CanaryData) else None
-    loader_gen = torch.Generator()
-    loader_gen.manual_seed(settings.data_seed)
-    loader = make_loader(data, settings.batch_size, loader_gen)
+    private = privacy.enabled
+    loader = make_loader(
+        data, settings.batch_size, settings.randomness, poisson=private and poisson_sampling
+    )
     # Frozen (pretrained) parameters take no part in the step: no gradient, no noise.
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
@@ -333,69 +369,44 @@ def train_round(
     criterion: Any = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
 
     engine = None
-    noise_gen: torch.Generator | None = None
-    sigma = 0.0
-    if privacy.enabled:
-        from opacus import PrivacyEngine
-
-        if ledger.noise_multiplier is None or ledger.sample_rate is None:
-            raise ValueError("the privacy ledger must be calibrated before a DP round")
-        sigma = ledger.noise_multiplier
-        # Opacus keeps the history; a ``pld`` ledger composes it itself (client.privacy).
-        mechanism = "rdp" if privacy.accountant == "pld" else privacy.accountant
-        engine = PrivacyEngine(accountant=mechanism)
-        if ledger.history:
-            engine.accountant.load_state_dict(
-                {"history": list(ledger.history), "mechanism": mechanism}
-            )
-        noise_gen = _noise_generator(settings.noise_seed, dev)
-        wrapped = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=sigma * settings.noise_fraction,
-            max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=poisson_sampling,
-            grad_sample_mode=settings.grad_sample_mode,
-            noise_generator=noise_gen,
-            criterion=criterion,
+    noise: SecretNoise | None = None
+    if private:
+        engine, model, optimizer, criterion = _make_private(
+            model, optimizer, criterion, loader, settings, privacy, ledger, poisson_sampling
         )
-        if len(wrapped) == 4:  # ghost clipping also wraps the loss (two backward passes)
-            model, optimizer, criterion, loader = wrapped
-        else:
-            model, optimizer, loader = wrapped
-        if poisson_sampling:
-            # Poisson sampling draws from the torch global RNG unless given a generator.
-            loader.batch_sampler.generator = loader_gen
+        noise = SecretNoise(
+            settings.randomness.child("noise"),
+            sum(p.numel() for p in optimizer.params),
+            float(optimizer.noise_multiplier) * privacy.max_grad_norm,
+            len(loader) * settings.epochs,
+        )
+        use_secret_noise(optimizer, noise)
 
     steps = 0
     loss_sum, loss_batches = 0.0, 0
-    for _ in range(settings.epochs):
-        for x_batch, y_batch in loader:
-            if canaries is not None:
-                x_batch, y_batch = canaries.strip(x_batch, y_batch)
-            x, y = x_batch.to(dev), y_batch.to(dev)
-            optimizer.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = _mean_loss(criterion, out, y) if len(y) else out.sum() * 0.0
-            loss.backward()
-            if canaries is not None:
-                canaries.inject(model, optimizer, privacy.max_grad_norm)
-            if noise_gen is not None and settings.noise_seed is None:
-                reseed_from_os(noise_gen)
-            optimizer.step()
-            steps += 1
-            if len(y):
-                loss_sum += float(loss.detach())
-                loss_batches += 1
+    try:
+        for _ in range(settings.epochs):
+            for x_batch, y_batch in loader:
+                if canaries is not None:
+                    x_batch, y_batch = canaries.strip(x_batch, y_batch)
+                x, y = x_batch.to(dev), y_batch.to(dev)
+                optimizer.zero_grad(set_to_none=True)
+                out = model(x)
+                loss = _mean_loss(criterion, out, y) if len(y) else out.sum() * 0.0
+                loss.backward()
+                if canaries is not None:
+                    canaries.inject(model, optimizer, privacy.max_grad_norm)
+                optimizer.step()
+                steps += 1
+                if len(y):
+                    loss_sum += float(loss.detach())
+                    loss_batches += 1
+    finally:
+        if noise is not None:
+            noise.close()
 
     if engine is not None:
         history = tuple((float(s), float(q), int(k)) for s, q, k in engine.accountant.history)
-        if settings.noise_fraction != 1.0:
-            # This round's steps used the split sigma; the ledger composes the aggregate's.
-            history = ledger.history
-            for _, q, k in engine.accountant.history[len(ledger.history) :]:
-                history = merge_entry(history, (sigma, float(q), int(k)))
         new_ledger = ledger.record_round(server_round, history)
         inner = model._module  # the plain module inside GradSampleModule
         if not isinstance(inner, nn.Module):

@@ -1,36 +1,75 @@
-"""The epsilon of a client's history under the replace-one neighbouring relation.
+"""Privacy-loss-distribution accounting and the two neighbouring relations sepals reports.
 
-Sepals reports epsilon the way Opacus and TF-Privacy do: for *add/remove-one*
-neighbours (datasets that differ by one example being present or absent), with the
-client's dataset size treated as public. A client does send its example count in the
-clear, so that convention fits; but if the dataset size must stay private, the right
-relation is *replace-one* (datasets of equal size that differ in one example), whose
-epsilon is larger for the same noise. :func:`replace_one_epsilon` computes it from the
-same accountant history with Google's ``dp-accounting`` privacy-loss-distribution
-accountant, which supports replace-one for Poisson-subsampled Gaussian steps.
+Every client publishes its example count and its Poisson sample rate, so its dataset
+size is public, and the relation its enforced epsilon is stated for is *zero-out*: two
+datasets of the same size that differ in one example being replaced by a null example
+that contributes no gradient (``dp-accounting``'s ``REPLACE_SPECIAL``). For DP-SGD's
+Poisson-subsampled Gaussian it has exactly the numbers of add/remove-one, the convention
+of Opacus and TF-Privacy. Beside it sepals prints the epsilon for *replace-one*
+neighbours (one example replaced by any other), which is larger for the same noise. Both
+come from the accountant that enforces the budget. The explanation every printed pair
+points to: :data:`RELATIONS_DOC`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+#: The neighbouring relation of every enforced epsilon.
+NEIGHBOURING_RELATION = "zero-out"
+#: Where the two relations are explained.
+RELATIONS_DOC = "docs/privacy.md#neighbouring-relations"
+#: A summary flags a replace-one epsilon above this multiple of the zero-out one.
+REPLACE_ONE_FLAG_RATIO = 1.25
 
 
-def replace_one_epsilon(
-    history: Iterable[tuple[float, float, int]], delta: float, discretization: float = 3e-3
-) -> float:
-    """Epsilon at ``delta`` of ``history`` for replace-one neighbours (PLD accountant).
+def epsilon_pair(eps: float | None, replace_one: float | None, digits: int = 3) -> str:
+    """``7.991 zero-out, 13.628 replace-one``: one epsilon pair as every line prints it.
 
-    Args:
-        history: ``(noise_multiplier, sample_rate, steps)`` runs, as in the ledger.
-        delta: Target delta.
-        discretization: PLD value discretization interval (smaller is tighter, slower).
-
-    Raises:
-        ValueError: a history entry is out of range.
-
+    ``off`` when DP is off (``eps`` is ``None``).
     """
-    return pld_epsilon(history, delta, replace_one=True, discretization=discretization)
+    if eps is None:
+        return "off"
+    text = f"{eps:.{digits}f} {NEIGHBOURING_RELATION}"
+    if replace_one is not None:
+        text += f", {replace_one:.{digits}f} replace-one"
+    return text
+
+
+def replace_one_flag(eps: float | None, replace_one: float | None) -> str:
+    """A warning when the replace-one epsilon exceeds the zero-out one by more than 25%.
+
+    Empty otherwise. A small client under a skewed split can reach twice the headline.
+    """
+    if eps is None or replace_one is None or eps <= 0:
+        return ""
+    if replace_one <= REPLACE_ONE_FLAG_RATIO * eps:
+        return ""
+    return (
+        f"replace-one epsilon {replace_one:.3f} is {replace_one / eps:.1f}x the zero-out "
+        f"epsilon (see {RELATIONS_DOC})"
+    )
+
+
+def summary_epsilon(final: Mapping[str, Any]) -> str:
+    """A run's epsilon for its summary line, with what it holds against.
+
+    ``final`` holds ``epsilon``, ``epsilon_replace_one`` and optionally
+    ``epsilon_holds`` (``False`` when the run's DP randomness was seeded, ``None`` when
+    DP is off).
+    """
+    eps = final.get("epsilon")
+    if eps is None and final.get("epsilon_holds") is not None:
+        return "none released (DP on: every update was declined or refused)"
+    text = epsilon_pair(eps, final.get("epsilon_replace_one"))
+    if eps is not None:
+        text += f" ({RELATIONS_DOC})"
+    if final.get("epsilon_holds") is False:
+        text += " | EPSILON DOES NOT HOLD: seeded DP randomness (--insecure-reproducible)"
+    flag = replace_one_flag(eps, final.get("epsilon_replace_one"))
+    return f"{text} | {flag}" if flag else text
 
 
 def pld_epsilon(
@@ -45,7 +84,8 @@ def pld_epsilon(
     Args:
         history: ``(noise_multiplier, sample_rate, steps)`` runs, as in the ledger.
         delta: Target delta.
-        replace_one: Replace-one neighbours; otherwise add/remove-one.
+        replace_one: Replace-one neighbours; otherwise zero-out (the numbers of
+            add/remove-one).
         discretization: PLD value discretization interval (smaller is tighter, slower).
 
     Raises:

@@ -123,6 +123,15 @@ class UpdateCodec(ABC):
         return 0 if self._config is None else self._config.poly_modulus_degree
 
     @property
+    def value_bound(self) -> float | None:
+        """Largest absolute value one client may encode (``None``: no bound, plaintext).
+
+        BFV: ``update_bound``; CKKS: what ``max_clients`` such values can sum to inside
+        its headroom (:attr:`EncryptionConfig.max_update_magnitude`).
+        """
+        return None if self._config is None else self._config.max_update_magnitude
+
+    @property
     def can_decrypt(self) -> bool:
         """Whether this instance holds a secret key (never true for a plaintext codec)."""
         return False

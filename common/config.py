@@ -14,10 +14,13 @@ from typing import Any, Literal
 
 from sepals.common.log import log
 
-AccountantName = Literal["rdp", "prv", "gdp", "pld"]
-#: The accountants a client may compose its epsilon with (Opacus's three, and ``pld``:
-#: Google ``dp-accounting``'s privacy-loss-distribution accountant).
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "gdp", "pld")
+AccountantName = Literal["pld", "rdp"]
+#: The accountants a client may compose its epsilon with: ``pld``, Google
+#: ``dp-accounting``'s privacy-loss-distribution accountant (the default: the tightest),
+#: and Opacus's ``rdp``. Both give upper bounds on epsilon for both neighbouring
+#: relations sepals reports (docs/privacy.md#neighbouring-relations); Opacus's ``gdp`` is
+#: an asymptotic approximation, not a bound, and is not offered.
+ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
 SchemeName = Literal["bfv", "ckks", "none"]
 
 # Largest magnitude of the noise one fresh symmetric BFV encryption adds, in units of
@@ -25,6 +28,10 @@ SchemeName = Literal["bfv", "ckks", "none"]
 # normal) distribution bounded by 21, and the scaled message adds a rounding error of
 # at most 1/2. Rounded up.
 BFV_NOISE_PER_SUMMAND = 22
+#: Default largest change of one weight from the shared round-0 model that an update
+#: carries (BFV): room for weights of order 1 to move by several units, at a grid step
+#: of 1.5e-3 with 100 clients a round (1.5e-4 with 10).
+DEFAULT_UPDATE_BOUND = 16.0
 # Fewest quantization levels per sign that a BFV configuration may leave each client.
 MIN_QUANT_LEVELS = 256
 # Below this many levels per sign (a grid step above about 0.1% of ``update_bound``), a
@@ -85,10 +92,10 @@ class PrivacyConfig:
             ``None`` turns DP off (plain SGD).
         delta: Target delta of the (epsilon, delta) guarantee.
         max_grad_norm: Per-sample gradient clipping norm C.
-        accountant: The accountant used to calibrate and compose: Opacus's ``rdp``,
-            ``prv`` or ``gdp``, or ``pld`` (Google ``dp-accounting``'s pessimistic
-            privacy-loss-distribution accountant: the tightest of them for DP-SGD, about
-            8% less noise than ``rdp`` for the same epsilon, at ~0.2 s per epsilon).
+        accountant: The accountant that calibrates sigma, composes epsilon and enforces
+            the budget: ``pld`` (the default; Google ``dp-accounting``'s pessimistic
+            privacy-loss-distribution accountant, about 8% less noise than ``rdp`` for
+            the same epsilon, at ~0.2 s per epsilon) or ``rdp`` (Opacus's).
         noise_multiplier: Explicit sigma. ``None`` (the default) calibrates sigma once
             per client for its planned participation.
 
@@ -97,7 +104,7 @@ class PrivacyConfig:
     target_epsilon: float | None = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    accountant: AccountantName = "rdp"
+    accountant: AccountantName = "pld"
     noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
@@ -169,9 +176,12 @@ class EncryptionConfig:
         plain_modulus_bits: Bit size of the BFV plaintext modulus t, a batching prime
             (BFV only). Each slot holds two fields of ``plain_modulus_bits // 2`` bits.
         update_bound: Largest absolute value a client may encode (BFV only). A client
-            encodes its weighted update, ``num_examples * weights``; a larger value is
-            refused before encryption with a clear error. Together with
-            ``max_clients`` it fixes the quantization step.
+            encodes its weighted change from the shared round-0 model,
+            ``min(n, weight_cap) / weight_cap * (weights - initial)``, which does not grow
+            with its dataset; a value beyond the bound is clamped to it on the client
+            (post-processing of its DP update) and the count is reported. Together
+            with ``max_clients`` it fixes the quantization step:
+            ``update_bound / (field_capacity / max_clients)``.
 
     """
 
@@ -181,7 +191,7 @@ class EncryptionConfig:
     scale_bits: int = 36
     max_clients: int = 100
     plain_modulus_bits: int = 44
-    update_bound: float = 4096.0
+    update_bound: float = DEFAULT_UPDATE_BOUND
 
     def __post_init__(self) -> None:
         if self.scheme not in ("bfv", "ckks", "none"):
@@ -260,10 +270,10 @@ class EncryptionConfig:
 
         The grid is flagged when it leaves each client fewer than
         :data:`WARN_QUANT_LEVELS` levels per sign, i.e. when :attr:`quant_step` exceeds
-        about 0.1% of ``update_bound``. A client encodes ``n * w`` (``n`` examples), so
-        the decoded FedAvg model is off by at most ``quant_step / mean(n)`` per weight:
-        with few examples per client a coarse step is a visible error. Such a
-        configuration is accepted; constructing it logs this message once as a WARNING.
+        about 0.1% of ``update_bound``. The decoded FedAvg model is off by at most
+        ``quant_step`` per weight (each client's rounding error, weighted and averaged):
+        a coarse step is a visible error. Such a configuration is accepted;
+        constructing it logs this message once as a WARNING.
         """
         if self.scheme != "bfv" or self.max_quantized >= WARN_QUANT_LEVELS:
             return None
@@ -271,9 +281,9 @@ class EncryptionConfig:
             f"BFV quantization is coarse: max_clients={self.max_clients} with "
             f"plain_modulus_bits={self.plain_modulus_bits} leaves {self.max_quantized} levels "
             f"per sign (fewer than {WARN_QUANT_LEVELS}), a grid step of {self.quant_step:.3g} "
-            f"for update_bound={self.update_bound:g}; the averaged model is off by up to "
-            "step / (mean examples per client) per weight. Sample fewer clients per round, "
-            "raise plain_modulus_bits (if the noise budget allows) or lower update_bound"
+            f"for update_bound={self.update_bound:g}; the averaged model is off by up to one "
+            "step per weight. Sample fewer clients per round, raise plain_modulus_bits (if "
+            "the noise budget allows) or lower update_bound"
         )
 
     @property
@@ -288,7 +298,7 @@ class EncryptionConfig:
 
     @property
     def max_update_magnitude(self) -> float:
-        """Largest absolute value one client's weighted update may hold.
+        """Largest absolute value one client's weighted change may hold.
 
         BFV: :attr:`update_bound`. CKKS: ``max_clients`` such values still sum below the
         headroom, with a factor 2 margin for the CKKS encoding error.

@@ -42,6 +42,18 @@ class DeltaTooLargeError(SepalsError, ValueError):
     """A client's delta is not below 1/n for its n training examples."""
 
 
+class TrainingInputError(SepalsError, ValueError):
+    """A client cannot train on what it holds: its data, its model, its loss or its ledger.
+
+    ``reason`` is a fixed phrase that names the problem without quoting any value; it is
+    what the server may see. The message, which may quote values, stays on the client.
+    """
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
 class ModelCompatibilityError(SepalsError):
     """A model cannot be trained with DP-SGD (for example it contains BatchNorm)."""
 

@@ -28,6 +28,21 @@ def sampled_per_round(clients: int, fraction: float, min_clients: int = 1) -> in
     return min(clients, max(min_clients, math.ceil(fraction * clients)))
 
 
+#: The default example count at which a client's FedAvg weight saturates.
+DEFAULT_WEIGHT_CAP = 10_000
+
+
+def check_weight_cap(weight_cap: object) -> None:
+    """Raise ``ValueError`` unless ``weight_cap`` is an integer >= 1."""
+    if isinstance(weight_cap, bool) or not isinstance(weight_cap, int) or weight_cap < 1:
+        raise ValueError(f"weight_cap must be an integer >= 1, got {weight_cap!r}")
+
+
+def update_weight(num_examples: int, weight_cap: int) -> float:
+    """A client's FedAvg weight: ``min(num_examples, weight_cap) / weight_cap``, in (0, 1]."""
+    return min(num_examples, weight_cap) / weight_cap
+
+
 def check_noise_shares(noise_shares: object, mask_threshold: int) -> None:
     """Raise ``ValueError`` unless ``noise_shares`` is 1, or at most a masking threshold.
 
@@ -67,14 +82,17 @@ class FederationConfig:
         mask_neighbours: Pairwise masking under BFV (:mod:`sepals.common.masking`): each
             client's neighbour count ``k``; 0 turns masking off.
         mask_threshold: The Shamir threshold ``T`` of masking (0 when it is off).
-        noise_shares: Distributed DP noise (``m``). 1, the default, is local DP: every
-            client adds the whole DP-SGD noise, so each update alone is (epsilon,
-            delta)-DP. ``m > 1`` splits it: each client adds ``sigma / sqrt(m)``, so
-            any aggregate of at least ``m`` honest clients carries the full ``sigma``.
-            Needs pairwise masking with ``m <= mask_threshold`` (the server only ever
-            sees sums of at least ``T`` clients); the guarantee then holds against the
-            server and up to ``T - m`` colluding clients, and a lone update is only
-            protected by ``sigma / sqrt(m)`` (see the README).
+        weight_cap: The example count at which a client's FedAvg weight saturates. A
+            client with ``n`` examples weighs ``min(n, weight_cap) / weight_cap`` (at most
+            1), so what it encodes does not grow with its dataset; FedAvg is exact for
+            every client with at most ``weight_cap`` examples. Simulations set it to the
+            largest client's count.
+        noise_shares: ``m``, kept for plans that name it. Every client adds the whole
+            DP-SGD noise whatever ``m`` is, so each update alone is (epsilon, delta)-DP
+            with the epsilon it reports. ``m > 1`` only requires pairwise masking with
+            ``m <= mask_threshold``: splitting the noise into shares has no proof for
+            multi-step DP-SGD, so it lowers no client's noise
+            (docs/privacy.md#distributed-noise).
 
     """
 
@@ -92,6 +110,7 @@ class FederationConfig:
     mask_neighbours: int = 0
     mask_threshold: int = 0
     noise_shares: int = 1
+    weight_cap: int = DEFAULT_WEIGHT_CAP
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -127,6 +146,7 @@ class FederationConfig:
                 f"{self.mask_threshold}"
             )
         check_noise_shares(self.noise_shares, self.mask_threshold)
+        check_weight_cap(self.weight_cap)
 
     @property
     def masking(self) -> bool:

@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sepals.common.accounting import pld_epsilon
+from sepals.common.accounting import NEIGHBOURING_RELATION, RELATIONS_DOC
 from sepals.common.errors import LedgerLockedError, SepalsError
 from sepals.common.files import atomic_write, require_private
 
@@ -202,20 +202,6 @@ def check_ledger(led: dict[str, Any], path: Path) -> None:
         raise bad("rounds", "a list of round numbers (integers >= 1)")
 
 
-def _pld(led: dict[str, Any]) -> str:
-    """Epsilon of the ledger's history under the PLD accountant, for both relations."""
-    try:
-        history, delta = led.get("history", []), float(led["delta"])
-        add_remove = pld_epsilon(history, delta, replace_one=False)
-        replace = pld_epsilon(history, delta, replace_one=True)
-    except (ValueError, TypeError, KeyError, ArithmeticError):
-        return "n/a"
-    return (
-        f"epsilon {add_remove:.4f} (add/remove-one), {replace:.4f} (replace-one: "
-        "dataset size private)"
-    )
-
-
 def format_ledger(doc: dict[str, Any]) -> str:
     """A human-readable summary of a ledger document."""
     led = doc["ledger"]
@@ -230,11 +216,14 @@ def format_ledger(doc: dict[str, Any]) -> str:
         lines.append("privacy          off (no DP budget; rounds are not private)")
     else:
         spent = float(eps or 0.0)
+        replace_one = led.get("replace_one_epsilon")
         lines += [
             f"epsilon spent    {spent:.4f} of {float(target):g} "
-            f"({100.0 * spent / float(target):.1f}%) at delta {float(led['delta']):g}"
-            " (add/remove-one neighbours, dataset size public)",
-            f"PLD accountant   {_pld(led)}",
+            f"({100.0 * spent / float(target):.1f}%) at delta {float(led['delta']):g}, "
+            f"{NEIGHBOURING_RELATION} neighbours (enforced)",
+            "replace-one      "
+            + ("n/a" if replace_one is None else f"{float(replace_one):.4f}")
+            + f" (the same accountant; see {RELATIONS_DOC})",
             f"accountant       {led.get('accountant')}",
             f"noise multiplier {led.get('noise_multiplier')}",
             f"sample rate      {led.get('sample_rate')}",

@@ -39,7 +39,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from sepals.common.config import MAX_COEFF_MODULUS_BITS
 from sepals.common.errors import SepalsError
-from sepals.common.federation import FederationConfig, check_noise_shares
+from sepals.common.federation import (
+    DEFAULT_WEIGHT_CAP,
+    FederationConfig,
+    check_noise_shares,
+    check_weight_cap,
+)
 from sepals.common.files import atomic_write
 
 PLAN_FORMAT = "sepals-plan/1"
@@ -96,6 +101,7 @@ _OPTIONAL_FIELDS = frozenset(
         "mask_neighbours",
         "mask_threshold",
         "noise_shares",
+        "weight_cap",
         "checkpoint_sha256",
         "poly_modulus_degree",
     }
@@ -129,8 +135,10 @@ class FederationPlan:
             on, a client uploads only masked updates, shares its secrets with threshold
             ``mask_threshold`` and nothing a message says can change either.
         mask_threshold: Pairwise-masking Shamir threshold ``T`` (0: no masking).
-        noise_shares: Distributed DP noise ``m`` (1: local DP; see
-            :attr:`FederationConfig.noise_shares`). A client adds ``sigma / sqrt(m)``.
+        noise_shares: ``m`` (see :attr:`FederationConfig.noise_shares`): needs
+            masking with ``T >= m``; every client still adds its whole noise.
+        weight_cap: Examples at which a client's FedAvg weight saturates (see
+            :attr:`FederationConfig.weight_cap`).
         checkpoint_sha256: SHA-256 of the pretrained checkpoint every party starts from
             (:func:`sepals.common.finetune.checkpoint_sha256`), or ``""`` for a seeded
             random start. A client whose local checkpoint differs refuses to train.
@@ -158,6 +166,7 @@ class FederationPlan:
     mask_neighbours: int = 0
     mask_threshold: int = 0
     noise_shares: int = 1
+    weight_cap: int = DEFAULT_WEIGHT_CAP
     checkpoint_sha256: str = ""
     poly_modulus_degree: int | None = None
 
@@ -198,6 +207,10 @@ class FederationPlan:
             )
         try:
             check_noise_shares(self.noise_shares, self.mask_threshold)
+        except ValueError as exc:
+            raise ValueError(f"plan.{exc}") from None
+        try:
+            check_weight_cap(self.weight_cap)
         except ValueError as exc:
             raise ValueError(f"plan.{exc}") from None
         if self.checkpoint_sha256 != "":
@@ -265,6 +278,7 @@ class FederationPlan:
             mask_neighbours=federation.mask_neighbours,
             mask_threshold=federation.mask_threshold,
             noise_shares=federation.noise_shares,
+            weight_cap=federation.weight_cap,
             checkpoint_sha256=checkpoint_sha256,
             poly_modulus_degree=poly_modulus_degree,
         )

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sepals.common.codec import UpdateCodec
-from sepals.common.federation import FederationConfig
+from sepals.common.federation import DEFAULT_WEIGHT_CAP, FederationConfig, update_weight
 from sepals.common.models import ModelFactory, build_seeded, get_flat
 from sepals.common.plan import (
     KEY_FEDERATION_ID,
@@ -86,7 +86,8 @@ class RoundConfig:
         vector_length: Number of model parameters.
         mask_neighbours: Masking graph degree (0: no masking).
         mask_threshold: Masking Shamir threshold (0: no masking).
-        noise_shares: Distributed DP noise ``m`` (1: local DP).
+        noise_shares: ``m`` of the plan (masking threshold at least ``m``).
+        weight_cap: Examples at which a client's FedAvg weight saturates.
 
     """
 
@@ -104,6 +105,7 @@ class RoundConfig:
     mask_neighbours: int = 0
     mask_threshold: int = 0
     noise_shares: int = 1
+    weight_cap: int = DEFAULT_WEIGHT_CAP
 
     @classmethod
     def build(
@@ -130,6 +132,7 @@ class RoundConfig:
             mask_neighbours=federation.mask_neighbours,
             mask_threshold=federation.mask_threshold,
             noise_shares=federation.noise_shares,
+            weight_cap=federation.weight_cap,
         )
 
     @classmethod
@@ -150,6 +153,7 @@ class RoundConfig:
             mask_neighbours=plan.mask_neighbours,
             mask_threshold=plan.mask_threshold,
             noise_shares=plan.noise_shares,
+            weight_cap=plan.weight_cap,
         )
 
     @classmethod
@@ -256,19 +260,56 @@ def plan_conflicts(
     return conflicts
 
 
+def initial_weights(factory: ModelFactory, model_seed: int) -> npt.NDArray[np.float64]:
+    """The shared round-0 model every party builds from ``model_seed``: the anchor.
+
+    Every update is encoded as its change from it (:func:`encode_contribution`).
+    """
+    return get_flat(build_seeded(factory, model_seed))
+
+
+def encode_contribution(
+    weights: npt.NDArray[np.floating],  # type: ignore[type-arg]
+    anchor: npt.NDArray[np.floating],  # type: ignore[type-arg]
+    num_examples: int,
+    weight_cap: int,
+    bound: float | None,
+) -> tuple[npt.NDArray[np.float64], int]:
+    """What a client adds to the aggregate: its weighted change from the anchor.
+
+    ``update_weight(n, cap) * (weights - anchor)``, each value clamped to ``[-bound,
+    bound]`` (``None``: no clamp). The weight is at most 1 and the change from the
+    shared round-0 model does not scale with the data, so the values fit the codec at
+    any dataset size; FedAvg stays exact for clients with at most ``weight_cap``
+    examples. Clamping is post-processing of the DP-SGD output; the count of clamped
+    values is returned so that it can be reported.
+    """
+    change = (np.asarray(weights, dtype=np.float64) - anchor) * update_weight(
+        num_examples, weight_cap
+    )
+    if bound is None:
+        return change, 0
+    clamped = int(np.count_nonzero(np.abs(change) > bound))
+    if clamped:
+        np.clip(change, -bound, bound, out=change)
+    return change, clamped
+
+
 def decode_global_model(
     codec: UpdateCodec,
     factory: ModelFactory,
     global_model: tuple[bytes, float] | None,
     model_seed: int,
+    anchor: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float64]:
     """Flat weights of the global model, on a party that holds the secret key.
 
     ``None`` (round 1) is the shared round-0 model every party builds from
-    ``model_seed``; otherwise the encrypted weighted sum is decrypted and divided by its
-    weight total.
+    ``model_seed`` (``anchor``, if the caller has it already); otherwise the anchor plus
+    the decrypted sum of weighted changes divided by its weight total.
     """
+    base = initial_weights(factory, model_seed) if anchor is None else anchor
     if global_model is None:
-        return get_flat(build_seeded(factory, model_seed))
+        return base.copy()
     payload, weight_total = global_model
-    return codec.decode(payload) / weight_total
+    return base + codec.decode(payload) / weight_total

@@ -28,7 +28,9 @@ def _provision(args: argparse.Namespace) -> int:
             clients=args.clients,
             server_host=args.server_host,
             port=args.port,
-            encryption=EncryptionConfig(scheme=args.scheme, max_clients=args.max_clients),
+            encryption=EncryptionConfig(
+                scheme=args.scheme, max_clients=args.max_clients, update_bound=args.update_bound
+            ),
             client_prefix=args.prefix,
             cert_days=args.cert_days,
             keep_ca_key=args.keep_ca_key,
@@ -201,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-examples",
         type=int,
         default=base.max_examples,
-        help=f"most num-examples a node may claim (default {base.max_examples})",
+        help=f"most num-examples a node may claim, and where a client's FedAvg weight "
+        f"saturates (default {base.max_examples})",
     )
     default = EncryptionConfig()
     prov.add_argument(
@@ -215,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=default.max_clients,
         help=f"most updates in one aggregate; sizes the codec (default {default.max_clients})",
+    )
+    prov.add_argument(
+        "--update-bound",
+        type=float,
+        default=default.update_bound,
+        help="BFV: largest change of one weight from the initial model an update carries "
+        f"(larger ones are clamped on the client; default {default.update_bound:g})",
     )
     prov.add_argument(
         "--no-masking",

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.config import DEFAULT_UPDATE_BOUND, EncryptionConfig, PrivacyConfig
 from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.simulations.process_env import apply_process_env
 
@@ -72,7 +72,8 @@ def simulate(
     cpus: int | None = None,
     ray_address: str | None = None,
     progress: ProgressFn | None = None,
-    reproducible_noise: bool = False,
+    insecure_reproducible: bool = False,
+    update_bound: float = DEFAULT_UPDATE_BOUND,
 ) -> SimulationResult:
     """Simulate ``app`` over ``clients`` clients and return the report and trained model.
 
@@ -91,17 +92,18 @@ def simulate(
         privacy: Every client's whole privacy budget (overrides the app's and
             ``epsilon``).
         encryption: ``bfv``, ``ckks``, ``none``, or an :class:`EncryptionConfig`.
-        seed: Seed of partitioning, sampling and batches (and of the DP noise with
-            ``reproducible_noise``).
+        seed: Seed of the partitioning, the model's initialisation and the server's
+            client sampling (public values). The DP sampling and noise never derive from
+            it, except with ``insecure_reproducible``.
         out: Output folder: ``report.json``, ``model.pt``, plots, ``keys/``.
         device: ``auto`` (the app's device, else CUDA when present), ``cpu`` or ``cuda``.
         local_epochs: Local epochs per round.
         batch_size: (Expected) local batch size.
         learning_rate: Local SGD learning rate.
         fraction_evaluate: Fraction of clients running federated evaluation each round.
-        noise_shares: Distributed DP noise over ``M`` clients (each adds sigma/sqrt(M));
-            needs BFV with masking (on by default) and ``M`` at most its threshold. 1 is
-            local DP (see the README's threat model).
+        noise_shares: Kept for plans that name it: ``M > 1`` needs BFV with masking and
+            ``M`` at most its threshold, but every client still adds its whole noise
+            (:attr:`~sepals.common.federation.FederationConfig.noise_shares`).
         app_args: String arguments of the spec's factory (spec only).
         cpus: CPUs Ray may use (default: all).
         ray_address: ``HOST:PORT`` of an existing Ray cluster to run the clients on, one
@@ -109,8 +111,13 @@ def simulate(
             node of the cluster, and ``out`` lie on a filesystem every node mounts at
             the same path (the clients read their key file there).
         progress: Called with each round's row.
-        reproducible_noise: Derive the DP noise from ``seed`` so that a run repeats
-            exactly: for tests only (the report marks it; the noise is predictable).
+        update_bound: BFV: the largest change of one weight from the initial model an
+            update carries; larger changes are clamped on the client and reported (see
+            :attr:`~sepals.common.config.EncryptionConfig.update_bound`). Ignored when
+            ``encryption`` is an :class:`EncryptionConfig`.
+        insecure_reproducible: TESTS ONLY. Derive the DP sampling, noise and rounding
+            from ``seed`` so that a run repeats exactly; the reported epsilon then does
+            not hold, and the report and summary line say so.
 
     Returns:
         ``(report, model)``. ``report["final"]["aggregated_rounds"]`` counts the rounds
@@ -155,6 +162,7 @@ def simulate(
         encryption = EncryptionConfig(
             scheme=encryption,  # type: ignore[arg-type]
             max_clients=sampled_per_round(max(clients, 1), fraction, 1),
+            update_bound=update_bound,
         )
     federation = FederationConfig(
         rounds=rounds,
@@ -183,7 +191,7 @@ def simulate(
         app=spec,
         app_args=tuple((k, str(v)) for k, v in (app_args or {}).items()),
         device=device,
-        reproducible_noise=reproducible_noise,
+        insecure_reproducible=insecure_reproducible,
     )
     report = run_experiment(config, progress=progress, app=obj)
     model = edge.build_model_factory()()

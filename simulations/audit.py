@@ -3,12 +3,14 @@
 ``sepals-sim --audit M`` (or :func:`run_audit`) draws ``M`` white-box gradient canaries
 (:mod:`sepals.client.canaries`): canary ``i`` is a fixed unit direction ``u_i`` in
 parameter space (the unit vector of one of the ``M`` parameters with the weakest
-round-0 training gradient, :func:`quiet_coordinates`). It is included with probability
-1/2 (independently), and an included canary is one extra training example of a
-uniformly random client, whose per-sample gradient is ``C * u_i`` whenever Poisson
-sampling picks it. The run is the ordinary simulation with the same settings (real
-ClientApps, encryption as configured); only the clients' training data gains the
-canary rows.
+round-0 training gradient, :func:`quiet_coordinates`). Every canary is one extra row
+of a uniformly random client's training data; it is included with probability 1/2
+(independently): an included canary's per-sample gradient is ``C * u_i`` whenever
+Poisson sampling picks its row, a left-out canary's row is a null example (zero
+gradient). Inclusion thus changes no example count, sample rate or sigma: the audit
+tests the zero-out relation the claim is stated for. The run is the ordinary
+simulation with the same settings (real ClientApps, encryption as configured, secret
+DP randomness); only the clients' training data gains the canary rows.
 
 Scoring: ``score_i = <theta_0 - theta_final, u_i>``, the global model's total movement
 along the canary (``theta_0`` the shared seeded round-0 model, ``theta_final`` the model
@@ -29,7 +31,9 @@ stated confidence.
 That bound cannot exceed about 3.7 with 300 canaries, whatever the run does, so it can
 never refute the default claim of 8. The same scores therefore also give the one-shot
 estimate of Andrew et al. (:mod:`sepals.simulations.one_shot`), which has no such
-ceiling. A claim is reported refuted when either exceeds it.
+ceiling but is an estimate (it fits Gaussians to the scores), not a proof. A claim is
+reported *refuted* only when the proven bound exceeds it; the estimate is reported
+beside it, and flagged when it exceeds the claim.
 """
 
 from __future__ import annotations
@@ -162,7 +166,8 @@ class AuditResult:
     method: str = (
         "white-box gradient canaries (Dirac: u_i is the unit vector of one of the m "
         "parameters with the weakest round-0 training gradient; each canary one extra "
-        "example of a random client with probability 1/2, per-sample gradient C*u_i); "
+        "row of a random client, with per-sample gradient C*u_i if included (probability "
+        "1/2) and zero if left out); "
         "score_i = <theta_0 - theta_final, u_i>; guess 'in' for the k highest and "
         "'out' for the k lowest scores, k from GUESS_FRACTIONS of m"
     )
@@ -180,25 +185,40 @@ class AuditResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view."""
-        return asdict(self) | {"refuted": self.refuted}
+        return asdict(self) | {
+            "refuted": self.refuted,
+            "estimate_exceeds_claim": self.estimate_exceeds_claim,
+        }
 
     @property
     def refuted(self) -> bool | None:
-        """Whether the bound or the one-shot estimate exceeds the claim (``None``: no claim)."""
+        """Whether the proven lower bound exceeds the claim (``None``: no claim)."""
         if self.claimed_epsilon is None:
             return None
-        return max(self.epsilon_lower_bound, self.one_shot_epsilon) > self.claimed_epsilon
+        return self.epsilon_lower_bound > self.claimed_epsilon
+
+    @property
+    def estimate_exceeds_claim(self) -> bool | None:
+        """Whether the one-shot estimate (not a proof) exceeds the claim."""
+        if self.claimed_epsilon is None:
+            return None
+        return self.one_shot_epsilon > self.claimed_epsilon
 
     def summary(self) -> str:
         """One line: the bound and the estimate beside the claim."""
         claimed = "n/a" if self.claimed_epsilon is None else f"{self.claimed_epsilon:.3f}"
         verdict = {None: "", True: " | CLAIM REFUTED", False: " | claim not refuted"}
+        estimate = (
+            " | the one-shot ESTIMATE exceeds the claim (an estimate, not a proof)"
+            if self.estimate_exceeds_claim
+            else ""
+        )
         return (
             f"audit: eps_lb {self.epsilon_lower_bound:.3f} (one-run bound, at "
             f"{100 * self.confidence:g}% confidence), one-shot estimate "
             f"{self.one_shot_epsilon:.3f} vs claimed eps {claimed} | m={self.canaries} "
             f"canaries ({self.canaries_included} in), r={self.guesses} guesses, "
-            f"{self.correct} correct{verdict[self.refuted]}"
+            f"{self.correct} correct{verdict[self.refuted]}{estimate}"
             + (" | BROKEN MECHANISM (test only)" if self.broken_no_noise_for_tests else "")
         )
 
@@ -251,7 +271,10 @@ def make_canary_spec(
     coordinates: tuple[int, ...] = (),
     broken_no_noise: bool = False,
 ) -> Any:
-    """``count`` canaries: each in with probability 1/2, held by a uniform random client.
+    """``count`` canaries, each a row of a uniform random client; each in with probability 1/2.
+
+    A left-out canary keeps its row as a null example (zero gradient), so inclusion
+    changes no client's example count, sample rate or sigma.
 
     ``coordinates`` makes them Dirac canaries on those parameters (one each); without,
     they are random unit directions.
@@ -266,9 +289,9 @@ def make_canary_spec(
         raise ValueError(f"clients must be >= 1, got {clients}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA0D17]))
     included = rng.random(count) < 0.5
-    holder = rng.integers(0, clients, size=count)
-    holders = tuple(int(h) if inc else -1 for h, inc in zip(holder, included, strict=True))
-    return CanarySpec(seed, dimension, holders, coordinates, broken_no_noise)
+    holders = tuple(int(h) for h in rng.integers(0, clients, size=count))
+    inclusion = tuple(bool(b) for b in included)
+    return CanarySpec(seed, dimension, holders, inclusion, coordinates, broken_no_noise)
 
 
 def quiet_coordinates(
@@ -403,5 +426,6 @@ def run_audit(
 
 def summarize_audit(report: dict[str, Any]) -> str:
     """The one-line audit summary of a report with ``audit``."""
-    fields = {k: v for k, v in report["audit"].items() if k != "refuted"}
+    derived = ("refuted", "estimate_exceeds_claim")
+    fields = {k: v for k, v in report["audit"].items() if k not in derived}
     return AuditResult(**fields).summary()

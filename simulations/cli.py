@@ -19,10 +19,21 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sepals.common.config import EncryptionConfig, PrivacyConfig
+from sepals.common.config import (
+    ACCOUNTANTS,
+    DEFAULT_UPDATE_BOUND,
+    EncryptionConfig,
+    PrivacyConfig,
+)
 from sepals.common.data import check_dataset_name
 from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.simulations.config import SimulationConfig, absolute_spec
+from sepals.simulations.defaults import (
+    APP_DEFAULTS,
+    DATASET_DEFAULTS,
+    PRETRAINED_DEFAULTS,
+    default_lr,
+)
 from sepals.simulations.pretrain import DEFAULT_OUT as DEFAULT_CHECKPOINT
 from sepals.simulations.pretrain import pretrain
 from sepals.simulations.process_env import apply_process_env
@@ -103,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=None, help="DP clipping norm C")
     p.add_argument(
         "--accountant",
-        choices=["rdp", "prv", "gdp", "pld"],
+        choices=list(ACCOUNTANTS),
         default=None,
         help="default pld for digits, breast_cancer and mnist5k, rdp for synthetic (cheaper "
         "for a thousand clients of different sizes), or the app's",
@@ -112,10 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="local SGD learning rate")
     p.add_argument(
-        "--reproducible-noise",
+        "--insecure-reproducible",
         action="store_true",
-        help="derive the DP noise from --seed so that a run repeats exactly (tests only: "
-        "predictable noise; default: each step's noise seeded from os.urandom)",
+        help="TESTS ONLY: derive the DP sampling, noise and rounding from --seed so that a "
+        "run repeats exactly; anyone who knows the seed can replay them, so the reported "
+        "epsilon does NOT hold (default: fresh keys from the kernel's CSPRNG every step)",
     )
     p.add_argument(
         "--fraction-evaluate",
@@ -130,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="HE codec: bfv (quantized, packed, seeded; default) or ckks (the earlier codec)",
     )
     p.add_argument("--no-encryption", action="store_true", help="send plaintext fp32 updates")
+    p.add_argument(
+        "--update-bound",
+        type=float,
+        default=DEFAULT_UPDATE_BOUND,
+        metavar="B",
+        help="BFV: largest change of one weight from the initial model an update carries; "
+        "larger changes are clamped and reported, and the grid step is B over the levels "
+        f"each client gets (default {DEFAULT_UPDATE_BOUND:g})",
+    )
     p.add_argument(
         "--no-masking",
         action="store_true",
@@ -152,10 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="M",
-        help="distributed DP noise: each client adds sigma/sqrt(M), so a sum of M honest "
-        "clients carries the whole sigma (needs masking with threshold T >= M; holds against "
-        "the server and up to T-M colluding clients; 1 = local DP, every update alone is "
-        "private; see the README)",
+        help="kept for plans that name it: needs masking with threshold T >= M, but every "
+        "client still adds its whole noise and reports its own lone-update epsilon (split "
+        "noise has no proof for multi-step DP-SGD; see docs/privacy.md#distributed-noise)",
     )
     p.add_argument(
         "--audit",
@@ -178,89 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's own logs")
     return p
-
-
-# Tuned defaults per dataset (used where a flag is not given). ``dp_lr`` = (a, p) makes
-# the learning rate depend on the budget: min(lr, a * (epsilon * sqrt(m))**p) for noise
-# shared over m clients (see default_lr).
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # lr: tuned on a validation split of the train split, seeds 11 and 12 (README,
-    # "Accuracy for the same epsilon"): 0.4 without DP; with DP 0.05 * (eps*sqrt(m))**0.7,
-    # fitted to the best rates found (0.05 at eps 1 and 0.2 at eps 8 with local DP; 0.1,
-    # 0.2 and 0.4 at eps 1, 3 and 8 with noise shared over m = 5 clients).
-    "digits": {
-        "rounds": 30,
-        "local_epochs": 1,
-        "batch_size": 16,
-        "lr": 0.4,
-        "dp_lr": (0.05, 0.7),
-        "max_grad_norm": 1.0,
-        "accountant": "pld",
-    },
-    # Tuned on a validation split carved out of the train split (see the README).
-    "breast_cancer": {
-        "rounds": 10,
-        "local_epochs": 1,
-        "batch_size": 16,
-        "lr": 0.1,
-        "max_grad_norm": 1.0,
-        "accountant": "pld",
-    },
-    # lr tuned for the default private job (validation split; see the README).
-    "mnist5k": {
-        "rounds": 20,
-        "local_epochs": 1,
-        "batch_size": 32,
-        "lr": 0.2,
-        "max_grad_norm": 1.0,
-        "accountant": "pld",
-    },
-    # Chosen on seed 1 (reports use seed 0) at 1,000 clients, 10% a round, 20 rounds,
-    # without DP: among the best settings tried (README, "1,000 clients") and the one
-    # that needs the fewest DP-SGD steps.
-    "synthetic": {
-        "rounds": 20,
-        "local_epochs": 1,
-        "batch_size": 64,
-        "lr": 0.02,
-        "max_grad_norm": 1.0,
-        # RDP: a thousand clients of different sizes each calibrate sigma; PLD costs
-        # seconds per calibration, RDP milliseconds.
-        "accountant": "rdp",
-    },
-}
-# The public-pretraining job of a bundled dataset (``--pretrained``), tuned on a
-# validation split carved from the clients' train data (see docs/finetune.md).
-PRETRAINED_DEFAULTS: dict[str, dict[str, Any]] = {
-    # The head only, 10 rounds: the best of about 30 settings on the validation split
-    # (seeds 11 and 12) at every budget; fewer rounds compose less privacy loss, and a
-    # 1,290-parameter head needs little noise per useful signal.
-    "digits": {
-        "rounds": 10,
-        "local_epochs": 1,
-        "batch_size": 32,
-        "lr": 0.35,
-        "max_grad_norm": 1.0,
-        "accountant": "pld",
-    },
-}
-# Defaults for an --app (its own privacy budget supplies delta, C and the accountant).
-APP_DEFAULTS: dict[str, Any] = {"rounds": 10, "local_epochs": 1, "batch_size": 32, "lr": 0.05}
-
-
-def default_lr(defaults: dict[str, Any], epsilon: float | None, noise_shares: int = 1) -> float:
-    """The default learning rate for a budget: noisier training takes smaller steps.
-
-    ``defaults["lr"]`` without DP. With a ``dp_lr`` rule ``(a, p)``, at most
-    ``a * (epsilon * sqrt(noise_shares))**p``: a client's own noise multiplier falls
-    roughly as ``1 / (epsilon * sqrt(m))``, and the best rate falls with it.
-    """
-    lr = float(defaults["lr"])
-    rule = defaults.get("dp_lr")
-    if rule is None or epsilon is None:
-        return lr
-    scale, power = rule
-    return min(lr, round(float(scale) * (epsilon * noise_shares**0.5) ** float(power), 3))
 
 
 def parse_app_args(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -319,7 +256,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         fraction_evaluate=args.fraction_evaluate,
         local_epochs=pick("local_epochs"),
         batch_size=pick("batch_size"),
-        learning_rate=default_lr(d, epsilon, args.noise_shares) if args.lr is None else args.lr,
+        learning_rate=default_lr(d, epsilon) if args.lr is None else args.lr,
         seed=args.seed,
     )
     privacy = PrivacyConfig(
@@ -334,6 +271,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     encryption = EncryptionConfig(
         scheme="none" if args.no_encryption else args.scheme,
         max_clients=sampled_per_round(max(args.clients, 1), federation.fraction_train, 1),
+        update_bound=args.update_bound,
     )
     tuned = args.mask_neighbours is not None or args.mask_threshold is not None
     if tuned and (args.no_masking or encryption.scheme != "bfv"):
@@ -341,7 +279,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     if args.noise_shares != 1 and (args.no_masking or encryption.scheme != "bfv"):
         raise ValueError("--noise-shares needs pairwise masking (BFV, without --no-masking)")
     if args.noise_shares != 1 and not privacy.enabled:
-        raise ValueError("--noise-shares splits DP noise: it needs DP on (--epsilon > 0)")
+        raise ValueError("--noise-shares is about DP noise: it needs DP on (--epsilon > 0)")
     if tuned or args.noise_shares != 1:
         # Masking's key agreement loads only when masking is tuned.
         from sepals.common.masking import masked_federation
@@ -366,7 +304,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         device=args.device,
         pretrained=args.pretrained,
         trainable=_patterns(args.trainable),
-        reproducible_noise=args.reproducible_noise,
+        insecure_reproducible=args.insecure_reproducible,
     )
 
 
@@ -465,7 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run = functools.partial(run_audit, canaries=args.audit)
         report = run(
             config,
-            progress=lambda row: progress_line(row, fed.rounds, metric[0]),
+            progress=lambda row: progress_line(
+                row, fed.rounds, metric[0], private=config.privacy.enabled
+            ),
             on_start=started,
         )
     except ValueError as exc:

@@ -8,6 +8,7 @@ from its bundle.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from sepals.client.edge_app import build_runtime, gathered
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.files import atomic_write
 from sepals.common.plan import FederationPlan
+from sepals.common.protocol import KEY_CONFIG
 from sepals.server.serverapp.roster import NodeRoster
 from sepals.simulations.app_data import app_client_data
 from sepals.simulations.config import AppSource
@@ -53,7 +55,7 @@ class SimulatedClientProvider:
     nodes_dir: str | None = None
     canaries: CanarySpec | None = None
     ledger_dir: str | None = None
-    reproducible_noise: bool = False
+    insecure_reproducible: bool = False
 
     def __call__(self, context: Any) -> Any:
         """The :class:`ClientRuntime` of the node in ``context``."""
@@ -61,6 +63,38 @@ class SimulatedClientProvider:
         if self.nodes_dir is not None:
             _note_node(self.nodes_dir, int(context.node_id), pid)
         return simulated_runtime(self, pid)
+
+
+@dataclass(frozen=True)
+class FailureNotes:
+    """Keeps every simulated client's failures with their full reason, for the run's report.
+
+    A reply carries only a vetted phrase (what a deployed server would see); the
+    simulation is one party's run, so its round lines and report may also say what the
+    client itself logged. One JSON line per failure, in ``NODES_DIR/<node id>.failures``.
+    """
+
+    nodes_dir: str
+
+    def __call__(self, context: Any, msg: Any, action: str, exc: BaseException) -> None:
+        """Append the failure of ``msg`` on the node of ``context``."""
+        config = msg.content.config_records.get(KEY_CONFIG) if msg.has_content() else None
+        server_round = config.get("server-round") if config is not None else None
+        line = {"round": server_round, "action": action, "detail": f"{type(exc).__name__}: {exc}"}
+        with open(Path(self.nodes_dir) / f"{int(context.node_id)}.failures", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+
+    def detail(self, node_id: int, server_round: int) -> str | None:
+        """What node ``node_id`` logged for its last failure in ``server_round``, if any."""
+        path = Path(self.nodes_dir) / f"{node_id}.failures"
+        if not path.exists():
+            return None
+        found = None
+        for text in path.read_text().splitlines():
+            entry = json.loads(text)
+            if entry.get("round") == server_round:
+                found = f"{entry['action']}: {entry['detail']}"
+        return found
 
 
 @functools.lru_cache(maxsize=4096)
@@ -93,11 +127,10 @@ def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
         encryption=provider.encryption,
         plan=provider.plan,
         secret_context=read_secret(provider.secret_path) if provider.secret_path else None,
-        seed=provider.seed,
         ledger_path=ledger,
         privacy=provider.privacy,
         device=pick_device(provider.device, app),
-        deterministic_noise=provider.reproducible_noise,
+        reproducible_seed=provider.seed if provider.insecure_reproducible else None,
     )
 
 

@@ -58,10 +58,12 @@ class SimulationConfig:
             its checkpoint); with an app it replaces the app's ``pretrained``.
         trainable: Parameter-name patterns of what is trained (``None``: the job's or
             the app's own choice).
-        reproducible_noise: Derive every client's DP noise from the run's seed, so that
-            a run repeats exactly. For tests only: such noise is predictable, and the
-            report says so. By default each DP-SGD step's noise generator is seeded
-            afresh from ``os.urandom``.
+        insecure_reproducible: TESTS ONLY. Derive every client's DP sampling, noise and
+            rounding from the run's seed, so that a run repeats exactly. Anyone who knows
+            the seed can then replay the batches and subtract the noise: the reported
+            epsilon does NOT hold, and the report and summary line say so. By default
+            each DP-SGD step draws its batch and its noise under fresh keys from the
+            kernel's CSPRNG (:mod:`sepals.client.secret_random`).
         ray_address: ``HOST:PORT`` of an existing Ray cluster to run the clients on
             (:mod:`sepals.simulations.ray_cluster`), one CPU each; ``None`` starts a
             local Ray with ``cpus``.
@@ -82,7 +84,7 @@ class SimulationConfig:
     masking: bool = True
     pretrained: str | None = None
     trainable: tuple[str, ...] | None = None
-    reproducible_noise: bool = False
+    insecure_reproducible: bool = False
     ray_address: str | None = None
 
     def __post_init__(self) -> None:

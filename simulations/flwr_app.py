@@ -34,7 +34,7 @@ import multiprocessing
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.utils import get_flwr_home
 
 from sepals.client.app import make_client_app
+from sepals.common.accounting import summary_epsilon
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.data import DATASET_NAMES
 from sepals.common.errors import SepalsError
@@ -56,7 +57,7 @@ from sepals.common.partition import PartitionSpec
 from sepals.common.plan import FederationPlan
 from sepals.common.scheme import make_server_codec
 from sepals.server.serverapp.app import ServerSettings, build_strategy, require_aggregation
-from sepals.simulations.app_data import app_caps
+from sepals.simulations.app_data import app_caps, app_train_sizes
 from sepals.simulations.clients import SimulatedClientProvider, simulation_roster
 from sepals.simulations.config import AppSource, bundled_source
 from sepals.simulations.harness import simulated_plan
@@ -323,6 +324,8 @@ def server_main(grid: Any, context: Any) -> None:
     source = job.app_source(clients)
     vector_length = num_parameters(source.load().build_model_factory()())
     caps = app_caps(source, clients, job.partition, fed.seed)
+    # Every client's FedAvg weight is exact when no client holds more than the cap.
+    fed = replace(fed, weight_cap=max(app_train_sizes(source, clients, job.partition, fed.seed)))
     sha256 = checkpoint_sha256(job.pretrained) if job.pretrained else ""
     # Keys for the BFV ring sized to this model; each client sizes the same way.
     encryption = encryption.sized_for(vector_length)
@@ -358,11 +361,15 @@ def server_main(grid: Any, context: Any) -> None:
     accs = [r.federated_accuracy for r in strategy.history if r.federated_accuracy is not None]
     log(
         INFO,
-        "sepals flwr app: %s of %s rounds aggregated | epsilon %s%s | federated accuracy %s",
+        "sepals flwr app: %s of %s rounds aggregated | epsilon %s | federated accuracy %s",
         aggregated,
         len(strategy.history),
-        f"{max(eps):.3f}" if eps else "off",
-        f" (replace-one {max(eps_r1):.3f})" if eps and eps_r1 else "",
+        summary_epsilon(
+            {
+                "epsilon": max(eps) if eps else None,
+                "epsilon_replace_one": max(eps_r1) if eps_r1 else None,
+            }
+        ),
         f"{100 * accs[-1]:.2f}%" if accs else "n/a",
     )
     require_aggregation(strategy)

@@ -60,6 +60,7 @@ from sepals.server.serverapp.app import ServerSettings, build_strategy, make_ser
 from sepals.server.serverapp.strategy import RoundRecord, simulation_node_order
 from sepals.simulations.app_data import app_caps, app_train_sizes
 from sepals.simulations.clients import (
+    FailureNotes,
     SimulatedClientProvider,
     client_resources,
     pick_device,
@@ -92,6 +93,7 @@ from sepals.simulations.ray_cluster import (
 from sepals.simulations.report import (
     build_report,
     final_fairness,
+    mask_row,
     named_reasons,
     spread_of,
 )
@@ -263,7 +265,12 @@ def run_experiment(
                 f"canaries of dimension {canaries.dimension} for a {vector_length}-parameter model"
             )
         # A canary is one more example of its client: it may claim it.
-        caps = [c + k for c, k in zip(caps, canaries.per_client(config.clients), strict=True)]
+        extra = canaries.per_client(config.clients)
+        caps = [c + k for c, k in zip(caps, extra, strict=True)]
+        sizes = [n + k for n, k in zip(sizes, extra, strict=True)]
+    # Every client's FedAvg weight is exact when no client holds more than the cap.
+    fed = dataclasses.replace(fed, weight_cap=max(sizes))
+    config = dataclasses.replace(config, federation=fed)
     # On a cluster the clients take one CPU each and no GPU, wherever they land.
     device = "cpu" if config.ray_address else pick_device(config.device, edge)
     on_gpu = resolve_device(device).type == "cuda"
@@ -287,6 +294,7 @@ def run_experiment(
     )
     cpus = config.cpus or os.cpu_count() or 1
     nodes_dir = tempfile.mkdtemp(prefix=".nodes-", dir=out)
+    notes = FailureNotes(nodes_dir)
     # Every client keeps its ledger on disk, as a deployed client does (`sepals ledger
     # show OUT/ledgers/client-K.json`). A run's clients start with nothing spent, so the
     # ledgers of an earlier run in the same folder are removed first.
@@ -364,26 +372,19 @@ def run_experiment(
             "clients_declined": len(rec.declined),
             "clients_excluded": len(rec.excluded),
             "declined": named_reasons(rec.declined, name_of),
-            "excluded": named_reasons(rec.excluded, name_of),
+            "excluded": named_reasons(
+                rec.excluded, name_of, detail_of=lambda n: notes.detail(n, server_round)
+            ),
             "federated_accuracy": rec.federated_accuracy,
             "federated_loss": rec.federated_loss,
             "federated_metric": rec.federated_metric,
             "aggregate_seconds": rec.aggregate_seconds,
             "codec": rec.codec,
             "quant_error": rec.quant_error,
-            "mask": (
-                {
-                    "threshold": rec.mask_threshold,
-                    "members": rec.mask_members,
-                    "survivors": rec.mask_survivors,
-                    "dropouts": rec.mask_dropouts,
-                    "removed": rec.masks_removed,
-                    "abandoned": rec.mask_abandoned,
-                    "server_seconds": rec.mask_seconds,
-                }
-                if rec.masking
-                else None
-            ),
+            "mask": mask_row(rec),
+            "clamped": {
+                name_of(c.node_id): c.clamped_values for c in rec.clients if c.clamped_values
+            },
         }
         rows.append(row)
         if progress is not None:
@@ -423,9 +424,10 @@ def run_experiment(
             nodes_dir=nodes_dir,
             canaries=canaries,
             ledger_dir=str(ledger_dir),
-            reproducible_noise=config.reproducible_noise,
+            insecure_reproducible=config.insecure_reproducible,
         ),
         mods=client_mods,
+        on_failure=notes,
     )
     # Worker logs (ANSI-coloured, per actor) reach the terminal only when the sepals
     # logger is verbose; round lines name every failure anyway.

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from sepals.common.accounting import epsilon_pair
 from sepals.common.fairness import format_spread
 from sepals.simulations.reasons import LINE_REASON_CHARS, clean_reason
 
 
 def _who(entries: list[dict[str, str]]) -> str:
+    """``client-3 (reason)`` per entry: what the client itself logged, when the run has it."""
     return ", ".join(
-        f"{e['client']} ({clean_reason(e['reason'], LINE_REASON_CHARS)})" for e in entries
+        f"{e['client']} ({clean_reason(e.get('detail') or e['reason'], LINE_REASON_CHARS)})"
+        for e in entries
     )
 
 
@@ -23,8 +26,14 @@ def format_metric(name: str, value: float | None) -> str:
     return f"{name} {value:.4f}"
 
 
-def progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accuracy") -> None:
-    """Print one round's line: metric, epsilon, clients, masking, bytes and seconds."""
+def progress_line(
+    row: dict[str, Any], rounds: int, metric_name: str = "accuracy", *, private: bool = False
+) -> None:
+    """Print one round's line: metric, epsilon, clients, masking, bytes and seconds.
+
+    ``private``: DP is on, so a round in which no client released anything says so
+    instead of printing ``off``.
+    """
     eps = row["epsilon"]
     qerr = row.get("quant_error")
     loss = row["loss"]
@@ -36,10 +45,13 @@ def progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accuracy
         extra += f" | declined: {_who(row['declined'])}"
     if row.get("excluded"):
         extra += f" | excluded: {_who(row['excluded'])}"
+    if row.get("clamped"):
+        counts = ", ".join(f"{name} ({n})" for name, n in row["clamped"].items())
+        extra += f" | values clamped to --update-bound: {counts}"
     print(
         f"round {row['round']:>3}/{rounds} | {format_metric(metric_name, value)} | "
         f"loss {'n/a' if loss is None else f'{loss:.4f}'} | "
-        f"eps {'  off' if eps is None else f'{eps:5.2f}'}{_replace_one_text(row)} | "
+        f"eps {_epsilon_text(eps, row.get('epsilon_replace_one'), private)} | "
         f"up {row['upload_bytes'] / 1e3:8.1f} kB{_per_client(row)} | "
         f"down {row['download_bytes'] / 1e3:8.1f} kB | "
         f"{row['seconds']:5.2f} s | {row.get('codec', '?')} q-err "
@@ -48,10 +60,11 @@ def progress_line(row: dict[str, Any], rounds: int, metric_name: str = "accuracy
     )
 
 
-def _replace_one_text(row: dict[str, Any]) -> str:
-    """`` (r1 14.65)``: the round's largest replace-one epsilon, when DP is on."""
-    value = row.get("epsilon_replace_one")
-    return "" if value is None or row.get("epsilon") is None else f" (r1 {value:5.2f})"
+def _epsilon_text(eps: float | None, replace_one: float | None, private: bool) -> str:
+    """``7.99 zero-out, 13.63 replace-one``: the round's largest epsilons, or ``off``."""
+    if eps is None and private:
+        return "none released this round (DP on)"
+    return epsilon_pair(eps, replace_one, digits=2)
 
 
 def _per_client(row: dict[str, Any]) -> str:

@@ -10,7 +10,7 @@ import re
 
 _ANSI = re.compile(r"(\x1b|\?)\[[0-9;]*[A-Za-z]")
 REPORT_REASON_CHARS = 300
-LINE_REASON_CHARS = 60
+LINE_REASON_CHARS = 120
 
 
 def clean_reason(text: str, limit: int = REPORT_REASON_CHARS) -> str:

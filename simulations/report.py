@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
+from sepals.common.accounting import NEIGHBOURING_RELATION, summary_epsilon
 from sepals.common.fairness import client_spread, format_spread
 from sepals.simulations.config import (
     LEDGER_DIR,
@@ -18,6 +18,21 @@ from sepals.simulations.reasons import (
 )
 
 
+def mask_row(rec: Any) -> dict[str, Any] | None:
+    """A round row's ``mask``: who shared, survived and dropped, and whether masks came off."""
+    if not rec.masking:
+        return None
+    return {
+        "threshold": rec.mask_threshold,
+        "members": rec.mask_members,
+        "survivors": rec.mask_survivors,
+        "dropouts": rec.mask_dropouts,
+        "removed": rec.masks_removed,
+        "abandoned": rec.mask_abandoned,
+        "server_seconds": rec.mask_seconds,
+    }
+
+
 def spread_of(per_client: PerClient | None, higher_is_better: bool) -> dict[str, Any] | None:
     """The spread (``ClientSpread.to_dict()``) of per-client values, ``None`` without any."""
     if not per_client:
@@ -26,10 +41,24 @@ def spread_of(per_client: PerClient | None, higher_is_better: bool) -> dict[str,
 
 
 def named_reasons(
-    pairs: list[tuple[int, str]], names: Callable[[int], str], limit: int = REPORT_REASON_CHARS
+    pairs: list[tuple[int, str]],
+    names: Callable[[int], str],
+    limit: int = REPORT_REASON_CHARS,
+    detail_of: Callable[[int], str | None] | None = None,
 ) -> list[dict[str, str]]:
-    """``(node, reason)`` pairs as ``{"client": name, "reason": cleaned}`` rows of a report."""
-    return [{"client": names(n), "reason": clean_reason(reason, limit)} for n, reason in pairs]
+    """``(node, reason)`` pairs as ``{"client": name, "reason": cleaned}`` rows of a report.
+
+    ``detail_of`` gives what the client itself logged (a simulation's clients only); a
+    row then also holds ``detail``, cleaned the same way.
+    """
+    rows = []
+    for node, reason in pairs:
+        row = {"client": names(node), "reason": clean_reason(reason, limit)}
+        detail = detail_of(node) if detail_of is not None else None
+        if detail:
+            row["detail"] = clean_reason(detail, limit)
+        rows.append(row)
+    return rows
 
 
 def final_fairness(
@@ -83,16 +112,13 @@ def build_report(
             "loss": last.get("loss"),
             "epsilon": max(eps_values) if eps_values else None,
             "epsilon_replace_one": max(eps_r1) if eps_r1 else None,
-            "noise_source": (
-                None
-                if not config.privacy.enabled
-                else "seeded from the run's seed (reproducible tests only: predictable noise)"
-                if config.reproducible_noise
-                else "os.urandom: each DP-SGD step's generator seeded afresh"
+            "neighbouring_relation": NEIGHBOURING_RELATION if config.privacy.enabled else None,
+            "dp_randomness": dp_randomness(config),
+            "epsilon_holds": (
+                None if not config.privacy.enabled else not config.insecure_reproducible
             ),
             "federated_evaluation": config.federation.evaluation_disclosure,
             "ledgers": LEDGER_DIR,
-            **_noise_shares_summary(config, list(clients.values())),
             "delta": config.privacy.delta if config.privacy.enabled else None,
             "wall_seconds": wall_seconds,
             "upload_bytes": int(sum(r["upload_bytes"] for r in rows)),
@@ -108,37 +134,25 @@ def build_report(
     }
 
 
-def _noise_shares_summary(
-    config: SimulationConfig, clients: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """Under distributed noise: ``m`` and the largest epsilon of one client's lone update.
-
-    The reported epsilon holds for aggregates of at least ``m`` honest clients; a lone
-    update carries ``sigma / sqrt(m)`` only. Its epsilon is composed with RDP (an upper
-    bound, and fast at the small sigma where PLD is slow).
-    """
-    shares = config.federation.noise_shares
-    if shares == 1 or not config.privacy.enabled:
-        return {}
-    # Opacus' accountant loads only for a report that has noise shares to compare.
-    from sepals.client.privacy import compute_epsilon
-
-    lone = [
-        compute_epsilon(
-            "rdp",
-            ((c["noise_multiplier"] / math.sqrt(shares), c["sample_rate"], c["steps"]),),
-            config.privacy.delta,
+def dp_randomness(config: SimulationConfig) -> str | None:
+    """Where the clients' DP sampling and noise came from (``None`` without DP)."""
+    if not config.privacy.enabled:
+        return None
+    if config.insecure_reproducible:
+        return (
+            "SEEDED from the run's seed (--insecure-reproducible, tests only): anyone who "
+            "knows the seed can replay every batch and subtract the noise; the epsilon "
+            "does NOT hold"
         )
-        for c in clients
-        if c["epsilon"] is not None and c["steps"]
-    ]
-    return {"noise_shares": shares, "lone_update_epsilon": max(lone, default=None)}
+    return (
+        "secret: AES-128-CTR under a fresh 128-bit key from os.urandom per DP-SGD step, "
+        "for the Poisson sampling and for the noise (sum of four Gaussians, halved)"
+    )
 
 
 def summarize(report: dict[str, Any]) -> str:
     """One line about a finished run."""
     f = report["final"]
-    eps = f["epsilon"]
     qerr = f.get("max_quant_error")
     name = f.get("metric_name", "accuracy")
     value = f.get("metric", f.get("accuracy"))
@@ -148,17 +162,7 @@ def summarize(report: dict[str, Any]) -> str:
         shown = f"final accuracy {100 * value:.2f}%"
     else:
         shown = f"final {name} {value:.4f}"
-    if eps is not None and f.get("noise_shares"):
-        lone = f.get("lone_update_epsilon")
-        shown_eps = (
-            f"{eps:.3f} for sums of >= {f['noise_shares']} clients (a lone update: "
-            f"{'n/a' if lone is None else f'{lone:.1f}'})"
-        )
-    else:
-        shown_eps = "off" if eps is None else f"{eps:.3f}"
-    replace_one = f.get("epsilon_replace_one")
-    if eps is not None and replace_one is not None:
-        shown_eps += f" (replace-one {replace_one:.3f})"
+    shown_eps = summary_epsilon(f)
     fairness = format_spread(f.get("fairness"), name)
     if fairness:
         shown += f" | {fairness}"

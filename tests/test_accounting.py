@@ -3,10 +3,15 @@ from __future__ import annotations
 import pytest
 
 from sepals.client.privacy import compute_epsilon
-from sepals.common.accounting import pld_epsilon, replace_one_epsilon
+from sepals.client.secret_random import DpRandomness
+from sepals.common.accounting import pld_epsilon
 
 # The default digits run: sigma, sample rate and steps of one client after 30 rounds.
 HISTORY = ((1.4148, 1 / 9, 270),)
+
+
+def replace_one_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    return pld_epsilon(history, delta, replace_one=True)
 
 
 def test_replace_one_golden_value_and_ordering() -> None:
@@ -58,7 +63,7 @@ def test_pld_ledger_composes_over_rounds_like_one_run() -> None:
     from sepals.common.config import PrivacyConfig
 
     privacy = PrivacyConfig(target_epsilon=4.0, accountant="pld")
-    settings = TrainSettings(batch_size=20, learning_rate=0.05, data_seed=1, noise_seed=1)
+    settings = TrainSettings(batch_size=20, learning_rate=0.05, randomness=DpRandomness(1))
     ledger, q, steps = train_toy_rounds(privacy, settings, planned=3)
     assert ledger.accountant == "pld" and ledger.steps == 2 * steps
     assert ledger.epsilon == pytest.approx(

@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from sepals.client.canaries import CanarySpec, ClientCanaries, canary_directions
 from sepals.client.privacy import PrivacyLedger
+from sepals.client.secret_random import DpRandomness
 from sepals.client.training import TrainSettings, dp_schedule, train_round
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.federation import FederationConfig
@@ -108,18 +109,24 @@ def test_canary_spec_is_seeded_picklable_data() -> None:
     assert pickle.loads(pickle.dumps(spec)) == spec
     inc = spec.included()
     assert 150 < inc.sum() < 250
-    assert set(np.asarray(spec.holders)[inc]) == set(range(5))
-    assert sum(spec.per_client(5)) == inc.sum()
+    assert set(spec.holders) == set(range(5))
+    # every canary, in or out, is a row: inclusion changes no client's size
+    assert sum(spec.per_client(5)) == 400
     assert not spec.broken_no_noise_for_tests
     mine = spec.for_client(2)
     assert len(mine.ids) == spec.per_client(5)[2]
-    assert np.allclose(mine.directions, canary_directions(7, 400, 30)[list(mine.ids)])
+    live = inc[list(mine.ids)]
+    dirs = canary_directions(7, 400, 30)[list(mine.ids)]
+    assert np.allclose(mine.directions[live], dirs[live])
+    assert not mine.directions[~live].any()  # left-out canaries are null rows
     with pytest.raises(ValueError):
         make_canary_spec(7, 1, 30, 5)
     with pytest.raises(ValueError):
-        CanarySpec(0, 3, (0, -2))
+        CanarySpec(0, 3, (0, -2), (True, False))
+    with pytest.raises(ValueError, match="inclusion"):
+        CanarySpec(0, 3, (0, 1), (True,))
     with pytest.raises(ValueError, match="distinct"):
-        CanarySpec(0, 3, (0, 1), (2, 2))
+        CanarySpec(0, 3, (0, 1), (True, True), (2, 2))
 
 
 def test_dirac_canaries_sit_on_the_quietest_parameters() -> None:
@@ -166,7 +173,9 @@ class _Counting(ClientCanaries):
 def test_a_sampled_canary_moves_the_model_by_exactly_c_u_without_noise() -> None:
     # One canary and no real example: q = 1, so every step samples it; momentum 0, lr 1.
     privacy = PrivacyConfig(target_epsilon=1.0, max_grad_norm=0.5)
-    settings = TrainSettings(batch_size=4, learning_rate=1.0, momentum=0.0, noise_seed=1)
+    settings = TrainSettings(
+        batch_size=4, learning_rate=1.0, momentum=0.0, randomness=DpRandomness(1)
+    )
     dim = sum(p.numel() for p in _model().parameters())
     u = canary_directions(0, 1, dim)
     canaries = ClientCanaries((0,), u, no_noise=True)
@@ -187,9 +196,28 @@ def test_a_sampled_canary_moves_the_model_by_exactly_c_u_without_noise() -> None
     assert np.linalg.norm(theta0 - noisy.weights - 0.5 * u[0]) > 1.0
 
 
+def test_a_left_out_canary_is_a_null_row_that_changes_neither_size_nor_model() -> None:
+    """Inclusion changes no example count, sample rate or sigma: only the gradient."""
+    privacy = PrivacyConfig(target_epsilon=1.0, max_grad_norm=0.5)
+    settings = TrainSettings(
+        batch_size=4, learning_rate=1.0, momentum=0.0, randomness=DpRandomness(1)
+    )
+    dim = sum(p.numel() for p in _model().parameters())
+    spec = CanarySpec(0, dim, (0, 0), (True, False), coordinates=(3, 7))
+    mine = spec.for_client(0)
+    empty = TensorDataset(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.long))
+    data = ClientCanaries(mine.ids, mine.directions, no_noise=True).add_rows(empty)
+    ledger = _ledger(privacy, len(data), settings)
+    out = train_round(_model, None, data, settings, privacy, ledger, 1)
+    moved = get_flat(_model()) - out.weights
+    assert out.num_examples == 2 and ledger.sample_rate == 1.0
+    assert moved[3] == pytest.approx(0.25, abs=1e-6)  # C * u / expected batch 2
+    assert abs(moved[7]) < 1e-7 and np.count_nonzero(np.abs(moved) > 1e-7) == 1
+
+
 def test_canaries_are_poisson_sampled_at_the_step_rate() -> None:
     privacy = PrivacyConfig(target_epsilon=8.0)
-    settings = TrainSettings(epochs=5, batch_size=25, data_seed=3, noise_seed=1)
+    settings = TrainSettings(epochs=5, batch_size=25, randomness=DpRandomness(3))
     gen = torch.Generator().manual_seed(0)
     real = TensorDataset(torch.randn(200, 4, generator=gen), torch.randint(0, 2, (200,)))
     k = 50

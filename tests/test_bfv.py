@@ -70,19 +70,22 @@ def test_sum_of_quantized_updates_is_exact(codecs, length):
 
 
 def test_fedavg_tolerance_after_division(codecs):
-    """Sum of n_i * w_i over the example total: error <= sum(step) / sum(n_i)."""
+    """Sum of a_i * w_i over the weight total: error <= sum(step) / sum(a_i).
+
+    ``a_i = n_i / cap`` (at most 1), as clients weight their changes.
+    """
     client, server = codecs
     rng = np.random.default_rng(7)
-    counts = rng.integers(50, 500, size=6).astype(float)
-    models = [rng.normal(0, 1.0, size=2000) for _ in counts]
+    weights = rng.integers(50, 500, size=6).astype(float) / 500
+    models = [rng.normal(0, 1.0, size=2000) for _ in weights]
     payloads, errors = [], []
-    for n, w in zip(counts, models, strict=True):
-        payload, err = client.encode_update(n * w)
+    for a, w in zip(weights, models, strict=True):
+        payload, err = client.encode_update(a * w)
         payloads.append(payload)
         errors.append(err)
-    got = client.decode(server.aggregate(payloads, 2000)) / counts.sum()
-    expected = np.sum([n * w for n, w in zip(counts, models, strict=True)], axis=0) / counts.sum()
-    bound = sum(errors) / counts.sum()
+    got = client.decode(server.aggregate(payloads, 2000)) / weights.sum()
+    expected = np.sum([a * w for a, w in zip(weights, models, strict=True)], axis=0) / weights.sum()
+    bound = sum(errors) / weights.sum()
     assert all(0 < e < CFG.quant_step for e in errors)
     assert np.max(np.abs(got - expected)) <= bound
     assert bound < 1e-2  # the bound is tight enough to matter: weights are O(1)

@@ -16,7 +16,8 @@ from benchmarks.datasets import (
     verdict,
 )
 from sepals.common.data import STANDARDIZED, ArraySplit, _raw, load_dataset, standardize
-from sepals.simulations.cli import DATASET_DEFAULTS, build_parser, config_from_args
+from sepals.simulations.cli import build_parser, config_from_args
+from sepals.simulations.defaults import DATASET_DEFAULTS
 
 
 def test_majority_rate_is_the_share_of_the_most_frequent_class():

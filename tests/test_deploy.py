@@ -186,7 +186,9 @@ def test_deployed_federation_with_faults(tmp_path: Path) -> None:
         )
         assert 0 < (ledger.epsilon or 0) <= 8.0 + 1e-6, (client.name, ledger)
         assert 3 in ledger.rounds and 1 in ledger.rounds, (client.name, ledger, lines)
-        assert ledger.replace_one_epsilon == replace_one_epsilon_of(ledger.history, ledger.delta)
+        assert ledger.replace_one_epsilon == replace_one_epsilon_of(
+            ledger.accountant, ledger.history, ledger.delta
+        )
     ledger3 = PrivacyLedger.load(clients[2] / "ledger.json", PRIVACY)
     assert ledger3.rounds[0] == 1 and ledger3.rounds[-1] == 3
     assert (ledger3.epsilon or 0) > (eps_before_kill or 0), (ledger3, eps_before_kill)

@@ -16,6 +16,7 @@ from sepals.client.core import ClientRuntime, SepalsClient, check_checkpoint
 from sepals.client.edge import EdgeClient
 from sepals.client.edge_app import EdgeApp
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
+from sepals.client.secret_random import DpRandomness
 from sepals.client.training import TrainSettings, model_builder, train_round
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import ModelCompatibilityError
@@ -171,7 +172,7 @@ def test_only_the_trainable_part_is_trained_noised_and_sent(tmp_path: Path) -> N
     ckpt = _checkpoint(tmp_path / "net.pt")
     factory = model_builder(Net, ckpt, ("head.*",))
     privacy = PrivacyConfig(target_epsilon=4.0, delta=1e-5)
-    settings = TrainSettings(batch_size=8, learning_rate=0.5, noise_seed=3)
+    settings = TrainSettings(batch_size=8, learning_rate=0.5, randomness=DpRandomness(3))
     data = _data()
     q, steps = poisson_schedule(len(data), settings.batch_size, settings.epochs)
     ledger = PrivacyLedger.empty(privacy).calibrated(privacy, q, steps, 2)
@@ -205,7 +206,7 @@ def test_lora_adapts_linear_layers_and_trains_under_dp(tmp_path: Path) -> None:
     assert np.array_equal(a, b)
     assert not np.array_equal(a, get_flat(build_seeded(factory, 1)))
     privacy = PrivacyConfig(target_epsilon=8.0, delta=1e-5)
-    settings = TrainSettings(batch_size=8, learning_rate=0.5, noise_seed=1)
+    settings = TrainSettings(batch_size=8, learning_rate=0.5, randomness=DpRandomness(1))
     data = _data()
     q, steps = poisson_schedule(len(data), settings.batch_size, settings.epochs)
     ledger = PrivacyLedger.empty(privacy).calibrated(privacy, q, steps, 1)

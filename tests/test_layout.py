@@ -191,6 +191,7 @@ LAZY_PACKAGES = {
     "mlxtend",
     "opacus",
     "peft",
+    "randomgen",
     "ray",
     "safetensors",
     "sklearn",

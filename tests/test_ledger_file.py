@@ -47,7 +47,7 @@ def test_ledger_file_round_trip_is_atomic_and_private(tmp_path: Path) -> None:
     doc = read_ledger_file(path)
     assert doc["client_id"] == "client-7"
     assert doc["ledger"]["epsilon"] == pytest.approx(
-        compute_epsilon("rdp", ledger.history, PRIVACY.delta)
+        compute_epsilon(PRIVACY.accountant, ledger.history, PRIVACY.delta)
     )
     assert doc["ledger"]["rounds"] == [1, 2, 3]
 
@@ -201,14 +201,11 @@ def test_sepals_ledger_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert sepals_main(["ledger", "show", str(path)]) == 0
     out = capsys.readouterr().out
     assert "client-3" in out and f"{ledger.epsilon:.4f} of 8" in out and "2: 1, 2" in out
-    # The same history under the PLD accountant, for both neighbouring relations.
-    from sepals.common.accounting import pld_epsilon
-
-    add_remove = pld_epsilon(ledger.history, ledger.delta, replace_one=False)
-    replace_one = pld_epsilon(ledger.history, ledger.delta, replace_one=True)
-    assert f"epsilon {add_remove:.4f} (add/remove-one), {replace_one:.4f} (replace-one" in out
-    assert add_remove < replace_one
-    assert add_remove <= (ledger.epsilon or 0) * 1.001  # PLD is at least as tight as RDP
+    # Both relations, from the ledger's own accountant: no other accountant's figure.
+    assert "zero-out neighbours (enforced)" in out
+    assert f"replace-one      {ledger.replace_one_epsilon:.4f} (the same accountant" in out
+    assert "docs/privacy.md#neighbouring-relations" in out
+    assert (ledger.replace_one_epsilon or 0) > (ledger.epsilon or 0)
     assert sepals_main(["ledger", "show", "--json", str(path)]) == 0
     assert json.loads(capsys.readouterr().out)["ledger"]["rounds"] == [1, 2]
     assert sepals_main(["ledger", "show", str(tmp_path / "missing.json")]) == 2

@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 
 from sepals.client import EdgeApp
 from sepals.client.privacy import PrivacyLedger
+from sepals.client.secret_random import DpRandomness
 from sepals.client.training import (
     TrainSettings,
     evaluate_model,
@@ -97,7 +98,9 @@ def test_custom_loss_trains_a_regression(dp):
     ledger = PrivacyLedger.empty(privacy)
     if dp:
         ledger = ledger.calibrated(privacy, 32 / len(data), 30, 1)
-    settings = TrainSettings(epochs=5, batch_size=32, learning_rate=0.05, noise_seed=1)
+    settings = TrainSettings(
+        epochs=5, batch_size=32, learning_rate=0.05, randomness=DpRandomness(1)
+    )
     torch.manual_seed(0)
     w0 = np.concatenate([p.detach().numpy().ravel() for p in factory().parameters()])
     before, _, _ = evaluate_model(
@@ -286,7 +289,8 @@ def test_cli_names_excluded_clients_and_fails_when_nothing_aggregates(tmp_path):
     assert lines[0].startswith("starting: 3 clients")
     assert lines[1].startswith("started in ")
     assert lines[2].startswith("round   1/2")
-    assert "excluded: client-" in lines[2] and "(bad input)" in lines[2]
+    # The client's own reason, on the round line and in the report, without -v.
+    assert "excluded: client-" in lines[2] and "loss_fn must return a 0-dim tensor" in lines[2]
     assert "\x1b" not in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("sepals-sim: error: no round aggregated")
@@ -295,6 +299,8 @@ def test_cli_names_excluded_clients_and_fails_when_nothing_aggregates(tmp_path):
     excluded = report["rounds"][0]["excluded"]
     assert sorted(e["client"] for e in excluded) == ["client-0", "client-1", "client-2"]
     assert all(len(e["reason"]) <= 300 for e in excluded)
+    assert all(e["reason"] == "loss is not a batch mean" for e in excluded)
+    assert all("loss_fn must return a 0-dim tensor" in e["detail"] for e in excluded)
 
 
 @pytest.mark.slow

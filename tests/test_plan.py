@@ -26,7 +26,7 @@ from sepals.client.core import ClientRuntime, SepalsClient
 from sepals.client.privacy import calibrate_noise_multiplier, planned_participation
 from sepals.common.codec import PlainCodec
 from sepals.common.config import MAX_COEFF_MODULUS_BITS, EncryptionConfig, PrivacyConfig
-from sepals.common.errors import BudgetExhaustedError, MalformedPayloadError
+from sepals.common.errors import BudgetExhaustedError, MalformedPayloadError, TrainingInputError
 from sepals.common.federation import FederationConfig
 from sepals.common.plan import (
     KEY_FEDERATION_ID,
@@ -482,7 +482,7 @@ def test_sigma_comes_from_the_plan_not_the_message(
     planned = planned_participation(plan.rounds, plan.fraction_train)
     assert reply.ledger.planned_rounds == planned
     assert reply.ledger.noise_multiplier == calibrate_noise_multiplier(
-        PRIVACY.target_epsilon, PRIVACY.delta, q, planned * steps, "rdp"
+        PRIVACY.target_epsilon, PRIVACY.delta, q, planned * steps, PRIVACY.accountant
     )
     assert reply.ledger.sample_rate == q
 
@@ -515,6 +515,7 @@ def test_train_reply_metrics_are_the_documented_set(
         "delta",
         "noise-multiplier",
         "sample-rate",
+        "clamped-values",
     }
     assert set(reply.content["client"]) == {"client-id", "accountant"}
 
@@ -523,9 +524,22 @@ def test_train_reply_metrics_are_the_documented_set(
 @pytest.mark.parametrize(
     ("exc", "code", "reason"),
     [
-        (RuntimeError("boom at /home/alice/secret.ctx"), ERR_CLIENT_FAILURE, "client failure"),
+        (
+            RuntimeError("boom at /home/alice/secret.ctx"),
+            ERR_CLIENT_FAILURE,
+            "the app's model, data or loss raised RuntimeError",
+        ),
         (KeyError("weights"), ERR_CLIENT_FAILURE, "client failure"),
-        (ValueError("x = 0.123456"), None, "bad input"),
+        (
+            ValueError("x = 0.123456"),
+            ERR_CLIENT_FAILURE,
+            "the app's model, data or loss raised ValueError",
+        ),
+        (
+            TrainingInputError("loss is not a batch mean", "loss = 0.123456 per example"),
+            ERR_CLIENT_FAILURE,
+            "loss is not a batch mean",
+        ),
         (MalformedPayloadError("chunk 3 has 17 bytes"), None, "malformed global model"),
         (
             PlanViolationError("bad signature", "InvalidSignature"),

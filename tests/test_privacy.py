@@ -20,6 +20,7 @@ from sepals.client.privacy import (
     planned_participation,
     poisson_schedule,
 )
+from sepals.client.secret_random import DpRandomness
 from sepals.client.training import TrainSettings, make_dp_compatible, train_round
 from sepals.common.config import PrivacyConfig
 from sepals.common.errors import BudgetExhaustedError
@@ -74,7 +75,7 @@ def test_noise_std_matches_sigma_times_clip():
 
     privacy = PrivacyConfig(target_epsilon=1e6, max_grad_norm=clip, noise_multiplier=sigma)
     settings = TrainSettings(
-        epochs=1, batch_size=n, learning_rate=1.0, momentum=0.0, data_seed=1, noise_seed=2
+        epochs=1, batch_size=n, learning_rate=1.0, momentum=0.0, randomness=DpRandomness(1)
     )
     q, steps = poisson_schedule(n, n, 1)
     ledger = PrivacyLedger.empty(privacy).calibrated(privacy, q, steps, 1)
@@ -93,7 +94,9 @@ def test_zero_noise_no_clipping_equals_plain_sgd():
     data = _toy_data(64)
     factory = _linear_factory()
     w0 = get_flat(factory())
-    settings = TrainSettings(epochs=2, batch_size=16, learning_rate=0.1, momentum=0.9, data_seed=7)
+    settings = TrainSettings(
+        epochs=2, batch_size=16, learning_rate=0.1, momentum=0.9, randomness=DpRandomness(7)
+    )
     dp = PrivacyConfig(target_epsilon=1.0, max_grad_norm=1e9, noise_multiplier=0.0)
     plain = PrivacyConfig(target_epsilon=None)
     q, steps = poisson_schedule(64, 16, 2)
@@ -110,7 +113,9 @@ def test_clipping_changes_the_result():
     data = _toy_data(64)
     factory = _linear_factory()
     w0 = get_flat(factory())
-    settings = TrainSettings(epochs=1, batch_size=16, learning_rate=0.1, momentum=0.0, data_seed=7)
+    settings = TrainSettings(
+        epochs=1, batch_size=16, learning_rate=0.1, momentum=0.0, randomness=DpRandomness(7)
+    )
     dp = PrivacyConfig(target_epsilon=1.0, max_grad_norm=1e-3, noise_multiplier=0.0)
     plain = PrivacyConfig(target_epsilon=None)
     ledger = PrivacyLedger.empty(dp).calibrated(dp, *poisson_schedule(64, 16, 1), 1)
@@ -122,8 +127,10 @@ def test_clipping_changes_the_result():
 def test_epsilon_composed_over_rounds_equals_one_run():
     data = _toy_data(100)
     factory = _linear_factory()
-    privacy = PrivacyConfig(target_epsilon=6.0, max_grad_norm=1.0)
-    settings = TrainSettings(epochs=1, batch_size=20, learning_rate=0.05, data_seed=1, noise_seed=1)
+    privacy = PrivacyConfig(target_epsilon=6.0, max_grad_norm=1.0, accountant="rdp")
+    settings = TrainSettings(
+        epochs=1, batch_size=20, learning_rate=0.05, randomness=DpRandomness(1)
+    )
     q, steps = poisson_schedule(100, 20, 1)
     ledger = PrivacyLedger.empty(privacy).calibrated(privacy, q, steps, 4)
     weights = get_flat(factory())
@@ -213,7 +220,7 @@ def test_calibrated_sigma_never_overspends_and_is_tight(target, batches, rounds,
 
 
 def test_ledger_json_round_trip():
-    privacy = PrivacyConfig(target_epsilon=4.0)
+    privacy = PrivacyConfig(target_epsilon=4.0, accountant="rdp")
     ledger = PrivacyLedger.empty(privacy).calibrated(privacy, 0.1, 10, 5)
     ledger = ledger.record_round(3, ((ledger.noise_multiplier, 0.1, 10),))
     again = PrivacyLedger.from_json(ledger.to_json())
@@ -271,7 +278,9 @@ def test_modes_survive_empty_poisson_batches(mode):
     """6 examples at expected batch 1 for 60 steps: many batches are empty."""
     data = _toy_data(6)
     privacy = PrivacyConfig(target_epsilon=50.0, noise_multiplier=1.0)
-    settings = TrainSettings(epochs=10, batch_size=1, data_seed=3, grad_sample_mode=mode)
+    settings = TrainSettings(
+        epochs=10, batch_size=1, randomness=DpRandomness(3), grad_sample_mode=mode
+    )
     ledger = PrivacyLedger.empty(privacy).calibrated(privacy, *poisson_schedule(6, 1, 10), 1)
     out = train_round(_linear_factory(), None, data, settings, privacy, ledger, 1)
     assert out.steps == 60 and np.all(np.isfinite(out.weights)) and out.ledger.epsilon > 0
@@ -291,7 +300,7 @@ def test_ghost_clipping_matches_hooks_without_noise():
             batch_size=16,
             learning_rate=0.5,
             momentum=0.0,
-            data_seed=4,
+            randomness=DpRandomness(4),
             grad_sample_mode=mode,
         )
         out[mode] = train_round(factory, w0, data, settings, privacy, ledger, 1).weights
@@ -322,7 +331,7 @@ def test_whole_batch_fetch_trains_exactly_like_per_example_fetch(dp, n, batch):
     privacy = PrivacyConfig(
         target_epsilon=50.0 if dp else None, noise_multiplier=1.0 if dp else None
     )
-    settings = TrainSettings(epochs=3, batch_size=batch, data_seed=5, noise_seed=6)
+    settings = TrainSettings(epochs=3, batch_size=batch, randomness=DpRandomness(5))
     ledger = PrivacyLedger.empty(privacy)
     if dp:
         ledger = ledger.calibrated(privacy, *poisson_schedule(n, batch, 3), 1)

@@ -1,5 +1,5 @@
-"""What a client reveals beside epsilon: replace-one epsilon, delta against 1/n, the noise
-source, and the rounding error under distributed noise."""
+"""What a client reveals beside epsilon: replace-one epsilon from the enforced accountant,
+delta against 1/n, and the labels every printed epsilon carries."""
 
 from __future__ import annotations
 
@@ -16,21 +16,33 @@ from torch.utils.data import TensorDataset
 from sepals.client import training
 from sepals.client.app import vetted_reason
 from sepals.client.core import ClientRuntime, SepalsClient, train_metrics
-from sepals.client.privacy import PrivacyLedger, replace_one_epsilon_of
-from sepals.client.training import TrainSettings, train_round
-from sepals.common.accounting import check_delta, delta_problem, pld_epsilon
+from sepals.client.privacy import (
+    PrivacyLedger,
+    compute_epsilon,
+    rdp_replace_one_epsilon,
+    replace_one_epsilon_of,
+)
+from sepals.client.secret_random import DpRandomness
+from sepals.client.training import TrainSettings
+from sepals.common.accounting import (
+    RELATIONS_DOC,
+    check_delta,
+    delta_problem,
+    epsilon_pair,
+    pld_epsilon,
+    summary_epsilon,
+)
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import DeltaTooLargeError
 from sepals.common.ledger import LedgerFileError, read_ledger_file
-from sepals.common.models import get_flat
 from sepals.common.protocol import RoundConfig
 from sepals.simulations.cli import main as sim_main
 
 PRIVACY = PrivacyConfig(target_epsilon=4.0, delta=1e-3)
 
 
-def test_the_ledger_composes_replace_one_epsilon_beside_add_remove(tmp_path: Path) -> None:
-    settings = TrainSettings(batch_size=20, learning_rate=0.05, data_seed=1, noise_seed=1)
+def test_the_ledger_composes_replace_one_epsilon_beside_zero_out(tmp_path: Path) -> None:
+    settings = TrainSettings(batch_size=20, learning_rate=0.05, randomness=DpRandomness(1))
     ledger, _, _ = train_toy_rounds(PRIVACY, settings, planned=3, rounds=2)
     golden = pld_epsilon(ledger.history, ledger.delta, replace_one=True, discretization=1e-2)
     assert ledger.replace_one_epsilon == pytest.approx(golden, rel=1e-12)
@@ -47,10 +59,43 @@ def test_the_ledger_composes_replace_one_epsilon_beside_add_remove(tmp_path: Pat
     assert PrivacyLedger.from_dict(doc).replace_one_epsilon is None
 
 
+def test_an_rdp_ledger_reports_replace_one_from_rdp_not_from_pld() -> None:
+    """Both epsilons of a ledger come from the accountant that enforces its budget."""
+    privacy = PrivacyConfig(target_epsilon=4.0, delta=1e-3, accountant="rdp")
+    settings = TrainSettings(batch_size=20, learning_rate=0.05, randomness=DpRandomness(1))
+    ledger, _, _ = train_toy_rounds(privacy, settings, planned=3, rounds=2)
+    assert ledger.epsilon == compute_epsilon("rdp", ledger.history, ledger.delta)
+    expected = rdp_replace_one_epsilon(ledger.history, ledger.delta)
+    assert ledger.replace_one_epsilon == expected
+    pld = pld_epsilon(ledger.history, ledger.delta, replace_one=True, discretization=1e-2)
+    # Group privacy over two zero-out steps is a valid bound, looser than PLD's.
+    assert ledger.epsilon is not None and expected > pld > ledger.epsilon
+
+
+def test_the_group_privacy_bound_meets_its_delta() -> None:
+    """An independent check of the RDP replace-one bound: 2 eps' at a delta' whose group
+    delta (1 + e^eps') delta' is within the target, and no looser than it must be."""
+    from opacus.accountants.analysis import rdp
+
+    history = ((1.1, 0.05, 400),)
+    delta = 1e-5
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    total = rdp.compute_rdp(q=0.05, noise_multiplier=1.1, steps=400, orders=orders)
+    got = rdp_replace_one_epsilon(history, delta)
+    best = math.inf
+    for exponent in np.linspace(math.log(delta) - 30, math.log(delta), 3000):
+        d = math.exp(exponent)
+        eps, _ = rdp.get_privacy_spent(orders=orders, rdp=total, delta=d)
+        if (1 + math.exp(eps)) * d <= delta:
+            best = min(best, 2 * eps)
+    assert got == pytest.approx(best, rel=2e-3)
+
+
 def test_replace_one_epsilon_without_noise_is_infinite_and_not_sent() -> None:
-    assert replace_one_epsilon_of(((0.0, 0.1, 5),), 1e-5) == math.inf
-    assert replace_one_epsilon_of((), 1e-5) == 0.0
-    assert replace_one_epsilon_of(((1.0, 0.1, 0),), 1e-5) == 0.0
+    for accountant in ("pld", "rdp"):
+        assert replace_one_epsilon_of(accountant, ((0.0, 0.1, 5),), 1e-5) == math.inf
+        assert replace_one_epsilon_of(accountant, (), 1e-5) == 0.0
+        assert replace_one_epsilon_of(accountant, ((1.0, 0.1, 0),), 1e-5) == 0.0
     ledger = dataclasses.replace(
         PrivacyLedger.empty(PRIVACY), epsilon=2.0, replace_one_epsilon=math.inf
     )
@@ -123,41 +168,18 @@ def test_a_client_refuses_to_train_when_delta_is_not_below_one_over_n() -> None:
     assert client.train(cfg, None, ledger).metrics["epsilon"] <= 8.0
 
 
-def test_under_distributed_noise_the_rounding_error_stays_on_the_client() -> None:
-    client, cfg = _client(n=40, delta=1e-3)
-    ledger = PrivacyLedger.empty(client.runtime.privacy)
-    assert "quant-error" in client.train(cfg, None, ledger).metrics
-    shared, cfg = _client(n=40, delta=1e-3, noise_shares=2)
-    assert "quant-error" not in shared.train(cfg, None, ledger).metrics
-
-
-def test_dp_noise_is_reseeded_from_the_os_before_every_step(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(
-        torch.randn(60, 4, generator=gen), torch.randint(0, 2, (60,), generator=gen)
-    )
-
-    def factory() -> torch.nn.Module:
-        return torch.nn.Linear(4, 2)
-
-    calls: list[int] = []
-    real = training.reseed_from_os
-    monkeypatch.setattr(training, "reseed_from_os", lambda g: (calls.append(1), real(g)))
-    q, steps = 1 / 3, 3
-    ledger = PrivacyLedger.empty(PRIVACY).calibrated(PRIVACY, q, steps, 1)
-    weights = get_flat(factory())
-    secure = TrainSettings(batch_size=20, data_seed=1)
-    first = train_round(factory, weights, data, secure, PRIVACY, ledger, 1)
-    assert first.steps == steps and len(calls) == steps + 1  # once at set-up, then per step
-    second = train_round(factory, weights, data, secure, PRIVACY, ledger, 1)
-    assert not np.allclose(first.weights, second.weights)  # same data and batches, fresh noise
-    calls.clear()
-    seeded = dataclasses.replace(secure, noise_seed=7)
-    a = train_round(factory, weights, data, seeded, PRIVACY, ledger, 1)
-    b = train_round(factory, weights, data, seeded, PRIVACY, ledger, 1)
-    assert calls == [] and np.array_equal(a.weights, b.weights)
+def test_every_printed_epsilon_names_its_relation_and_points_to_the_explanation() -> None:
+    assert epsilon_pair(7.991, 13.628) == "7.991 zero-out, 13.628 replace-one"
+    assert epsilon_pair(None, None) == "off"
+    line = summary_epsilon({"epsilon": 7.991, "epsilon_replace_one": 8.1})
+    assert "zero-out" in line and "replace-one" in line and RELATIONS_DOC in line
+    assert "x the zero-out" not in line  # within 25%: no flag
+    flagged = summary_epsilon({"epsilon": 4.0, "epsilon_replace_one": 8.4})
+    assert "2.1x the zero-out epsilon" in flagged
+    seeded = summary_epsilon({"epsilon": 4.0, "epsilon_replace_one": 4.2, "epsilon_holds": False})
+    assert "EPSILON DOES NOT HOLD" in seeded
+    doc = (Path(__file__).resolve().parents[1] / RELATIONS_DOC.split("#")[0]).read_text()
+    assert "## Neighbouring relations" in doc and "r1" not in doc.split()
 
 
 def test_sepals_sim_refuses_delta_not_below_one_over_n(

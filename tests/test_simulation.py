@@ -82,7 +82,9 @@ def test_three_clients_two_rounds_end_to_end(tmp_path):
     # per round and in the summary; each client's ledger is on disk, as in a deployment
     for c in report["clients"]:
         assert c["epsilon_replace_one"] == pytest.approx(
-            replace_one_epsilon_of(((c["noise_multiplier"], c["sample_rate"], c["steps"]),), 1e-5)
+            replace_one_epsilon_of(
+                c["accountant"], ((c["noise_multiplier"], c["sample_rate"], c["steps"]),), 1e-5
+            )
         )
         history = ((c["noise_multiplier"], c["sample_rate"], c["steps"]),)
         assert c["epsilon_replace_one"] > pld_epsilon(history, 1e-5, replace_one=False)
@@ -93,8 +95,12 @@ def test_three_clients_two_rounds_end_to_end(tmp_path):
     assert final["epsilon_replace_one"] == max(c["epsilon_replace_one"] for c in report["clients"])
     by_round = [r["epsilon_replace_one"] for r in report["rounds"]]
     assert by_round == sorted(by_round) and by_round[-1] == final["epsilon_replace_one"]
-    assert f"(replace-one {final['epsilon_replace_one']:.3f})" in summarize(report)
-    assert final["noise_source"].startswith("os.urandom")
+    line = summarize(report)
+    pair = f"{final['epsilon']:.3f} zero-out, {final['epsilon_replace_one']:.3f} replace-one"
+    assert pair in line
+    assert "docs/privacy.md#neighbouring-relations" in line and "DOES NOT HOLD" not in line
+    assert final["dp_randomness"].startswith("secret: AES-128-CTR")
+    assert final["epsilon_holds"] is True and final["neighbouring_relation"] == "zero-out"
     assert final["federated_evaluation"].startswith("on (1 of nodes a round)")
     # the clients' key file is private to its owner
     mode = stat.S_IMODE((out / "keys" / "clients.secret").stat().st_mode)
@@ -152,7 +158,7 @@ def test_bad_clients_are_excluded_and_rounds_go_on(tmp_path):
     assert sum("ForeignKeyError" in r for r in reasons) == 2
     assert [c["id"] for c in report["clients"]] == ["client-3"]
     # each round's aggregate is exactly the good client's weighted update
-    good = report["clients"][0]["num_examples"]
+    good = report["clients"][0]["num_examples"] / report["config"]["federation"]["weight_cap"]
     assert [log["weight_total"] for log in report["server_log"]] == [good, good]
     assert [row["mask"]["removed"] for row in report["rounds"]] == [True, True]
     assert [row["mask"]["dropouts"] for row in report["rounds"]] == [3, 3]
@@ -164,7 +170,7 @@ def test_clients_refuse_rounds_past_their_budget(tmp_path):
         dataset="digits",
         clients=3,
         federation=FederationConfig(rounds=3, min_train_clients=1, batch_size=32),
-        privacy=PrivacyConfig(target_epsilon=3.0, noise_multiplier=1.0),
+        privacy=PrivacyConfig(target_epsilon=3.0, noise_multiplier=1.0, accountant="rdp"),
         encryption=EncryptionConfig(),
         out=str(tmp_path / "run"),
         cpus=2,

@@ -25,6 +25,7 @@ pytest.importorskip("peft")
 from sepals.client.core import check_checkpoint
 from sepals.client.edge_app import EdgeApp
 from sepals.client.privacy import PrivacyLedger, poisson_schedule
+from sepals.client.secret_random import DpRandomness
 from sepals.client.training import TrainSettings, train_round
 from sepals.common.config import PrivacyConfig
 from sepals.common.files import checkpoint_sha256
@@ -147,7 +148,7 @@ def test_a_dp_round_moves_only_the_trainable_parameters(seeded_checkpoint: Path)
     reference = base()
     start = get_flat(build_seeded(base, 0))
     privacy = app.privacy
-    settings = TrainSettings(batch_size=32, learning_rate=0.3, noise_seed=1, data_seed=2)
+    settings = TrainSettings(batch_size=32, learning_rate=0.3, randomness=DpRandomness(1))
     data = app.train_dataset
     assert data is not None
     q, steps = poisson_schedule(len(data), settings.batch_size, settings.epochs)  # type: ignore[arg-type]

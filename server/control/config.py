@@ -78,6 +78,7 @@ def _federation(raw: Mapping[str, Any]) -> FederationConfig:
         "mask_neighbours": lambda: t.integer("mask_neighbours", d.mask_neighbours, low=0),
         "mask_threshold": lambda: t.integer("mask_threshold", d.mask_threshold, low=0),
         "noise_shares": lambda: t.integer("noise_shares", d.noise_shares, low=1),
+        "weight_cap": lambda: t.integer("weight_cap", d.weight_cap, low=1, high=MAX_EXAMPLES_CAP),
     }
     # A field added to FederationConfig later without a typed reader here is passed
     # through; its dataclass then checks it.

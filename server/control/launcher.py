@@ -27,6 +27,7 @@ from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
+from sepals.common.accounting import epsilon_pair
 from sepals.common.codec import UpdateCodec
 from sepals.common.fairness import format_spread
 from sepals.common.files import atomic_write
@@ -458,11 +459,16 @@ def progress_line(line: dict[str, Any], rounds: int) -> str:
         f"{line.get('sampled', 0)} updates aggregated"
         f"{'' if line.get('aggregated') else ' (global model unchanged)'}, "
         f"{len(line.get('declined', []))} declined, {len(line.get('excluded', []))} excluded, "
-        f"{missing} missing | max eps {'-' if eps is None else f'{eps:.3f}'}"
-        f"{'' if eps is None or eps_r1 is None else f' (replace-one {eps_r1:.3f})'} | "
+        f"{missing} missing | max eps {'-' if eps is None else epsilon_pair(eps, eps_r1)} | "
         f"federated acc {'-' if acc is None else f'{100 * acc:.2f}%'} | "
-        f"{_spread_part(line)}{line.get('train_seconds', 0.0):.1f} s"
+        f"{_spread_part(line)}{line.get('train_seconds', 0.0):.1f} s{_clamped_part(line)}"
     )
+
+
+def _clamped_part(line: dict[str, Any]) -> str:
+    """`` | 12 values clamped to update_bound (raise it)`` when any client clamped."""
+    clamped = sum(int(c.get("clamped_values", 0)) for c in line.get("clients", []))
+    return f" | {clamped} values clamped to update_bound (raise it)" if clamped else ""
 
 
 def _spread_part(line: dict[str, Any]) -> str:

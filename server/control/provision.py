@@ -210,6 +210,7 @@ class ProvisionSpec:
             momentum=self.momentum,
             round_timeout=600.0,
             seed=self.seed,
+            weight_cap=self.max_examples,
         )
         tuned = self.mask_neighbours is not None or self.mask_threshold is not None
         masked = self.masking and self.encryption.scheme == "bfv"

@@ -22,6 +22,8 @@ MAX_REASON_CHARS = 200
 # Sane upper bounds of a client's DP-SGD step count and of the rounds it took part in.
 MAX_STEPS = 10**9
 MAX_ROUNDS = 10**6
+#: Most values an update can hold (the largest model a plan may name is far below it).
+MAX_CLAMPED = 10**12
 # Train-reply metrics the server reads (the others it checks and drops).
 TIMING_KEYS = ("train-seconds", "decrypt-seconds", "encrypt-seconds")
 
@@ -139,6 +141,7 @@ class TrainMetrics:
     total_steps: int
     rounds_participated: int
     quant_error: float | None
+    clamped_values: int = 0
 
 
 def parse_train_metrics(
@@ -171,6 +174,7 @@ def parse_train_metrics(
         total_steps=get_int(metrics, "total-steps", 0, MAX_STEPS) or 0,
         rounds_participated=get_int(metrics, "rounds-participated", 0, MAX_ROUNDS) or 0,
         quant_error=get_float(metrics, "quant-error", quant),
+        clamped_values=get_int(metrics, "clamped-values", 0, MAX_CLAMPED) or 0,
     )
 
 

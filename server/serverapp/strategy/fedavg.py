@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from sepals.common.errors import SepalsError
+from sepals.common.federation import update_weight
 from sepals.common.log import log
 from sepals.common.protocol import (
     ERR_BUDGET_EXHAUSTED,
@@ -98,12 +99,17 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds):
     evaluation reply needs ``num-examples`` in ``[1, cap]``, a finite ``loss >= 0``
     and ``accuracy`` in ``[0, 1]``.
 
+    Every client encodes its weighted change from the shared round-0 model,
+    ``a_i * (w_i - w_0)`` with ``a_i = min(n_i, weight_cap) / weight_cap``; the server
+    sums the ``a_i`` (from the checked ``num-examples``) into ``weight_total``, and
+    clients decode ``w_0 + sum / weight_total``.
+
     What a registered client that is malicious can still do: send any update the codec
-    accepts and claim any count up to its cap. Each value it encodes (``n * w``) is
-    bounded only by ``update_bound`` (BFV) or ``max_update_magnitude`` (CKKS; the plain
-    codec has no bound), so it can move every coordinate of the new global model by up
-    to that bound divided by the round's ``weight_total``, and dilute the honest updates
-    by up to ``cap / weight_total``. Nothing proves that a ciphertext was made honestly,
+    accepts and claim any count up to its cap. Each value it encodes is bounded only by
+    ``update_bound`` (BFV) or ``max_update_magnitude`` (CKKS; the plain codec has no
+    bound), so it can move every coordinate of the new global model by up to that bound
+    divided by the round's ``weight_total``, and dilute the honest updates by up to
+    its weight over ``weight_total``. Nothing proves that a ciphertext was made honestly,
     by DP-SGD on the client's own data: the server checks a payload's form, key and
     length, never its content, and the privacy figures a client reports are its own
     claims. Since all clients share the decryption key, one that obtains another's
@@ -211,7 +217,7 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds):
         record = self._current
         intake = self._expected(self._train_sampled, server_round)
         loaded_all: list[list[Any]] = []
-        weight_total = 0
+        weight_total = 0.0
         for msg in replies:
             record.replied += 1
             node = src_node(msg)
@@ -239,7 +245,9 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds):
             intake.digests.add(admitted.digest)
             intake.names.add(admitted.report.client_id)
             loaded_all.append(admitted.loaded)
-            weight_total += admitted.report.num_examples
+            weight_total += update_weight(
+                admitted.report.num_examples, self.federation.weight_cap
+            )
             record.upload_bytes += admitted.nbytes
             record.clients.append(admitted.report)
         # Accepted payloads are refused from now on, whether or not this round adds them.
@@ -286,14 +294,14 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds):
             )
             return None, self._train_metrics(record)
         record.aggregate_seconds = time.perf_counter() - t0
-        record.weight_total = float(weight_total)
+        record.weight_total = weight_total
         record.aggregated = True
         record.masks_removed = offset is not None
-        self.latest_global = global_record(payload, float(weight_total))
+        self.latest_global = global_record(payload, weight_total)
         errors = [c.quant_error for c in record.clients]
         if errors and all(e is not None for e in errors):
-            # Each client's rounding error is at most e_i on n_i * w_i, so the averaged
-            # model is off by at most sum(e_i) / sum(n_i) in every coordinate.
+            # Each client's rounding error is at most e_i on a_i * (w_i - w_0), so the
+            # averaged model is off by at most sum(e_i) / sum(a_i) in every coordinate.
             bound = sum(e for e in errors if e is not None) / weight_total
             record.quant_error = bound if math.isfinite(bound) else None
         log(

@@ -36,6 +36,7 @@ class ClientRoundReport:
     rounds_participated: int
     accountant: str | None
     quant_error: float | None = None
+    clamped_values: int = 0
 
 
 @dataclass
