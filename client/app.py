@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import functools
 import json
-import traceback
 from collections.abc import Callable
-from logging import INFO, WARNING
+from logging import WARNING
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -25,30 +24,14 @@ from flwr.clientapp.typing import Mod
 
 import sepals.client.masking as masking
 from sepals.client.core import ClientRuntime, SepalsClient
+from sepals.client.failures import FailureHook, logged_failure
 from sepals.client.masking import MaskState
 from sepals.client.privacy import PrivacyLedger
 from sepals.common.bfv import BfvCodec
-from sepals.common.errors import (
-    BudgetExhaustedError,
-    DeltaTooLargeError,
-    ForeignKeyError,
-    LedgerLockedError,
-    MalformedPayloadError,
-    MaskProtocolError,
-    ModelCompatibilityError,
-    NonFiniteUpdateError,
-    SepalsError,
-    TrainingInputError,
-)
-from sepals.common.ledger import LedgerFileError
+from sepals.common.errors import MalformedPayloadError, MaskProtocolError
 from sepals.common.log import log
 from sepals.common.plan import PlanViolationError
 from sepals.common.protocol import (
-    ERR_BAD_GLOBAL,
-    ERR_BUDGET_EXHAUSTED,
-    ERR_CLIENT_FAILURE,
-    ERR_MASKING,
-    ERR_PLAN_MISMATCH,
     KEY_CLIENT,
     KEY_CONFIG,
     KEY_GLOBAL,
@@ -59,7 +42,7 @@ from sepals.common.protocol import (
     KEY_UPDATE,
     RoundConfig,
 )
-from sepals.common.records import KEY_PAYLOAD, payload_array, read_global_record
+from sepals.common.records import KEY_PAYLOAD, GlobalModel, payload_array, read_global_model
 
 RuntimeProvider = Callable[[Context], ClientRuntime]
 LEDGER_STATE_KEY = "sepals-ledger"
@@ -150,68 +133,6 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-# What a failure may tell the server: a short fixed phrase per kind of failure. The
-# exception's own text (which may quote paths, values or library internals) stays in
-# the client's log.
-_VETTED: tuple[tuple[type[Exception], int, str], ...] = (
-    (MaskProtocolError, ERR_MASKING, "masking refused"),
-    (ForeignKeyError, ERR_BAD_GLOBAL, "global model under another key"),
-    (MalformedPayloadError, ERR_BAD_GLOBAL, "malformed global model"),
-    (NonFiniteUpdateError, ERR_CLIENT_FAILURE, "non-finite update"),
-    (LedgerFileError, ERR_CLIENT_FAILURE, "ledger unusable"),
-    (LedgerLockedError, ERR_CLIENT_FAILURE, "ledger in use"),
-    (DeltaTooLargeError, ERR_CLIENT_FAILURE, "delta not below 1/n for this client's data"),
-    (ModelCompatibilityError, ERR_CLIENT_FAILURE, "model cannot be trained with DP-SGD"),
-    # Raised by the app's own model, data or loss (sepals' own checks raise the
-    # errors above, or TrainingInputError with its reason): the text stays here.
-    (ValueError, ERR_CLIENT_FAILURE, "the app's model, data or loss raised ValueError"),
-    (TypeError, ERR_CLIENT_FAILURE, "the app's model, data or loss raised TypeError"),
-    (RuntimeError, ERR_CLIENT_FAILURE, "the app's model, data or loss raised RuntimeError"),
-)
-
-
-def vetted_reason(exc: BaseException) -> tuple[int, str]:
-    """The error code and the short reason a client may send for ``exc``."""
-    if isinstance(exc, PlanViolationError):
-        return ERR_PLAN_MISMATCH, exc.reason
-    if isinstance(exc, BudgetExhaustedError):
-        # Built by PrivacyLedger.check_budget from the client's own epsilon figures.
-        return ERR_BUDGET_EXHAUSTED, str(exc)
-    if isinstance(exc, TrainingInputError):
-        return ERR_CLIENT_FAILURE, exc.reason
-    for kind, code, reason in _VETTED:
-        if isinstance(exc, kind):
-            return code, reason
-    return ERR_CLIENT_FAILURE, "client failure"
-
-
-# Told of every failure, with the message and the exception, after the client logged it:
-# a simulation keeps the full reason for its own report (the run is one party's). A
-# deployed client has none: the full reason stays in its own log.
-FailureHook = Callable[[Context, Message, str, BaseException], None]
-
-
-def _logged(
-    context: Context,
-    action: str,
-    exc: Exception,
-    msg: Message | None = None,
-    on_failure: FailureHook | None = None,
-) -> tuple[int, str]:
-    """Log why ``action`` failed; return the error code and the reason the server may see."""
-    code, reason = vetted_reason(exc)
-    if on_failure is not None and msg is not None:
-        on_failure(context, msg, action, exc)
-    where = f"node {context.node_id}"
-    if code in (ERR_BUDGET_EXHAUSTED, ERR_PLAN_MISMATCH):
-        log(INFO, "%s declines to %s: %s", where, action, exc)
-    elif isinstance(exc, SepalsError | ValueError):
-        log(WARNING, "%s cannot %s: %s", where, action, exc)
-    else:
-        log(WARNING, "%s failed to %s: %s", where, action, traceback.format_exc())
-    return code, reason
-
-
 def _guarded(
     msg: Message,
     context: Context,
@@ -230,7 +151,7 @@ def _guarded(
     try:
         return work()
     except Exception as exc:
-        code, reason = _logged(context, action, exc, msg, on_failure)
+        code, reason = logged_failure(context, action, exc, msg, on_failure)
         return _error_reply(msg, code, reason)
 
 
@@ -288,10 +209,10 @@ def _mask_record(msg: Message, client: SepalsClient) -> Any:
     return record
 
 
-def _global_of(msg: Message) -> tuple[bytes, float] | None:
+def _global_of(msg: Message) -> GlobalModel | None:
     """The message's ``global`` record, parsed; a malformed one is a bad global model."""
     try:
-        return read_global_record(msg.content.array_records.get(KEY_GLOBAL))
+        return read_global_model(msg.content.array_records.get(KEY_GLOBAL))
     except ValueError as exc:
         raise MalformedPayloadError(f"global record: {exc}") from exc
 
@@ -416,7 +337,7 @@ def make_client_app(
                         raise MaskProtocolError("unmask request names no round")
                     content[KEY_UNMASK] = reveal(client_for(runtime), context, unmask, earlier)
                 except Exception as exc:
-                    _logged(context, "reveal mask shares", exc, msg, on_failure)
+                    logged_failure(context, "reveal mask shares", exc, msg, on_failure)
             try:
                 runtime, client, cfg = admitted(msg, context, budget=True)
                 state, body = masking.setup_round(
@@ -429,7 +350,7 @@ def make_client_app(
                 store_mask_state(context, state)
                 content[KEY_MASK] = ConfigRecord(body)
             except Exception as exc:
-                code, reason = _logged(context, "set up masking", exc, msg, on_failure)
+                code, reason = logged_failure(context, "set up masking", exc, msg, on_failure)
                 content[KEY_SETUP_ERROR] = ConfigRecord({"code": code, "reason": reason})
             return Message(RecordDict(content), reply_to=msg)
 
@@ -449,6 +370,29 @@ def make_client_app(
             return Message(RecordDict(content), reply_to=msg)
 
         return _guarded(msg, context, "reveal mask shares", work, on_failure)
+
+    @app.train("verify_global")
+    def verify_global(msg: Message, context: Context) -> Message:
+        """Check a round's candidate global model before the server adopts it.
+
+        The client decrypts it and checks it as it would before training on it; the
+        reply says only that it accepts (an error reply with the reason rejects it).
+        """
+
+        def work() -> Message:
+            runtime = provider(context)
+            client = client_for(runtime)
+            global_model = _global_of(msg)
+            cfg = client.admit(
+                msg.metadata.message_type, msg.content.config_records.get(KEY_CONFIG), global_model
+            )
+            if global_model is None:
+                raise MalformedPayloadError("no candidate global model to verify")
+            client.global_weights(cfg, global_model)
+            content: dict[str, Any] = {KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id})}
+            return Message(RecordDict(content), reply_to=msg)
+
+        return _guarded(msg, context, "verify the global model", work, on_failure)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -54,6 +54,7 @@ from sepals.common.protocol import (
     encode_contribution,
     initial_weights,
 )
+from sepals.common.records import GlobalModel
 from sepals.common.round_signature import global_model_digest, verify_round_signature
 from sepals.common.scheme import make_client_codec
 
@@ -179,7 +180,7 @@ class SepalsClient:
         self,
         message_type: str,
         config: Mapping[str, Any] | None,
-        global_model: tuple[bytes, float] | None,
+        global_model: GlobalModel | tuple[bytes, float] | None,
         ledger: PrivacyLedger | None = None,
     ) -> RoundConfig:
         """Check a round message against the plan; nothing else happens before this.
@@ -213,7 +214,7 @@ class SepalsClient:
         return initial_weights(self.factory, self.plan.model_seed)
 
     def global_weights(
-        self, cfg: RoundConfig, global_model: tuple[bytes, float] | None
+        self, cfg: RoundConfig, global_model: GlobalModel | tuple[bytes, float] | None
     ) -> npt.NDArray[np.float64]:
         """Decrypt the global model, or build the shared seeded round-0 model."""
         weights = decode_global_model(
@@ -228,7 +229,7 @@ class SepalsClient:
     def train(
         self,
         cfg: RoundConfig,
-        global_model: tuple[bytes, float] | None,
+        global_model: GlobalModel | tuple[bytes, float] | None,
         ledger: PrivacyLedger,
         slot_mask: npt.NDArray[np.uint64] | None = None,
     ) -> TrainReply:
@@ -325,7 +326,7 @@ class SepalsClient:
         return settings, ledger.calibrated(rt.privacy, sample_rate, steps, planned), steps
 
     def evaluate(
-        self, cfg: RoundConfig, global_model: tuple[bytes, float] | None
+        self, cfg: RoundConfig, global_model: GlobalModel | tuple[bytes, float] | None
     ) -> dict[str, int | float | list[int] | list[float]]:
         """Evaluate the decrypted global model of an admitted round on the local test data.
 

@@ -29,7 +29,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from sepals.common.errors import MaskProtocolError
+from sepals.common.errors import BadSharesError, MaskProtocolError
 from sepals.common.mask_prg import SlotVector
 from sepals.common.mask_shares import open_shares, seal_shares, split_secret
 from sepals.common.masking import (
@@ -251,18 +251,25 @@ def open_and_mask(
         raise MaskProtocolError("shares missing from, or sent by, other than the neighbours")
     share_pk = dict(zip(state.members, state.share_pks, strict=True))
     share_sk = load_private_key(bytes.fromhex(state.share_sk))
-    held = []
+    held, bad = [], []
     for sender, blob in zip(senders, sealed, strict=True):
-        pair, own = open_shares(
-            share_sk,
-            bytes.fromhex(share_pk[sender]),
-            plan.federation_id,
-            server_round,
-            sender,
-            state.node,
-            blob,
-        )
+        try:
+            pair, own = open_shares(
+                share_sk,
+                bytes.fromhex(share_pk[sender]),
+                plan.federation_id,
+                server_round,
+                sender,
+                state.node,
+                blob,
+            )
+        except MaskProtocolError:
+            bad.append(sender)
+            continue
         held.append((sender, pair.hex(), own.hex()))
+    if bad:
+        # Refuse the round (nothing is trained) and name who sent what does not open.
+        raise BadSharesError(bad)
     if state.mask_pks:
         mask_pk = dict(zip(state.members, state.mask_pks, strict=True))
     else:

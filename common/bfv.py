@@ -44,6 +44,7 @@ from sepals.common.codec import (
 )
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import (
+    GlobalModelRejectedError,
     MalformedPayloadError,
     MissingSecretKeyError,
     SecretKeyExposureError,
@@ -271,11 +272,40 @@ class BfvCodec(UpdateCodec):
             MissingSecretKeyError: this instance holds no secret key.
 
         """
+        fields, length = self._decrypt_fields(payload)
+        return fields[:length].astype(np.float64) * self._config.quant_step
+
+    def decode_aggregate(self, payload: bytes, summands: int | None) -> npt.NDArray[np.float64]:
+        """Decrypt a sum of ``summands`` updates, refusing one that no such sum can be.
+
+        Every client's integers are at most :attr:`EncryptionConfig.max_quantized` in
+        magnitude, so a sum of ``summands`` of them (``None``: ``max_clients``) is at
+        most that many times it, and its padding fields are zero. A corrupted or
+        forged ciphertext decrypts to residues spread over the whole field, so almost
+        every field breaks the bound.
+
+        Raises:
+            GlobalModelRejectedError: the sum is out of that range.
+
+        """
+        fields, length = self._decrypt_fields(payload)
+        limit = self._config.max_clients
+        count = limit if summands is None else min(summands, limit)
+        bound = count * self._config.max_quantized
+        beyond = int(np.count_nonzero(np.abs(fields[:length]) > bound))
+        if beyond or np.any(fields[length:]):
+            raise GlobalModelRejectedError(
+                f"global model out of range: {beyond} of {length} values beyond what {count} "
+                f"bounded updates can sum to, or non-zero padding"
+            )
+        return fields[:length].astype(np.float64) * self._config.quant_step
+
+    def _decrypt_fields(self, payload: bytes) -> tuple[npt.NDArray[np.int64], int]:
+        """Every packed field of a payload (padding included) and the vector length."""
         import tenseal.sealapi as seal
 
         if self._decryptor is None:
             raise MissingSecretKeyError("this BFV bundle holds no secret key and cannot decrypt")
-
         header, _ = unpack_payload(payload)
         loaded = self.validate(payload)
         rows = []
@@ -283,7 +313,8 @@ class BfvCodec(UpdateCodec):
             plain = seal.Plaintext()
             self._decryptor.decrypt(ct, plain)
             rows.append(np.asarray(self._encoder.decode_int64(plain), dtype=np.int64))
-        return self._unpack_all(rows, header.length).astype(np.float64) * self._config.quant_step
+        padded = len(rows) * self._config.values_per_ciphertext
+        return self._unpack_all(rows, padded), header.length
 
     def integer_sum(self, payload: bytes) -> npt.NDArray[np.int64]:
         """Decrypt a payload to its exact integer sum (tests and benchmarks)."""

@@ -36,6 +36,7 @@ import numpy.typing as npt
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import (
     ForeignKeyError,
+    GlobalModelRejectedError,
     MalformedPayloadError,
     NonFiniteUpdateError,
 )
@@ -165,6 +166,32 @@ class UpdateCodec(ABC):
     @abstractmethod
     def decode(self, payload: bytes) -> npt.NDArray[np.float64]:
         """Decode (and decrypt) a payload into a flat float64 vector."""
+
+    def decode_aggregate(self, payload: bytes, summands: int | None) -> npt.NDArray[np.float64]:
+        """Decode a sum of ``summands`` updates, refusing one that no such sum can be.
+
+        Here: every value must be finite and, where the codec bounds what one client
+        encodes (:attr:`value_bound`), within ``summands`` times that bound (``None``:
+        ``max_clients`` times). The BFV codec checks the exact integers instead.
+
+        Raises:
+            GlobalModelRejectedError: the sum is out of that range.
+
+        """
+        values = self.decode(payload)
+        if not np.all(np.isfinite(values)):
+            raise GlobalModelRejectedError("global model holds non-finite values")
+        bound = self.value_bound
+        if bound is not None and self._config is not None:
+            count = self._config.max_clients if summands is None else summands
+            limit = count * bound * (1.0 + 1e-6) + 1e-6
+            beyond = int(np.count_nonzero(np.abs(values) > limit))
+            if beyond:
+                raise GlobalModelRejectedError(
+                    f"global model out of range: {beyond} of {values.size} values beyond what "
+                    f"{count} bounded updates can sum to"
+                )
+        return values
 
     @abstractmethod
     def _load_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> list[Any]:

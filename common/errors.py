@@ -22,6 +22,14 @@ class ForeignKeyError(PayloadError):
     """A payload was made under another HE key than the one this party holds."""
 
 
+class GlobalModelRejectedError(MalformedPayloadError):
+    """A decrypted global model is not a sum that bounded, honest updates could make.
+
+    Raised by a client that decrypts it (non-finite values, a value beyond what the
+    round's updates can sum to, or padding that is not zero): it refuses to adopt it.
+    """
+
+
 class NonFiniteUpdateError(PayloadError):
     """A model update contains NaN or infinite values."""
 
@@ -68,3 +76,15 @@ class LedgerLockedError(SepalsError):
 
 class MaskProtocolError(SepalsError):
     """A masking message is malformed, inconsistent or not allowed at this point."""
+
+
+class BadSharesError(MaskProtocolError):
+    """The masking shares some neighbours sealed for this client do not open.
+
+    ``senders`` are their node ids (public to the server): the client names them in its
+    reply, so that the server can exclude a client that several neighbours accuse.
+    """
+
+    def __init__(self, senders: list[int]) -> None:
+        super().__init__(f"masking shares from node(s) {senders} do not open")
+        self.senders = sorted(senders)

@@ -36,6 +36,7 @@ from sepals.common.plan import (
     FederationPlan,
     PlanViolationError,
 )
+from sepals.common.records import GlobalModel
 
 KEY_CONFIG = "config"
 KEY_GLOBAL = "global"
@@ -52,6 +53,9 @@ KEY_SETUP_ERROR = "setup-error"  # a setup reply whose setup part failed: code a
 MASK_REGISTER = "train.mask_register"
 MASK_SETUP = "train.mask_setup"
 MASK_UNMASK = "train.mask_unmask"
+# The check of a round's candidate global model by a few of its clients, before the
+# server adopts it: the same signed config, and the candidate as ``global``.
+VERIFY_GLOBAL = "train.verify_global"
 
 # The Flower app bundle (FAB) a deployed federation runs; edge nodes serve only this app.
 FAB_NAME = "sepals-federation"
@@ -65,6 +69,10 @@ ERR_PLAN_MISMATCH = 4104
 # A masking stage the client refuses (malformed, inconsistent, out of order, or a second
 # unmask request of a round); the reason is a fixed phrase.
 ERR_MASKING = 4106
+# The masking shares some neighbours sealed for this client do not open; the reason
+# names them: "bad mask shares from node N[, M...]".
+ERR_BAD_SHARES = 4107
+BAD_SHARES_REASON = "bad mask shares from node"
 ERR_CLIENT_FAILURE = 4199
 
 
@@ -298,7 +306,7 @@ def encode_contribution(
 def decode_global_model(
     codec: UpdateCodec,
     factory: ModelFactory,
-    global_model: tuple[bytes, float] | None,
+    global_model: GlobalModel | tuple[bytes, float] | None,
     model_seed: int,
     anchor: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.float64]:
@@ -306,10 +314,16 @@ def decode_global_model(
 
     ``None`` (round 1) is the shared round-0 model every party builds from
     ``model_seed`` (``anchor``, if the caller has it already); otherwise the anchor plus
-    the decrypted sum of weighted changes divided by its weight total.
+    the decrypted sum of weighted changes divided by its weight total. The sum is
+    checked first (:meth:`UpdateCodec.decode_aggregate`): a party never adopts a model
+    that bounded updates could not have made.
+
+    Raises:
+        GlobalModelRejectedError: the sum is out of the range its updates allow.
+
     """
     base = initial_weights(factory, model_seed) if anchor is None else anchor
     if global_model is None:
         return base.copy()
-    payload, weight_total = global_model
-    return base + codec.decode(payload) / weight_total
+    summands = global_model.summands if isinstance(global_model, GlobalModel) else None
+    return base + codec.decode_aggregate(global_model[0], summands) / global_model[1]

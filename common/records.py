@@ -7,13 +7,14 @@ signs a digest of that record, so these helpers sit below both the protocol and 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 KEY_PAYLOAD = "payload"
 KEY_WEIGHT_TOTAL = "weight-total"
+KEY_SUMMANDS = "summands"
 PAYLOAD_STYPE = "sepals.payload.v1"
 PAYLOAD_DTYPE = "bytes"
 
@@ -37,14 +38,50 @@ def payload_from_array(array: Any) -> bytes:
     return bytes(array.data)
 
 
-def global_record(payload: bytes, weight_total: float) -> Any:
-    """The ``global`` ArrayRecord: encrypted weighted sum plus its weight total."""
-    return ArrayRecord(
-        {
-            KEY_PAYLOAD: payload_array(payload),
-            KEY_WEIGHT_TOTAL: Array(np.array([weight_total], dtype=np.float64)),
-        }
-    )
+class GlobalModel(NamedTuple):
+    """A global model as a client receives it.
+
+    Attributes:
+        payload: The encrypted sum of the weighted updates.
+        weight_total: The sum of their weights (plaintext).
+        summands: How many updates the sum holds (``None``: not said; a client then
+            bounds the sum by ``max_clients`` updates).
+
+    """
+
+    payload: bytes
+    weight_total: float
+    summands: int | None = None
+
+
+def global_record(payload: bytes, weight_total: float, summands: int | None = None) -> Any:
+    """The ``global`` ArrayRecord: encrypted weighted sum, its weight total and count."""
+    arrays = {
+        KEY_PAYLOAD: payload_array(payload),
+        KEY_WEIGHT_TOTAL: Array(np.array([weight_total], dtype=np.float64)),
+    }
+    if summands is not None:
+        arrays[KEY_SUMMANDS] = Array(np.array([summands], dtype=np.int64))
+    return ArrayRecord(arrays)
+
+
+def read_global_model(record: Any) -> GlobalModel | None:
+    """The :class:`GlobalModel` of a ``global`` record, or ``None`` if it is empty.
+
+    Raises:
+        ValueError: the record is malformed.
+
+    """
+    parsed = read_global_record(record)
+    if parsed is None:
+        return None
+    summands = None
+    if KEY_SUMMANDS in record:
+        raw = record[KEY_SUMMANDS].numpy().reshape(-1)
+        if raw.size != 1 or raw.dtype.kind != "i" or int(raw[0]) < 1:
+            raise ValueError("global record's summands must be one integer >= 1")
+        summands = int(raw[0])
+    return GlobalModel(parsed[0], parsed[1], summands)
 
 
 def read_global_record(record: Any) -> tuple[bytes, float] | None:

@@ -27,7 +27,7 @@ from sepals.common.plan import (
     FederationPlan,
     PlanViolationError,
 )
-from sepals.common.records import read_global_record
+from sepals.common.records import GlobalModel, read_global_model
 
 _SIGNED_DOMAIN = b"sepals-round/1\n"
 
@@ -49,8 +49,8 @@ def generate_operator_key() -> tuple[bytes, str]:
     return private, public.hex()
 
 
-def global_model_digest(global_model: tuple[bytes, float] | None) -> str:
-    """SHA-256 (hex) of a global model as a client reads it: payload and weight total.
+def global_model_digest(global_model: tuple[bytes, float] | GlobalModel | None) -> str:
+    """SHA-256 (hex) of a global model as a client reads it: payload, weight total, count.
 
     ``None`` (round 1: no global model, every client builds the seeded one) has its own
     digest, so a signed round-1 config cannot be replayed with a model either.
@@ -58,10 +58,12 @@ def global_model_digest(global_model: tuple[bytes, float] | None) -> str:
     digest = hashlib.sha256(_GLOBAL_DOMAIN)
     if global_model is None:
         digest.update(b"\x00")
-    else:
-        payload, weight_total = global_model
-        digest.update(b"\x01" + struct.pack("<d", weight_total))
-        digest.update(payload)
+        return digest.hexdigest()
+    summands = global_model.summands if isinstance(global_model, GlobalModel) else None
+    digest.update(b"\x01" + struct.pack("<d", global_model[1]))
+    if summands is not None:
+        digest.update(b"\x02" + struct.pack("<q", summands))
+    digest.update(global_model[0])
     return digest.hexdigest()
 
 
@@ -164,7 +166,7 @@ class OperatorSigner:
         """
         out = {k: v for k, v in config.items() if k != KEY_SIGNATURE}
         out[KEY_FEDERATION_ID] = self.federation_id
-        digest = global_model_digest(read_global_record(arrays))
+        digest = global_model_digest(read_global_model(arrays))
         out[KEY_SIGNATURE] = self.sign(message_type, out, digest)
         return out
 

@@ -22,6 +22,7 @@ from sepals.common.config import EncryptionConfig
 from sepals.common.files import atomic_write
 from sepals.common.models import set_flat
 from sepals.common.protocol import decode_global_model
+from sepals.common.records import GlobalModel
 from sepals.common.scheme import make_client_codec, public_context_bytes
 from sepals.simulations.app_data import app_client_data, client_test_owner
 from sepals.simulations.config import AppSource
@@ -60,7 +61,7 @@ PerClient = dict[str, float]
 
 
 def evaluator_run(
-    global_model: tuple[bytes, float] | None, model_seed: int
+    global_model: GlobalModel | None, model_seed: int
 ) -> tuple[float | None, float | None, str | None, PerClient | None]:
     """Evaluator (subprocess): decrypt a global model, keep it, evaluate it.
 

@@ -53,7 +53,7 @@ from sepals.common.log import log
 from sepals.common.masking import masked_federation
 from sepals.common.partition import check_client_sizes
 from sepals.common.plan import FederationPlan
-from sepals.common.records import read_global_record
+from sepals.common.records import read_global_model
 from sepals.common.round_signature import OperatorSigner, generate_operator_key
 from sepals.common.scheme import make_server_codec
 from sepals.server.serverapp.app import ServerSettings, build_strategy, make_server_app
@@ -323,7 +323,7 @@ def run_experiment(
         pending[record.round] = record
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        global_model = read_global_record(arrays)
+        global_model = read_global_model(arrays)
         evaluator_ready.result()  # raises the evaluator's own error, if loading failed
         loss, value, error, per_client = evaluator.submit(
             evaluator_run, global_model, fed.seed
@@ -368,6 +368,7 @@ def run_experiment(
             "total_parameters": counts.total,
             "seconds": now - last_time[0],
             "aggregated": rec.aggregated,
+            "rejected": rec.rejected,
             "clients_accepted": rec.accepted,
             "clients_declined": len(rec.declined),
             "clients_excluded": len(rec.excluded),

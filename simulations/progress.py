@@ -45,6 +45,8 @@ def progress_line(
         extra += f" | declined: {_who(row['declined'])}"
     if row.get("excluded"):
         extra += f" | excluded: {_who(row['excluded'])}"
+    if row.get("rejected"):
+        extra += f" | candidate model rejected ({row['rejected']}); the last good one stays"
     if row.get("clamped"):
         counts = ", ".join(f"{name} ({n})" for name, n in row["clamped"].items())
         extra += f" | values clamped to --update-bound: {counts}"

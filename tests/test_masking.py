@@ -29,7 +29,7 @@ from scipy.stats import chisquare, ks_2samp
 from sepals.client import masking as cm
 from sepals.common.bfv import BfvCodec
 from sepals.common.config import EncryptionConfig
-from sepals.common.errors import MaskProtocolError, SepalsError
+from sepals.common.errors import BadSharesError, MaskProtocolError, SepalsError
 from sepals.common.mask_prg import (
     CHUNK_WORDS,
     MaskSum,
@@ -782,14 +782,15 @@ def test_shares_missing_or_from_non_neighbours_are_refused(
     with pytest.raises(MaskProtocolError, match="shares missing"):
         call(instead)
     swapped = dict(record, sealed=[record["sealed"][1], record["sealed"][0], *record["sealed"][2:]])
-    with pytest.raises(MaskProtocolError, match="authentication"):
+    with pytest.raises(BadSharesError, match="do not open") as info:
         call(swapped)
+    assert info.value.senders == sorted(senders[:2])  # the client names whose shares fail
     # Another client's shares, relayed to this one under their true sender.
     neighbour = senders[0]
     other = next(x for x in run.neighbours(neighbour) if x != me)
     foreign = run.server.sealed[neighbour][other]
     relayed = dict(record, sealed=[foreign, *record["sealed"][1:]])
-    with pytest.raises(MaskProtocolError, match="authentication"):
+    with pytest.raises(BadSharesError, match="do not open"):
         call(relayed)
     lacking = dict(record, sharers=pack_ids(x for x in unpack_ids(record["sharers"]) if x != me))
     with pytest.raises(MaskProtocolError, match="lack this client"):

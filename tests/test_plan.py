@@ -21,8 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from hypothesis import given, settings
 from torch.utils.data import TensorDataset
 
-from sepals.client.app import LEDGER_STATE_KEY, client_for, make_client_app, vetted_reason
+from sepals.client.app import LEDGER_STATE_KEY, client_for, make_client_app
 from sepals.client.core import ClientRuntime, SepalsClient
+from sepals.client.failures import vetted_reason
 from sepals.client.privacy import calibrate_noise_multiplier, planned_participation
 from sepals.common.codec import PlainCodec
 from sepals.common.config import MAX_COEFF_MODULUS_BITS, EncryptionConfig, PrivacyConfig

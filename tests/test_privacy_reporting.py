@@ -14,8 +14,8 @@ from dp_util import plain_plan, train_toy_rounds
 from torch.utils.data import TensorDataset
 
 from sepals.client import training
-from sepals.client.app import vetted_reason
 from sepals.client.core import ClientRuntime, SepalsClient, train_metrics
+from sepals.client.failures import vetted_reason
 from sepals.client.privacy import (
     PrivacyLedger,
     compute_epsilon,

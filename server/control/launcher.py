@@ -462,6 +462,7 @@ def progress_line(line: dict[str, Any], rounds: int) -> str:
         f"{missing} missing | max eps {'-' if eps is None else epsilon_pair(eps, eps_r1)} | "
         f"federated acc {'-' if acc is None else f'{100 * acc:.2f}%'} | "
         f"{_spread_part(line)}{line.get('train_seconds', 0.0):.1f} s{_clamped_part(line)}"
+        + (f" | REJECTED: {line['rejected']}" if line.get("rejected") else "")
     )
 
 

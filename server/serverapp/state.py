@@ -35,7 +35,7 @@ from sepals.common.codec import UpdateCodec
 from sepals.common.errors import SepalsError
 from sepals.common.files import SECRET_MODE, make_private_dir
 from sepals.common.files import atomic_write as _atomic_write
-from sepals.common.records import global_record, read_global_record
+from sepals.common.records import global_record, read_global_model
 from sepals.server.serverapp.strategy import EncryptedFedAvg, RoundRecord
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,22 +67,26 @@ class Checkpoint:
     weight_total: float
     rng_state: dict[str, Any]
     payload_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
+    summands: int | None = None
+    excluded: dict[int, str] = field(default_factory=dict)
 
     def arrays(self) -> ArrayRecord:
         """The encrypted global model as the strategy passes it on (empty: round-0 model)."""
         if self.payload is None:
             return ArrayRecord()
-        return global_record(self.payload, self.weight_total)
+        return global_record(self.payload, self.weight_total, self.summands)
 
     def restore(self, strategy: EncryptedFedAvg) -> None:
         """Resume ``strategy`` from here: sampling RNG, global model, refused payloads.
 
-        The strategy must be built with ``round_offset=self.round``.
+        Also the clients excluded from the run. The strategy must be built with
+        ``round_offset=self.round``.
         """
         strategy.rng.bit_generator.state = self.rng_state
         if self.payload is not None:
             strategy.latest_global = self.arrays()
         strategy.remember_payload_digests(self.payload_digests)
+        strategy.search.excluded.update(self.excluded)
 
 
 class StateDir:
@@ -128,7 +132,7 @@ class StateDir:
         checkpoint, so a restart never repeats a finished round.
         """
         parsed = (
-            read_global_record(strategy.latest_global)
+            read_global_model(strategy.latest_global)
             if strategy.latest_global is not None
             else None
         )
@@ -141,9 +145,10 @@ class StateDir:
             "model_sha256": None,
             "rng_state": strategy.rng.bit_generator.state,
             "payload_digests": sorted(d.hex() for d in strategy.payload_digests),
+            "excluded_nodes": {str(n): why for n, why in strategy.search.excluded.items()},
         }
         if parsed is not None:
-            payload, meta["weight_total"] = parsed
+            payload, meta["weight_total"], meta["summands"] = parsed
             atomic_write(self.root / MODEL_FILE, payload)
             meta["model_sha256"] = hashlib.sha256(payload).hexdigest()
         atomic_write(self.root / CHECKPOINT_FILE, (json.dumps(meta, indent=2) + "\n").encode())
@@ -191,7 +196,25 @@ class StateDir:
             weight_total=float(meta["weight_total"]),
             rng_state=dict(meta["rng_state"]),
             payload_digests=self._digests(meta.get("payload_digests", [])),
+            summands=self._summands(meta.get("summands")),
+            excluded=self._excluded(meta.get("excluded_nodes", {})),
         )
+
+    def _summands(self, raw: Any) -> int | None:
+        """The update count of the checkpointed model (``None``: not recorded)."""
+        if raw is None:
+            return None
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
+            raise CheckpointError(f"checkpoint in {self.root}: summands is not an integer >= 1")
+        return raw
+
+    def _excluded(self, raw: Any) -> dict[int, str]:
+        """The nodes excluded from the run, with why (node id -> reason)."""
+        if not isinstance(raw, dict) or not all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in raw.items()
+        ):
+            raise CheckpointError(f"checkpoint in {self.root}: excluded_nodes is malformed")
+        return {int(k): v for k, v in raw.items()}
 
     def _digests(self, raw: Any) -> frozenset[bytes]:
         """The payload digests of a checkpoint (a list of SHA-256 hex strings)."""

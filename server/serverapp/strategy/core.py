@@ -48,6 +48,7 @@ from sepals.server.serverapp.strategy.rounds import (
     RoundSigner,
 )
 from sepals.server.serverapp.strategy.sampling import stable_order
+from sepals.server.serverapp.strategy.suspects import SuspectSearch
 
 
 class StrategyCore(Strategy):
@@ -131,6 +132,8 @@ class StrategyCore(Strategy):
         self._grid: Grid | None = None
         self._prepared: tuple[SetUp, RoundRecord] | None = None
         self._last_round: int | None = None
+        # Clients excluded from the run, and the search for the cause of rejected rounds.
+        self.search = SuspectSearch()
 
     @property
     def current_round(self) -> RoundRecord | None:
@@ -206,8 +209,9 @@ class StrategyCore(Strategy):
         k = sampled_per_round(len(nodes), fraction, minimum)
         if self.max_clients is not None:
             k = min(k, self.max_clients)
-        chosen = self.rng.choice(len(nodes), size=k, replace=False)
-        return sorted(nodes[i] for i in chosen)
+        # A masked round needs at least T + 1 members: each then has T neighbours.
+        floor = max(minimum, self.masking.threshold + 1 if self.masking is not None else 1)
+        return self.search.narrowed(nodes, k, floor, self.rng)
 
     def _messages(
         self,

@@ -24,6 +24,7 @@ from sepals.common.errors import SepalsError
 from sepals.common.federation import update_weight
 from sepals.common.log import log
 from sepals.common.protocol import (
+    ERR_BAD_SHARES,
     ERR_BUDGET_EXHAUSTED,
     KEY_CLIENT,
     KEY_MASK,
@@ -51,9 +52,11 @@ from sepals.server.serverapp.strategy.rounds import (
     ClientRoundReport,
     RoundRecord,
 )
+from sepals.server.serverapp.strategy.suspects import accusations
+from sepals.server.serverapp.strategy.verify import AggregateVerification
 
 
-class EncryptedFedAvg(FederatedEvaluation, MaskedRounds):
+class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification):
     """FedAvg over encrypted (or plain) weighted updates.
 
     Args:
@@ -167,6 +170,8 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds):
 
     def _admit_train(self, msg: Message, node: int, intake: Intake) -> Admitted:
         """Check one train reply; raise (any exception) to exclude it."""
+        if node in self.search.excluded:
+            raise ReplyRejected(f"excluded from the run: {self.search.excluded[node]}")
         intake.admit_node(node)
         content = msg.content
         if KEY_UPDATE not in content.array_records or KEY_METRICS not in content.metric_records:
@@ -241,6 +246,9 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds):
                 else:
                     record.excluded.append((node, reason))
                     log(WARNING, "round %s: node %s failed: %s", server_round, node, reason)
+                    if code == ERR_BAD_SHARES:
+                        for accused in accusations(reason):
+                            self.search.accused(accused, node)
                 continue
             intake.digests.add(admitted.digest)
             intake.names.add(admitted.report.client_id)
@@ -294,10 +302,24 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds):
             )
             return None, self._train_metrics(record)
         record.aggregate_seconds = time.perf_counter() - t0
+        record.masks_removed = offset is not None
+        candidate = global_record(payload, weight_total, summands=len(loaded_all))
+        participants = [c.node_id for c in record.clients]
+        verdict = self._verify(server_round, candidate, participants)
+        record.verify_accepts, record.verify_rejects = verdict.accepts, verdict.rejects
+        if not verdict.adopted:
+            record.rejected = verdict.reason
+            log(
+                WARNING,
+                "round %s: %s; the last good global model stays",
+                server_round,
+                verdict.reason,
+            )
+            self.search.round_rejected(server_round, participants)
+            return None, self._train_metrics(record)
         record.weight_total = weight_total
         record.aggregated = True
-        record.masks_removed = offset is not None
-        self.latest_global = global_record(payload, weight_total)
+        self.latest_global = candidate
         errors = [c.quant_error for c in record.clients]
         if errors and all(e is not None for e in errors):
             # Each client's rounding error is at most e_i on a_i * (w_i - w_0), so the

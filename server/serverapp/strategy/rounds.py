@@ -88,6 +88,9 @@ class RoundRecord:
     masks_removed: bool = False
     mask_abandoned: str | None = None
     mask_seconds: float = 0.0
+    verify_accepts: int = 0
+    verify_rejects: int = 0
+    rejected: str | None = None
     clients: list[ClientRoundReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
