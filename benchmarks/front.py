@@ -6,24 +6,29 @@ honest SuperNode at ``127.0.0.2``, each round on a new TLS connection: a heartbe
 ``pull-messages``, a ``pull-object`` of 4 MiB, two ``push-object`` of 4 MiB and
 ``push-messages``.
 
-1. **Baseline**: honest rounds for ``--baseline-seconds`` with nothing else running.
-2. **Attack**: honest rounds for ``--seconds`` while an attacker process at ``127.0.0.1``
-   keeps ``--slowloris`` connections open that never finish their head (half of them TLS
-   with a header line every 0.5 s, half TCP that never start the TLS handshake),
-   ``--stalled`` connections that send 15 of a declared 16 MiB and stall, and one
-   connection at a time sending a 1 MiB head; each is reopened when the front drops it.
+1. **Baseline**: honest rounds for half of ``--baseline-seconds`` with nothing else
+   running, and again for the other half after the attack (so that a change in the
+   machine's load during the run shows).
+2. **Attack**: honest rounds for ``--seconds`` while an attacker process keeps open,
+   from ``127.0.0.1`` (or from ``--sources`` addresses 127.0.1.x):
+   ``--slowloris`` TLS connections that never finish their head (a header line every
+   0.5 s), ``--no-handshake`` TCP connections that never start TLS, ``--stalled``
+   connections that send 15 of a declared 16 MiB and stall, and one connection sending a
+   1 MiB head; each is opened again 0.2 s after the front drops it.
 
-It prints the median and 95th-percentile round time of both phases and their ratio
-(target: the attack's median at most :data:`TARGET_RATIO` times the baseline's), the
-honest requests that failed, the request bodies the fake SuperLink received incomplete
-(target 0), how long the front held attack connections, and the front's resident memory
-(``/proc/PID/status``) idle, at its peak under attack, and after the attack ended
+It prints the machine's load average, the median and 95th-percentile round time of each
+phase, the ratio of the attack's median to the baseline's (target: at most
+:data:`TARGET_RATIO`), the honest requests that failed, the request bodies the fake
+SuperLink received incomplete (target 0), the CPU the front and the attacker used, how
+long the front held attack connections, and the front's resident memory
+(``/proc/PID/status``) idle, at its peak under attack, and 3 s after the attack ended
 (target: at most :data:`TARGET_RSS_ABOVE_IDLE` bytes above idle). Figures are printed
-as met or MISSED, never asserted. The machine may be shared: the attacker, the front and
-the honest client compete for its cores.
+as met or MISSED, never asserted. The attacker, the front and the honest client share
+the machine's cores (a real attacker spends its own), and the machine may be shared
+with other work: the load average says how busy it was.
 
 Usage: ``python -m benchmarks.front [--seconds 60] [--baseline-seconds 20]
-[--slowloris 300] [--stalled 40]``
+[--slowloris 300] [--no-handshake 100] [--stalled 40] [--sources 1]``
 
 The attack and the fake SuperLink are also what ``tests/test_front_attacks.py`` runs,
 at small sizes and short deadlines.
@@ -205,6 +210,7 @@ class AttackStats:
         held = sorted(self.held) or [0.0]
         return {"opened": self.opened, "closed_by_front": len(self.held),
                 "held_max_s": held[-1], "held_median_s": statistics.median(held),
+                "held": [round(h, 3) for h in self.held],
                 "statuses": {str(k): v for k, v in self.statuses.items()}}  # fmt: skip
 
 
@@ -272,6 +278,7 @@ async def _slot(kind: str, port: int, source: str, tls: ssl.SSLContext | None,
         closed = True
         try:
             reader, writer = await _connect(port, source, None if kind == "no-handshake" else tls)
+            start = loop.time()  # held: from the connection's start to the front's close
             if kind == "slow-head":
                 writer.write(b"POST /v1/fleet/pull-messages HTTP/1.1\r\nhost: x\r\n")
                 while loop.time() < until and not writer.is_closing():
@@ -377,8 +384,60 @@ def _summary(times: list[float]) -> str:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time ``pid`` has used (``/proc/PID/stat``)."""
+    fields_after_name = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields_after_name[11]) + int(fields_after_name[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class _Measured:
+    before: list[float] = field(default_factory=list)
+    after: list[float] = field(default_factory=list)
+    hit: list[float] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    rss: tuple[int, int, int] = (0, 0, 0)  # idle, peak, after the attack
+    front_cpu: float = 0.0  # share of one core, under attack
+    stats: dict[str, Any] = field(default_factory=dict)
+    load: tuple[float, float] = (0.0, 0.0)
+
+
+def _measure(args: argparse.Namespace, tls: Tls, port: int, front: int, tmp: Path) -> _Measured:
+    """Baseline, attack, baseline again: honest rounds and the front's memory and CPU."""
+    m = _Measured(load=(os.getloadavg()[0], 0.0))
+    ctx = tls.client_context()
+    honest_round(port, ctx)  # warm up
+    time.sleep(1.0)
+    idle = rss_bytes(front)
+    m.before, failed = _rounds(port, ctx, args.baseline_seconds / 2)
+    m.failed.append(failed)
+    sources = tuple(f"127.0.1.{i + 1}" for i in range(args.sources))
+    plan = Attack(
+        slowloris=args.slowloris,
+        no_handshake=args.no_handshake,
+        stalled=args.stalled,
+        sources=sources if args.sources > 1 else (ATTACKER,),
+    )
+    attacker = start_attacker(port, tmp / "ca.pem", args.seconds, plan)
+    sampler = _RssSampler(front)
+    sampler.start()
+    time.sleep(2.0)  # let the attack fill its connections first
+    cpu, wall = cpu_seconds(front), time.monotonic()
+    m.hit, failed = _rounds(port, ctx, max(args.seconds - 2.0, 1.0))
+    m.front_cpu = (cpu_seconds(front) - cpu) / (time.monotonic() - wall)
+    m.failed.append(failed)
+    m.stats = attack_stats(attacker, args.seconds + 120)
+    sampler.halt.set()
+    time.sleep(3.0)
+    m.rss = (idle, sampler.peak, rss_bytes(front))
+    m.after, failed = _rounds(port, ctx, args.baseline_seconds / 2)
+    m.failed.append(failed)
+    m.load = (m.load[0], os.getloadavg()[0])
+    return m
+
+
 def run(args: argparse.Namespace) -> None:
-    """Both phases, then the figures."""
+    """Baseline, attack and baseline again, then the figures."""
     with tempfile.TemporaryDirectory(prefix="sepals-front-bench-") as tmp:
         tmp_dir = Path(tmp)
         tls = Tls(tmp_dir)
@@ -390,53 +449,74 @@ def run(args: argparse.Namespace) -> None:
             upstream_port = int((upstream.stdout.readline() if upstream.stdout else b"0").strip())
             port = free_port()
             front = start_front(port, upstream_port, FrontLimits(), tls, tmp_dir / "front.log")
-            ctx = tls.client_context()
-            honest_round(port, ctx)  # warm up
-            time.sleep(1.0)
-            idle = rss_bytes(front.pid)
-            base, base_failed = _rounds(port, ctx, args.baseline_seconds)
-            attacker = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.front", "--attack", str(port), "--ca",
-                 str(tmp_dir / "ca.pem"), "--seconds", str(args.seconds), "--slowloris",
-                 str(args.slowloris), "--no-handshake", str(args.no_handshake),
-                 "--stalled", str(args.stalled), "--sources",
-                 str(args.sources)],
-                stdout=subprocess.PIPE,
-            )  # fmt: skip
-            sampler = _RssSampler(front.pid)
-            sampler.start()
-            time.sleep(2.0)  # let the attack fill its connections first
-            hit, hit_failed = _rounds(port, ctx, max(args.seconds - 2.0, 1.0))
-            out, _ = attacker.communicate(timeout=args.seconds + 120)
-            sampler.halt.set()
-            time.sleep(3.0)
-            after = rss_bytes(front.pid)
-            stats = json.loads(out.decode().strip().splitlines()[-1])
+            m = _measure(args, tls, port, front.pid, tmp_dir)
         finally:
             if front is not None:
                 stop_process(front)
             stop_process(upstream)
         seen = [json.loads(x) for x in records.read_text().splitlines()] if records.exists() else []
-    ratio = statistics.median(hit) / statistics.median(base)
+    _report(m, seen)
+
+
+def _report(m: _Measured, seen: list[dict[str, Any]]) -> None:
+    base = m.before + m.after
+    ratio = statistics.median(m.hit) / statistics.median(base)
     partial = sum(1 for r in seen if r["received"] != r["declared"])
     stray = sum(1 for r in seen if r["declared"] == 16 * MIB)
-    _row("honest rounds, no attack", _summary(base))
-    _row("honest rounds, under attack", _summary(hit))
+    idle, peak, after = m.rss
+    _row("load average (1 min) at start / end", f"{m.load[0]:.1f} / {m.load[1]:.1f}")
+    _row("honest rounds, no attack (before)", _summary(m.before))
+    _row("honest rounds, no attack (after)", _summary(m.after))
+    _row("honest rounds, under attack", _summary(m.hit))
     _row("median round time, attack / no attack", f"{ratio:.2f}x", ratio <= TARGET_RATIO)
-    _row("honest requests failed", f"{base_failed} without, {hit_failed} under attack",
-         base_failed + hit_failed == 0)  # fmt: skip
+    _row("honest requests failed (before, under, after)", ", ".join(map(str, m.failed)),
+         sum(m.failed) == 0)  # fmt: skip
     _row("partial bodies that reached the SuperLink", str(partial + stray), partial + stray == 0)
-    _row("attack connections opened", str(stats["opened"]))
-    _row("attack connections the front closed", f"{stats['closed_by_front']}, held at most "
-         f"{stats['held_max_s']:.1f} s (median {stats['held_median_s']:.1f} s)")  # fmt: skip
-    _row("answers to the attack", json.dumps(stats["statuses"]))
-    above = max(after - idle, 0)
-    _row("front RSS idle / peak / after", f"{idle / MIB:.0f} / {sampler.peak / MIB:.0f} / "
+    _row("front CPU under attack", f"{m.front_cpu * 100:.0f}% of one core")
+    _row("attacker CPU", f"{m.stats['cpu_share'] * 100:.0f}% of one core")
+    _row("attack connections opened", str(m.stats["opened"]))
+    _row("attack connections the front closed", f"{m.stats['closed_by_front']}, held at most "
+         f"{m.stats['held_max_s']:.1f} s (median {m.stats['held_median_s']:.1f} s)")  # fmt: skip
+    _row("answers to the attack", json.dumps(m.stats["statuses"]))
+    _row("front RSS idle / peak / after", f"{idle / MIB:.0f} / {peak / MIB:.0f} / "
          f"{after / MIB:.0f} MiB")  # fmt: skip
-    _row("front RSS above idle, peak", f"{max(sampler.peak - idle, 0) / MIB:.0f} MiB",
-         sampler.peak - idle <= TARGET_RSS_ABOVE_IDLE)  # fmt: skip
-    _row("front RSS above idle, after the attack", f"{above / MIB:.0f} MiB",
-         above <= TARGET_RSS_ABOVE_IDLE)  # fmt: skip
+    _row("front RSS above idle, peak", f"{max(peak - idle, 0) / MIB:.0f} MiB",
+         peak - idle <= TARGET_RSS_ABOVE_IDLE)  # fmt: skip
+    _row("front RSS above idle, after the attack", f"{max(after - idle, 0) / MIB:.0f} MiB",
+         after - idle <= TARGET_RSS_ABOVE_IDLE)  # fmt: skip
+
+
+def start_attacker(port: int, ca: Path, seconds: float, plan: Attack) -> subprocess.Popen[bytes]:
+    """The attack in its own process (``--sources`` addresses 127.0.1.x if not one).
+
+    Returns once it has started; its last line of output is :meth:`AttackStats.as_dict`
+    as JSON, with the attacker's CPU share.
+    """
+    if len(plan.sources) > 1 and plan.sources != tuple(
+        f"127.0.1.{i + 1}" for i in range(len(plan.sources))
+    ):
+        raise ValueError("an attacker process attacks from 127.0.0.1 or from 127.0.1.1..N")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.front", "--attack", str(port), "--ca", str(ca),
+         "--seconds", str(seconds), "--slowloris", str(plan.slowloris), "--no-handshake",
+         str(plan.no_handshake), "--stalled", str(plan.stalled), "--big-heads",
+         str(plan.big_heads), "--sources", str(len(plan.sources))],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    if proc.stdout is None or proc.stdout.readline().strip() != b"attacking":
+        stop_process(proc)
+        raise RuntimeError("the attacker process did not start")
+    return proc
+
+
+def attack_stats(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    """Wait for an attacker process; what its connections saw."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        stop_process(proc)
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
 
 
 def _serve_upstream(records: Path) -> None:
@@ -455,10 +535,14 @@ def _run_attack(args: argparse.Namespace) -> None:
         slowloris=args.slowloris,
         no_handshake=args.no_handshake,
         stalled=args.stalled,
+        big_heads=args.big_heads,
         sources=sources,
     )
+    print("attacking", flush=True)
+    start = time.monotonic()
     stats = asyncio.run(attack(args.attack, tls, args.seconds, plan))
-    print(json.dumps(stats.as_dict()), flush=True)
+    share = time.process_time() / (time.monotonic() - start)
+    print(json.dumps({**stats.as_dict(), "cpu_share": share}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -469,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slowloris", type=int, default=300)
     parser.add_argument("--no-handshake", type=int, default=100)
     parser.add_argument("--stalled", type=int, default=40)
+    parser.add_argument("--big-heads", type=int, default=1)
     parser.add_argument(
         "--sources", type=int, default=1, help="attack from this many loopback addresses"
     )

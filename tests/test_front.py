@@ -234,17 +234,19 @@ def test_the_lineup_drops_an_idle_connection_of_the_heaviest_address(
     for ident, key in ((1, "heavy"), (2, "heavy"), (3, "light"), (4, "heavy")):
         line.touch(ident, key, lambda i=ident: dropped.append(i))  # type: ignore[misc]
         clock[0] += 0.1
-    assert not line.drop_for("new", held.__getitem__, 1)  # all younger than the grace
+    # Within the grace nothing is dropped, unless asked without one (new connections).
+    assert not line.drop_for("new", held.__getitem__, 1)
+    assert line.drop_for("new", held.__getitem__, 1, grace=0.0) and dropped == [1]
+    line.touch(1, "heavy", lambda: dropped.append(1))  # 1 is back: last in line
     clock[0] += limits_module.GRACE
-    line.touch(1, "heavy", lambda: dropped.append(1))  # 1 was active again: now last
-    assert line.drop_for("new", held.__getitem__, 1) and dropped == [2]
+    assert line.drop_for("new", held.__getitem__, 1) and dropped == [1, 2]
     # An address may not take the place of one that holds no more than it would.
     assert not line.drop_for("heavy", held.__getitem__, 1)
     held["heavy"] = 2
-    assert not line.drop_for("light", held.__getitem__, 1) and dropped == [2]
+    assert not line.drop_for("light", held.__getitem__, 1) and dropped == [1, 2]
     # The heaviest address gives up its stalest first.
     held["light"] = 5
-    assert line.drop_for("new", held.__getitem__, 1) and dropped == [2, 3]
+    assert line.drop_for("new", held.__getitem__, 1) and dropped == [1, 2, 3]
     assert len(line) == 2
     for ident in (1, 4):
         line.leave(ident)

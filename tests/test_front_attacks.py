@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,12 +23,13 @@ from benchmarks.front import (
     HONEST,
     MIB,
     Attack,
-    AttackStats,
     RecordingUpstream,
     Tls,
     attack,
+    attack_stats,
     honest_round,
     rss_bytes,
+    start_attacker,
     start_front,
     stop_process,
 )
@@ -54,6 +56,7 @@ class Front:
     port: int
     pid: int
     tls: ssl.SSLContext
+    ca: Path
     upstream: RecordingUpstream
     log: Path
 
@@ -69,22 +72,26 @@ def front(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
         port = free_port()
         proc = start_front(port, upstream.port, LIMITS, tls, tmp / "front.log")
         try:
-            yield Front(port, proc.pid, tls.client_context(), upstream, tmp / "front.log")
+            yield Front(
+                port, proc.pid, tls.client_context(), tmp / "ca.pem", upstream, tmp / "front.log"
+            )
         finally:
             stop_process(proc)
 
 
-async def _with_attack(front: Front, plan: Attack, seconds: float) -> tuple[AttackStats, int]:
-    """The attack, and meanwhile honest rounds from another address: (stats, failures)."""
-    running = asyncio.create_task(attack(front.port, front.tls, seconds, plan))
-    await asyncio.sleep(min(1.0, seconds / 3))  # the attack holds its connections by now
-    failed = 0
-    end = time.monotonic() + seconds / 2
-    rounds = 0
-    while time.monotonic() < end or rounds < 2:
-        failed += await asyncio.to_thread(honest_round, front.port, front.tls, HONEST)
-        rounds += 1
-    return await running, failed
+def _with_attack(front: Front, plan: Attack) -> tuple[dict[str, Any], int]:
+    """The attack (its own process), meanwhile honest rounds: (its stats, honest failures)."""
+    attacker = start_attacker(front.port, front.ca, ATTACK_SECONDS, plan)
+    try:
+        time.sleep(0.5)  # the attack holds its connections by now
+        failed = rounds = 0
+        end = time.monotonic() + ATTACK_SECONDS / 2
+        while time.monotonic() < end or rounds < 2:
+            failed += honest_round(front.port, front.tls, HONEST)
+            rounds += 1
+    finally:
+        stats = attack_stats(attacker, ATTACK_SECONDS + 30)
+    return stats, failed
 
 
 async def _open(front: Front, source: str = ATTACKER, tls: bool = True) -> tuple[
@@ -124,14 +131,15 @@ def _head(length: int | None = None, tag: str = "attack", extra: bytes = b"") ->
 def test_slowloris_from_one_address_leaves_others_served(front: Front) -> None:
     """300 TLS connections that never finish their head and 100 that never start TLS."""
     plan = Attack(slowloris=300, no_handshake=100, stalled=0, big_heads=0)
-    stats, failed = asyncio.run(_with_attack(front, plan, ATTACK_SECONDS))
+    stats, failed = _with_attack(front, plan)
     assert failed == 0
     # The attacker's connections were held until the head deadline, never longer...
-    assert stats.held and max(stats.held) < LIMITS.header_timeout + 1.0
-    assert any(h > LIMITS.header_timeout - 0.3 for h in stats.held)
+    held = stats["held"]
+    assert held and max(held) < LIMITS.header_timeout + 1.0
+    assert any(h > LIMITS.header_timeout - 0.3 for h in held)
     # ...and no more than its per-address allowance of them at once (the rest were
     # refused on accept: a few ms).
-    at_deadline = sum(1 for h in stats.held if h > LIMITS.header_timeout - 0.3)
+    at_deadline = sum(1 for h in held if h > LIMITS.header_timeout - 0.3)
     rounds = ATTACK_SECONDS / LIMITS.header_timeout + 1
     assert at_deadline <= LIMITS.max_connections_per_address * rounds
     assert not front.forwarded("attack") and front.upstream.seen
@@ -150,9 +158,9 @@ def test_slowloris_from_many_addresses_cannot_fill_the_front(front: Front) -> No
     """500 slow connections from 10 addresses, over the total: the idlest are dropped."""
     sources = tuple(f"127.0.1.{i}" for i in range(1, 11))
     plan = Attack(slowloris=400, no_handshake=100, stalled=0, big_heads=0, sources=sources)
-    stats, failed = asyncio.run(_with_attack(front, plan, ATTACK_SECONDS))
+    stats, failed = _with_attack(front, plan)
     assert failed == 0
-    assert stats.held and max(stats.held) < LIMITS.header_timeout + 1.0
+    assert stats["held"] and max(stats["held"]) < LIMITS.header_timeout + 1.0
 
 
 def test_stalled_and_cut_bodies_never_reach_the_superlink(front: Front) -> None:

@@ -6,12 +6,13 @@ CLI: submit, stop and list runs, register nodes, stream logs) and Runtime API
 public address that lets anyone with the CA certificate control the federation.
 
 So ``sepals-server`` binds the SuperLink to loopback and puts this front on the public
-address (``python -m sepals.server.front``, :mod:`~sepals.server.front.cli`). It has
-three jobs, one module each:
+address (``python -m sepals.server.front``, :mod:`~sepals.server.front.cli`):
 
-* :mod:`~sepals.server.front.listener` terminates TLS and speaks HTTP/1.1 under
-  deadlines and size and connection limits, so that slow or partial requests cannot
-  hold it (:mod:`~sepals.server.front.limits`); only complete requests go on;
+* :mod:`~sepals.server.front.listener` accepts connections within per-address and
+  total shares, and :mod:`~sepals.server.front.connection` terminates TLS and reads
+  HTTP/1.1 under deadlines and size caps (:mod:`~sepals.server.front.limits`), so that
+  slow, partial or oversized requests cannot hold the front; only complete requests
+  go on;
 * :mod:`~sepals.server.front.app` forwards exactly the Fleet API's routes,
   ``POST /v1/fleet/<route>``, to the SuperLink and answers ``404`` to anything else.
 """

@@ -27,7 +27,7 @@ MIB = 1024 * 1024
 MAX_BODY_BYTES = 16 * MIB
 # Longest deadline accepted (seconds): a day. A front that waits longer is not defended.
 MAX_DEADLINE = 24 * 3600.0
-# Seconds a connection may sit idle before it may be dropped to make room for another.
+# Seconds an upload may sit idle before it may be dropped to make room for another.
 GRACE = 1.0
 
 
@@ -212,9 +212,10 @@ class Lineup:
     When the front is full, a newcomer may take the place of a connection from an
     address that holds more than the newcomer's would (so many attacking addresses
     cannot crowd out one that holds little), and of that address's connections the
-    one least recently active, if it has been idle at least :data:`GRACE` seconds (an
-    honest client's connection is busy for milliseconds; a slow-connection attacker's
-    idles for as long as it can make it).
+    one least recently active (an honest client's connection is busy for milliseconds;
+    a slow-connection attacker's idles for as long as it can make it). An upload is
+    dropped only once it has been idle for :data:`GRACE` seconds, so that one still
+    arriving is not cut short.
     """
 
     def __init__(self) -> None:
@@ -240,18 +241,20 @@ class Lineup:
             if not line:
                 del self._lines[key]
 
-    def drop_for(self, key: str, held: Callable[[str], int], need: int) -> bool:
+    def drop_for(
+        self, key: str, held: Callable[[str], int], need: int, grace: float = GRACE
+    ) -> bool:
         """Make room for ``need`` more of what ``held(address)`` counts, asked by ``key``.
 
-        Drops the stalest connection idle for :data:`GRACE` s of the address holding
-        most, if it holds more than ``held(key) + need``.
+        Drops the stalest connection idle for ``grace`` s of the address holding most,
+        if it holds more than ``held(key) + need``.
 
         Returns:
             Whether one was dropped.
 
         """
         floor = held(key) + need
-        idle_since = time.monotonic() - GRACE
+        idle_since = time.monotonic() - grace
         for other in sorted(self._lines, key=held, reverse=True):
             if held(other) <= floor:
                 return False
