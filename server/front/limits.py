@@ -2,8 +2,10 @@
 
 :class:`FrontLimits` holds the deadlines and sizes (``[front]`` in ``server.toml``);
 :class:`Admission` counts the connections and the buffered body bytes held per client
-address and in total; :class:`RefusalLog` writes one line per kind of refusal (at most
-one a second per kind, with a count), never a byte of the request.
+address and in total; :class:`Lineup` picks the connection to drop when the front is
+full; :class:`RefusalLog` writes one line per kind of refusal (at most one a second per
+kind, with a count), never a byte of the request; :func:`give_back_memory` returns
+what closed connections freed to the system.
 """
 
 from __future__ import annotations
