@@ -17,7 +17,7 @@ import shutil
 import string
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from sepals.common.round_signature import generate_operator_key
 from sepals.server.control.cli import main as server_main
 from sepals.server.control.config import ServerDeployConfig, split_address
 from sepals.server.control.provision import ProvisionSpec, provision
+from sepals.server.front import FrontLimits
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +241,17 @@ SERVER_TOML_CASES = [
     Case("cap-unknown-node", text("[nodes.max_examples]\nclient-9 = 5"), "client-9"),
     Case("cap-blank-name", text('[nodes.max_examples]\n"a b" = 5'), "[nodes.max_examples]"),
     Case("nodes-unknown", key("nodes", "max", "5"), "[nodes]"),
+    # [front]
+    Case("front-timeout-zero", key("front", "header_timeout", "0"), "[front] header_timeout"),
+    Case("front-timeout-bool", key("front", "idle_timeout", "true"), "[front] idle_timeout"),
+    Case("front-count-float", key("front", "max_connections", "1.5"), "[front] max_connections"),
+    Case("front-head-tiny", key("front", "max_header_bytes", "10"), "max_header_bytes"),
+    Case(
+        "front-address-over-total",
+        key("front", "max_connections_per_address", "9999"),
+        "[front] max_connections_per_address",
+    ),
+    Case("front-unknown", key("front", "timeout", "5"), "[front]"),
     # the file itself
     Case("unknown-table", text("[serverr]\naddress = 1"), "serverr"),
     Case("top-level-key", raw(b"rounds = 3\n[model]\nparameters = 10\n"), "rounds"),
@@ -288,10 +300,14 @@ def test_the_unedited_config_and_its_nodes_table_are_accepted(
     toml = _server_copy(bundles, tmp_path)
     cfg = ServerDeployConfig.from_toml(toml)
     assert cfg.default_max_examples == 10_000 and dict(cfg.max_examples) == {}
+    assert cfg.front == FrontLimits()
     key("nodes", "default_max_examples", "500")(toml)
+    key("front", "header_timeout", "3")(toml)
+    key("front", "max_connections_per_address", "4")(toml)
     text("[nodes.max_examples]\nclient-1 = 360")(toml)
     cfg = ServerDeployConfig.from_toml(toml)
     assert cfg.default_max_examples == 500
+    assert cfg.front == FrontLimits(header_timeout=3.0, max_connections_per_address=4)
     assert dict(cfg.max_examples) == {"client-1": 360}
     assert cfg.max_examples_for("client-1") == 360 and cfg.max_examples_for("client-2") == 500
     with pytest.raises(TypeError):
@@ -498,6 +514,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     ),
     "model": ("parameters", "unknown_key"),
     "nodes": ("default_max_examples", "max_examples", "unknown_key"),
+    "front": (*(f.name for f in fields(FrontLimits)), "unknown_key"),
 }
 SLOTS = [(table, name) for table, names in KEYS.items() for name in names] + [
     ("nodes.max_examples", "client-1"),

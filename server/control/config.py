@@ -26,9 +26,10 @@ from sepals.common.files import check_usable_dir, require_private
 from sepals.common.round_signature import OperatorSigner
 from sepals.common.seal_bundle import key_parameters
 from sepals.server.control.toml_table import TomlTable, show_value
+from sepals.server.front.limits import MAX_DEADLINE, FrontLimits
 from sepals.server.serverapp.run_spec import DeployedRun
 
-_TABLES = ("server", "federation", "encryption", "model", "nodes")
+_TABLES = ("server", "federation", "encryption", "model", "nodes", "front")
 _SERVER_KEYS = (
     "address",
     "state_dir",
@@ -113,6 +114,24 @@ def _encryption(raw: Mapping[str, Any]) -> EncryptionConfig:
         return EncryptionConfig(**kwargs)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
         raise ValueError(f"[encryption] {exc}") from exc
+
+
+def _front(raw: Mapping[str, Any]) -> FrontLimits:
+    """``[front]``: the public front's deadlines and limits (each field of FrontLimits)."""
+    known = fields(FrontLimits)
+    t = TomlTable(raw, "front", [f.name for f in known])
+    values: dict[str, float | int] = {}
+    for f in known:
+        if f.name in t.raw:
+            values[f.name] = (
+                t.number(f.name, f.default, low=0.0, high=MAX_DEADLINE, low_open=True)  # type: ignore[arg-type]
+                if f.type == "float"
+                else t.integer(f.name, f.default, low=1)  # type: ignore[arg-type]
+            )
+    try:
+        return FrontLimits(**values)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"[front] {exc}") from exc
 
 
 def _node_caps(raw: Mapping[str, Any]) -> tuple[int, dict[str, int]]:
@@ -213,6 +232,7 @@ class ServerDeployConfig:
             (``[nodes] default_max_examples``, default 10,000).
         max_examples: Per-node caps by client name (``[nodes.max_examples]``); a node
             not named here gets ``default_max_examples``.
+        front: The public front's deadlines and limits (``[front]``).
 
     """
 
@@ -235,6 +255,7 @@ class ServerDeployConfig:
     max_examples: Mapping[str, int] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
+    front: FrontLimits = field(default_factory=FrontLimits)
 
     @classmethod
     def from_toml(
@@ -298,6 +319,7 @@ class ServerDeployConfig:
                 "aggregate enough updates"
             )
         default_cap, caps = _node_caps(raw)
+        front = _front(raw)
         _check_server_files(server, paths, encryption, caps, allow_insecure_permissions)
         check_usable_dir(state, "[server] state_dir")
         return cls(
@@ -318,6 +340,7 @@ class ServerDeployConfig:
             parameters=parameters,
             default_max_examples=default_cap,
             max_examples=MappingProxyType(caps),
+            front=front,
         )
 
     def run_spec(self) -> DeployedRun:

@@ -252,6 +252,7 @@ class ServerLauncher:
             str(port),
             "--upstream",
             f"{scheme}://{self.dial_address}",
+            *self.cfg.front.to_args(),
         ]
         if self.insecure:
             cmd.append("--insecure")

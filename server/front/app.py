@@ -1,32 +1,22 @@
-"""The public front of a deployed server: it serves SuperNodes and nothing else.
+"""The Fleet front's ASGI app: the Fleet API's routes forwarded, everything else refused.
 
-Flower 1.41's SuperLink serves its Fleet API (SuperNodes), Control API (the ``flwr``
-CLI: submit, stop and list runs, register nodes, stream logs) and Runtime API
-(ServerApp processes) on one port, and its TLS asks clients for no certificate. On a
-public address that lets anyone with the CA certificate control the federation.
-
-So ``sepals-server`` binds the SuperLink to loopback and puts this front on the public
-address. The front terminates TLS with the server certificate and forwards exactly the
-Fleet API's routes, ``POST /v1/fleet/<route>`` for the routes a SuperNode uses, to the
-SuperLink; every other method or path gets ``404`` without reaching it. Requests are
-forwarded unchanged (headers included, so SuperNode authentication, which signs each
-request with the node's key, is checked by the SuperLink as before); bodies larger than
-:data:`MAX_BODY_BYTES` are refused with ``413``.
-
-It is a plain ASGI application served by ``uvicorn`` (already a Flower dependency), and
-forwards with ``httpx``; run it with ``python -m sepals.server.front``.
+It forwards exactly ``POST /v1/fleet/<route>`` for the routes a SuperNode uses to the
+SuperLink, unchanged (headers included, so SuperNode authentication, which signs each
+request with the node's key, is checked by the SuperLink as before); every other method
+or path gets ``404`` without reaching it. A body is forwarded only when it arrived
+complete and within ``max_body`` (``413`` above it); the response streams back as the
+SuperLink sends it.
 """
 
 from __future__ import annotations
 
-import argparse
 import ssl
-import sys
-from collections.abc import Awaitable, Callable, MutableMapping
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
 import httpx
+
+from sepals.server.front.limits import MAX_BODY_BYTES
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,8 +42,6 @@ FLEET_ROUTES = frozenset(
         "confirm-message-received",
     )
 )
-# Flower chunks arrays into 5 MiB objects; leave room for protobuf framing.
-MAX_BODY_BYTES = 16 * 1024 * 1024
 # Hop-by-hop headers (RFC 9110, 7.6.1) and those the forwarding client sets itself.
 _DROP_REQUEST = frozenset(
     {
@@ -75,12 +63,29 @@ _DROP_RESPONSE = frozenset(
         "keep-alive",
         "transfer-encoding",
         "upgrade",
-        "content-length",
-        "content-encoding",
         "server",
         "date",
     }
 )
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request's body ended."""
+
+
+async def _stream(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    """The body's pieces, each let go once it is sent upstream."""
+    while chunks:
+        yield chunks.pop(0)
+
+
+async def _raw(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response body as the upstream sent it (content encoding untouched)."""
+    if response.is_stream_consumed:  # a response made in memory, e.g. by a mock transport
+        yield response.content
+        return
+    async for piece in response.aiter_raw():
+        yield piece
 
 
 async def _reply(send: Send, status: int, body: bytes) -> None:
@@ -147,45 +152,68 @@ class FleetFront:
         if scope["method"] != "POST" or scope["path"] not in FLEET_ROUTES:
             await _reply(send, 404, b"not found\n")
             return
-        body = await self._read_body(receive)
+        try:
+            body = await self._read_body(receive)
+        except _ClientGone:
+            return  # the client went away mid-body: nothing is forwarded
         if body is None:
             await _reply(send, 413, b"request body too large\n")
             return
+        chunks, size = body
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
             for k, v in scope["headers"]
             if k.lower() not in _DROP_REQUEST
         ]
+        headers.append(("content-length", str(size)))
+        request = self._http().build_request(
+            "POST", scope["path"], content=_stream(chunks), headers=headers
+        )
         try:
-            response = await self._http().post(scope["path"], content=body, headers=headers)
+            response = await self._http().send(request, stream=True)
         except httpx.HTTPError:
             await _reply(send, 502, b"federation server unavailable\n")
             return
-        out_headers = [
-            (k.encode("latin-1"), v.encode("latin-1"))
-            for k, v in response.headers.multi_items()
-            if k.lower() not in _DROP_RESPONSE
-        ]
-        out_headers.append((b"content-length", str(len(response.content)).encode()))
-        await send(
-            {"type": "http.response.start", "status": response.status_code, "headers": out_headers}
-        )
-        await send({"type": "http.response.body", "body": response.content})
+        try:
+            out_headers = [
+                (k.encode("latin-1"), v.encode("latin-1"))
+                for k, v in response.headers.multi_items()
+                if k.lower() not in _DROP_RESPONSE
+            ]
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": out_headers,
+                }
+            )
+            async for piece in _raw(response):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await response.aclose()
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
+    async def _read_body(self, receive: Receive) -> tuple[list[bytes], int] | None:
+        """The body's pieces and its size, or ``None`` when it is over ``max_body``.
+
+        Raises:
+            _ClientGone: the client disconnected before the body's end.
+
+        """
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return b"".join(chunks)
+                raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
                 return None
-            chunks.append(chunk)
+            if chunk:
+                chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return chunks, size
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -193,51 +221,12 @@ class FleetFront:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._client is not None:
-                    await self._client.aclose()
-                    self._client = None
+                await self.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Serve the front: ``python -m sepals.server.front --listen HOST:PORT ...``."""
-    import uvicorn
-
-    parser = argparse.ArgumentParser(prog="sepals.server.front", description=__doc__)
-    parser.add_argument("--host", required=True, help="public listen host")
-    parser.add_argument("--port", type=int, required=True, help="public listen port")
-    parser.add_argument("--upstream", required=True, help="SuperLink base URL (loopback)")
-    parser.add_argument("--certfile", type=Path, help="TLS certificate of the public address")
-    parser.add_argument("--keyfile", type=Path, help="TLS private key of the public address")
-    parser.add_argument("--ca", type=Path, help="CA certificate that signs the upstream's")
-    parser.add_argument("--insecure", action="store_true", help="plain HTTP on both sides")
-    args = parser.parse_args(argv)
-    if args.insecure:
-        verify: ssl.SSLContext | bool = False
-        tls: dict[str, Any] = {}
-    else:
-        if not (args.certfile and args.keyfile and args.ca):
-            print("sepals front: --certfile, --keyfile and --ca are required", file=sys.stderr)
-            return 2
-        verify = ssl.create_default_context(cafile=str(args.ca))
-        tls = {"ssl_certfile": str(args.certfile), "ssl_keyfile": str(args.keyfile)}
-    front = FleetFront(args.upstream, verify)
-    uvicorn.run(
-        front,
-        host=args.host,
-        port=args.port,
-        lifespan="on",
-        access_log=False,
-        log_level="warning",
-        server_header=False,
-        date_header=False,
-        limit_concurrency=256,
-        timeout_keep_alive=30,
-        **tls,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    async def aclose(self) -> None:
+        """Close the connections to the upstream."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
