@@ -368,14 +368,20 @@ class EdgeClient:
 def join_federation(
     bundle: ClientBundle | Path | str,
     app: EdgeApp,
+    *,
+    max_tasks: int | None = None,
     **kwargs: Any,
 ) -> int:
-    """Join the federation of ``bundle`` with ``app`` and serve it until interrupted.
+    """Join the federation of ``bundle`` with ``app`` and serve it.
 
-    Keyword arguments go to :class:`EdgeClient`. Returns the number of tasks served.
+    Serves until ``max_tasks`` tasks (train or evaluate messages) are done, or for as
+    long as the process runs. Keyword arguments go to :class:`EdgeClient`. Ctrl-C (a
+    ``KeyboardInterrupt``) stops the client, which releases its ledger and stops its
+    SuperNode, and then reaches the caller: the SDK never swallows the host's signals.
+
+    Returns:
+        The number of tasks served (once ``max_tasks`` are done).
+
     """
     with EdgeClient(bundle, app, **kwargs) as client:
-        try:
-            return client.run()
-        except KeyboardInterrupt:
-            return client.tasks_done
+        return client.run(max_tasks=max_tasks)
