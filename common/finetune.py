@@ -28,6 +28,7 @@ import fnmatch
 import functools
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import INFO
@@ -303,6 +304,11 @@ def select_trainable(model: nn.Module, spec: TrainableSpec) -> nn.Module:
     return model
 
 
+@functools.lru_cache(maxsize=64)
+def _log_once(message: str) -> None:
+    log(INFO, "%s", message)
+
+
 def _inject_lora(model: nn.Module, spec: LoRA) -> nn.Module:
     try:
         from peft import LoraConfig, inject_adapter_in_model  # optional dependency
@@ -319,13 +325,19 @@ def _inject_lora(model: nn.Module, spec: LoRA) -> nn.Module:
     )
     for p in model.parameters():
         p.requires_grad_(False)
-    try:
-        model = inject_adapter_in_model(config, model)
-    except ValueError as exc:
-        raise ModelCompatibilityError(
-            f"LoRA target_modules {list(spec.target_modules)} fit no layer of the model "
-            f"({str(exc).splitlines()[0][:200]})"
-        ) from exc
+    # peft warns about its own adjustments (e.g. fan_in_fan_out for GPT-2's Conv1D) on
+    # every build, in every client, every round: each goes to the log once instead.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = inject_adapter_in_model(config, model)
+        except ValueError as exc:
+            raise ModelCompatibilityError(
+                f"LoRA target_modules {list(spec.target_modules)} fit no layer of the model "
+                f"({str(exc).splitlines()[0][:200]})"
+            ) from exc
+    for warning in caught:
+        _log_once(f"peft: {warning.message}")
     names = [n for n, _ in model.named_parameters()]
     for pattern in spec.train_also:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):

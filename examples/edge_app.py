@@ -88,11 +88,17 @@ def main() -> None:
     if not args.bundle:
         parser.error("--bundle is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Flower prints its lines with its own handler; through the root handler too, each
+    # would show twice.
+    logging.getLogger("flwr").propagate = False
     app = make_app(args.partition, args.partitions, args.epsilon)
     try:
         served = join_federation(
             args.bundle, app, insecure=args.insecure, connect_timeout=args.connect_timeout
         )
+    except KeyboardInterrupt:
+        print("edge_app: interrupted", file=sys.stderr)
+        sys.exit(130)
     except FederationConnectionError as exc:
         print(f"edge_app: {exc}", file=sys.stderr)
         sys.exit(3)

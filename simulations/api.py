@@ -20,6 +20,7 @@ pickle.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.federation import FederationConfig, sampled_per_round
+from sepals.common.log import show_flower_once
 from sepals.simulations.process_env import apply_process_env
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ def simulate(
     ray_address: str | None = None,
     progress: ProgressFn | None = None,
     reproducible_noise: bool = False,
+    print_progress: bool = True,
+    verbose: bool = False,
 ) -> SimulationResult:
     """Simulate ``app`` over ``clients`` clients and return the report and trained model.
 
@@ -108,9 +112,12 @@ def simulate(
             CPU each (instead of a local Ray with ``cpus``); this process must run on a
             node of the cluster, and ``out`` lie on a filesystem every node mounts at
             the same path (the clients read their key file there).
-        progress: Called with each round's row.
+        progress: Called with each round's row (see ``report.json``'s ``rounds``).
         reproducible_noise: Derive the DP noise from ``seed`` so that a run repeats
             exactly: for tests only (the report marks it; the noise is predictable).
+        print_progress: Print what ``sepals-sim`` prints: the start line, one line per
+            round and the summary.
+        verbose: Also show Flower's own log lines (each once), as ``sepals-sim -v``.
 
     Returns:
         ``(report, model)``. ``report["final"]["aggregated_rounds"]`` counts the rounds
@@ -119,6 +126,11 @@ def simulate(
 
     Raises:
         ValueError: a bad setting, or an app that cannot be loaded or split.
+        ModelCompatibilityError: a model that DP-SGD cannot train, or a checkpoint that
+            does not fit it.
+
+    A script may call ``simulate`` at top level, without an ``if __name__ ==
+    "__main__":`` guard: the helper processes it starts never import the script.
 
     """
     # ``import sepals`` stays light: torch, Flower and the harness load when a run starts.
@@ -128,8 +140,13 @@ def simulate(
     from sepals.common.masking import masked_federation
     from sepals.simulations.config import SimulationConfig, absolute_spec
     from sepals.simulations.harness import run_experiment
+    from sepals.simulations.progress import progress_line, start_line, started_line
+    from sepals.simulations.report import summarize
 
     apply_process_env()
+    show_flower_once(logging.DEBUG if verbose else logging.ERROR)
+    if verbose:
+        logging.getLogger("sepals").setLevel(logging.INFO)
     if isinstance(app, EdgeApp):
         if app_args:
             raise ValueError("app_args are for a spec string, not an EdgeApp object")
@@ -185,7 +202,22 @@ def simulate(
         device=device,
         reproducible_noise=reproducible_noise,
     )
-    report = run_experiment(config, progress=progress, app=obj)
+    on_round, on_start = progress, None
+    if print_progress:
+        metric = edge.metric_name
+
+        def on_round(row: dict[str, Any]) -> None:
+            progress_line(row, rounds, metric)
+            if progress is not None:
+                progress(row)
+
+        def on_start(info: dict[str, Any]) -> None:
+            print(started_line(info, metric), flush=True)
+
+        print(start_line(config), flush=True)
+    report = run_experiment(config, progress=on_round, app=obj, on_start=on_start)
+    if print_progress:
+        print(summarize(report), flush=True)
     model = edge.build_model_factory()()
     if report["final"].get("model"):
         state = torch.load(Path(out) / report["final"]["model"], weights_only=True)

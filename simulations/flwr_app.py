@@ -27,10 +27,8 @@ local test split, which Flower logs as the round's aggregated evaluation metrics
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import logging
-import multiprocessing
 import sys
 import time
 from collections.abc import Mapping
@@ -60,6 +58,7 @@ from sepals.simulations.app_data import app_caps
 from sepals.simulations.clients import SimulatedClientProvider, simulation_roster
 from sepals.simulations.config import AppSource, bundled_source
 from sepals.simulations.harness import simulated_plan
+from sepals.simulations.helper_process import HelperProcess
 from sepals.simulations.keys import provision_key_file
 from sepals.simulations.process_env import apply_process_env
 
@@ -285,8 +284,7 @@ def provision_keys(encryption: EncryptionConfig, keys_dir: Path) -> tuple[str | 
 
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret_path = str((keys_dir / SECRET_FILE).resolve())
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(1, mp_context=ctx) as provisioner:
+    with HelperProcess("key provisioning") as provisioner:
         public = provisioner.submit(provision_key_file, encryption, secret_path).result()
     return secret_path, public
 
@@ -380,6 +378,7 @@ def client_runtime(context: Any) -> Any:
             lacks the partition fields.
 
     """
+    apply_process_env()  # before the app loads: its libraries read some switches at import
     job = FlowerJob.from_run_config(dict(context.run_config))
     run_dir = run_directory(context.run_id)
     try:

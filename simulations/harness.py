@@ -25,16 +25,13 @@ deprecated; the deprecation notice is silenced for this call only.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -49,7 +46,7 @@ from sepals.common.config import EncryptionConfig
 from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import ParameterCounts, describe_trainable
-from sepals.common.log import log
+from sepals.common.log import log, without_flower_notice
 from sepals.common.masking import masked_federation
 from sepals.common.partition import check_client_sizes
 from sepals.common.plan import FederationPlan
@@ -81,6 +78,7 @@ from sepals.simulations.evaluator import (
     evaluator_run,
     evaluator_save,
 )
+from sepals.simulations.helper_process import HelperProcess
 from sepals.simulations.jobs import pretrained_app
 from sepals.simulations.plots import write_plots
 from sepals.simulations.process_env import apply_process_env
@@ -267,7 +265,6 @@ def run_experiment(
     # On a cluster the clients take one CPU each and no GPU, wherever they land.
     device = "cpu" if config.ray_address else pick_device(config.device, edge)
     on_gpu = resolve_device(device).type == "cuda"
-    ctx = multiprocessing.get_context("spawn")
     if config.ray_address is not None:
         check_reachable(config.ray_address)  # before any key exists
 
@@ -275,8 +272,9 @@ def run_experiment(
     if config.encryption.enabled:
         secret_path = str((out / "keys" / "clients.secret").resolve())
     # One subprocess holds the key: it creates it, then evaluates. Its test data loads
-    # while Ray starts; the single worker runs the tasks in order.
-    evaluator = cf.ProcessPoolExecutor(1, mp_context=ctx)
+    # while Ray starts; it runs the calls in order. It is a fresh interpreter that never
+    # imports the caller's script, so simulate() needs no __main__ guard.
+    evaluator = HelperProcess("evaluator")
     try:
         public_context = evaluator.submit(evaluator_keys, config.encryption, secret_path).result()
     except BaseException:
@@ -445,8 +443,7 @@ def run_experiment(
     model_path = out / "model.pt"
     install_vce_poller()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        with without_flower_notice("run_simulation"):
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,

@@ -1,8 +1,10 @@
 """Process environment defaults of every sepals simulation process.
 
 Flower sends anonymous usage telemetry unless told not to, and a privacy product does
-not; the Hugging Face hub stays offline (nothing is downloaded at run time); glibc's
-allocator is tuned for Opacus' many short-lived per-sample gradient tensors.
+not; the Hugging Face hub stays offline (nothing is downloaded at run time), and
+Hugging Face libraries keep their loading bars and advisory warnings to themselves
+(every client would print them every round); glibc's allocator is tuned for Opacus'
+many short-lived per-sample gradient tensors.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import sys
 PROCESS_ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
+    # transformers' "Loading weights" bars (huggingface_hub's switch, read at import)
+    # and its warnings below errors, in every client of every round.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     # glibc malloc tuning: Opacus allocates many short-lived per-sample gradient
