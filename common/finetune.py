@@ -149,6 +149,17 @@ def _state_dict(path: str, size: int, mtime_ns: int) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors by name (read once per process while it is unchanged).
+
+    Raises:
+        ModelCompatibilityError: the file is no state_dict.
+
+    """
+    stat = path.stat()
+    return _state_dict(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def load_checkpoint_file(model: nn.Module, path: Path) -> list[str]:
     """Load a state_dict file into ``model``; return the model's keys it left alone.
 

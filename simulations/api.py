@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -223,3 +223,43 @@ def simulate(
         state = torch.load(Path(out) / report["final"]["model"], weights_only=True)
         model.load_state_dict(state)
     return SimulationResult(report, model)
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    app: str | EdgeApp | Callable[[], nn.Module],
+    *,
+    app_args: Mapping[str, str] | None = None,
+) -> nn.Module:
+    """The model a run saved (``OUT/model.pt``), in the architecture the run trained.
+
+    sepals replaces layers that DP-SGD cannot train (BatchNorm becomes GroupNorm, as
+    Opacus' ``ModuleValidator.fix`` does), so the saved ``state_dict`` does not load into
+    the app's own model class; ``report.json``'s ``config.model.replaced_layers`` lists
+    them. This builds the model the way the run did and loads the weights::
+
+        model = sepals.load_model("runs/latest/model.pt", Net)
+
+    Args:
+        path: The saved ``state_dict``.
+        app: The run's app (an ``EdgeApp`` or its spec string: its checkpoint and
+            trainable part are rebuilt too), or the app's model factory.
+        app_args: String arguments of the spec's factory (spec only).
+
+    Raises:
+        ValueError: the app cannot be loaded.
+        RuntimeError: the weights do not fit the rebuilt model (another app's).
+
+    """
+    # Torch and the client SDK load when a model is rebuilt.
+    import torch
+
+    from sepals.client.edge_app import EdgeApp, load_edge_app
+    from sepals.client.training import make_dp_compatible
+
+    if isinstance(app, str):
+        app = load_edge_app(app, dict(app_args or {}))
+    factory = app.build_model_factory() if isinstance(app, EdgeApp) else make_dp_compatible(app)
+    model = factory()
+    model.load_state_dict(torch.load(Path(path), map_location="cpu", weights_only=True))
+    return model

@@ -21,6 +21,7 @@ from typing import Any
 
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.data import check_dataset_name
+from sepals.common.errors import ModelCompatibilityError
 from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.log import show_flower_once
 from sepals.simulations.config import SimulationConfig, absolute_spec
@@ -445,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=lambda row: progress_line(row, fed.rounds, metric[0]),
             on_start=started,
         )
-    except ValueError as exc:
+    except (ValueError, ModelCompatibilityError) as exc:
         print(f"sepals-sim: error: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
     print(summarize(report), flush=True)
@@ -456,7 +457,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = os.path.abspath(config.out)
     print(f"report: {os.path.join(out, 'report.json')}", flush=True)
     if report["final"].get("model"):
-        print(f"model: {os.path.join(out, report['final']['model'])}", flush=True)
+        rebuild = report["config"]["model"].get("rebuild")
+        print(
+            f"model: {os.path.join(out, report['final']['model'])}"
+            + (f" ({rebuild})" if rebuild else ""),
+            flush=True,
+        )
     if not report["final"].get("aggregated_rounds"):
         print(
             f"sepals-sim: error: no round aggregated any update ({fed.rounds} rounds); "

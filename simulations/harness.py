@@ -44,8 +44,6 @@ from sepals.client.training import resolve_device
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig
 from sepals.common.federation import FederationConfig, sampled_per_round
-from sepals.common.files import checkpoint_sha256
-from sepals.common.finetune import ParameterCounts, describe_trainable
 from sepals.common.log import log, without_flower_notice
 from sepals.common.masking import masked_federation
 from sepals.common.partition import check_client_sizes
@@ -80,6 +78,7 @@ from sepals.simulations.evaluator import (
 )
 from sepals.simulations.helper_process import HelperProcess
 from sepals.simulations.jobs import pretrained_app
+from sepals.simulations.model_info import describe_model, saved_model_note
 from sepals.simulations.plots import write_plots
 from sepals.simulations.process_env import apply_process_env
 from sepals.simulations.ray_cluster import (
@@ -231,6 +230,9 @@ def run_experiment(
     source = simulated_app_source(config, app)
     edge = source.load()
     factory = edge.build_model_factory()
+    # One build, before any data is split or any process starts: a model or checkpoint
+    # that cannot work is refused at once.
+    model_info, counts = describe_model(edge, factory)
     sizes = app_train_sizes(source, config.clients, config.partition, fed.seed)
     for warning in check_client_sizes(sizes, fed.batch_size):
         log(WARNING, "%s", warning)
@@ -242,19 +244,11 @@ def run_experiment(
         delta=config.privacy.delta if config.privacy.enabled else None,
     )
     metric_name, higher_is_better = edge.metric_name, edge.higher_is_better
-    counts = ParameterCounts.of(factory())
     vector_length = counts.trainable
     # The keys, the plan and the report use the BFV ring sized to the update.
     config = dataclasses.replace(config, encryption=config.encryption.sized_for(vector_length))
-    checkpoint = None if edge.pretrained is None else Path(edge.pretrained)
-    checkpoint_digest = "" if checkpoint is None else checkpoint_sha256(checkpoint)
-    model_info = {
-        "parameters": counts.to_dict(),
-        "trainable": describe_trainable(edge.trainable),
-        "pretrained": None if checkpoint is None else str(checkpoint),
-        "checkpoint_sha256": checkpoint_digest,
-        "he_ring": he_ring(config.encryption, vector_length),
-    }
+    checkpoint_digest = model_info["checkpoint_sha256"]
+    model_info["he_ring"] = he_ring(config.encryption, vector_length)
     if canaries is not None:
         if canaries.dimension != vector_length:
             raise ValueError(
@@ -450,7 +444,12 @@ def run_experiment(
                 num_supernodes=config.clients,
                 backend_config=backend_config,  # type: ignore[arg-type]
             )
-        saved = bool(initial) and evaluator.submit(evaluator_save, str(model_path)).result()
+        saved = (
+            bool(initial)
+            and evaluator.submit(
+                evaluator_save, str(model_path), saved_model_note(model_info)
+            ).result()
+        )
     finally:
         evaluator.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(nodes_dir, ignore_errors=True)

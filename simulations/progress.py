@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from sepals.common.fairness import format_spread
+from sepals.common.model_changes import describe_replacements
 from sepals.simulations.reasons import LINE_REASON_CHARS, clean_reason
 
 if TYPE_CHECKING:
@@ -75,6 +76,13 @@ def model_text(model: dict[str, Any] | None) -> str:
         return ""
     counts = model["parameters"]
     start = "pretrained" if model.get("pretrained") else "seeded"
+    supplied = model.get("checkpoint_supplied")
+    if supplied:
+        start += (
+            f" ({supplied['supplied']:,} of {supplied['total']:,} parameters from the checkpoint)"
+        )
+    if model.get("replaced_layers"):
+        start += f" (for DP-SGD: {describe_replacements(model['replaced_layers'])})"
     ring = model.get("he_ring")
     ring_text = (
         f" | HE ring N={ring['poly_modulus_degree']}, {ring['ciphertexts_per_update']} "

@@ -54,9 +54,7 @@ def test_a_refused_heartbeat_never_signals_the_host_process(
     run = SimpleNamespace(run_id=1, fab_id="sepals/sepals")
     monkeypatch.setattr(runtime_loop, "pull_task_input", lambda _c: (message, context, run, None))
     monkeypatch.setattr(runtime_loop, "push_message", lambda *_a, **_k: pushed.append("reply"))
-    monkeypatch.setattr(
-        runtime_loop, "push_task_output", lambda *_a, **_k: pushed.append("output")
-    )
+    monkeypatch.setattr(runtime_loop, "push_task_output", lambda *_a, **_k: pushed.append("output"))
 
     def handler(msg: Message, _ctx: Context, _fab: str) -> Any:
         # The task runs while the heartbeat is refused, as a long training round would.
