@@ -20,6 +20,9 @@ process*: the SuperNode relays messages, while the data, the model and the HE se
 key stay here. Only DP-noised, encrypted updates leave, plus the plaintext metadata
 listed in the README (example count, steps, epsilon).
 
+The client logs how each global model does on its own test data
+(:mod:`sepals.client.local_eval`); that stays in its log.
+
 The privacy ledger is a file (default ``<bundle>/ledger.json``). Each round's spend is
 written to it atomically before the update is handed to the SuperNode, and it is
 read back on start, so a restarted client keeps composing its epsilon and refuses a
@@ -57,6 +60,7 @@ from sepals.client.connect import (
 )
 from sepals.client.core import ClientRuntime
 from sepals.client.edge_app import EdgeApp, build_runtime, load_edge_app
+from sepals.client.local_eval import LocalEvaluation
 from sepals.client.runtime_loop import RuntimeLoop
 from sepals.common.files import atomic_write, require_private
 from sepals.common.ledger import LedgerLock
@@ -189,6 +193,7 @@ class EdgeClient:
         client_for(self.runtime)
         runtime = self.runtime
         self.client_app: ClientApp = make_client_app(lambda _ctx: runtime)
+        self._local = LocalEvaluation(runtime)
         self._ledger_lock = LedgerLock(self.ledger_path)
         self._ledger_lock.acquire()
         self._own_work_dir = work_dir is None
@@ -341,6 +346,7 @@ class EdgeClient:
                 if loop.poll_once():
                     refused_since = None
                     self.tasks_done += 1
+                    self._local.evaluate_pending()
                     if max_tasks is not None and self.tasks_done >= max_tasks:
                         break
                 else:
@@ -359,7 +365,9 @@ class EdgeClient:
         if not fab_id.endswith(f"/{FAB_NAME}"):
             log(WARNING, "refusing a task of app %r: this node serves only sepals", fab_id)
             return Message(Error(code=ERR_PLAN_MISMATCH, reason="foreign app"), reply_to=message)
-        return self.client_app(message=message, context=context)
+        reply = self.client_app(message=message, context=context)
+        self._local.note(message, reply)
+        return reply
 
     def _stop_supernode(self) -> None:
         stop_child(self._supernode)

@@ -420,6 +420,8 @@ def test_flwr_run_trains_the_default_job_offline(flwr_env: dict[str, str]) -> No
     eps = float(line.split("epsilon ")[1].split()[0])
     assert 0.0 < eps <= 8.0
     assert "federated accuracy" in line and "n/a" not in line
+    # Central evaluation, as sepals-sim's: the model's accuracy on the held-out split.
+    assert "central" in line and "acc " in line, line
     assert "federated evaluation on" in out, out[-4000:]
     assert "Installing application dependencies" not in out
     assert _installed() == before
