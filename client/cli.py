@@ -2,7 +2,7 @@
 
 Example::
 
-    sepals-client --bundle bundles/clients/client-1 \
+    sepals-client --bundle ~/fl/clients/client-1 \
         --app examples/edge_app.py:make_app --app-arg partition=0 --app-arg partitions=3
 
 Exit codes: 0 done, 2 bad arguments, app, bundle, file permissions or a ledger in use by

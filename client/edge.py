@@ -8,7 +8,7 @@ An edge app brings a model factory, its data and a privacy budget, and calls
     from sepals.common.config import PrivacyConfig
 
     join_federation(
-        "bundles/clients/client-1",
+        "~/fl/clients/client-1",
         EdgeApp(model_factory=make_model, train_data=train_ds, test_data=test_ds,
                 privacy=PrivacyConfig(target_epsilon=8.0)),
     )

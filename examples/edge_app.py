@@ -5,11 +5,11 @@ through the sepals client SDK. Two ways to run it (see the README, "Deploy"):
 
 * in its own process, through the SDK::
 
-      python examples/edge_app.py --bundle bundles/clients/client-1 --partition 0
+      python examples/edge_app.py --bundle ~/fl/clients/client-1 --partition 0
 
 * through the CLI, which imports :func:`make_app`::
 
-      sepals-client --bundle bundles/clients/client-1 \
+      sepals-client --bundle ~/fl/clients/client-1 \
           --app examples/edge_app.py:make_app --app-arg partition=0
 
 ``python examples/edge_app.py --parameters`` prints the model's parameter count, which
