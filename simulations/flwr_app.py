@@ -66,6 +66,7 @@ from sepals.simulations.config import AppSource, bundled_source
 from sepals.simulations.flwr_eval import CentralEvaluation, resolve_app_spec
 from sepals.simulations.harness import simulated_plan
 from sepals.simulations.process_env import apply_process_env
+from sepals.simulations.progress import format_metric
 
 PRETRAINED_JOB_SPEC = "sepals.simulations.jobs:pretrained_job"
 RUNS_DIR = "sepals-runs"
@@ -404,16 +405,22 @@ def server_main(grid: Any, context: Any) -> None:
     eps_r1 = [
         r.max_epsilon_replace_one for r in strategy.history if r.max_epsilon_replace_one is not None
     ]
-    accs = [r.federated_accuracy for r in strategy.history if r.federated_accuracy is not None]
+    federated = [
+        r.federated_accuracy if r.federated_accuracy is not None else r.federated_metric
+        for r in strategy.history
+        if r.federated_accuracy is not None or r.federated_metric is not None
+    ]
     log(
         INFO,
-        "sepals flwr app: %s of %s rounds aggregated | epsilon %s%s | %s | federated accuracy %s",
+        "sepals flwr app: %s of %s rounds aggregated | epsilon %s%s | %s | %s",
         aggregated,
         len(strategy.history),
         f"{max(eps):.3f}" if eps else "off",
         f" (replace-one {max(eps_r1):.3f})" if eps and eps_r1 else "",
         central.final_text(),
-        f"{100 * accs[-1]:.2f}%" if accs else "off (run config fraction-evaluate)",
+        f"federated {format_metric(edge.metric_name, federated[-1])}"
+        if federated
+        else "federated evaluation off",
     )
     require_aggregation(strategy)
 

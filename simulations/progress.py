@@ -75,7 +75,7 @@ def model_text(model: dict[str, Any] | None) -> str:
     if not model:
         return ""
     counts = model["parameters"]
-    start = "pretrained" if model.get("pretrained") else "seeded"
+    start = "pretrained model" if model.get("pretrained") else "seeded model"
     supplied = model.get("checkpoint_supplied")
     if supplied:
         start += (
@@ -91,7 +91,7 @@ def model_text(model: dict[str, Any] | None) -> str:
         else ""
     )
     return (
-        f" | {start} model, training {counts['trainable']:,} of {counts['total']:,} "
+        f" | {start}, training {counts['trainable']:,} of {counts['total']:,} "
         f"parameters ({model['trainable']}; {counts['trainable_fp32_bytes'] / 1e3:.1f} kB "
         f"fp32 per update){ring_text}"
     )

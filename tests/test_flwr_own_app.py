@@ -101,7 +101,7 @@ def test_flowers_apps_run_an_own_app_and_evaluate_it_centrally(
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
     monkeypatch.chdir(ROOT)
-    run_config = {"app": SPEC, "rounds": 1, "lr": 0.1, "batch-size": 16}
+    run_config = {"app": SPEC, "rounds": 1, "lr": 0.1, "batch-size": 16, "fraction-evaluate": 1.0}
     grid = FakeGrid(client_app, nodes=[31, 32])
     grid.contexts = {
         n: Context(
@@ -127,6 +127,8 @@ def test_flowers_apps_run_an_own_app_and_evaluate_it_centrally(
     closing = next(ln for ln in lines if "rounds aggregated" in ln)
     assert "1 of 1 rounds aggregated" in closing
     assert "r2 " in closing and "r2 n/a" not in closing and "central" in closing, closing
-    assert "federated accuracy off" in closing
+    # With fraction-evaluate, the clients' own scores too (federated evaluation).
+    assert "federated r2 " in closing and "federated r2 n/a" not in closing, closing
+    assert any("federated evaluation on" in ln for ln in lines), lines
     # The evaluator helper held the key; it is gone with the run.
     assert not list((tmp_path / "flwr-home").glob("sepals-runs/*/keys/clients.secret"))

@@ -118,7 +118,7 @@ def test_what_a_checkpoint_supplied_is_counted(tmp_path: Path) -> None:
         "frozen_supplied": 6 * 8 + 8,
         "frozen": 6 * 8 + 8,
     }
-    assert "pretrained (56 of 83 parameters from the checkpoint)" in model_text(info)
+    assert "pretrained model (56 of 83 parameters from the checkpoint)" in model_text(info)
 
 
 def test_a_checkpoint_that_supplies_no_frozen_parameter_is_refused(tmp_path: Path) -> None:
