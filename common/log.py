@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 LOGGER = logging.getLogger("sepals")
+
+# Hugging Face libraries, loaded by an app in every client of every round, keep their
+# loading bars (transformers draws them while huggingface_hub's switch, read at import,
+# is on) and their warnings below errors to themselves.
+QUIET_LIBRARY_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 def log(level: int, msg: str, *args: object) -> None:
     """Log ``msg % args`` at ``level`` on the ``sepals`` logger."""
     LOGGER.log(level, msg, *args)
+
+
+def quiet_libraries() -> None:
+    """Set :data:`QUIET_LIBRARY_ENV` in this process (and its children) unless already set."""
+    for key, value in QUIET_LIBRARY_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def configure_cli_logging(verbose: bool) -> None:

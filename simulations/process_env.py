@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import sys
 
+from sepals.common.log import QUIET_LIBRARY_ENV
+
 # Flower sends anonymous usage telemetry unless told not to. A privacy product does not.
 PROCESS_ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
-    # transformers' "Loading weights" bars (huggingface_hub's switch, read at import)
-    # and its warnings below errors, in every client of every round.
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
+    **QUIET_LIBRARY_ENV,
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     # glibc malloc tuning: Opacus allocates many short-lived per-sample gradient

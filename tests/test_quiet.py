@@ -78,18 +78,25 @@ def test_only_the_named_deprecation_notice_is_silenced(
     assert "Something else" in notices[0] and "run_simulation" in notices[1]
 
 
-def test_hugging_face_loading_bars_and_warnings_stay_quiet() -> None:
-    """A simulation's processes load models with transformers' bars and warnings off.
+@pytest.mark.parametrize(
+    "setup",
+    [
+        # every simulation process (Ray workers and the evaluator inherit it)
+        "from sepals.simulations.process_env import apply_process_env as quiet",
+        # sepals-client, before it loads the app
+        "from sepals.common.log import quiet_libraries as quiet",
+    ],
+)
+def test_hugging_face_loading_bars_and_warnings_stay_quiet(setup: str) -> None:
+    """sepals' processes load models with transformers' bars and warnings off.
 
     transformers draws its "Loading weights" bars only while huggingface_hub's progress
-    bars are on, and logs below its verbosity; both are read from the environment, which
-    every process of the run (Ray workers, the evaluator) inherits.
+    bars are on, and logs below its verbosity; both are read from the environment.
     """
     pytest.importorskip("transformers")
-    probe = textwrap.dedent(
+    probe = setup + textwrap.dedent(
         """
-        from sepals.simulations.process_env import apply_process_env
-        apply_process_env()
+        quiet()
         import transformers.utils.logging as hf
         print(hf.get_verbosity(), hf.is_progress_bar_enabled())
         """
