@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from sepals.common.errors import SepalsError
+from sepals.common.log import show_flower_once
 from sepals.common.procs import die_with_parent
 
 _HEADER = struct.Struct("!Q")
@@ -150,6 +151,7 @@ def serve(fd_in: int, fd_out: int) -> None:
     """The helper process: run calls from ``fd_in`` and answer on ``fd_out`` until EOF."""
     # Ctrl-C reaches the whole process group: the parent decides when this process ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    show_flower_once()
     with os.fdopen(fd_in, "rb") as calls, os.fdopen(fd_out, "wb") as answers:
         first = _read_frame(calls)
         if first is None:

@@ -24,38 +24,45 @@ from sepals.simulations.cli import main as sim_main
 
 @pytest.fixture
 def flower_logger() -> Iterator[logging.Logger]:
-    """Flower's logger, restored afterwards (level, propagation, filters)."""
-    import flwr.common.logger  # noqa: F401 - Flower's logger with its own handler
+    """Flower's logger with only Flower's own console handler, restored afterwards.
+
+    (Other tests in the same process may have added handlers of their own to it.)
+    """
+    from flwr.common.logger import ConsoleHandler
 
     flower = logging.getLogger("flwr")
-    saved = (flower.level, flower.propagate, list(flower.filters))
+    saved = (flower.level, flower.propagate, list(flower.filters), list(flower.handlers))
+    flower.handlers = [h for h in flower.handlers if isinstance(h, ConsoleHandler)][:1]
     yield flower
     flower.setLevel(saved[0])
     flower.propagate = saved[1]
     flower.filters[:] = saved[2]
+    flower.handlers = saved[3]
 
 
-def _lines_printed(flower: logging.Logger, emit: Iterator[None] | None = None) -> list[str]:
+def _lines_printed(flower: logging.Logger) -> list[str]:
     """What Flower's handler and a root handler (Opacus' basicConfig) print for one line."""
     root = logging.getLogger()
-    flower_stream, root_stream = io.StringIO(), io.StringIO()
-    root_handler = logging.StreamHandler(root_stream)
+    stream = io.StringIO()
+    root_handler = logging.StreamHandler(stream)
     root.addHandler(root_handler)
     own = [h for h in flower.handlers if isinstance(h, logging.StreamHandler)]
-    streams = [(h, h.setStream(flower_stream)) for h in own]
+    assert len(own) == 1, "Flower's own console handler"
+    previous = own[0].setStream(stream)
     try:
         flower.info("Starting the strategy")
     finally:
         root.removeHandler(root_handler)
-        for handler, stream in streams:
-            handler.setStream(stream)  # type: ignore[arg-type]
-    text = flower_stream.getvalue() + root_stream.getvalue()
-    return [ln for ln in text.splitlines() if "Starting the strategy" in ln]
+        own[0].setStream(previous)  # type: ignore[arg-type]
+    return [ln for ln in stream.getvalue().splitlines() if "Starting the strategy" in ln]
 
 
 def test_each_flower_line_shows_once_even_with_a_root_handler(
     flower_logger: logging.Logger,
 ) -> None:
+    flower_logger.propagate = True  # as Flower leaves it
+    flower_logger.setLevel(logging.DEBUG)
+    assert len(_lines_printed(flower_logger)) == 2  # what Opacus' root handler does
     show_flower_once(logging.DEBUG)
     assert len(_lines_printed(flower_logger)) == 1
     show_flower_once(logging.ERROR)  # what sepals-sim and simulate() do unless verbose
@@ -67,6 +74,7 @@ def test_only_the_named_deprecation_notice_is_silenced(
 ) -> None:
     from flwr.common.logger import warn_deprecated_feature
 
+    flower_logger.handlers = []
     flower_logger.propagate = True  # so that caplog sees Flower's records
     with caplog.at_level(logging.WARNING, logger="flwr"):
         with without_flower_notice("run_simulation"):
