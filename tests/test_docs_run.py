@@ -24,6 +24,7 @@ the model's accuracy, and leaves nothing running but Flower's own local SuperLin
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -161,11 +162,15 @@ def _env(home: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- what blocks also claim
-Check = Callable[[str, Path], None]
+Check = Callable[[str, str, Path], None]
 
 
-def _check_simulate_script(out: str, home: Path) -> None:
-    """The README's simulate() snippet, as a script: sepals' lines, Flower's once, no notice."""
+def _check_simulate_script(text: str, out: str, home: Path) -> None:
+    """The README's simulate() snippet, as a script: sepals' lines, Flower's once, no notice.
+
+    And what it claims: the model learned within the budget, and the saved model, rebuilt
+    with ``sepals.load_model``, scores what the report says.
+    """
     assert re.search(r"^starting: \d+ clients", out, re.M), out[-3000:]
     assert re.search(r"^started in [\d.]+ s \| round 0", out, re.M), out[-3000:]
     assert re.search(r"^round +1/\d+ \| ", out, re.M), out[-3000:]
@@ -174,7 +179,35 @@ def _check_simulate_script(out: str, home: Path) -> None:
     # Opacus' logging.basicConfig handler prints records as "12/07/2026 22:55:38:INFO:...".
     assert not re.search(r"^\d\d/\d\d/\d{4} [\d:]+:(DEBUG|INFO|WARNING):", out, re.M), out[-3000:]
     assert "BrokenProcessPool" not in out and "bootstrapping phase" not in out
-    assert re.search(r"^-?[\d.]+ -> -?[\d.]+$", out.strip().splitlines()[-1]), out[-3000:]
+    folder = re.search(r'out="([^"]+)"', text)
+    assert folder, "the snippet names its output folder"
+    report = json.loads((ROOT / folder.group(1) / "report.json").read_text())
+    first, last = report["initial"]["metric"], report["final"]["metric"]
+    assert out.strip().splitlines()[-1] == f"{first} -> {last}", out[-3000:]
+    assert report["config"]["metric"] == {"name": "r2", "higher_is_better": True}
+    assert report["config"]["codec"].startswith("bfv")
+    assert last > first + 0.1, (first, last)
+    assert 0 < report["final"]["epsilon"] <= 8.0
+    assert all(c["epsilon"] <= 8.0 for c in report["clients"])
+    _check_saved_model(ROOT / folder.group(1) / report["final"]["model"], last)
+
+
+def _check_saved_model(path: Path, metric: float) -> None:
+    """The saved model is the final global model: rebuilt, it scores the reported metric."""
+    import torch
+
+    import sepals
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import regression_app  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    model = sepals.load_model(path, regression_app.make_model)
+    _, test = regression_app.diabetes(0)
+    with torch.no_grad():
+        r2 = regression_app.r2_score(model(test.tensors[0]), test.tensors[1])
+    assert r2 == pytest.approx(metric, abs=1e-4)
 
 
 def _installed() -> list[tuple[str, str]]:
@@ -183,7 +216,7 @@ def _installed() -> list[tuple[str, str]]:
     return sorted((str(d.metadata["Name"]), d.version) for d in importlib.metadata.distributions())
 
 
-def _check_flwr_run(out: str, home: Path) -> None:
+def _check_flwr_run(text: str, out: str, home: Path) -> None:
     """`flwr run .`: offline, the model's accuracy shown, nothing left but the SuperLink."""
     assert "Successfully started run" in out, out[-4000:]
     assert "Installing application dependencies" not in out, out[-4000:]
@@ -283,4 +316,4 @@ def test_block_runs(block: Block, homes: dict[str, Path], tmp_path: Path) -> Non
         assert _installed() == before, "flwr run installed or changed packages"
     for key, check in CHECKS.items():
         if key in block.text:
-            check(out, home)
+            check(block.text, out, home)
