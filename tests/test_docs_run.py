@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +283,23 @@ def test_every_flwr_run_block_stays_offline() -> None:
         and "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" not in b.text
     ]
     assert not missing, f"flwr run without the offline exports at {missing}"
+
+
+def test_the_docs_name_the_flower_components_that_run() -> None:
+    """`flwr run .` loads the components pyproject.toml names: the docs name those."""
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        components = tomllib.load(f)["tool"]["flwr"]["app"]["components"]
+    page = (ROOT / "docs" / "simulation.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"`(sepals\.[\w.]+:\w+)`", page))
+    for ref in components.values():
+        assert f"`{ref}`" in page, f"docs/simulation.md does not name {ref}"
+    stale = {
+        ref
+        for ref in named
+        if ref.split(":")[1] in ("app", "server_app", "client_app")
+        and ref not in components.values()
+    }
+    assert not stale, f"docs/simulation.md names components that do not run: {stale}"
 
 
 @pytest.mark.slow
