@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sepals.cli import main as sepals_main
+from sepals.common.files import git_work_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = shutil.which("git")
@@ -31,6 +32,7 @@ def _ignored(root: Path, *paths: str) -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.skipif(git_work_tree(ROOT) is None, reason="the checkout is not a git work tree")
 def test_provisioning_output_and_run_folders_are_ignored() -> None:
     secrets = [
         "bundles/clients/client-1/he-secret.ctx",
