@@ -566,7 +566,7 @@ def run_wall(repeats: int, progress: Callable[[str], None] | None = None) -> dic
     Runs the README's main job ``repeats`` times each way in this process, alternating
     which goes first, and returns the medians of the whole runs' wall seconds (start-up
     included), their ratio, and both final accuracies. Both runs draw their DP noise from
-    the seed (``--reproducible-noise``): the sums are exact, so with the same noise the
+    the seed (``--insecure-reproducible``): the sums are exact, so with the same noise the
     masked and unmasked models must agree within 0.1 points, which isolates the masking's
     effect on accuracy from the CSPRNG noise's run-to-run spread.
     """

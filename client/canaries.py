@@ -160,9 +160,7 @@ class ClientCanaries:
             ValueError: ``data`` is not ``(x, y)`` pairs with non-negative integer labels.
 
         """
-        x, y = _pair_tensors(data)
-        if y.dtype not in (torch.int64, torch.int32) or (len(y) and int(y.min()) < 0):
-            raise ValueError("canaries need non-negative integer labels")
+        x, y = markable_pairs(data)
         k = len(self.ids)
         cx = torch.zeros((k, *x.shape[1:]), dtype=x.dtype)
         cy = -torch.arange(1, k + 1, dtype=y.dtype)
@@ -219,6 +217,29 @@ class CanaryData(TensorDataset):
     def __init__(self, *tensors: torch.Tensor, canaries: ClientCanaries) -> None:
         super().__init__(*tensors)
         self.canaries = canaries
+
+
+def markable_pairs(data: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``data``'s ``(x, y)`` tensors, if canary rows can be marked in them.
+
+    A canary row is marked by its label (``-(1+j)``), so every example needs exactly one
+    non-negative integer class label.
+
+    Raises:
+        ValueError: not ``(x, y)`` pairs, or targets that are not one class label per
+            example (a language model's token sequences, a regression's values).
+
+    """
+    x, y = _pair_tensors(data)
+    if y.dim() != 1:
+        raise ValueError(
+            f"canaries need one class label per example; this app's targets have shape "
+            f"{tuple(y.shape)} (token sequences or several outputs cannot be marked), so "
+            "it cannot be audited"
+        )
+    if y.dtype not in (torch.int64, torch.int32) or (len(y) and int(y.min()) < 0):
+        raise ValueError("canaries need non-negative integer labels")
+    return x, y
 
 
 def _pair_tensors(data: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Example::
 
-    sepals-client --bundle bundles/clients/client-1 \
+    sepals-client --bundle ~/fl/clients/client-1 \
         --app examples/edge_app.py:make_app --app-arg partition=0 --app-arg partitions=3
 
 Exit codes: 0 done, 2 bad arguments, app, bundle, file permissions or a ledger in use by
@@ -20,7 +20,7 @@ from pathlib import Path
 from sepals.client.edge import EdgeClient, FederationConnectionError, NodeRefusedError
 from sepals.client.edge_app import load_edge_app
 from sepals.common.errors import SepalsError
-from sepals.common.log import configure_cli_logging
+from sepals.common.log import configure_cli_logging, quiet_libraries
 
 
 def _positive(text: str) -> float:
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     configure_cli_logging(args.verbose)
+    quiet_libraries()  # before the app loads its libraries
     if args.allow_insecure_permissions:
         print(
             "sepals-client: WARNING: --allow-insecure-permissions: secret files readable by "

@@ -8,7 +8,7 @@ An edge app brings a model factory, its data and a privacy budget, and calls
     from sepals.common.config import PrivacyConfig
 
     join_federation(
-        "bundles/clients/client-1",
+        "~/fl/clients/client-1",
         EdgeApp(model_factory=make_model, train_data=train_ds, test_data=test_ds,
                 privacy=PrivacyConfig(target_epsilon=8.0)),
     )
@@ -19,6 +19,9 @@ the bundle's key, ``--isolation process``) and runs the sepals ClientApp *in thi
 process*: the SuperNode relays messages, while the data, the model and the HE secret
 key stay here. Only DP-noised, encrypted updates leave, plus the plaintext metadata
 listed in the README (example count, steps, epsilon).
+
+The client logs how each global model does on its own test data
+(:mod:`sepals.client.local_eval`); that stays in its log.
 
 The privacy ledger is a file (default ``<bundle>/ledger.json``). Each round's spend is
 written to it atomically before the update is handed to the SuperNode, and it is
@@ -57,6 +60,7 @@ from sepals.client.connect import (
 )
 from sepals.client.core import ClientRuntime
 from sepals.client.edge_app import EdgeApp, build_runtime, load_edge_app
+from sepals.client.local_eval import LocalEvaluation
 from sepals.client.runtime_loop import RuntimeLoop
 from sepals.common.files import atomic_write, require_private
 from sepals.common.ledger import LedgerLock
@@ -186,6 +190,7 @@ class EdgeClient:
         client_for(self.runtime)
         runtime = self.runtime
         self.client_app: ClientApp = make_client_app(lambda _ctx: runtime)
+        self._local = LocalEvaluation(runtime)
         self._ledger_lock = LedgerLock(self.ledger_path)
         self._ledger_lock.acquire()
         self._own_work_dir = work_dir is None
@@ -338,6 +343,7 @@ class EdgeClient:
                 if loop.poll_once():
                     refused_since = None
                     self.tasks_done += 1
+                    self._local.evaluate_pending()
                     if max_tasks is not None and self.tasks_done >= max_tasks:
                         break
                 else:
@@ -356,7 +362,9 @@ class EdgeClient:
         if not fab_id.endswith(f"/{FAB_NAME}"):
             log(WARNING, "refusing a task of app %r: this node serves only sepals", fab_id)
             return Message(Error(code=ERR_PLAN_MISMATCH, reason="foreign app"), reply_to=message)
-        return self.client_app(message=message, context=context)
+        reply = self.client_app(message=message, context=context)
+        self._local.note(message, reply)
+        return reply
 
     def _stop_supernode(self) -> None:
         stop_child(self._supernode)
@@ -365,14 +373,20 @@ class EdgeClient:
 def join_federation(
     bundle: ClientBundle | Path | str,
     app: EdgeApp,
+    *,
+    max_tasks: int | None = None,
     **kwargs: Any,
 ) -> int:
-    """Join the federation of ``bundle`` with ``app`` and serve it until interrupted.
+    """Join the federation of ``bundle`` with ``app`` and serve it.
 
-    Keyword arguments go to :class:`EdgeClient`. Returns the number of tasks served.
+    Serves until ``max_tasks`` tasks (train or evaluate messages) are done, or for as
+    long as the process runs. Keyword arguments go to :class:`EdgeClient`. Ctrl-C (a
+    ``KeyboardInterrupt``) stops the client, which releases its ledger and stops its
+    SuperNode, and then reaches the caller: the SDK never swallows the host's signals.
+
+    Returns:
+        The number of tasks served (once ``max_tasks`` are done).
+
     """
     with EdgeClient(bundle, app, **kwargs) as client:
-        try:
-            return client.run()
-        except KeyboardInterrupt:
-            return client.tasks_done
+        return client.run(max_tasks=max_tasks)

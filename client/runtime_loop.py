@@ -13,6 +13,8 @@ authenticate task acquisition, so no other local process can take this node's ta
 
 from __future__ import annotations
 
+import logging
+import threading
 import traceback
 from collections.abc import Callable
 from logging import DEBUG, WARNING
@@ -20,9 +22,12 @@ from logging import DEBUG, WARNING
 import httpx
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # type: ignore[attr-defined]
+from flwr.proto.runtime_pb2 import (  # type: ignore[attr-defined]
+    AcquireTaskRequest,
+    SendTaskHeartbeatRequest,
+)
 from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -41,6 +46,51 @@ from sepals.common.log import log
 TaskHandler = Callable[[Message, Context, str], Message]
 CLIENT_FAILURE = "client failure"
 _ACQUIRE = frozenset({"/flwr.proto.Runtime/AcquireTask"})
+# The SuperNode is busy or restarting: the heartbeat is retried (as Flower's own does).
+_RETRY_STATUS = frozenset({httpx.codes.SERVICE_UNAVAILABLE, httpx.codes.GATEWAY_TIMEOUT})
+
+
+def task_heartbeat_fn(client: RuntimeHttpClient, refused: threading.Event) -> Callable[[], bool]:
+    """A task's heartbeat that never signals this process: a refusal sets ``refused``.
+
+    Flower's own (``flwr.supercore.heartbeat.make_task_heartbeat_fn_http``) calls
+    ``signal.raise_signal(SIGINT)`` when the SuperNode refuses a heartbeat (the run
+    ended, or the task expired): that ends a ``flwr-clientapp`` process, but here it
+    would interrupt the edge app that embeds the SDK. This one records the refusal
+    instead; the task's reply is then dropped and the loop goes on to the next task.
+    Returns whether the beat went through (``False``: retried with back-off).
+    """
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        if refused.is_set():
+            return True  # nothing left to keep alive
+        try:
+            response = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in _RETRY_STATUS:
+                return False
+            refused.set()
+            return True
+        if not response.success:
+            refused.set()
+        return True
+
+    return beat
+
+
+class _QuietRuntimeRequests(logging.Filter):
+    """Drops httpx's INFO line for each request to one local Runtime API (two a second)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.prefix = f"http://{address}/"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (len(args) > 1 and str(args[1]).startswith(self.prefix))
 
 
 class RuntimeLoop:
@@ -56,6 +106,9 @@ class RuntimeLoop:
     def __init__(self, address: str, superexec_secret: bytes, handler: TaskHandler) -> None:
         self.address = address
         self.handler = handler
+        # httpx logs every request at INFO; the host app keeps its own lines.
+        self._quiet = _QuietRuntimeRequests(address)
+        logging.getLogger("httpx").addFilter(self._quiet)
         # Polling gives up quickly, so the caller notices a SuperNode that died.
         poll_retry = make_simple_http_retry_invoker()
         poll_retry.max_tries = 2
@@ -75,6 +128,7 @@ class RuntimeLoop:
     def close(self) -> None:
         """Close the HTTP client."""
         self._client.close()
+        logging.getLogger("httpx").removeFilter(self._quiet)
 
     def poll_once(self) -> bool:
         """Serve one pending task, if any; returns whether one was served.
@@ -106,7 +160,8 @@ class RuntimeLoop:
             ],
             retry_invoker=make_simple_http_retry_invoker(),
         )
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        refused = threading.Event()
+        heartbeat = HeartbeatSender(task_heartbeat_fn(client, refused))
         heartbeat.start()
         context: Context | None = None
         status, details = SubStatus.FAILED, "sepals ClientApp task failed"
@@ -124,9 +179,13 @@ class RuntimeLoop:
                     reply_to=message,
                 )
                 details = CLIENT_FAILURE
-            push_message(client, reply, context)
+            if not refused.is_set():
+                push_message(client, reply, context)
         finally:
             if heartbeat.is_running:
                 heartbeat.stop()
-            push_task_output(client=client, context=context, sub_status=status, details=details)
+            if refused.is_set():
+                log(WARNING, "the SuperNode ended this task (heartbeat refused); reply dropped")
+            else:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
             client.close()

@@ -32,7 +32,8 @@ from sepals.client.secret_random import (
 )
 from sepals.common.config import PrivacyConfig
 from sepals.common.errors import ModelCompatibilityError, TrainingInputError
-from sepals.common.finetune import TrainableSpec, pretrained_factory, with_trainable
+from sepals.common.finetune import TrainableSpec, with_trainable
+from sepals.common.model_changes import FineTunedFactory
 from sepals.common.models import ModelFactory, get_flat, set_flat
 
 P = ParamSpec("P")
@@ -168,18 +169,17 @@ def model_builder(
     (:func:`make_dp_compatible`: nothing pretrained is lost). With one, the checkpoint is
     loaded (:func:`sepals.common.finetune.pretrained_factory`) and an unsupported layer
     is refused with the fix to apply before pretraining. Then only ``trainable``'s
-    parameters are left trainable (:func:`sepals.common.finetune.select_trainable`).
+    parameters are left trainable (:func:`sepals.common.finetune.select_trainable`), and
+    a checkpoint that supplies none of the frozen ones is refused
+    (:class:`sepals.common.model_changes.FineTunedFactory`).
 
     Raises:
         ValueError: the checkpoint does not exist or does not suit the factory.
 
     """
-    base = (
-        make_dp_compatible(factory)
-        if pretrained is None
-        else pretrained_factory(factory, pretrained)
-    )
-    return with_trainable(base, trainable)
+    if pretrained is None:
+        return with_trainable(make_dp_compatible(factory), trainable)
+    return FineTunedFactory(factory, pretrained, trainable)
 
 
 def _silence_opacus_notices(fn: Callable[P, R]) -> Callable[P, R]:

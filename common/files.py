@@ -1,10 +1,11 @@
-"""Small file helpers: atomic writes with explicit permissions, and secret-file checks."""
+"""Small file helpers: atomic writes, secret-file checks, whether git would see a file."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import secrets
+import subprocess
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,30 @@ def _file_digest(path: Path, digest: Any) -> Any:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest
+
+
+def git_work_tree(path: Path) -> Path | None:
+    """The root of the git work tree that holds ``path`` (``None``: none does).
+
+    ``path`` need not exist yet; its nearest existing ancestor is looked at. A ``.git``
+    directory, or a ``.git`` file (a linked work tree or a submodule), marks a root.
+    """
+    here = Path(path).expanduser().absolute()
+    for folder in (here, *here.parents):
+        if (folder / ".git").exists():
+            return folder
+    return None
+
+
+def git_ignores(path: Path, root: Path) -> bool | None:
+    """Whether git ignores ``path`` in the work tree at ``root`` (``None``: cannot tell)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), "check-ignore", "-q", "--no-index", str(path)],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {0: True, 1: False}.get(done.returncode)

@@ -28,6 +28,7 @@ import fnmatch
 import functools
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import INFO
@@ -146,6 +147,17 @@ def _state_dict(path: str, size: int, mtime_ns: int) -> dict[str, torch.Tensor]:
             "torch.save(model.state_dict(), path) writes it"
         )
     return loaded
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint file's tensors by name (read once per process while it is unchanged).
+
+    Raises:
+        ModelCompatibilityError: the file is no state_dict.
+
+    """
+    stat = path.stat()
+    return _state_dict(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def load_checkpoint_file(model: nn.Module, path: Path) -> list[str]:
@@ -303,6 +315,11 @@ def select_trainable(model: nn.Module, spec: TrainableSpec) -> nn.Module:
     return model
 
 
+@functools.lru_cache(maxsize=64)
+def _log_once(message: str) -> None:
+    log(INFO, "%s", message)
+
+
 def _inject_lora(model: nn.Module, spec: LoRA) -> nn.Module:
     try:
         from peft import LoraConfig, inject_adapter_in_model  # optional dependency
@@ -319,13 +336,19 @@ def _inject_lora(model: nn.Module, spec: LoRA) -> nn.Module:
     )
     for p in model.parameters():
         p.requires_grad_(False)
-    try:
-        model = inject_adapter_in_model(config, model)
-    except ValueError as exc:
-        raise ModelCompatibilityError(
-            f"LoRA target_modules {list(spec.target_modules)} fit no layer of the model "
-            f"({str(exc).splitlines()[0][:200]})"
-        ) from exc
+    # peft warns about its own adjustments (e.g. fan_in_fan_out for GPT-2's Conv1D) on
+    # every build, in every client, every round: each goes to the log once instead.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = inject_adapter_in_model(config, model)
+        except ValueError as exc:
+            raise ModelCompatibilityError(
+                f"LoRA target_modules {list(spec.target_modules)} fit no layer of the model "
+                f"({str(exc).splitlines()[0][:200]})"
+            ) from exc
+    for warning in caught:
+        _log_once(f"peft: {warning.message}")
     names = [n for n, _ in model.named_parameters()]
     for pattern in spec.train_also:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):

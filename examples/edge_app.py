@@ -5,11 +5,11 @@ through the sepals client SDK. Two ways to run it (see the README, "Deploy"):
 
 * in its own process, through the SDK::
 
-      python examples/edge_app.py --bundle bundles/clients/client-1 --partition 0
+      python examples/edge_app.py --bundle ~/fl/clients/client-1 --partition 0
 
 * through the CLI, which imports :func:`make_app`::
 
-      sepals-client --bundle bundles/clients/client-1 \
+      sepals-client --bundle ~/fl/clients/client-1 \
           --app examples/edge_app.py:make_app --app-arg partition=0
 
 ``python examples/edge_app.py --parameters`` prints the model's parameter count, which
@@ -88,11 +88,17 @@ def main() -> None:
     if not args.bundle:
         parser.error("--bundle is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Flower prints its lines with its own handler; through the root handler too, each
+    # would show twice.
+    logging.getLogger("flwr").propagate = False
     app = make_app(args.partition, args.partitions, args.epsilon)
     try:
         served = join_federation(
             args.bundle, app, insecure=args.insecure, connect_timeout=args.connect_timeout
         )
+    except KeyboardInterrupt:
+        print("edge_app: interrupted", file=sys.stderr)
+        sys.exit(130)
     except FederationConnectionError as exc:
         print(f"edge_app: {exc}", file=sys.stderr)
         sys.exit(3)

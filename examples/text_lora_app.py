@@ -33,7 +33,7 @@ or join a deployed federation as partition 0 of 3 (``sepals provision --pretrain
 runs/text-lora/checkpoint`` puts the checkpoint's SHA-256 in the plan; every client needs
 the identical directory)::
 
-    sepals-client --bundle bundles/clients/client-1 --app examples/text_lora_app.py:make_app \
+    sepals-client --bundle ~/fl/clients/client-1 --app examples/text_lora_app.py:make_app \
         --app-arg checkpoint=runs/text-lora/checkpoint --app-arg partition=0 \
         --app-arg partitions=3
 

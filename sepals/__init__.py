@@ -6,7 +6,8 @@ here is internal and may change. See ``docs/api.md``.
 
 * describe a client: :class:`EdgeApp` (its model, data, privacy budget; optionally a
   pretrained checkpoint and what to train: name globs or :class:`LoRA`);
-* simulate many of them on one machine or a Ray cluster: :func:`simulate`;
+* simulate many of them on one machine or a Ray cluster: :func:`simulate`; rebuild a
+  run's saved model: :func:`load_model`;
 * join a deployed federation from your own process: :func:`join_federation`;
 * settings: :class:`PrivacyConfig`, :class:`EncryptionConfig`, :class:`FederationConfig`;
 * errors: every sepals error is a :class:`SepalsError`.
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from sepals.common.federation import FederationConfig
     from sepals.common.finetune import LoRA
     from sepals.common.plan import PlanViolationError
-    from sepals.simulations.api import SimulationResult, simulate
+    from sepals.simulations.api import SimulationResult, load_model, simulate
 
 # Public name -> the module that defines it.
 _HOMES = {
@@ -47,6 +48,7 @@ _HOMES = {
     "join_federation": "sepals.client.edge",
     "simulate": "sepals.simulations.api",
     "SimulationResult": "sepals.simulations.api",
+    "load_model": "sepals.simulations.api",
     "PrivacyConfig": "sepals.common.config",
     "EncryptionConfig": "sepals.common.config",
     "FederationConfig": "sepals.common.federation",
@@ -78,6 +80,7 @@ __all__ = [
     "ServerUnreachableError",
     "SimulationResult",
     "join_federation",
+    "load_model",
     "simulate",
 ]
 

@@ -17,8 +17,24 @@ from pathlib import Path
 
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import InsecureFileError
+from sepals.common.files import git_ignores, git_work_tree
 from sepals.common.ledger import LedgerFileError, format_ledger, read_ledger_file
 from sepals.server.control.provision import ProvisionSpec, provision
+
+
+def _warn_if_git_sees(out: Path) -> None:
+    """One line on stderr when the bundles (with their secret keys) land in a git work tree."""
+    root = git_work_tree(out)
+    if root is None:
+        return
+    ignored = git_ignores(out / "clients", root)  # a child: out may not exist yet
+    state = {True: "git ignores it", False: "git does NOT ignore it", None: "git may see it"}
+    print(
+        f"sepals provision: warning: {out} is inside the git work tree {root} "
+        f"({state[ignored]}): the secret keys written there (he-secret.ctx, node.key, "
+        "operator.key) must never be committed; provision outside the repository",
+        file=sys.stderr,
+    )
 
 
 def _provision(args: argparse.Namespace) -> int:
@@ -48,6 +64,7 @@ def _provision(args: argparse.Namespace) -> int:
             noise_shares=args.noise_shares,
             pretrained=args.pretrained,
         )
+        _warn_if_git_sees(Path(args.out))
         result = provision(spec)
     except (ValueError, FileExistsError) as exc:
         print(f"sepals provision: {exc}", file=sys.stderr)

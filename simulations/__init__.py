@@ -4,6 +4,6 @@
 :mod:`sepals.simulations.api`).
 """
 
-from sepals.simulations.api import SimulationResult, simulate
+from sepals.simulations.api import SimulationResult, load_model, simulate
 
-__all__ = ["SimulationResult", "simulate"]
+__all__ = ["SimulationResult", "load_model", "simulate"]

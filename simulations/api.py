@@ -20,13 +20,15 @@ pickle.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sepals.common.config import DEFAULT_UPDATE_BOUND, EncryptionConfig, PrivacyConfig
 from sepals.common.federation import FederationConfig, sampled_per_round
+from sepals.common.log import show_flower_once
 from sepals.simulations.process_env import apply_process_env
 
 if TYPE_CHECKING:
@@ -74,6 +76,8 @@ def simulate(
     progress: ProgressFn | None = None,
     insecure_reproducible: bool = False,
     update_bound: float = DEFAULT_UPDATE_BOUND,
+    print_progress: bool = True,
+    verbose: bool = False,
 ) -> SimulationResult:
     """Simulate ``app`` over ``clients`` clients and return the report and trained model.
 
@@ -110,7 +114,7 @@ def simulate(
             CPU each (instead of a local Ray with ``cpus``); this process must run on a
             node of the cluster, and ``out`` lie on a filesystem every node mounts at
             the same path (the clients read their key file there).
-        progress: Called with each round's row.
+        progress: Called with each round's row (see ``report.json``'s ``rounds``).
         update_bound: BFV: the largest change of one weight from the initial model an
             update carries; larger changes are clamped on the client and reported (see
             :attr:`~sepals.common.config.EncryptionConfig.update_bound`). Ignored when
@@ -118,6 +122,9 @@ def simulate(
         insecure_reproducible: TESTS ONLY. Derive the DP sampling, noise and rounding
             from ``seed`` so that a run repeats exactly; the reported epsilon then does
             not hold, and the report and summary line say so.
+        print_progress: Print what ``sepals-sim`` prints: the start line, one line per
+            round and the summary.
+        verbose: Also show Flower's own log lines (each once), as ``sepals-sim -v``.
 
     Returns:
         ``(report, model)``. ``report["final"]["aggregated_rounds"]`` counts the rounds
@@ -126,6 +133,11 @@ def simulate(
 
     Raises:
         ValueError: a bad setting, or an app that cannot be loaded or split.
+        ModelCompatibilityError: a model that DP-SGD cannot train, or a checkpoint that
+            does not fit it.
+
+    A script may call ``simulate`` at top level, without an ``if __name__ ==
+    "__main__":`` guard: the helper processes it starts never import the script.
 
     """
     # ``import sepals`` stays light: torch, Flower and the harness load when a run starts.
@@ -135,8 +147,13 @@ def simulate(
     from sepals.common.masking import masked_federation
     from sepals.simulations.config import SimulationConfig, absolute_spec
     from sepals.simulations.harness import run_experiment
+    from sepals.simulations.progress import progress_line, start_line, started_line
+    from sepals.simulations.report import summarize
 
     apply_process_env()
+    show_flower_once(logging.DEBUG if verbose else logging.ERROR)
+    if verbose:
+        logging.getLogger("sepals").setLevel(logging.INFO)
     if isinstance(app, EdgeApp):
         if app_args:
             raise ValueError("app_args are for a spec string, not an EdgeApp object")
@@ -193,9 +210,64 @@ def simulate(
         device=device,
         insecure_reproducible=insecure_reproducible,
     )
-    report = run_experiment(config, progress=progress, app=obj)
+    on_round, on_start = progress, None
+    if print_progress:
+        metric = edge.metric_name
+
+        def on_round(row: dict[str, Any]) -> None:
+            progress_line(row, rounds, metric)
+            if progress is not None:
+                progress(row)
+
+        def on_start(info: dict[str, Any]) -> None:
+            print(started_line(info, metric), flush=True)
+
+        print(start_line(config), flush=True)
+    report = run_experiment(config, progress=on_round, app=obj, on_start=on_start)
+    if print_progress:
+        print(summarize(report), flush=True)
     model = edge.build_model_factory()()
     if report["final"].get("model"):
         state = torch.load(Path(out) / report["final"]["model"], weights_only=True)
         model.load_state_dict(state)
     return SimulationResult(report, model)
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    app: str | EdgeApp | Callable[[], nn.Module],
+    *,
+    app_args: Mapping[str, str] | None = None,
+) -> nn.Module:
+    """The model a run saved (``OUT/model.pt``), in the architecture the run trained.
+
+    sepals replaces layers that DP-SGD cannot train (BatchNorm becomes GroupNorm, as
+    Opacus' ``ModuleValidator.fix`` does), so the saved ``state_dict`` does not load into
+    the app's own model class; ``report.json``'s ``config.model.replaced_layers`` lists
+    them. This builds the model the way the run did and loads the weights::
+
+        model = sepals.load_model("runs/latest/model.pt", Net)
+
+    Args:
+        path: The saved ``state_dict``.
+        app: The run's app (an ``EdgeApp`` or its spec string: its checkpoint and
+            trainable part are rebuilt too), or the app's model factory.
+        app_args: String arguments of the spec's factory (spec only).
+
+    Raises:
+        ValueError: the app cannot be loaded.
+        RuntimeError: the weights do not fit the rebuilt model (another app's).
+
+    """
+    # Torch and the client SDK load when a model is rebuilt.
+    import torch
+
+    from sepals.client.edge_app import EdgeApp, load_edge_app
+    from sepals.client.training import make_dp_compatible
+
+    if isinstance(app, str):
+        app = load_edge_app(app, dict(app_args or {}))
+    factory = app.build_model_factory() if isinstance(app, EdgeApp) else make_dp_compatible(app)
+    model = factory()
+    model.load_state_dict(torch.load(Path(path), map_location="cpu", weights_only=True))
+    return model

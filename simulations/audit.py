@@ -53,7 +53,7 @@ import torch
 from scipy import stats
 from torch.utils.data import ConcatDataset, DataLoader
 
-from sepals.client.canaries import CanarySpec
+from sepals.client.canaries import CanarySpec, markable_pairs
 from sepals.common.log import log
 from sepals.common.models import build_seeded, get_flat, num_parameters, set_flat
 from sepals.simulations.app_data import app_client_data
@@ -384,6 +384,7 @@ def run_audit(
         app_client_data(source, config.clients, config.partition, seed, pid)[0]
         for pid in range(config.clients)
     ]
+    markable_pairs(shares[0])  # refuses data canaries cannot mark, before any training
     coordinates = quiet_coordinates(
         factory, theta_0, ConcatDataset(shares), canaries, seed, app.loss_fn
     )
@@ -395,7 +396,6 @@ def run_audit(
         coordinates=coordinates,
         broken_no_noise=_broken_no_noise_for_tests,
     )
-    spec.for_client(0).add_rows(shares[0])  # refuses data canaries cannot mark, up front
     report = run_experiment(config, progress=progress, on_start=on_start, canaries=spec)
     out = Path(config.out)
     if not report["final"].get("model"):

@@ -26,7 +26,9 @@ from sepals.common.config import (
     PrivacyConfig,
 )
 from sepals.common.data import check_dataset_name
+from sepals.common.errors import ModelCompatibilityError
 from sepals.common.federation import FederationConfig, sampled_per_round
+from sepals.common.log import show_flower_once
 from sepals.simulations.config import SimulationConfig, absolute_spec
 from sepals.simulations.defaults import (
     APP_DEFAULTS,
@@ -37,11 +39,7 @@ from sepals.simulations.defaults import (
 from sepals.simulations.pretrain import DEFAULT_OUT as DEFAULT_CHECKPOINT
 from sepals.simulations.pretrain import pretrain
 from sepals.simulations.process_env import apply_process_env
-from sepals.simulations.progress import (
-    format_metric,
-    model_text,
-    progress_line,
-)
+from sepals.simulations.progress import progress_line, start_line, started_line
 from sepals.simulations.report import summarize
 
 
@@ -327,10 +325,7 @@ def configure_logging(verbose: bool) -> None:
         sepals_logger.addHandler(handler)
     sepals_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     sepals_logger.propagate = False
-    import flwr.common.logger  # noqa: F401 - sets up Flower's logger, which we then quiet
-
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+    show_flower_once(logging.DEBUG if verbose else logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -366,28 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     fed = config.federation
-    pc = config.privacy
-    dp = f"eps={pc.target_epsilon:g} delta={pc.delta:g}" if pc.enabled else "off"
-    ray_text = (
-        "starting Ray"
-        if config.ray_address is None
-        else f"joining the Ray cluster at {config.ray_address}"
-    )
-    print(
-        f"starting: {config.clients} clients, {config.label}, {config.partition}, "
-        f"{fed.rounds} rounds, fraction {fed.fraction_train:g}, DP {dp}, encryption "
-        f"{config.encryption.scheme}, device {config.device}; provisioning keys, "
-        f"{ray_text}; output in {os.path.abspath(config.out)}",
-        flush=True,
-    )
+    print(start_line(config), flush=True)
     metric = ["accuracy"]
 
     def started(info: dict[str, Any]) -> None:
-        print(
-            f"started in {info['startup_seconds']:.1f} s | round 0: "
-            f"{format_metric(metric[0], info.get('metric'))}{model_text(info.get('model'))}",
-            flush=True,
-        )
+        print(started_line(info, metric[0]), flush=True)
 
     if config.app is not None:
         # The SDK loads only when an app is named.
@@ -408,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             on_start=started,
         )
-    except ValueError as exc:
+    except (ValueError, ModelCompatibilityError) as exc:
         print(f"sepals-sim: error: {exc}".replace("\n", " "), file=sys.stderr)
         return 2
     print(summarize(report), flush=True)
@@ -419,7 +397,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = os.path.abspath(config.out)
     print(f"report: {os.path.join(out, 'report.json')}", flush=True)
     if report["final"].get("model"):
-        print(f"model: {os.path.join(out, report['final']['model'])}", flush=True)
+        rebuild = report["config"]["model"].get("rebuild")
+        print(
+            f"model: {os.path.join(out, report['final']['model'])}"
+            + (f" ({rebuild})" if rebuild else ""),
+            flush=True,
+        )
     if not report["final"].get("aggregated_rounds"):
         print(
             f"sepals-sim: error: no round aggregated any update ({fed.rounds} rounds); "

@@ -19,6 +19,7 @@ import torch
 from sepals.client.edge_app import build_runtime, gathered
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.files import atomic_write
+from sepals.common.log import show_flower_once
 from sepals.common.plan import FederationPlan
 from sepals.common.protocol import KEY_CONFIG
 from sepals.server.serverapp.roster import NodeRoster
@@ -110,6 +111,7 @@ def simulated_runtime(provider: SimulatedClientProvider, pid: int) -> Any:
     The run's budget (``provider.privacy``) applies in place of the app's own.
     """
     torch.set_num_threads(1)
+    show_flower_once()  # in this worker too, each Flower line at most once
     app = provider.app.load()
     train, test = app_client_data(
         provider.app, provider.clients, provider.partition, provider.seed, pid

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from sepals.client.training import evaluate_model, resolve_device
 from sepals.common.config import EncryptionConfig
 from sepals.common.files import atomic_write
+from sepals.common.model_changes import SAVED_MODEL_NOTE
 from sepals.common.models import set_flat
 from sepals.common.protocol import decode_global_model
 from sepals.common.records import GlobalModel
@@ -155,12 +157,23 @@ def grouped_accuracy(
     return loss_sum / count, int(correct.sum()) / count, per_client
 
 
-def evaluator_save(path: str) -> str:
-    """Evaluator (subprocess): write the latest decrypted global model's ``state_dict``."""
+def evaluator_save(path: str, note: dict[str, Any] | None = None) -> str:
+    """Evaluator (subprocess): write the latest decrypted global model's ``state_dict``.
+
+    ``note`` (how the model was built: replaced layers, how to rebuild it) travels in
+    the file, as the ``state_dict``'s ``_metadata`` entry
+    :data:`~sepals.common.model_changes.SAVED_MODEL_NOTE`, which loading ignores.
+    """
     model = _EVAL_STATE["factory"]()
     set_flat(model, _EVAL_STATE["latest"])
+    state = model.state_dict()
+    saved = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
+    metadata = dict(getattr(state, "_metadata", {}))
+    if note is not None:
+        metadata[SAVED_MODEL_NOTE] = note
+    saved._metadata = metadata  # type: ignore[attr-defined]
     buffer = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+    torch.save(saved, buffer)
     atomic_write(Path(path), buffer.getvalue())
     return path
 

@@ -10,7 +10,7 @@ encryption, with every setting in ``[tool.flwr.app.config]`` (override them with
 
 The parties stay apart as in :mod:`sepals.simulations.harness`:
 
-* the ServerApp (:func:`server_main`) asks a provisioning subprocess for the HE keys;
+* the ServerApp (:func:`server_main`) asks an evaluator subprocess for the HE keys;
   the subprocess writes the clients' secret context to ``RUN/keys/clients.secret``
   (mode 0600) and hands back only the public context, so the ServerApp process never
   holds a secret key. ``RUN`` is ``$FLWR_HOME/sepals-runs/<run id>``;
@@ -21,21 +21,25 @@ The parties stay apart as in :mod:`sepals.simulations.harness`:
   ``RUN`` and serves only the rounds the plan allows. The secret file is deleted when
   the ServerApp ends.
 
-Evaluation is federated: clients decrypt the global model and report accuracy on their
-local test split, which Flower logs as the round's aggregated evaluation metrics.
+Evaluation is central, as in ``sepals-sim``: the evaluator subprocess decrypts each
+round's global model and scores it on the held-out test split
+(:mod:`sepals.simulations.flwr_eval`); the ServerApp logs the score each round and on its
+closing line. With ``fraction-evaluate`` above 0, clients also evaluate the decrypted
+model on their own test split and report it (federated evaluation).
+
+``--run-config "app='path/to/app.py:make_app'"`` runs your own
+:class:`~sepals.client.EdgeApp` instead of a bundled dataset, as ``sepals-sim --app``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import logging
-import multiprocessing
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +64,10 @@ from sepals.server.serverapp.app import ServerSettings, build_strategy, require_
 from sepals.simulations.app_data import app_caps, app_train_sizes
 from sepals.simulations.clients import SimulatedClientProvider, simulation_roster
 from sepals.simulations.config import AppSource, bundled_source
+from sepals.simulations.flwr_eval import CentralEvaluation, resolve_app_spec
 from sepals.simulations.harness import simulated_plan
-from sepals.simulations.keys import provision_key_file
 from sepals.simulations.process_env import apply_process_env
+from sepals.simulations.progress import format_metric
 
 PRETRAINED_JOB_SPEC = "sepals.simulations.jobs:pretrained_job"
 RUNS_DIR = "sepals-runs"
@@ -74,7 +79,7 @@ NODE_WAIT_SECONDS = 60.0
 # Run-config keys and their types; defaults live in the pyproject's [tool.flwr.app.config].
 _INT_KEYS = ("rounds", "min-train-clients", "local-epochs", "batch-size", "seed", "masking")
 _FLOAT_KEYS = ("fraction-train", "fraction-evaluate", "lr", "epsilon", "delta", "max-grad-norm")
-_STR_KEYS = ("dataset", "partition", "scheme", "accountant", "pretrained")
+_STR_KEYS = ("dataset", "partition", "scheme", "accountant", "pretrained", "app", "app-args")
 RUN_CONFIG_KEYS = _INT_KEYS + _FLOAT_KEYS + _STR_KEYS
 
 
@@ -107,6 +112,11 @@ class FlowerJob:
             selects the dataset's public-pretraining job
             (:func:`sepals.simulations.jobs.pretrained_app`). Every node reads it from
             the same path.
+        app: Your own app instead of a bundled dataset (run config ``app``;
+            ``module:attr`` or ``path/to/file.py:attr``, as ``sepals-sim --app``), its
+            training data split among the nodes with ``partition``.
+        app_args: String arguments of the app's factory (run config ``app-args``,
+            ``"K=V,K=V"``).
 
     """
 
@@ -117,6 +127,8 @@ class FlowerJob:
     scheme: str = "bfv"
     masking: bool = True
     pretrained: str = ""
+    app: str = ""
+    app_args: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASET_NAMES:
@@ -129,6 +141,13 @@ class FlowerJob:
             raise ValueError(f"run config 'scheme' must be bfv, ckks or none, got {self.scheme!r}")
         if self.pretrained and not Path(self.pretrained).expanduser().exists():
             raise ValueError(f"run config 'pretrained': no checkpoint at {self.pretrained}")
+        if self.app and self.pretrained:
+            raise ValueError(
+                "run config 'pretrained' selects a bundled dataset's pretraining job; an "
+                "'app' names its checkpoint itself (EdgeApp(pretrained=...))"
+            )
+        if self.app_args and not self.app:
+            raise ValueError("run config 'app-args' needs 'app'")
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> FlowerJob:
@@ -175,10 +194,18 @@ class FlowerJob:
             scheme=_get(config, "scheme", "bfv"),
             masking=_get(config, "masking", 1) != 0,
             pretrained=_get(config, "pretrained", ""),
+            app=_get(config, "app", "").strip(),
+            app_args=_app_args(_get(config, "app-args", "")),
         )
 
-    def app_source(self, clients: int) -> AppSource:
-        """The job's app as every party loads it: the dataset, or its pretraining job."""
+    def app_source(self, clients: int, spec: str | None = None) -> AppSource:
+        """The job's app as every party loads it: the dataset, its pretraining job, or ``app``.
+
+        ``spec`` is ``app`` as the ServerApp resolved it
+        (:func:`sepals.simulations.flwr_eval.resolve_app_spec`).
+        """
+        if self.app:
+            return AppSource(spec or self.app, self.app_args)
         if not self.pretrained:
             return bundled_source(self.dataset, clients, self.partition, self.federation.seed)
         path = str(Path(self.pretrained).expanduser().resolve())
@@ -203,6 +230,19 @@ class FlowerJob:
                 max(clients, 1), fed.fraction_train, fed.min_train_clients
             ),
         )
+
+
+def _app_args(text: str) -> tuple[tuple[str, str], ...]:
+    """Run config ``app-args`` (``"K=V,K=V"``) as pairs."""
+    pairs = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"run config 'app-args' must be 'K=V,K=V', got {text!r}")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
 
 
 def run_directory(run_id: int) -> Path:
@@ -273,25 +313,6 @@ def _wait_for_nodes(grid: Any, timeout: float) -> int:
         time.sleep(0.5)
 
 
-def provision_keys(encryption: EncryptionConfig, keys_dir: Path) -> tuple[str | None, bytes | None]:
-    """Create the run's HE keys in a subprocess: ``(secret file, public context)``.
-
-    The subprocess (:func:`sepals.simulations.harness.provision_key_file`) writes the secret
-    context to ``keys_dir/clients.secret`` with mode 0600 and returns only the public
-    context, so the caller's process never holds the secret key. ``(None, None)`` when
-    encryption is off.
-    """
-    if not encryption.enabled:
-        return None, None
-
-    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    secret_path = str((keys_dir / SECRET_FILE).resolve())
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(1, mp_context=ctx) as provisioner:
-        public = provisioner.submit(provision_key_file, encryption, secret_path).result()
-    return secret_path, public
-
-
 def server_main(grid: Any, context: Any) -> None:
     """Run the default job as the ServerApp of ``flwr run .``.
 
@@ -304,7 +325,14 @@ def server_main(grid: Any, context: Any) -> None:
     apply_process_env()
     _attach_log_handler()
     check_no_runtime_install()
-    job = FlowerJob.from_run_config(dict(context.run_config))
+    try:
+        job = FlowerJob.from_run_config(dict(context.run_config))
+        spec = resolve_app_spec(job.app) if job.app else None
+        if spec is not None:
+            job.app_source(0, spec).load()  # a bad app fails here, before anything waits
+    except ValueError as exc:
+        log(ERROR, "sepals flwr app: error: %s", str(exc).replace("\n", " "))
+        raise
     clients = _wait_for_nodes(grid, NODE_WAIT_SECONDS)
     fed = job.masked(clients)
     encryption = job.encryption(clients)
@@ -313,7 +341,7 @@ def server_main(grid: Any, context: Any) -> None:
     log(
         INFO,
         "sepals flwr app: %s on %s nodes (%s), %s rounds, epsilon %s, encryption %s",
-        job.dataset,
+        spec or job.dataset,
         clients,
         job.partition,
         fed.rounds,
@@ -321,36 +349,58 @@ def server_main(grid: Any, context: Any) -> None:
         encryption.scheme,
     )
     log(INFO, "sepals flwr app: federated evaluation %s", fed.evaluation_disclosure)
-    source = job.app_source(clients)
-    vector_length = num_parameters(source.load().build_model_factory()())
+    source = job.app_source(clients, spec)
+    edge = source.load()
+    vector_length = num_parameters(edge.build_model_factory()())
     caps = app_caps(source, clients, job.partition, fed.seed)
     # Every client's FedAvg weight is exact when no client holds more than the cap.
     fed = replace(fed, weight_cap=max(app_train_sizes(source, clients, job.partition, fed.seed)))
     sha256 = checkpoint_sha256(job.pretrained) if job.pretrained else ""
     # Keys for the BFV ring sized to this model; each client sizes the same way.
     encryption = encryption.sized_for(vector_length)
-    secret_path, public_context = provision_keys(encryption, run_dir / "keys")
+    secret_path = None
+    if encryption.enabled:
+        (run_dir / "keys").mkdir(parents=True, exist_ok=True, mode=0o700)
+        secret_path = str((run_dir / "keys" / SECRET_FILE).resolve())
+    central = CentralEvaluation(
+        encryption,
+        secret_path,
+        source,
+        seed=fed.seed,
+        clients=clients,
+        partition=job.partition,
+        rounds=fed.rounds,
+        metric_name=edge.metric_name,
+    )
     try:
-        server_codec = make_server_codec(encryption, public_context)
+        server_codec = make_server_codec(encryption, central.public_context)
         plan, signer = simulated_plan(server_codec, fed, vector_length, sha256)
         settings = ServerSettings(
             federation=fed,
             codec=server_codec,
             vector_length=vector_length,
             roster=simulation_roster(caps),
+            metric_higher_is_better=edge.higher_is_better,
             round_signer=signer,
         )
         strategy = build_strategy(settings)
         plan.save(run_dir / PLAN_FILE)
-        job_record = {"clients": clients, "secret": secret_path, "scheme": encryption.scheme}
+        job_record = {
+            "clients": clients,
+            "secret": secret_path,
+            "scheme": encryption.scheme,
+            "app": spec,
+        }
         atomic_write(run_dir / JOB_FILE, json.dumps(job_record).encode())
         strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(),
             num_rounds=fed.rounds,
             timeout=fed.round_timeout,
+            evaluate_fn=central.evaluate,
         )
     finally:
+        central.close()
         if secret_path is not None:
             Path(secret_path).unlink(missing_ok=True)
     aggregated = sum(1 for r in strategy.history if r.aggregated)
@@ -358,10 +408,14 @@ def server_main(grid: Any, context: Any) -> None:
     eps_r1 = [
         r.max_epsilon_replace_one for r in strategy.history if r.max_epsilon_replace_one is not None
     ]
-    accs = [r.federated_accuracy for r in strategy.history if r.federated_accuracy is not None]
+    federated = [
+        r.federated_accuracy if r.federated_accuracy is not None else r.federated_metric
+        for r in strategy.history
+        if r.federated_accuracy is not None or r.federated_metric is not None
+    ]
     log(
         INFO,
-        "sepals flwr app: %s of %s rounds aggregated | epsilon %s | federated accuracy %s",
+        "sepals flwr app: %s of %s rounds aggregated | epsilon %s | %s | %s",
         aggregated,
         len(strategy.history),
         summary_epsilon(
@@ -370,7 +424,10 @@ def server_main(grid: Any, context: Any) -> None:
                 "epsilon_replace_one": max(eps_r1) if eps_r1 else None,
             }
         ),
-        f"{100 * accs[-1]:.2f}%" if accs else "n/a",
+        central.final_text(),
+        f"federated {format_metric(edge.metric_name, federated[-1])}"
+        if federated
+        else "federated evaluation off",
     )
     require_aggregation(strategy)
 
@@ -387,6 +444,7 @@ def client_runtime(context: Any) -> Any:
             lacks the partition fields.
 
     """
+    apply_process_env()  # before the app loads: its libraries read some switches at import
     job = FlowerJob.from_run_config(dict(context.run_config))
     run_dir = run_directory(context.run_id)
     try:
@@ -401,7 +459,7 @@ def client_runtime(context: Any) -> Any:
     if clients != int(record["clients"]):
         raise ValueError(f"node config has {clients} partitions, the job {record['clients']}")
     provider = SimulatedClientProvider(
-        app=job.app_source(clients),
+        app=job.app_source(clients, record.get("app")),
         clients=clients,
         partition=job.partition,
         seed=job.federation.seed,

@@ -25,16 +25,13 @@ deprecated; the deprecation notice is silenced for this call only.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from logging import INFO, WARNING
 from pathlib import Path
@@ -47,9 +44,7 @@ from sepals.client.training import resolve_device
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig
 from sepals.common.federation import FederationConfig, sampled_per_round
-from sepals.common.files import checkpoint_sha256
-from sepals.common.finetune import ParameterCounts, describe_trainable
-from sepals.common.log import log
+from sepals.common.log import log, without_flower_notice
 from sepals.common.masking import masked_federation
 from sepals.common.partition import check_client_sizes
 from sepals.common.plan import FederationPlan
@@ -82,7 +77,9 @@ from sepals.simulations.evaluator import (
     evaluator_run,
     evaluator_save,
 )
+from sepals.simulations.helper_process import HelperProcess
 from sepals.simulations.jobs import pretrained_app
+from sepals.simulations.model_info import describe_model, saved_model_note
 from sepals.simulations.plots import write_plots
 from sepals.simulations.process_env import apply_process_env
 from sepals.simulations.ray_cluster import (
@@ -235,6 +232,9 @@ def run_experiment(
     source = simulated_app_source(config, app)
     edge = source.load()
     factory = edge.build_model_factory()
+    # One build, before any data is split or any process starts: a model or checkpoint
+    # that cannot work is refused at once.
+    model_info, counts = describe_model(edge, factory)
     sizes = app_train_sizes(source, config.clients, config.partition, fed.seed)
     for warning in check_client_sizes(sizes, fed.batch_size):
         log(WARNING, "%s", warning)
@@ -246,19 +246,11 @@ def run_experiment(
         delta=config.privacy.delta if config.privacy.enabled else None,
     )
     metric_name, higher_is_better = edge.metric_name, edge.higher_is_better
-    counts = ParameterCounts.of(factory())
     vector_length = counts.trainable
     # The keys, the plan and the report use the BFV ring sized to the update.
     config = dataclasses.replace(config, encryption=config.encryption.sized_for(vector_length))
-    checkpoint = None if edge.pretrained is None else Path(edge.pretrained)
-    checkpoint_digest = "" if checkpoint is None else checkpoint_sha256(checkpoint)
-    model_info = {
-        "parameters": counts.to_dict(),
-        "trainable": describe_trainable(edge.trainable),
-        "pretrained": None if checkpoint is None else str(checkpoint),
-        "checkpoint_sha256": checkpoint_digest,
-        "he_ring": he_ring(config.encryption, vector_length),
-    }
+    checkpoint_digest = model_info["checkpoint_sha256"]
+    model_info["he_ring"] = he_ring(config.encryption, vector_length)
     if canaries is not None:
         if canaries.dimension != vector_length:
             raise ValueError(
@@ -274,7 +266,6 @@ def run_experiment(
     # On a cluster the clients take one CPU each and no GPU, wherever they land.
     device = "cpu" if config.ray_address else pick_device(config.device, edge)
     on_gpu = resolve_device(device).type == "cuda"
-    ctx = multiprocessing.get_context("spawn")
     if config.ray_address is not None:
         check_reachable(config.ray_address)  # before any key exists
 
@@ -282,8 +273,9 @@ def run_experiment(
     if config.encryption.enabled:
         secret_path = str((out / "keys" / "clients.secret").resolve())
     # One subprocess holds the key: it creates it, then evaluates. Its test data loads
-    # while Ray starts; the single worker runs the tasks in order.
-    evaluator = cf.ProcessPoolExecutor(1, mp_context=ctx)
+    # while Ray starts; it runs the calls in order. It is a fresh interpreter that never
+    # imports the caller's script, so simulate() needs no __main__ guard.
+    evaluator = HelperProcess("evaluator")
     try:
         public_context = evaluator.submit(evaluator_keys, config.encryption, secret_path).result()
     except BaseException:
@@ -448,15 +440,19 @@ def run_experiment(
     model_path = out / "model.pt"
     install_vce_poller()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        with without_flower_notice("run_simulation"):
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=config.clients,
                 backend_config=backend_config,  # type: ignore[arg-type]
             )
-        saved = bool(initial) and evaluator.submit(evaluator_save, str(model_path)).result()
+        saved = (
+            bool(initial)
+            and evaluator.submit(
+                evaluator_save, str(model_path), saved_model_note(model_info)
+            ).result()
+        )
     finally:
         evaluator.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(nodes_dir, ignore_errors=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sepals.common.config import EncryptionConfig
 from sepals.common.files import atomic_write
-from sepals.common.scheme import generate_secret_context, public_context_bytes
+from sepals.common.scheme import generate_secret_context
 
 
 def write_secret_context(encryption: EncryptionConfig, secret_path: str) -> bytes:
@@ -20,11 +20,6 @@ def write_secret_context(encryption: EncryptionConfig, secret_path: str) -> byte
     secret = generate_secret_context(encryption)
     atomic_write(Path(secret_path), secret, secret=True)
     return secret
-
-
-def provision_key_file(encryption: EncryptionConfig, secret_path: str) -> bytes:
-    """Key holder (runs in a subprocess): write the secret context, return the public one."""
-    return public_context_bytes(write_secret_context(encryption, secret_path))
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,8 +1,10 @@
 """Process environment defaults of every sepals simulation process.
 
 Flower sends anonymous usage telemetry unless told not to, and a privacy product does
-not; the Hugging Face hub stays offline (nothing is downloaded at run time); glibc's
-allocator is tuned for Opacus' many short-lived per-sample gradient tensors.
+not; the Hugging Face hub stays offline (nothing is downloaded at run time), and
+Hugging Face libraries keep their loading bars and advisory warnings to themselves
+(every client would print them every round); glibc's allocator is tuned for Opacus'
+many short-lived per-sample gradient tensors.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import os
 import sys
 
+from sepals.common.log import QUIET_LIBRARY_ENV
+
 # Flower sends anonymous usage telemetry unless told not to. A privacy product does not.
 PROCESS_ENV_DEFAULTS = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "HF_HUB_OFFLINE": "1",
+    **QUIET_LIBRARY_ENV,
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     # glibc malloc tuning: Opacus allocates many short-lived per-sample gradient

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 from sepals.common.accounting import epsilon_pair
 from sepals.common.fairness import format_spread
+from sepals.common.model_changes import describe_replacements
 from sepals.simulations.reasons import LINE_REASON_CHARS, clean_reason
+
+if TYPE_CHECKING:
+    from sepals.simulations.config import SimulationConfig
 
 
 def _who(entries: list[dict[str, str]]) -> str:
@@ -85,7 +90,14 @@ def model_text(model: dict[str, Any] | None) -> str:
     if not model:
         return ""
     counts = model["parameters"]
-    start = "pretrained" if model.get("pretrained") else "seeded"
+    start = "pretrained model" if model.get("pretrained") else "seeded model"
+    supplied = model.get("checkpoint_supplied")
+    if supplied:
+        start += (
+            f" ({supplied['supplied']:,} of {supplied['total']:,} parameters from the checkpoint)"
+        )
+    if model.get("replaced_layers"):
+        start += f" (for DP-SGD: {describe_replacements(model['replaced_layers'])})"
     ring = model.get("he_ring")
     ring_text = (
         f" | HE ring N={ring['poly_modulus_degree']}, {ring['ciphertexts_per_update']} "
@@ -94,7 +106,7 @@ def model_text(model: dict[str, Any] | None) -> str:
         else ""
     )
     return (
-        f" | {start} model, training {counts['trainable']:,} of {counts['total']:,} "
+        f" | {start}, training {counts['trainable']:,} of {counts['total']:,} "
         f"parameters ({model['trainable']}; {counts['trainable_fp32_bytes'] / 1e3:.1f} kB "
         f"fp32 per update){ring_text}"
     )
@@ -111,4 +123,29 @@ def _mask_text(row: dict[str, Any]) -> str:
     return (
         f" | masked {mask['survivors']}/{mask['members']} (T={mask['threshold']}, "
         f"{mask['dropouts']} dropped) {state}"
+    )
+
+
+def start_line(config: SimulationConfig) -> str:
+    """The line printed before a run starts: who, what, how private, where the output goes."""
+    fed, pc = config.federation, config.privacy
+    dp = f"eps={pc.target_epsilon:g} delta={pc.delta:g}" if pc.enabled else "off"
+    ray_text = (
+        "starting Ray"
+        if config.ray_address is None
+        else f"joining the Ray cluster at {config.ray_address}"
+    )
+    return (
+        f"starting: {config.clients} clients, {config.label}, {config.partition}, "
+        f"{fed.rounds} rounds, fraction {fed.fraction_train:g}, DP {dp}, encryption "
+        f"{config.encryption.scheme}, device {config.device}; provisioning keys, "
+        f"{ray_text}; output in {os.path.abspath(config.out)}"
+    )
+
+
+def started_line(info: dict[str, Any], metric_name: str = "accuracy") -> str:
+    """The line printed once the run is up: start-up time, round 0's metric, the model."""
+    return (
+        f"started in {info['startup_seconds']:.1f} s | round 0: "
+        f"{format_metric(metric_name, info.get('metric'))}{model_text(info.get('model'))}"
     )

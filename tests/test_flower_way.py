@@ -2,22 +2,15 @@
 
 In-process tests exchange real Flower messages between a stock Flower 1.41 app
 (``FedAvg``, a ClientApp that reads ``msg.content["arrays"]``) and a sepals one, in both
-directions; the slow test runs ``flwr run .`` itself in Flower's local simulation.
+directions. ``flwr run .`` itself, in Flower's local simulation, runs as the README
+shows it in ``tests/test_docs_run.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import tomllib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -324,133 +317,3 @@ def test_flwr_serverapp_never_holds_the_secret_key(
         server_app(grid, context)  # type: ignore[arg-type]
     assert seen["mode"] == 0o600
     assert not (tmp_path / "flwr-home" / "sepals-runs" / "78" / "keys" / "clients.secret").exists()
-
-
-# --------------------------------------------------------------------------- flwr run .
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line mentions ``text`` (our private FLWR_HOME path)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if text in cmdline or f"FLWR_HOME={text}".encode() in environ:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _installed() -> list[tuple[str, str]]:
-    """Every distribution installed in this environment, as ``(name, version)``."""
-    import importlib.metadata
-
-    return sorted((str(d.metadata["Name"]), d.version) for d in importlib.metadata.distributions())
-
-
-def _stop(pids: list[int]) -> None:
-    for pid in pids:
-        if pid != os.getpid():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
-
-
-@pytest.fixture
-def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    home = str(tmp_path / "flwr-home")
-    env = {
-        **os.environ,
-        "FLWR_HOME": home,
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "HF_HUB_OFFLINE": "1",
-        # A private local SuperLink: its own ports, so no one else's is reused.
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    yield env
-    # Whatever a failed test left running with our private FLWR_HOME.
-    _stop(_pids_mentioning(home))
-    deadline = time.monotonic() + 15
-    while _pids_mentioning(home) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    for pid in _pids_mentioning(home):
-        if pid != os.getpid():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
-@pytest.mark.slow
-def test_flwr_run_trains_the_default_job_offline(flwr_env: dict[str, str]) -> None:
-    flwr = shutil.which("flwr", path=flwr_env["PATH"])
-    assert flwr is not None
-    before = _installed()
-    proc = subprocess.run(
-        [
-            flwr,
-            "run",
-            ".",
-            "--stream",
-            "--run-config",
-            "rounds=2 fraction-evaluate=1.0",
-            "--federation-config",
-            "num-supernodes=2 client-resources-num-cpus=1",
-        ],
-        cwd=ROOT,
-        env=flwr_env,
-        capture_output=True,
-        text=True,
-        timeout=400,  # 141-172 s measured on the shared 2-core machine (load 5-9)
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    assert "Successfully started run" in out, out[-4000:]
-    assert "2 of 2 rounds aggregated" in out, out[-4000:]
-    assert "epsilon 8.0, encryption bfv" in out, out[-4000:]
-    line = next(ln for ln in out.splitlines() if "rounds aggregated" in ln)
-    eps = float(line.split("epsilon ")[1].split()[0])
-    assert 0.0 < eps <= 8.0
-    assert "federated accuracy" in line and "n/a" not in line
-    assert "federated evaluation on" in out, out[-4000:]
-    assert "Installing application dependencies" not in out
-    assert _installed() == before
-    assert not list((Path(flwr_env["FLWR_HOME"])).glob("runtime-envs/*"))
-    # The secret context was removed with the run.
-    assert not list(Path(flwr_env["FLWR_HOME"]).glob("sepals-runs/*/keys/clients.secret"))
-    # Flower 1.41 leaves its local SuperLink (and its SuperExec) running, detached; the
-    # run itself (simulation process, Ray, provisioner) left nothing behind.
-    home = flwr_env["FLWR_HOME"]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        left = {pid: _cmdline(pid) for pid in _pids_mentioning(home)}
-        others = [c for c in left.values() if not _is_local_superlink(c)]
-        if not others:
-            break
-        time.sleep(0.5)
-    assert not others, others
-    assert any("flower-superlink" in c for c in left.values()), left
-    _stop(list(left))
-    deadline = time.monotonic() + 20
-    while _pids_mentioning(home) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert _pids_mentioning(home) == []
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def _is_local_superlink(cmdline: str) -> bool:
-    return "flower-superlink" in cmdline or "flower-superexec" in cmdline

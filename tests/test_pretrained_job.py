@@ -74,6 +74,12 @@ def test_sepals_sim_fine_tunes_the_pretrained_backbone(
     assert model["checkpoint_sha256"] == checkpoint_sha256(checkpoint)
     assert 0 < counts["trainable"] < counts["total"]
     assert f"training {counts['trainable']:,} of {counts['total']:,} parameters" in printed
+    # What the checkpoint supplied: the whole frozen backbone, said on the start line.
+    supplied = model["checkpoint_supplied"]
+    frozen = counts["total"] - counts["trainable"]
+    assert supplied["frozen_supplied"] == supplied["frozen"] == frozen
+    text = f"{supplied['supplied']:,} of {counts['total']:,} parameters from the checkpoint"
+    assert text in printed
     assert "kB/client" in printed
     assert report["final"]["aggregated_rounds"] == 2
     assert all(c["epsilon"] <= 8.0 for c in report["clients"])
