@@ -20,7 +20,7 @@ from sepals.client.app import client_for
 from sepals.client.core import ClientRuntime
 from sepals.common.log import log
 from sepals.common.protocol import KEY_CONFIG, KEY_GLOBAL, KEY_METRICS
-from sepals.common.records import read_global_record
+from sepals.common.records import read_global_model
 from sepals.common.round_signature import global_model_digest
 
 _TRAIN, _EVALUATE = "train", "evaluate"
@@ -58,7 +58,7 @@ class LocalEvaluation:
         if kind == _TRAIN:
             self._pending = message
         elif kind == _EVALUATE and KEY_METRICS in reply.content.metric_records:
-            global_model = read_global_record(message.content.array_records.get(KEY_GLOBAL))
+            global_model = read_global_model(message.content.array_records.get(KEY_GLOBAL))
             config = message.content.config_records.get(KEY_CONFIG)
             server_round = None if config is None else config.get("server-round")
             metrics = reply.content.metric_records[KEY_METRICS]
@@ -69,7 +69,7 @@ class LocalEvaluation:
         message, self._pending = self._pending, None
         if message is None:
             return
-        global_model = read_global_record(message.content.array_records.get(KEY_GLOBAL))
+        global_model = read_global_model(message.content.array_records.get(KEY_GLOBAL))
         if global_model_digest(global_model) == self._last:
             return
         client = client_for(self.runtime)

@@ -26,7 +26,7 @@ from flwr.supercore.utils import get_flwr_home
 
 from sepals.common.config import EncryptionConfig
 from sepals.common.log import log
-from sepals.common.records import read_global_record
+from sepals.common.records import read_global_model
 from sepals.simulations.config import AppSource
 from sepals.simulations.evaluator import evaluator_data, evaluator_keys, evaluator_run
 from sepals.simulations.helper_process import HelperProcess
@@ -124,7 +124,7 @@ class CentralEvaluation:
         """Decrypt and score round ``server_round``'s global model (the strategy's hook)."""
         self._ready.result()
         loss, value, error, _ = self._helper.submit(
-            evaluator_run, read_global_record(arrays), self.seed
+            evaluator_run, read_global_model(arrays), self.seed
         ).result()
         if error is not None and error not in self._errors:
             self._errors.append(error)

@@ -46,7 +46,10 @@ def _lines_printed(flower: logging.Logger) -> list[str]:
     stream = io.StringIO()
     root_handler = logging.StreamHandler(stream)
     root.addHandler(root_handler)
-    own = [h for h in flower.handlers if isinstance(h, logging.StreamHandler)]
+    from flwr.common.logger import ConsoleHandler
+
+    # pytest's capture handlers may sit there too; Flower's own is the ConsoleHandler.
+    own = [h for h in flower.handlers if isinstance(h, ConsoleHandler)]
     assert len(own) == 1, "Flower's own console handler"
     previous = own[0].setStream(stream)
     try:
