@@ -177,9 +177,13 @@ def _masked_pair(client: BfvCodec, seed: int) -> tuple[list[bytes], np.ndarray]:
 
 
 def _attempts(server: BfvCodec, old: bytes, fresh: bytes) -> dict[str, bytes]:
-    """Every way of sending ``old`` again, and uploads spliced from ``old`` and ``fresh``."""
+    """Every way of sending ``old`` again, and uploads spliced from ``old`` and ``fresh``.
+
+    A variant changes both ciphertexts: neither gives the replay away by itself.
+    """
     first, second = chunks_of(old)
-    out = {name: with_chunks(old, [ct, second]) for name, ct in variants(server, first).items()}
+    both = variants(server, first), variants(server, second)
+    out = {name: with_chunks(old, [ct, both[1][name]]) for name, ct in both[0].items()}
     out["old first ciphertext, fresh second"] = with_chunks(old, [first, chunks_of(fresh)[1]])
     out["ciphertexts swapped"] = with_chunks(old, [second, first])
     return out
