@@ -13,10 +13,13 @@ Route, for a flat vector ``x`` (a client's weighted update ``n * w``):
 3. **Encrypt** with the secret key as a *seeded* symmetric ciphertext: SEAL stores the
    uniformly random half of the ciphertext as a 64-byte PRNG seed, so an upload is
    ``N`` coefficients of the 60-bit data prime for ``2N`` values: ~4 bytes per value,
-   the size of fp32.
+   the size of fp32. It is sent in the one encoding the server accepts, uncompressed
+   (:mod:`sepals.common.seal_canon`).
 
-The server loads each ciphertext (SEAL expands the seed and checks that the data is
-valid for the parameters), checks parms id, size and form, and adds. BFV addition is
+The server accepts an upload only in that encoding, loads each ciphertext (SEAL expands
+the seed and checks that the data is valid for the parameters), checks parms id, size
+and form, keys it by its seed and by its c0 (a ciphertext whose seed or c0 was accepted
+before is a replay, see :meth:`BfvCodec._admit_chunks`), and adds. BFV addition is
 exact modulo t, and the configuration guarantees the sum never wraps and its noise
 never reaches the decryption threshold (see :class:`~sepals.common.config.EncryptionConfig`),
 so the decoded sum equals the sum of the clients' quantized integers *exactly*. The
@@ -27,7 +30,6 @@ Keys and SEAL objects travel as bytes through :mod:`sepals.common.seal_bundle`.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,11 +37,13 @@ import numpy as np
 import numpy.typing as npt
 
 from sepals.common.codec import (
+    CheckedUpload,
     FloatVector,
     PayloadHeader,
     UpdateCodec,
     as_finite_vector,
     pack_payload,
+    replay_key,
     unpack_payload,
 )
 from sepals.common.config import EncryptionConfig
@@ -56,10 +60,9 @@ from sepals.common.seal_bundle import (
     seal_params,
     unpack_bundle,
 )
+from sepals.common.seal_canon import SEAL_HEADER, SEAL_MAGIC, SeededLayout
 
 CODEC_BFV = 3
-_SEAL_MAGIC = 0xA15E
-_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, major, minor, compr, rsv, size
 # Serialized ciphertext bytes per coefficient word, with room for SEAL's headers.
 _SEAL_OVERHEAD = 4096
 
@@ -128,6 +131,13 @@ class BfvCodec(UpdateCodec):
         n = config.poly_modulus_degree
         # Largest serialized ciphertext we accept: two full polynomials plus headers.
         self._max_chunk = 2 * n * len(self._q) * 8 + _SEAL_OVERHEAD
+        version = seal.Serialization.SEALHeader()
+        self._layout = SeededLayout(
+            tuple(int(word) for word in self._parms_id),
+            n,
+            len(self._q),
+            (int(version.version_major), int(version.version_minor)),
+        )
 
     @classmethod
     def for_server(cls, public_bundle: bytes, config: EncryptionConfig) -> BfvCodec:
@@ -262,7 +272,8 @@ class BfvCodec(UpdateCodec):
         for row in rows:
             plain = seal.Plaintext()
             self._encoder.encode(row.tolist(), plain)
-            chunks.append(self._files.dump(self._encryptor.encrypt_symmetric(plain)))
+            seeded = self._files.dump(self._encryptor.encrypt_symmetric(plain))
+            chunks.append(self._layout.from_seal(seeded))
         return pack_payload(self.codec_id, self.fingerprint, q.size, chunks), error
 
     def decode(self, payload: bytes) -> npt.NDArray[np.float64]:
@@ -323,10 +334,10 @@ class BfvCodec(UpdateCodec):
 
     # ------------------------------------------------------------------ server side
     def _check_seal_header(self, i: int, chunk: bytes) -> None:
-        if len(chunk) < _SEAL_HEADER.size:
+        if len(chunk) < SEAL_HEADER.size:
             raise MalformedPayloadError(f"ciphertext {i} is shorter than a SEAL header")
-        magic, head_size, major, _minor, compr, _rsv, size = _SEAL_HEADER.unpack_from(chunk)
-        if magic != _SEAL_MAGIC or head_size != _SEAL_HEADER.size or major not in (3, 4):
+        magic, head_size, major, _minor, compr, _rsv, size = SEAL_HEADER.unpack_from(chunk)
+        if magic != SEAL_MAGIC or head_size != SEAL_HEADER.size or major not in (3, 4):
             raise MalformedPayloadError(f"ciphertext {i} has no valid SEAL header")
         if compr > 2 or size != len(chunk):
             raise MalformedPayloadError(
@@ -338,39 +349,60 @@ class BfvCodec(UpdateCodec):
                 "ciphertext of these parameters can need"
             )
 
-    def _load_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> list[Any]:
-        import tenseal.sealapi as seal
-
-        per_ct = self._config.values_per_ciphertext
-        expected = -(-header.length // per_ct)
+    def _check_count(self, header: PayloadHeader, chunks: list[bytes]) -> None:
+        expected = -(-header.length // self._config.values_per_ciphertext)
         if len(chunks) != expected:
             raise MalformedPayloadError(
                 f"payload of {header.length} values must hold {expected} ciphertexts, "
                 f"holds {len(chunks)}"
             )
-        loaded = []
+
+    def _load_one(self, i: int, chunk: bytes) -> Any:
+        import tenseal.sealapi as seal
+
+        self._check_seal_header(i, chunk)
+        ct = seal.Ciphertext()
+        try:
+            self._files.load(chunk, lambda p: ct.load(self._ctx, p))
+        except Exception as exc:
+            raise MalformedPayloadError(f"ciphertext {i} does not deserialize: {exc}") from exc
+        if (
+            ct.size() != 2
+            or ct.parms_id() != self._parms_id
+            or ct.poly_modulus_degree() != self._config.poly_modulus_degree
+            or ct.coeff_modulus_size() != len(self._q)
+            or ct.is_ntt_form()
+            or ct.is_transparent()
+            or not seal.is_valid_for(ct, self._ctx)
+        ):
+            raise MalformedPayloadError(
+                f"ciphertext {i} is not a fresh two-part BFV ciphertext at the data level "
+                "of this federation's parameters"
+            )
+        return ct
+
+    def _load_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> list[Any]:
+        self._check_count(header, chunks)
+        return [self._load_one(i, chunk) for i, chunk in enumerate(chunks)]
+
+    def _admit_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> CheckedUpload:
+        """Canonical seeded ciphertexts only; each keyed by its seed and by its c0.
+
+        A seeded ciphertext is ``(c0, c1)`` with ``c1`` expanded from the seed. An honest
+        one has a fresh 512-bit seed and a ``c0`` as uniform as ``c1`` (it is
+        ``-(c1 s + e) + delta m``), so no two share either half. A re-sent ciphertext keeps
+        both halves whatever its encoding, and one altered by someone without the key
+        (a constant added to ``c0``, or another seed) keeps one of them: any half seen
+        before marks a replay.
+        """
+        self._check_count(header, chunks)
+        loaded: list[Any] = []
+        keys: list[int] = []
         for i, chunk in enumerate(chunks):
-            self._check_seal_header(i, chunk)
-            ct = seal.Ciphertext()
-            try:
-                self._files.load(chunk, lambda p, ct=ct: ct.load(self._ctx, p))
-            except Exception as exc:
-                raise MalformedPayloadError(f"ciphertext {i} does not deserialize: {exc}") from exc
-            if (
-                ct.size() != 2
-                or ct.parms_id() != self._parms_id
-                or ct.poly_modulus_degree() != self._config.poly_modulus_degree
-                or ct.coeff_modulus_size() != len(self._q)
-                or ct.is_ntt_form()
-                or ct.is_transparent()
-                or not seal.is_valid_for(ct, self._ctx)
-            ):
-                raise MalformedPayloadError(
-                    f"ciphertext {i} is not a fresh two-part BFV ciphertext at the data level "
-                    "of this federation's parameters"
-                )
-            loaded.append(ct)
-        return loaded
+            c0, seed = self._layout.parse(i, chunk)
+            loaded.append(self._load_one(i, chunk))
+            keys += [replay_key(b"bfv-seed", seed), replay_key(b"bfv-c0", c0)]
+        return CheckedUpload(loaded, tuple(keys))
 
     def _sum_chunks(
         self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None

@@ -18,12 +18,14 @@ import numpy.typing as npt
 from sepals.common.codec import (
     CODEC_CKKS,
     FINGERPRINT_BYTES,
+    CheckedUpload,
     FloatVector,
     PayloadHeader,
     UpdateCodec,
     as_finite_vector,
     pack_payload,
     refuse_slot_offset,
+    replay_key,
 )
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import (
@@ -214,6 +216,24 @@ class CkksCodec(UpdateCodec):
                 )
             loaded.append(vec)
         return loaded
+
+    def _admit_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> CheckedUpload:
+        """Each chunk exactly as TenSEAL re-serializes what it loaded; keyed by those bytes.
+
+        TenSEAL's serialization of a loaded vector is deterministic, so requiring the
+        chunk to equal it leaves one encoding per ciphertext, and a key of the bytes is a
+        key of the ciphertext.
+        """
+        loaded = self._load_chunks(header, chunks)
+        keys = []
+        for i, (chunk, vec) in enumerate(zip(chunks, loaded, strict=True)):
+            if bytes(vec.serialize()) != chunk:
+                raise MalformedPayloadError(
+                    f"ciphertext {i} is not in TenSEAL's own encoding of it (re-compressed, "
+                    "padded or with fields reordered)"
+                )
+            keys.append(replay_key(b"ckks", chunk))
+        return CheckedUpload(loaded, tuple(keys))
 
     def _sum_chunks(
         self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None

@@ -19,6 +19,11 @@ Three codecs share that envelope and one code path (:mod:`sepals.common.scheme` 
 Key fingerprint: the first 16 bytes of SHA-256 over the public context (public key and
 encryption parameters, no secret key). Every payload carries it, so a ciphertext made
 under a foreign key is rejected by name before anything is added.
+
+A client's upload is checked by :meth:`UpdateCodec.validate_upload`: it must be the one
+encoding its codec accepts (for BFV, :mod:`sepals.common.seal_canon`), and it yields
+*replay keys* computed from the parsed ciphertexts, never from the raw bytes, so that the
+server can refuse a ciphertext it accepted before however it is re-encoded.
 """
 
 from __future__ import annotations
@@ -49,6 +54,21 @@ CODEC_CKKS = 2
 _HEADER = struct.Struct("<4sB16sQI")
 FINGERPRINT_BYTES = 16
 PLAIN_FINGERPRINT = hashlib.sha256(b"sepals/plain-fp32").digest()[:FINGERPRINT_BYTES]
+#: Bytes of a replay key: the first 8 of a domain-separated SHA-256.
+REPLAY_KEY_BYTES = 8
+
+
+def replay_key(domain: bytes, data: bytes | memoryview) -> int:
+    """A 64-bit key of ``data`` (a parsed part of a ciphertext), unique to ``domain``.
+
+    Keys only ever make uploads look *alike*: an upload whose key was seen is refused, so
+    a shorter key cannot let a replay through. Two different honest ciphertexts share a
+    key with probability about ``n**2 / 2**65`` over ``n`` accepted keys (3e-6 at ten
+    million), which costs that client one round.
+    """
+    digest = hashlib.sha256(b"sepals/replay/" + domain + b"\x00")
+    digest.update(data)
+    return int.from_bytes(digest.digest()[:REPLAY_KEY_BYTES], "little")
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,21 @@ class PayloadHeader:
     fingerprint: bytes
     length: int
     chunk_sizes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CheckedUpload:
+    """A client's upload that passed every check of :meth:`UpdateCodec.validate_upload`.
+
+    Attributes:
+        loaded: The deserialized chunks, ready for :meth:`UpdateCodec.aggregate_loaded`.
+        replay_keys: Keys of the parsed ciphertexts (see :func:`replay_key`); the server
+            refuses an upload any of whose keys it accepted before.
+
+    """
+
+    loaded: list[Any]
+    replay_keys: tuple[int, ...]
 
 
 def pack_payload(codec_id: int, fingerprint: bytes, length: int, chunks: Sequence[bytes]) -> bytes:
@@ -237,6 +272,31 @@ class UpdateCodec(ABC):
         self.check_header(header, expected_length)
         return self._load_chunks(header, chunks)
 
+    def validate_upload(self, payload: bytes, expected_length: int | None = None) -> CheckedUpload:
+        """Check a client's upload in the one encoding this codec accepts; key its content.
+
+        Stricter than :meth:`validate` (which also reads sums and checkpoints): every chunk
+        must be the codec's canonical encoding. The replay keys come from the parsed
+        ciphertexts, so every encoding of an accepted ciphertext has its keys.
+
+        Raises:
+            MalformedPayloadError: not the canonical encoding, or the same ciphertext
+                twice in one upload; or as :meth:`validate`.
+            ForeignKeyError: the payload was made under another key.
+            NonFiniteUpdateError: a plaintext payload holds NaN or infinity.
+
+        """
+        header, chunks = unpack_payload(payload)
+        self.check_header(header, expected_length)
+        checked = self._admit_chunks(header, chunks)
+        if len(set(checked.replay_keys)) != len(checked.replay_keys):
+            raise MalformedPayloadError("the upload holds the same ciphertext twice")
+        return checked
+
+    @abstractmethod
+    def _admit_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> CheckedUpload:
+        """Check that each chunk is canonical, load it, and key it."""
+
     def aggregate(self, payloads: Sequence[bytes], expected_length: int | None = None) -> bytes:
         """Add payloads element-wise and return the sum as a payload.
 
@@ -320,6 +380,16 @@ class PlainCodec(UpdateCodec):
         if not np.all(np.isfinite(values)):
             raise NonFiniteUpdateError("plain update holds NaN or infinite values")
         return [values]
+
+    def _admit_chunks(self, header: PayloadHeader, chunks: list[bytes]) -> CheckedUpload:
+        """fp32 values of exactly the declared length; keyed by their values.
+
+        The key is over the values with -0.0 read as 0.0 (NaN and infinity are refused),
+        so two payloads that hold the same numbers have the same key.
+        """
+        (values,) = self._load_chunks(header, chunks)
+        canonical = (values + np.float32(0.0)).astype("<f4")
+        return CheckedUpload([values], (replay_key(b"plain-fp32", canonical.tobytes()),))
 
     def _sum_chunks(
         self, loaded: Sequence[list[Any]], slot_offset: npt.NDArray[np.uint64] | None = None

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 import math
@@ -32,7 +34,7 @@ from sepals.server.serverapp.roster import (
     RosterError,
 )
 from sepals.server.serverapp.state import CheckpointError, StateDir
-from sepals.server.serverapp.strategy import EncryptedFedAvg
+from sepals.server.serverapp.strategy import EncryptedFedAvg, ReplayKeys
 
 CFG = EncryptionConfig(scheme="ckks")
 LENGTH = 50
@@ -328,7 +330,7 @@ def test_replayed_ciphertext_is_refused_in_the_round_later_and_after_a_restart(b
     spoof.content.config_records[KEY_CLIENT]["client-id"] = "c1"
     arrays, metrics = strategy.aggregate_train(1, [*honest, spoof])
     assert metrics["accepted"] == 2 and strategy.current_round.excluded == [
-        (3, "duplicate ciphertext")
+        (3, "duplicate ciphertext: accepted earlier in this round")
     ]
     assert [c.client_id for c in strategy.current_round.clients] == ["c1", "c2"]
     # without a roster the claimed name is taken, and only once per round
@@ -339,16 +341,15 @@ def test_replayed_ciphertext_is_refused_in_the_round_later_and_after_a_restart(b
     # a later round refuses it too
     _, metrics = strategy.aggregate_train(2, [_reply(3, payloads[1], 70)])
     assert metrics["accepted"] == 0 and strategy.current_round.excluded == [
-        (3, "duplicate ciphertext")
+        (3, "duplicate ciphertext: accepted in an earlier round")
     ]
     # and so does a restarted server resumed from the checkpoint
     state = StateDir(tmp_path / "state")
     state.save_checkpoint(strategy, 2)
     checkpoint = state.load_checkpoint(server, LENGTH)
-    assert (
-        checkpoint.payload_digests == strategy.payload_digests
-        and len(checkpoint.payload_digests) == 2
-    )
+    # two keys (seed and c0) for each of the two accepted one-ciphertext uploads
+    assert ReplayKeys.from_bytes(checkpoint.replay_keys) == strategy.replay_keys
+    assert len(strategy.replay_keys) == 4
     resumed = EncryptedFedAvg(server, LENGTH, fed, round_offset=2, roster=roster)
     checkpoint.restore(resumed)
     assert resumed.latest_global is not None
@@ -356,27 +357,51 @@ def test_replayed_ciphertext_is_refused_in_the_round_later_and_after_a_restart(b
     fresh = client.encode(np.ones(LENGTH))
     _, metrics = resumed.aggregate_train(1, [_reply(1, payloads[0], 30), _reply(2, fresh, 1)])
     assert metrics["accepted"] == 1
-    assert resumed.current_round.excluded == [(1, "duplicate ciphertext")]
+    assert resumed.current_round.excluded == [
+        (1, "duplicate ciphertext: accepted in an earlier round")
+    ]
 
 
-def test_checkpoint_without_digests_loads_and_bad_digests_are_refused(tmp_path):
+def test_older_checkpoints_load_and_damaged_replay_keys_are_refused(tmp_path, caplog):
     codec = PlainCodec()
     strategy = EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=2, min_train_clients=1))
-    strategy.aggregate_train(1, [_reply(1, codec.encode(np.ones(LENGTH)), 1)])
+    sent = codec.encode(np.ones(LENGTH))
+    strategy.aggregate_train(1, [_reply(1, sent, 1)])
     state = StateDir(tmp_path)
     state.save_checkpoint(strategy, 1)
     path = tmp_path / "checkpoint.json"
     meta = json.loads(path.read_text())
-    assert len(meta["payload_digests"]) == 1
-    del meta["payload_digests"]  # a checkpoint written before digests were kept
-    path.write_text(json.dumps(meta))
+    assert "payload_digests" not in meta
+    assert len(base64.b64decode(meta["replay_keys"])) == 8
+    # a checkpoint written before any digest was kept loads with none
+    older = {k: v for k, v in meta.items() if k != "replay_keys"}
+    path.write_text(json.dumps(older))
     old = state.load_checkpoint(codec, LENGTH)
-    assert old is not None and old.payload_digests == frozenset()
-    old.restore(EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=2), round_offset=1))
-    for bad in (["zz" * 32], "abc", [1]):
-        meta["payload_digests"] = bad
-        path.write_text(json.dumps(meta))
-        with pytest.raises(CheckpointError, match="payload_digests"):
+    assert old is not None and old.payload_digests == frozenset() and old.replay_keys == b""
+    # one with SHA-256 digests of raw payloads still refuses those bytes, and warns
+    older["payload_digests"] = [hashlib.sha256(sent).hexdigest()]
+    path.write_text(json.dumps(older))
+    with caplog.at_level(logging.WARNING, logger="sepals"):
+        old = state.load_checkpoint(codec, LENGTH)
+    assert "older sepals" in caplog.text and "byte for byte only" in caplog.text
+    resumed = EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=2), round_offset=1)
+    old.restore(resumed)
+    resumed.aggregate_train(1, [_reply(1, sent, 1)])
+    assert resumed.current_round.excluded == [
+        (1, "duplicate ciphertext: accepted in an earlier round")
+    ]
+    state.save_checkpoint(resumed, 2)  # and keeps them
+    assert json.loads(path.read_text())["payload_digests"] == older["payload_digests"]
+    for key, bad in (
+        ("payload_digests", ["zz" * 32]),
+        ("payload_digests", "abc"),
+        ("payload_digests", [1]),
+        ("replay_keys", "!!"),
+        ("replay_keys", base64.b64encode(bytes(7)).decode()),
+        ("replay_keys", 5),
+    ):
+        path.write_text(json.dumps({**meta, key: bad}))
+        with pytest.raises(CheckpointError, match=key):
             state.load_checkpoint(codec, LENGTH)
     with pytest.raises(ValueError, match="32 bytes"):
         strategy.remember_payload_digests([b"short"])
@@ -513,7 +538,7 @@ def test_any_exception_excludes_one_reply_with_a_sanitized_reason(caplog, monkey
     codec = PlainCodec()
     strategy = EncryptedFedAvg(codec, LENGTH, FederationConfig(rounds=1, min_train_clients=1))
     poison = codec.encode(np.full(LENGTH, 7.0))
-    real_validate = codec.validate
+    real_validate = codec.validate_upload
 
     def validate(payload, expected_length=None):
         if payload == poison:
@@ -522,7 +547,7 @@ def test_any_exception_excludes_one_reply_with_a_sanitized_reason(caplog, monkey
             raise MalformedPayloadError("bad \x1b[31m\n" + "y" * 1000)
         return real_validate(payload, expected_length)
 
-    monkeypatch.setattr(codec, "validate", validate)
+    monkeypatch.setattr(codec, "validate_upload", validate)
 
     class BrokenRoster(NodeRoster):
         def name_of(self, node_id, claimed):

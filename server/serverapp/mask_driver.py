@@ -290,7 +290,8 @@ class MaskDriver:
     @staticmethod
     def _left_out(server_round: int, stage: str, node: int, exc: Exception) -> None:
         if isinstance(exc, ReplyRejected | SepalsError):
-            reason = sanitize_text(str(exc))
+            # A client's own error text may be empty; the log still says what failed.
+            reason = sanitize_text(str(exc)) or f"{type(exc).__name__} with no reason given"
         else:
             reason = f"malformed reply ({type(exc).__name__})"
         log(WARNING, "round %s: %s of node %s left out: %s", server_round, stage, node, reason)

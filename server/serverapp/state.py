@@ -6,13 +6,17 @@ metadata and ciphertexts, never a secret key or a plaintext model)::
     STATE/metrics.jsonl        one JSON object per finished round (RoundRecord)
     STATE/checkpoint.json      the last finished round: codec, key fingerprint, weight
                                total, sampling-RNG state, SHA-256 of the model file,
-                               SHA-256 of every update payload accepted so far
+                               the replay keys of every ciphertext accepted so far
     STATE/global-model.spl     that round's encrypted global model (a codec payload)
     STATE/done.json            written when the configured rounds are all finished
 
 Checkpoints are written atomically, model file first, so ``checkpoint.json`` always
-names a complete model file. The payload digests let a restarted server go on refusing
-replayed ciphertexts; a checkpoint written before they existed loads with none.
+names a complete model file. The replay keys (8 bytes each, ascending, base64 in
+``replay_keys``) let a restarted server go on refusing replayed ciphertexts, however they
+are re-encoded. A checkpoint of an older sepals has SHA-256 digests of raw payloads
+instead (``payload_digests``): it loads, those payloads are still refused byte for byte,
+and a warning says that a re-encoded copy of one is not (a checkpoint older still, with
+neither, loads with none).
 
 Permissions: the directory is created with mode 0700; an existing one that group or
 other users may enter is tightened to 0700 with a warning (it belongs to sepals-server).
@@ -21,11 +25,13 @@ Every file written here is 0600 from its first byte.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +41,9 @@ from sepals.common.codec import UpdateCodec
 from sepals.common.errors import SepalsError
 from sepals.common.files import SECRET_MODE, make_private_dir
 from sepals.common.files import atomic_write as _atomic_write
+from sepals.common.log import log
 from sepals.common.records import global_record, read_global_model
-from sepals.server.serverapp.strategy import EncryptedFedAvg, RoundRecord
+from sepals.server.serverapp.strategy import EncryptedFedAvg, ReplayKeys, RoundRecord
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.json"
@@ -67,6 +74,7 @@ class Checkpoint:
     weight_total: float
     rng_state: dict[str, Any]
     payload_digests: frozenset[bytes] = field(default=frozenset(), repr=False)
+    replay_keys: bytes = field(default=b"", repr=False)
     summands: int | None = None
     excluded: dict[int, str] = field(default_factory=dict)
 
@@ -77,7 +85,7 @@ class Checkpoint:
         return global_record(self.payload, self.weight_total, self.summands)
 
     def restore(self, strategy: EncryptedFedAvg) -> None:
-        """Resume ``strategy`` from here: sampling RNG, global model, refused payloads.
+        """Resume ``strategy`` from here: sampling RNG, global model, refused ciphertexts.
 
         Also the clients excluded from the run. The strategy must be built with
         ``round_offset=self.round``.
@@ -86,6 +94,7 @@ class Checkpoint:
         if self.payload is not None:
             strategy.latest_global = self.arrays()
         strategy.remember_payload_digests(self.payload_digests)
+        strategy.remember_replay_keys(ReplayKeys.from_bytes(self.replay_keys))
         strategy.search.excluded.update(self.excluded)
 
 
@@ -144,9 +153,11 @@ class StateDir:
             "weight_total": 0.0,
             "model_sha256": None,
             "rng_state": strategy.rng.bit_generator.state,
-            "payload_digests": sorted(d.hex() for d in strategy.payload_digests),
+            "replay_keys": base64.b64encode(strategy.replay_keys.to_bytes()).decode("ascii"),
             "excluded_nodes": {str(n): why for n, why in strategy.search.excluded.items()},
         }
+        if strategy.payload_digests:
+            meta["payload_digests"] = sorted(d.hex() for d in strategy.payload_digests)
         if parsed is not None:
             payload, meta["weight_total"], meta["summands"] = parsed
             atomic_write(self.root / MODEL_FILE, payload)
@@ -190,15 +201,38 @@ class StateDir:
                 codec.validate(payload, vector_length)
             except SepalsError as exc:
                 raise CheckpointError(f"checkpointed model is not a valid payload: {exc}") from exc
+        digests = self._digests(meta.get("payload_digests", []))
+        if "replay_keys" not in meta and digests:
+            log(
+                WARNING,
+                "checkpoint in %s is from an older sepals: the %s uploads it accepted are "
+                "refused byte for byte only, not re-encoded",
+                self.root,
+                len(digests),
+            )
         return Checkpoint(
             round=int(meta["round"]),
             payload=payload,
             weight_total=float(meta["weight_total"]),
             rng_state=dict(meta["rng_state"]),
-            payload_digests=self._digests(meta.get("payload_digests", [])),
+            payload_digests=digests,
+            replay_keys=self._replay_keys(meta.get("replay_keys", "")),
             summands=self._summands(meta.get("summands")),
             excluded=self._excluded(meta.get("excluded_nodes", {})),
         )
+
+    def _replay_keys(self, raw: Any) -> bytes:
+        """The replay keys of a checkpoint (base64 of 8-byte words), checked."""
+        try:
+            if not isinstance(raw, str):
+                raise ValueError("not a string")
+            data = base64.b64decode(raw, validate=True)
+            ReplayKeys.from_bytes(data)
+        except ValueError as exc:  # binascii.Error is one too
+            raise CheckpointError(
+                f"checkpoint in {self.root}: replay_keys is not base64 of 8-byte keys ({exc})"
+            ) from exc
+        return data
 
     def _summands(self, raw: Any) -> int | None:
         """The update count of the checkpointed model (``None``: not recorded)."""

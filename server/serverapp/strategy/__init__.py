@@ -8,14 +8,15 @@ sum and divide. With the plain codec the very same code runs FedAvg in the clear
 
 Modules: :mod:`~.core` (settings, sampling, signed messages), :mod:`~.masked_round`,
 :mod:`~.evaluation`, :mod:`~.fedavg` (training and the strategy itself), :mod:`~.intake`
-(reply admission), :mod:`~.rounds` (what is recorded), :mod:`~.sampling` and
-:mod:`~.grid_io`.
+(reply admission), :mod:`~.replay` (the accepted ciphertexts' keys), :mod:`~.rounds`
+(what is recorded), :mod:`~.sampling` and :mod:`~.grid_io`.
 """
 
 from sepals.server.serverapp.strategy.evaluation import evaluation_spread
 from sepals.server.serverapp.strategy.fedavg import EncryptedFedAvg
 from sepals.server.serverapp.strategy.grid_io import exchange
 from sepals.server.serverapp.strategy.intake import codec_max_clients
+from sepals.server.serverapp.strategy.replay import ReplayKeys
 from sepals.server.serverapp.strategy.rounds import (
     ClientRoundReport,
     NodeOrder,
@@ -28,6 +29,7 @@ __all__ = [
     "ClientRoundReport",
     "EncryptedFedAvg",
     "NodeOrder",
+    "ReplayKeys",
     "RoundRecord",
     "RoundSigner",
     "codec_max_clients",

@@ -41,6 +41,7 @@ from sepals.server.serverapp.strategy.intake import (
     codec_max_clients,
     codec_quant_step,
 )
+from sepals.server.serverapp.strategy.replay import ReplayKeys
 from sepals.server.serverapp.strategy.rounds import (
     DIGEST_BYTES,
     NodeOrder,
@@ -107,7 +108,8 @@ class StrategyCore(Strategy):
         self._t_round = 0.0
         self._t_eval = 0.0
         self._quant_step = codec_quant_step(codec)
-        self._digests: set[bytes] = set()
+        self._seen = ReplayKeys()
+        self._legacy_digests: frozenset[bytes] = frozenset()
         self._train_sampled: tuple[int, frozenset[int]] | None = None
         self._eval_sampled: tuple[int, frozenset[int]] | None = None
         self.masking: MaskParams | None = None
@@ -141,12 +143,25 @@ class StrategyCore(Strategy):
         return self._current
 
     @property
+    def replay_keys(self) -> ReplayKeys:
+        """Replay keys of every ciphertext accepted so far (refused if sent again)."""
+        return self._seen.copy()
+
+    def remember_replay_keys(self, keys: ReplayKeys) -> None:
+        """Refuse ciphertexts with these replay keys from now on (restored from a checkpoint)."""
+        self._seen.add(keys)
+
+    @property
     def payload_digests(self) -> frozenset[bytes]:
-        """SHA-256 digests of every payload accepted so far (refused if sent again)."""
-        return frozenset(self._digests)
+        """SHA-256 digests of raw payloads from a checkpoint of an older sepals.
+
+        Such a checkpoint kept no replay keys; a payload with one of these digests is
+        still refused. They are kept in every later checkpoint.
+        """
+        return self._legacy_digests
 
     def remember_payload_digests(self, digests: Iterable[bytes]) -> None:
-        """Refuse these payload digests from now on (restored from a checkpoint).
+        """Refuse payloads with these raw SHA-256 digests (an older sepals' checkpoint).
 
         Raises:
             ValueError: a digest is not 32 bytes.
@@ -157,7 +172,7 @@ class StrategyCore(Strategy):
             if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
                 raise ValueError(f"a payload digest must be {DIGEST_BYTES} bytes")
             new.add(digest)
-        self._digests |= new
+        self._legacy_digests |= new
 
     # ------------------------------------------------------------------ helpers
     def summary(self) -> None:

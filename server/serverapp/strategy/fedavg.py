@@ -96,8 +96,11 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification):
     A train reply is excluded unless: it comes from a sampled node, once per round, that
     the roster knows; ``num-examples`` is an ``int`` in ``[1, cap]`` of that node;
     every privacy and timing figure is finite and in range; its payload is valid for
-    this codec, key and model size and is not byte-identical to a payload accepted in
-    this round or any earlier one (SHA-256 digests, kept across restarts in the
+    this codec, key and model size, in the one encoding the codec accepts
+    (:meth:`~sepals.common.codec.UpdateCodec.validate_upload`: for BFV, uncompressed
+    seeded ciphertexts byte for byte), and holds no ciphertext accepted in this round or
+    any earlier one (replay keys of the parsed ciphertexts: for BFV, a ciphertext whose
+    seed or c0 was accepted before, however it is encoded; kept across restarts in the
     checkpoint); and fewer than ``max_clients`` updates were accepted before it. An
     evaluation reply needs ``num-examples`` in ``[1, cap]``, a finite ``loss >= 0``
     and ``accuracy`` in ``[0, 1]``.
@@ -116,9 +119,10 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification):
     by DP-SGD on the client's own data: the server checks a payload's form, key and
     length, never its content, and the privacy figures a client reports are its own
     claims. Since all clients share the decryption key, one that obtains another's
-    ciphertext can also re-encrypt its contents into fresh bytes, which the duplicate
-    check does not catch. Its evaluation reports can likewise shift the federated loss
-    and accuracy within their ranges, at weight up to its cap.
+    ciphertext can also re-encrypt its contents into a fresh ciphertext, which the
+    replay check does not catch (it refuses the same ciphertext, not the same
+    plaintext). Its evaluation reports can likewise shift the federated loss and
+    accuracy within their ranges, at weight up to its cap.
 
     Sampling draws from ``numpy.random.default_rng(federation.seed)`` over the connected
     nodes sorted by :attr:`node_order`'s stable keys (default: by Flower node id). Flower
@@ -194,23 +198,26 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification):
             payload = payload_from_array(update[KEY_PAYLOAD])
         except Exception as exc:
             raise ReplyRejected("update is not a sepals payload array") from exc
-        digest = hashlib.sha256(payload).digest()
-        if digest in self._digests or digest in intake.digests:
-            raise ReplyRejected("duplicate ciphertext")
+        if self._legacy_digests and hashlib.sha256(payload).digest() in self._legacy_digests:
+            raise ReplyRejected("duplicate ciphertext: accepted in an earlier round")
         try:
-            loaded = self.codec.validate(payload, self.vector_length)
+            checked = self.codec.validate_upload(payload, self.vector_length)
         except SepalsError:
             raise
         except Exception as exc:
             raise ReplyRejected("malformed payload") from exc
-        if self.max_clients is not None and len(intake.digests) >= self.max_clients:
+        if self._seen.any_of(checked.replay_keys):
+            raise ReplyRejected("duplicate ciphertext: accepted in an earlier round")
+        if not intake.keys.isdisjoint(checked.replay_keys):
+            raise ReplyRejected("duplicate ciphertext: accepted earlier in this round")
+        if self.max_clients is not None and intake.accepted >= self.max_clients:
             raise ReplyRejected(
                 f"max_clients={self.max_clients} updates already accepted this round"
             )
         report = ClientRoundReport(
             node_id=node, client_id=name, accountant=accountant, **asdict(metrics)
         )
-        return Admitted(loaded, len(payload), digest, report)
+        return Admitted(checked.loaded, len(payload), checked.replay_keys, report)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -250,7 +257,8 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification):
                         for accused in accusations(reason):
                             self.search.accused(accused, node)
                 continue
-            intake.digests.add(admitted.digest)
+            intake.keys.update(admitted.replay_keys)
+            intake.accepted += 1
             intake.names.add(admitted.report.client_id)
             loaded_all.append(admitted.loaded)
             weight_total += update_weight(
@@ -258,8 +266,8 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification):
             )
             record.upload_bytes += admitted.nbytes
             record.clients.append(admitted.report)
-        # Accepted payloads are refused from now on, whether or not this round adds them.
-        self._digests |= intake.digests
+        # Accepted ciphertexts are refused from now on, whether or not this round adds them.
+        self._seen.add(intake.keys)
         record.accepted = len(loaded_all)
         eps = [c.epsilon for c in record.clients if c.epsilon is not None]
         record.max_epsilon = max(eps) if eps else None

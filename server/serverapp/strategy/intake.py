@@ -86,7 +86,8 @@ class Intake:
     expected: frozenset[int] | None  # the sampled nodes, when this strategy sampled them
     nodes: set[int] = field(default_factory=set)
     names: set[str] = field(default_factory=set)
-    digests: set[bytes] = field(default_factory=set)
+    keys: set[int] = field(default_factory=set)  # replay keys of the accepted uploads
+    accepted: int = 0
 
     def admit_node(self, node: int) -> None:
         """Count one reply of ``node``; refuse an unsampled node or a second reply."""
@@ -108,5 +109,5 @@ class Admitted:
 
     loaded: list[Any]
     nbytes: int
-    digest: bytes
+    replay_keys: tuple[int, ...]
     report: ClientRoundReport

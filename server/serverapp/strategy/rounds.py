@@ -9,7 +9,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-DIGEST_BYTES = 32  # SHA-256 of an accepted payload
+DIGEST_BYTES = 32  # SHA-256 of a payload accepted by an older sepals (its checkpoints)
 
 
 # Stable sampling keys: (grid, connected node ids) -> a key per node id.
