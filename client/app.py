@@ -371,6 +371,18 @@ def make_client_app(
 
         return _guarded(msg, context, "reveal mask shares", work, on_failure)
 
+    def signed_round(
+        msg: Message, context: Context
+    ) -> tuple[ClientRuntime, SepalsClient, GlobalModel | None, RoundConfig]:
+        """Runtime, client, global model and config of a round message the plan admits."""
+        runtime = provider(context)
+        client = client_for(runtime)
+        global_model = _global_of(msg)
+        cfg = client.admit(
+            msg.metadata.message_type, msg.content.config_records.get(KEY_CONFIG), global_model
+        )
+        return runtime, client, global_model, cfg
+
     @app.train("verify_global")
     def verify_global(msg: Message, context: Context) -> Message:
         """Check a round's candidate global model before the server adopts it.
@@ -380,12 +392,7 @@ def make_client_app(
         """
 
         def work() -> Message:
-            runtime = provider(context)
-            client = client_for(runtime)
-            global_model = _global_of(msg)
-            cfg = client.admit(
-                msg.metadata.message_type, msg.content.config_records.get(KEY_CONFIG), global_model
-            )
+            runtime, client, global_model, cfg = signed_round(msg, context)
             if global_model is None:
                 raise MalformedPayloadError("no candidate global model to verify")
             client.global_weights(cfg, global_model)
@@ -397,12 +404,7 @@ def make_client_app(
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         def work() -> Message:
-            runtime = provider(context)
-            client = client_for(runtime)
-            global_model = _global_of(msg)
-            cfg = client.admit(
-                msg.metadata.message_type, msg.content.config_records.get(KEY_CONFIG), global_model
-            )
+            runtime, client, global_model, cfg = signed_round(msg, context)
             metrics = client.evaluate(cfg, global_model)
             content = RecordDict(
                 {
