@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from torch.utils.data import Dataset
 
+from sepals.client.epsilon import release_reserve
 from sepals.client.privacy import PrivacyLedger, planned_participation
 from sepals.client.secret_random import DpRandomness
 from sepals.client.training import (
@@ -323,7 +324,10 @@ class SepalsClient:
             raise DeltaTooLargeError(problem)
         sample_rate, steps = dp_schedule(n, settings)
         planned = planned_participation(plan.rounds, plan.fraction_train)
-        return settings, ledger.calibrated(rt.privacy, sample_rate, steps, planned), steps
+        # Training leaves room in the budget for the plan's explanation releases.
+        reserve = release_reserve(plan.explanation, rt.privacy)
+        calibrated = ledger.calibrated(rt.privacy, sample_rate, steps, planned, reserve)
+        return settings, calibrated, steps
 
     def evaluate(
         self, cfg: RoundConfig, global_model: GlobalModel | tuple[bytes, float] | None

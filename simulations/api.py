@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sepals.common.config import DEFAULT_UPDATE_BOUND, EncryptionConfig, PrivacyConfig
+from sepals.common.explain_spec import explanation_option
 from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.log import show_flower_once
 from sepals.simulations.process_env import apply_process_env
@@ -78,6 +79,7 @@ def simulate(
     update_bound: float = DEFAULT_UPDATE_BOUND,
     print_progress: bool = True,
     verbose: bool = False,
+    explain: Any = None,
 ) -> SimulationResult:
     """Simulate ``app`` over ``clients`` clients and return the report and trained model.
 
@@ -125,6 +127,11 @@ def simulate(
         print_progress: Print what ``sepals-sim`` prints: the start line, one line per
             round and the summary.
         verbose: Also show Flower's own log lines (each once), as ``sepals-sim -v``.
+        explain: After training, a private federated explanation round and a central
+            one to compare (``explanation.json``, ``explanation.png``, the report's
+            ``explanation``): ``True`` (the defaults), a method name, a dict of
+            :class:`~sepals.common.explain_spec.ExplanationSpec` fields or a spec; its
+            epsilon comes out of every client's budget (docs/explain.md).
 
     Returns:
         ``(report, model)``. ``report["final"]["aggregated_rounds"]`` counts the rounds
@@ -190,6 +197,7 @@ def simulate(
         batch_size=batch_size,
         learning_rate=learning_rate,
         seed=seed,
+        explanation=explanation_option(explain),
     )
     if noise_shares != 1:
         if encryption.scheme != "bfv":

@@ -7,12 +7,14 @@ server adds the ciphertexts and keeps ``sum(n_i)`` in the clear; clients decrypt
 sum and divide. With the plain codec the very same code runs FedAvg in the clear.
 
 Modules: :mod:`~.core` (settings, sampling, signed messages), :mod:`~.masked_round`,
-:mod:`~.evaluation`, :mod:`~.fedavg` (training and the strategy itself), :mod:`~.intake`
+:mod:`~.evaluation`, :mod:`~.explain` (the private explanation round after training),
+:mod:`~.fedavg` (training and the strategy itself), :mod:`~.intake`
 (reply admission), :mod:`~.rounds` (what is recorded), :mod:`~.sampling` and
 :mod:`~.grid_io`.
 """
 
 from sepals.server.serverapp.strategy.evaluation import evaluation_spread
+from sepals.server.serverapp.strategy.explain import ExplanationRecord
 from sepals.server.serverapp.strategy.fedavg import EncryptedFedAvg
 from sepals.server.serverapp.strategy.grid_io import exchange
 from sepals.server.serverapp.strategy.intake import codec_max_clients
@@ -27,6 +29,7 @@ from sepals.server.serverapp.strategy.sampling import simulation_node_order
 __all__ = [
     "ClientRoundReport",
     "EncryptedFedAvg",
+    "ExplanationRecord",
     "NodeOrder",
     "RoundRecord",
     "RoundSigner",

@@ -40,6 +40,7 @@ from sepals.server.serverapp.replies import (
 from sepals.server.serverapp.strategy.evaluation import (
     FederatedEvaluation,
 )
+from sepals.server.serverapp.strategy.explain import ExplanationPhase
 from sepals.server.serverapp.strategy.intake import (
     Admitted,
     Intake,
@@ -56,7 +57,7 @@ from sepals.server.serverapp.strategy.suspects import accusations
 from sepals.server.serverapp.strategy.verify import AggregateVerification
 
 
-class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification):
+class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification, ExplanationPhase):
     """FedAvg over encrypted (or plain) weighted updates.
 
     Args:
@@ -253,9 +254,7 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification):
             intake.digests.add(admitted.digest)
             intake.names.add(admitted.report.client_id)
             loaded_all.append(admitted.loaded)
-            weight_total += update_weight(
-                admitted.report.num_examples, self.federation.weight_cap
-            )
+            weight_total += update_weight(admitted.report.num_examples, self.federation.weight_cap)
             record.upload_bytes += admitted.nbytes
             record.clients.append(admitted.report)
         # Accepted payloads are refused from now on, whether or not this round adds them.
