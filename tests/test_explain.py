@@ -297,3 +297,28 @@ def test_a_plan_without_an_explanation_is_refused(bundle: bytes) -> None:
     assert reply.has_error() and "plan mismatch: explanation" in reply.error.reason
     with pytest.raises(ValueError, match="ckks"):
         FederationPlan.from_dict({**plan.to_dict(), "codec": "ckks", "explanation": SPEC.to_dict()})
+
+
+def test_a_deployment_asks_for_the_round_in_its_config(tmp_path: Any) -> None:
+    from sepals.server.control.config import ServerDeployConfig
+    from sepals.server.control.provision import ProvisionSpec, provision
+
+    spec = ExplanationSpec(epsilon=0.5, method="integrated_gradients")
+    result = provision(
+        ProvisionSpec(
+            out=tmp_path / "fl", clients=2, server_host="localhost", rounds=2, explanation=spec
+        )
+    )
+    # the default model's shape fills the plan's: 10 classes of 64 pixels
+    assert result.plan.explanation == dataclasses.replace(spec, targets=10, features=64)
+    toml = tmp_path / "fl" / "server" / "server.toml"
+    config = ServerDeployConfig.from_toml(toml)
+    assert config.federation.explanation == result.plan.explanation
+    config.run_spec().signer(config.codec())  # server.toml agrees with the plan
+    # a server.toml without the plan's explanation round is refused before any round
+    text = toml.read_text()
+    toml.write_text(text.replace("[federation.explanation]", "[unused]").split("[unused]")[0]
+                    + "[nodes]" + text.split("[nodes]")[1])  # fmt: skip
+    edited = ServerDeployConfig.from_toml(toml)
+    with pytest.raises(ValueError, match="explanation"):
+        edited.run_spec().signer(edited.codec())

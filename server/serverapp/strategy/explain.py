@@ -86,6 +86,23 @@ class ExplanationRecord:
     upload_bytes: int = 0
     note: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the spec, the release as ``(targets, features)`` sums, the counts."""
+        spec = self.spec
+        release = self.release
+        return {
+            "spec": spec.to_dict(),
+            "released": release is not None,
+            "sum": None if release is None else release.reshape(spec.targets, -1).tolist(),
+            "examples": self.examples,
+            "clients": self.clients,
+            "declined": [{"node": n, "reason": r} for n, r in self.declined],
+            "excluded": [{"node": n, "reason": r} for n, r in self.excluded],
+            "openers": {"asked": self.openers_asked, "agreeing": self.openers_agreeing},
+            "seconds": self.seconds,
+            "note": self.note,
+        }
+
 
 class ExplanationPhase(StrategyCore):
     """The explanation round of the encrypted strategy (see the module docstring)."""
