@@ -44,6 +44,7 @@ from sepals.common.bfv import BfvCodec
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import DeltaTooLargeError, MalformedPayloadError
+from sepals.common.explain import load_captum
 from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import TrainableSpec
 from sepals.common.log import log
@@ -169,6 +170,8 @@ class SepalsClient:
                 f"the federation's plan uses HE ring N={self.plan.ring_degree}, this "
                 f"client's keys N={self.codec.poly_modulus_degree}: wrong key bundle"
             )
+        if self.plan.explanation is not None:
+            load_captum()  # the explanation round's library loads with the client, once
         size = num_parameters(self.factory())
         if size != self.plan.vector_length:
             raise ValueError(

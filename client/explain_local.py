@@ -87,7 +87,11 @@ def _model_of(app_or_model: Any, weights: Any) -> nn.Module:
     if isinstance(weights, str | Path):
         weights = torch.load(weights, map_location="cpu", weights_only=True)
     if isinstance(weights, Mapping):
-        model.load_state_dict(dict(weights), strict=False)
+        try:
+            model.load_state_dict(dict(weights))
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ValueError(f"the weights do not fit this model: {first}") from exc
     elif weights is not None:
         set_flat(model, np.asarray(weights, dtype=np.float64))
     return model

@@ -5,7 +5,8 @@ The client checks the round against its plan (the operator's signature, every co
 field, the plan's explanation settings, a release the plan allows and it has not made),
 checks that one more Gaussian release fits its budget, decrypts the global model and
 attributes it on up to ``max_examples`` of its own training examples. Each example's
-vector (every target output's attributions) is clipped to L2 norm ``C_e``; the sum
+vector (every target output's attributions) is clipped to L2 norm ``C_e``, each
+target's part to ``C_e / sqrt(targets)`` (:func:`~sepals.common.explain.clip_rows`); the sum
 moves by at most ``C_e`` when one example is replaced by a null one, so adding
 ``N(0, (sigma_e C_e)^2)`` to every value, drawn from the CSPRNG
 (:func:`~sepals.client.secret_random.secure_gaussian`), makes the sum (epsilon_e,
@@ -140,7 +141,7 @@ def noisy_sum(
             f"this client's examples give {rows.shape[1]} attribution values, the plan "
             f"says {spec.length} ({spec.targets} targets x {spec.features} features)"
         )
-    total = clip_rows(rows, spec.clip).sum(axis=0)
+    total = clip_rows(rows, spec.clip, spec.targets).sum(axis=0)
     noise = secure_gaussian(randomness.generator("explain-noise"), spec.length, sigma * spec.clip)
     return np.asarray(total + noise, dtype=np.float64)
 

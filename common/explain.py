@@ -222,8 +222,23 @@ def attribution_rows(
     return np.concatenate(parts)
 
 
-def clip_rows(rows: npt.NDArray[np.float64], clip: float) -> npt.NDArray[np.float64]:
-    """Each row scaled down to L2 norm at most ``clip`` (a row within it is unchanged)."""
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    scale = np.minimum(1.0, clip / np.maximum(norms, 1e-300))
-    return np.asarray(rows * scale, dtype=np.float64)
+def clip_rows(
+    rows: npt.NDArray[np.float64], clip: float, blocks: int = 1
+) -> npt.NDArray[np.float64]:
+    """Each row clipped to L2 norm ``clip``, each of its ``blocks`` to ``clip/sqrt(blocks)``.
+
+    A row's blocks are its targets' attributions. Clipping each target's block to the
+    same share keeps the row within ``clip`` (so one example still moves a sum by at most
+    ``clip``) and lets every target count equally: no class's map is drowned by another's
+    larger attributions. A block within its share is unchanged.
+    """
+    n = rows.shape[0]
+    split = rows.reshape(n, blocks, -1)
+    norms = np.linalg.norm(split, axis=2, keepdims=True)
+    scale = np.minimum(1.0, (clip / np.sqrt(blocks)) / np.maximum(norms, 1e-300))
+    return np.asarray((split * scale).reshape(n, -1), dtype=np.float64)
+
+
+def load_captum() -> None:
+    """Import Captum now (about a second: it loads matplotlib), not in a timed round."""
+    import captum.attr  # noqa: F401
