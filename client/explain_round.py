@@ -46,7 +46,7 @@ from sepals.client.privacy import PrivacyLedger
 from sepals.client.secret_random import DpRandomness, aes_generator, secure_gaussian
 from sepals.common.bfv import BfvCodec
 from sepals.common.codec import UpdateCodec
-from sepals.common.errors import GlobalModelRejectedError, MalformedPayloadError
+from sepals.common.errors import ExplanationRejectedError, MalformedPayloadError
 from sepals.common.explain import attribution_rows, clip_rows
 from sepals.common.explain_spec import TAG_FIELDS, ExplanationSpec, split_record
 from sepals.common.models import set_flat
@@ -57,10 +57,6 @@ from sepals.common.round_signature import global_model_digest, verify_round_sign
 
 #: Bits of each tag coefficient.
 TAG_COEFFICIENT_BITS = 40
-
-
-class ExplanationRejectedError(GlobalModelRejectedError):
-    """A sum to open that is not a sum of this federation's explanation contributions."""
 
 
 def admit_explanation(

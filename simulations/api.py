@@ -155,7 +155,7 @@ def simulate(
     from sepals.simulations.config import SimulationConfig, absolute_spec
     from sepals.simulations.harness import run_experiment
     from sepals.simulations.progress import progress_line, start_line, started_line
-    from sepals.simulations.report import summarize
+    from sepals.simulations.report import explanation_line, summarize
 
     apply_process_env()
     show_flower_once(logging.DEBUG if verbose else logging.ERROR)
@@ -234,6 +234,8 @@ def simulate(
     report = run_experiment(config, progress=on_round, app=obj, on_start=on_start)
     if print_progress:
         print(summarize(report), flush=True)
+        if "explanation" in report:
+            print(explanation_line(report["explanation"]), flush=True)
     model = edge.build_model_factory()()
     if report["final"].get("model"):
         state = torch.load(Path(out) / report["final"]["model"], weights_only=True)

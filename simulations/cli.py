@@ -41,7 +41,7 @@ from sepals.simulations.pretrain import DEFAULT_OUT as DEFAULT_CHECKPOINT
 from sepals.simulations.pretrain import pretrain
 from sepals.simulations.process_env import apply_process_env
 from sepals.simulations.progress import progress_line, start_line, started_line
-from sepals.simulations.report import summarize
+from sepals.simulations.report import explanation_line, summarize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,8 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sepals.simulations.audit import summarize_audit  # only for --audit
 
         print(summarize_audit(report), flush=True)
+    if "explanation" in report:
+        print(explanation_line(report["explanation"]), flush=True)
     out = os.path.abspath(config.out)
     print(f"report: {os.path.join(out, 'report.json')}", flush=True)
+    if report.get("explanation", {}).get("files"):
+        print(f"explanation: {os.path.join(out, 'explanation.png')}", flush=True)
     if report["final"].get("model"):
         rebuild = report["config"]["model"].get("rebuild")
         print(

@@ -24,7 +24,6 @@ from sepals.client.app import LEDGER_STATE_KEY, make_client_app
 from sepals.client.core import ClientRuntime, SepalsClient
 from sepals.client.epsilon import compute_epsilon, release_noise_multiplier
 from sepals.client.explain_round import (
-    ExplanationRejectedError,
     encode_release,
     noisy_sum,
     open_release,
@@ -34,7 +33,7 @@ from sepals.client.privacy import PrivacyLedger
 from sepals.client.secret_random import DpRandomness
 from sepals.common.bfv import BfvCodec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
-from sepals.common.errors import BudgetExhaustedError
+from sepals.common.errors import BudgetExhaustedError, ExplanationRejectedError
 from sepals.common.explain import attribute, clip_rows
 from sepals.common.explain_spec import EXPLAIN_OPEN, ExplanationSpec
 from sepals.common.federation import FederationConfig
@@ -277,6 +276,7 @@ def test_the_explanation_round_releases_a_dp_sum_and_refuses_past_the_budget(
     (msg,) = strategy._explain_messages(SPEC, forged, [grid.nodes[1]], EXPLAIN_OPEN)
     reply = grid.app(message=msg, context=grid.contexts[grid.nodes[1]])
     assert reply.has_error() and reply.error.code == ERR_BAD_GLOBAL
+    assert reply.error.reason == "explanation sum rejected: tag or length"
 
 
 @pytest.mark.usefixtures("run_identity")
