@@ -322,3 +322,21 @@ def test_a_deployment_asks_for_the_round_in_its_config(tmp_path: Any) -> None:
     edited = ServerDeployConfig.from_toml(toml)
     with pytest.raises(ValueError, match="explanation"):
         edited.run_spec().signer(edited.codec())
+
+
+def test_the_simulation_front_ends_ask_for_the_round() -> None:
+    from sepals.common.explain_spec import explanation_option
+    from sepals.simulations.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--explain", "lime", "--explain-epsilon", "0.5"])
+    spec = config_from_args(args).federation.explanation
+    assert spec == ExplanationSpec(epsilon=0.5, method="lime")
+    assert config_from_args(build_parser().parse_args([])).federation.explanation is None
+    assert explanation_option(True) == ExplanationSpec()
+    assert explanation_option("integrated_gradients").method == "integrated_gradients"
+    assert explanation_option({"epsilon": 2}).epsilon == 2.0
+    assert explanation_option(None) is None
+    with pytest.raises(ValueError, match="unknown key"):
+        explanation_option({"epsilon": 1, "budget": 3})
+    with pytest.raises(ValueError, match="positive"):
+        ExplanationSpec(epsilon=0)
