@@ -427,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = os.path.abspath(config.out)
     print(f"report: {os.path.join(out, 'report.json')}", flush=True)
     if report.get("explanation", {}).get("files"):
-        print(f"explanation: {os.path.join(out, 'explanation.png')}", flush=True)
+        print(f"explanation plot: {os.path.join(out, 'explanation.png')}", flush=True)
     if report["final"].get("model"):
         rebuild = report["config"]["model"].get("rebuild")
         print(

@@ -120,6 +120,9 @@ def write_explanation(
         "excluded": len(record.excluded),
         "examples": record.examples,
         "max_epsilon_total": _max(c.get("epsilon") for c in record.clients),
+        # Each contributor's total after the release (training plus explanation); the
+        # report's other epsilons are those of the training rounds.
+        "epsilon_total": {c["client"]: c.get("epsilon") for c in record.clients},
         "openers": {"asked": record.openers_asked, "agreeing": record.openers_agreeing},
         "seconds": record.seconds,
         "upload_bytes": record.upload_bytes,

@@ -38,6 +38,7 @@ def test_a_simulation_with_explain_writes_the_private_and_central_maps(tmp_path)
     assert (entry["targets"], entry["features"], entry["method"]) == (10, 64, "saliency")
     assert entry["openers"] == {"asked": 2, "agreeing": 2}
     assert entry["epsilon"] == 1.0 and 0 < entry["max_epsilon_total"] <= 4.0
+    assert sorted(entry["epsilon_total"]) == ["client-0", "client-1"]
     assert entry["cosine_to_central"]["mean"] > 0.5
     assert (out / "explanation.png").stat().st_size > 0
     doc = json.loads((out / "explanation.json").read_text())
@@ -49,3 +50,4 @@ def test_a_simulation_with_explain_writes_the_private_and_central_maps(tmp_path)
         ledger = PrivacyLedger.load(path, budget)
         assert ledger.explanations == (1,)
         assert ledger.epsilon == compute_epsilon("pld", ledger.history, 1e-5) <= 4.0
+        assert entry["epsilon_total"][path.stem] == ledger.epsilon
