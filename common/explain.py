@@ -15,6 +15,7 @@ processes that never explain never load it.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -136,8 +137,7 @@ def attribute(
         ValueError: an unknown method, or one that does not apply to the inputs.
 
     """
-    import captum.attr as ca
-
+    ca = captum_attr()
     tokens = is_token_input(inputs)
     _check_method(method, tokens)
     model.eval()
@@ -240,5 +240,26 @@ def clip_rows(
 
 
 def load_captum() -> None:
-    """Import Captum now (about a second: it loads matplotlib), not in a timed round."""
-    import captum.attr  # noqa: F401
+    """Import Captum now (about a second: it loads matplotlib), not in a timed round.
+
+    Without Captum installed this does nothing: training goes on, and an explanation
+    round fails on its own with :func:`captum_attr`'s message.
+    """
+    with contextlib.suppress(ValueError):
+        captum_attr()
+
+
+def captum_attr() -> Any:
+    """Captum's ``captum.attr``.
+
+    Raises:
+        ValueError: Captum is not installed (``pip install 'sepals[explain]'``).
+
+    """
+    try:
+        import captum.attr
+    except ImportError as exc:
+        raise ValueError(
+            "explanations need Captum: pip install 'sepals[explain]' (or captum>=0.9,<0.10)"
+        ) from exc
+    return captum.attr
