@@ -35,14 +35,7 @@ from sepals.server.serverapp.strategy import EncryptedFedAvg, evaluation_spread
 
 def test_worst_count_is_a_tenth_rounded_up_and_at_least_one():
     assert [worst_count(n) for n in (1, 9, 10, 11, 20, 30, 31, 1000)] == [
-        1,
-        1,
-        1,
-        2,
-        2,
-        3,
-        4,
-        100,
+        1, 1, 1, 2, 2, 3, 4, 100,
     ]
     with pytest.raises(ValueError, match="at least one client"):
         worst_count(0)
@@ -59,13 +52,8 @@ def test_spread_of_known_values():
     even = client_spread([4, 1, 3, 2])
     assert even.median == 2.5 and even.worst10_mean == 1.0
     assert client_spread(np.array([0.25], dtype=np.float32)).to_dict() == {
-        "count": 1,
-        "min": 0.25,
-        "median": 0.25,
-        "max": 0.25,
-        "worst10_mean": 0.25,
-        "worst_count": 1,
-        "higher_is_better": True,
+        "count": 1, "min": 0.25, "median": 0.25, "max": 0.25, "worst10_mean": 0.25,
+        "worst_count": 1, "higher_is_better": True,
     }
 
 
@@ -147,9 +135,8 @@ def _label_shares(labels: np.ndarray, classes: int) -> np.ndarray:
 def test_partition_like_partitions_the_test_rows(clients, classes, n_test, seed, data):
     rng = np.random.default_rng(seed)
     train = rng.integers(0, classes, size=clients * 5).astype(np.int64) - 2  # negatives too
-    owners = data.draw(
-        st.lists(st.integers(0, clients - 1), min_size=len(train), max_size=len(train))
-    )
+    owners = data.draw(st.lists(st.integers(0, clients - 1), min_size=len(train),
+                                max_size=len(train)))
     parts = [np.flatnonzero(np.array(owners) == k).astype(np.int64) for k in range(clients)]
     test = rng.integers(0, classes + 1, size=n_test).astype(np.int64) - 2  # one unseen class
     out = partition_like(test, train, parts, seed)
@@ -296,14 +283,8 @@ def test_final_fairness_and_summary():
     assert final_fairness(None, {}, "accuracy") is None and spread_of({}, True) is None
     report = {
         "final": {
-            "accuracy": 0.8,
-            "metric": 0.8,
-            "metric_name": "accuracy",
-            "epsilon": None,
-            "wall_seconds": 1.0,
-            "upload_bytes": 0,
-            "download_bytes": 0,
-            "fairness": final,
+            "accuracy": 0.8, "metric": 0.8, "metric_name": "accuracy", "epsilon": None,
+            "wall_seconds": 1.0, "upload_bytes": 0, "download_bytes": 0, "fairness": final,
         }
     }
     assert "clients min 50% med 75% max 100% worst10% 50%" in summarize(report)
@@ -313,14 +294,8 @@ def test_round_line_shows_the_spread(capsys):
     from sepals.simulations.cli import progress_line
 
     row = {
-        "round": 3,
-        "epsilon": None,
-        "loss": 0.5,
-        "metric": 0.9,
-        "accuracy": 0.9,
-        "upload_bytes": 1000,
-        "download_bytes": 1000,
-        "seconds": 1.0,
+        "round": 3, "epsilon": None, "loss": 0.5, "metric": 0.9, "accuracy": 0.9,
+        "upload_bytes": 1000, "download_bytes": 1000, "seconds": 1.0,
         "fairness": client_spread([0.8, 1.0]).to_dict(),
     }
     progress_line(row, 5)
@@ -331,20 +306,12 @@ def test_plots_include_the_per_client_distribution(tmp_path: Path):
     from sepals.simulations.plots import write_plots
 
     rows = [
-        {
-            "round": r,
-            "accuracy": 0.5 + r / 10,
-            "metric": 0.5 + r / 10,
-            "epsilon": r * 0.5,
-            "fairness": client_spread([0.4 + r / 10, 0.5 + r / 10, 0.6 + r / 10]).to_dict(),
-        }
+        {"round": r, "accuracy": 0.5 + r / 10, "metric": 0.5 + r / 10, "epsilon": r * 0.5,
+         "fairness": client_spread([0.4 + r / 10, 0.5 + r / 10, 0.6 + r / 10]).to_dict()}
         for r in (1, 2, 3)
     ]
-    report = {
-        "config": {"privacy": {"target_epsilon": 8.0, "delta": 1e-5}},
-        "rounds": rows,
-        "initial": {"metric": 0.1, "loss": 2.0, "fairness": None},
-    }
+    report = {"config": {"privacy": {"target_epsilon": 8.0, "delta": 1e-5}}, "rounds": rows,
+              "initial": {"metric": 0.1, "loss": 2.0, "fairness": None}}
     written = write_plots(report, tmp_path)
     assert tmp_path / "accuracy_clients.png" in written
     assert (tmp_path / "accuracy_clients.png").stat().st_size > 0
@@ -415,42 +382,19 @@ def test_evaluation_spread_prefers_accuracy():
 def test_benchmark_table_helpers():
     from benchmarks.fairness import HEADER, Row, format_row, job_argv, main, row_from_report
 
-    report = {
-        "final": {
-            "accuracy": 0.9,
-            "epsilon": 7.98,
-            "fairness": {**client_spread([0.8, 0.9, 1.0]).to_dict(), "clients": {}},
-        }
-    }
+    report = {"final": {"accuracy": 0.9, "epsilon": 7.98, "fairness": {
+        **client_spread([0.8, 0.9, 1.0]).to_dict(), "clients": {}}}}
     row = row_from_report(report, "dirichlet:0.5", True, 51.2)
     assert row == Row("dirichlet:0.5", True, 7.98, 0.9, 0.8, 0.9, 1.0, 0.8, 3, 51.2)
     line = format_row(row)
-    assert line.split() == [
-        "dirichlet:0.5",
-        "eps",
-        "7.98",
-        "90.00%",
-        "80.00%",
-        "90.00%",
-        "100.00%",
-        "80.00%",
-        "3",
-        "51",
-    ]
+    assert line.split() == ["dirichlet:0.5", "eps", "7.98", "90.00%", "80.00%", "90.00%",
+                            "100.00%", "80.00%", "3", "51"]
     assert len(line) == len(HEADER)
     empty = row_from_report({"final": {"accuracy": None, "epsilon": None}}, "iid", False, 1.0)
     assert format_row(empty).split()[:4] == ["iid", "off", "n/a", "n/a"]
     assert job_argv("iid", False, 3, None, None) == [
-        "--dataset",
-        "digits",
-        "--clients",
-        "10",
-        "--partition",
-        "iid",
-        "--seed",
-        "3",
-        "--epsilon",
-        "0",
+        "--dataset", "digits", "--clients", "10", "--partition", "iid", "--seed", "3",
+        "--epsilon", "0",
     ]
     assert job_argv("iid", True, 0, 3, 2)[-4:] == ["--rounds", "3", "--cpus", "2"]
     assert main(["--partitions", "bogus"]) == 2
@@ -472,18 +416,11 @@ def test_evaluator_scores_an_apps_clients_and_leaves_out_non_finite_values(monke
         return TensorDataset(x, x.sum(dim=1, keepdim=True))
 
     state = {
-        "codec": PlainCodec(),
-        "factory": lambda: torch.nn.Linear(3, 1),
-        "device": "cpu",
-        "test": data(50, 0),
-        "loss_fn": torch.nn.functional.mse_loss,
-        "metric": r2,
+        "codec": PlainCodec(), "factory": lambda: torch.nn.Linear(3, 1), "device": "cpu",
+        "test": data(50, 0), "loss_fn": torch.nn.functional.mse_loss, "metric": r2,
         "owner": None,
-        "client_tests": [
-            ("client-0", data(20, 1)),
-            ("client-1", data(1, 2)),
-            ("client-2", data(30, 3)),
-        ],
+        "client_tests": [("client-0", data(20, 1)), ("client-1", data(1, 2)),
+                         ("client-2", data(30, 3))],
     }
     monkeypatch.setattr(evaluator, "_EVAL_STATE", state)
     loss, value, error, per_client = evaluator.evaluator_run(None, 0)

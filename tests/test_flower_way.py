@@ -99,7 +99,9 @@ def _stock_client_app() -> ClientApp:
 
 def _sepals_strategy(rounds: int = 2) -> SepalsFedAvg:
     fed = FederationConfig(rounds=rounds, min_train_clients=1, fraction_evaluate=1.0)
-    strategy = build_strategy(ServerSettings(federation=fed, codec=PlainCodec(), vector_length=4))
+    strategy = build_strategy(
+        ServerSettings(federation=fed, codec=PlainCodec(), vector_length=4)
+    )
     assert isinstance(strategy, SepalsFedAvg)
     strategy.node_wait_timeout = 0.0
     return strategy

@@ -125,13 +125,7 @@ def test_loss_that_is_not_a_batch_mean_is_refused():
 
     with pytest.raises(ValueError, match="0-dim tensor"):
         train_round(
-            _linear,
-            None,
-            data,
-            TrainSettings(),
-            privacy,
-            PrivacyLedger.empty(privacy),
-            1,
+            _linear, None, data, TrainSettings(), privacy, PrivacyLedger.empty(privacy), 1,
             loss_fn=per_example,
         )
 
@@ -190,7 +184,7 @@ def test_pickled_app_round_trips():
 # --------------------------------------------------------------------------- output
 def test_clean_reason_drops_ansi_and_tracebacks():
     raw = (
-        '?[91mERROR?[0m: Traceback (most recent call last):?  File "x.py", line 3, in f?'
+        "?[91mERROR?[0m: Traceback (most recent call last):?  File \"x.py\", line 3, in f?"
         "ValueError: bad thing happened"
     )
     assert clean_reason(raw) == "ValueError: bad thing happened"
@@ -210,9 +204,8 @@ def test_cli_rejects_bad_app_flags(capsys):
 
 
 def test_cli_takes_the_apps_privacy_unless_told():
-    args = cli.build_parser().parse_args(
-        ["--app", f"{REGRESSION}:make_app", "--app-arg", "epsilon=3"]
-    )
+    args = cli.build_parser().parse_args(["--app", f"{REGRESSION}:make_app", "--app-arg",
+                                          "epsilon=3"])
     config = cli.config_from_args(args)
     assert config.privacy.target_epsilon == 3.0 and config.app_args == (("epsilon", "3"),)
     args = cli.build_parser().parse_args(["--app", f"{REGRESSION}:make_app", "--epsilon", "0"])
@@ -253,24 +246,9 @@ def test_cli_names_excluded_clients_and_fails_when_nothing_aggregates(tmp_path):
     )
     out = tmp_path / "run"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sepals.simulations.cli",
-            "--app",
-            f"{app_file}:make_app",
-            "--clients",
-            "3",
-            "--rounds",
-            "2",
-            "--cpus",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-m", "sepals.simulations.cli", "--app", f"{app_file}:make_app",
+         "--clients", "3", "--rounds", "2", "--cpus", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -310,16 +288,8 @@ def test_simulate_an_edge_app_object_with_client_data(tmp_path):
     )
     rows = []
     report, model = simulate(
-        app,
-        clients=2,
-        rounds=3,
-        encryption="none",
-        out=tmp_path / "run",
-        cpus=2,
-        learning_rate=0.1,
-        batch_size=16,
-        progress=rows.append,
-        device="cpu",
+        app, clients=2, rounds=3, encryption="none", out=tmp_path / "run", cpus=2,
+        learning_rate=0.1, batch_size=16, progress=rows.append, device="cpu",
         fraction_evaluate=1.0,
     )
     assert all(r["federated_metric"] is not None for r in rows)

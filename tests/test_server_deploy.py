@@ -53,7 +53,7 @@ def test_provisioned_config_parses_with_paths_relative_to_it(bundles: Path) -> N
 def test_the_run_spec_round_trips_and_holds_nothing_of_tls(bundles: Path, tmp_path: Path) -> None:
     toml = _server_copy(bundles, tmp_path)
     text = toml.read_text()
-    toml.write_text(text + "\n[nodes.max_examples]\nclient-1 = 7\n")
+    toml.write_text(text + '\n[nodes.max_examples]\nclient-1 = 7\n')
     cfg = ServerDeployConfig.from_toml(toml)
     spec = cfg.run_spec()
     path = spec.save()

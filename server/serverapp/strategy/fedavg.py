@@ -254,7 +254,9 @@ class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification, 
             intake.digests.add(admitted.digest)
             intake.names.add(admitted.report.client_id)
             loaded_all.append(admitted.loaded)
-            weight_total += update_weight(admitted.report.num_examples, self.federation.weight_cap)
+            weight_total += update_weight(
+                admitted.report.num_examples, self.federation.weight_cap
+            )
             record.upload_bytes += admitted.nbytes
             record.clients.append(admitted.report)
         # Accepted payloads are refused from now on, whether or not this round adds them.

@@ -80,7 +80,9 @@ class SuspectSearch:
         self.excluded[node] = why
         log(WARNING, "node %s is excluded from the run: %s", node, why)
 
-    def narrowed(self, nodes: list[int], k: int, floor: int, rng: np.random.Generator) -> list[int]:
+    def narrowed(
+        self, nodes: list[int], k: int, floor: int, rng: np.random.Generator
+    ) -> list[int]:
         """``k`` of ``nodes`` to sample; while several clients are suspected, half of them.
 
         Excluded nodes are never sampled. While several clients are suspected, a round
