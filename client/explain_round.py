@@ -202,7 +202,10 @@ def encode_release(
     limbs = tag_limbs(q, coefficients, _tag_base(codec))
     grid = np.concatenate([q, np.asarray(limbs, dtype=np.int64)]).astype(np.float64)
     step = codec.encryption.quant_step if codec.encryption is not None else 1.0
-    payload, _ = codec.encode_update(grid * step, _Centred())  # type: ignore[arg-type]
+    # A value on the grid at the bound may land one ulp past it in floating point.
+    limit = math.inf if bound is None else bound
+    on_grid = np.clip(grid * step, -limit, limit)
+    payload, _ = codec.encode_update(on_grid, _Centred())  # type: ignore[arg-type]
     return payload, clamped
 
 

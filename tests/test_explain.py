@@ -211,6 +211,12 @@ def test_the_encrypted_sum_is_the_plaintext_sum_and_forged_sums_are_not_opened(
     assert np.max(np.abs(opened - np.sum(plain, axis=0))) <= 3 * step
     # one contribution is tagged too (and DP on its own)
     open_release(clients[1], SPEC, GlobalModel(payloads[1], 0.0, 1))
+    # noise past the codec's bound is clamped to it (post-processing) and still opens
+    huge, clamped = encode_release(clients[2], np.full(SPEC.length, -1e12), SPEC, None)
+    assert clamped == SPEC.length
+    edge = open_release(clients[2], SPEC, GlobalModel(huge, 0.0, 1))
+    bound = ENC.update_bound * release_unit(clients[2].codec, SPEC)
+    np.testing.assert_allclose(edge, -bound, rtol=1e-9)
     # the server cannot have a training update or a global model opened as a release...
     update, _ = clients[0].codec.encode_update(np.full(SPEC.payload_length, 0.01))
     with pytest.raises(ExplanationRejectedError):
