@@ -44,6 +44,7 @@ from sepals.client.core import SepalsClient
 from sepals.client.epsilon import release_noise_multiplier
 from sepals.client.privacy import PrivacyLedger
 from sepals.client.secret_random import DpRandomness, aes_generator, secure_gaussian
+from sepals.client.training import resolve_device
 from sepals.common.bfv import BfvCodec
 from sepals.common.codec import UpdateCodec
 from sepals.common.errors import ExplanationRejectedError, MalformedPayloadError
@@ -238,8 +239,10 @@ def contribute(
     weights = client.global_weights(cfg, global_model)
     model = client.factory()
     set_flat(model, weights)
+    device = resolve_device(rt.device)  # where the client trains; sums come back on the CPU
+    model.to(device)
     randomness = DpRandomness(rt.reproducible_seed).child(rt.client_id, "explain", release)
-    inputs = chosen_examples(rt.train_data, spec.max_examples, randomness)
+    inputs = chosen_examples(rt.train_data, spec.max_examples, randomness).to(device)
     noisy = noisy_sum(model, inputs, spec, sigma, randomness)
     payload, clamped = encode_release(client, noisy, spec, randomness.generator("rounding"))
     after = ledger.record_release(release, sigma)
