@@ -116,8 +116,9 @@ def _server_main(grid: Grid, context: Context) -> None:
             timeout=spec.federation.round_timeout,
         )
     explained = strategy.explain(grid)
-    if explained is not None:
-        # A DP release: the operator may read it (docs/explain.md).
+    if explained is not None and explained.release is not None:
+        # A DP release: the operator may read it (docs/explain.md). A round that released
+        # nothing (logged) never replaces an earlier release.
         text = json.dumps(explained.to_dict(), indent=1)
         atomic_write(spec.state_dir / "explanation.json", text.encode())
     state.mark_done(spec.federation.rounds)
