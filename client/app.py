@@ -18,10 +18,20 @@ from collections.abc import Callable
 from logging import WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+import sepals.client.explain_round as explain_round
 import sepals.client.masking as masking
 from sepals.client.core import ClientRuntime, SepalsClient
 from sepals.client.failures import FailureHook, logged_failure
@@ -29,6 +39,7 @@ from sepals.client.masking import MaskState
 from sepals.client.privacy import PrivacyLedger
 from sepals.common.bfv import BfvCodec
 from sepals.common.errors import MalformedPayloadError, MaskProtocolError
+from sepals.common.explain_spec import KEY_RELEASE
 from sepals.common.log import log
 from sepals.common.plan import PlanViolationError
 from sepals.common.protocol import (
@@ -400,6 +411,53 @@ def make_client_app(
             return Message(RecordDict(content), reply_to=msg)
 
         return _guarded(msg, context, "verify the global model", work, on_failure)
+
+    @app.train("explain")
+    def explain(msg: Message, context: Context) -> Message:
+        """Contribute a noisy, clipped attribution sum (:mod:`sepals.client.explain_round`)."""
+
+        def work() -> Message:
+            runtime = provider(context)
+            client = client_for(runtime)
+            global_model = _global_of(msg)
+            cfg, spec, release = explain_round.admit_explanation(
+                client, msg.metadata.message_type, msg.content.config_records.get(KEY_CONFIG),
+                global_model,
+            )  # fmt: skip
+            ledger = load_ledger(context, runtime)
+            payload, metrics, after = explain_round.contribute(
+                client, cfg, spec, release, global_model, ledger
+            )
+            store_ledger(context, runtime, after)  # the spend is recorded before it leaves
+            content: dict[str, Any] = {
+                KEY_UPDATE: ArrayRecord({KEY_PAYLOAD: payload_array(payload)}),
+                KEY_METRICS: MetricRecord(metrics),
+                KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id}),
+            }
+            return Message(RecordDict(content), reply_to=msg)
+
+        return _guarded(msg, context, "explain", work, on_failure)
+
+    @app.train("explain_open")
+    def explain_open(msg: Message, context: Context) -> Message:
+        """Decrypt a tagged explanation sum and return the plaintext DP release."""
+
+        def work() -> Message:
+            runtime = provider(context)
+            client = client_for(runtime)
+            global_model = _global_of(msg)
+            _, spec, _ = explain_round.admit_explanation(
+                client, msg.metadata.message_type, msg.content.config_records.get(KEY_CONFIG),
+                global_model,
+            )  # fmt: skip
+            values = explain_round.open_release(client, spec, global_model)
+            content: dict[str, Any] = {
+                KEY_RELEASE: ArrayRecord({KEY_RELEASE: Array(values)}),
+                KEY_CLIENT: ConfigRecord({"client-id": runtime.client_id}),
+            }
+            return Message(RecordDict(content), reply_to=msg)
+
+        return _guarded(msg, context, "open the explanation", work, on_failure)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from torch.utils.data import Dataset
 
+from sepals.client.epsilon import release_reserve
 from sepals.client.privacy import PrivacyLedger, planned_participation
 from sepals.client.secret_random import DpRandomness
 from sepals.client.training import (
@@ -43,6 +44,7 @@ from sepals.common.bfv import BfvCodec
 from sepals.common.codec import UpdateCodec
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.errors import DeltaTooLargeError, MalformedPayloadError
+from sepals.common.explain import load_captum
 from sepals.common.files import checkpoint_sha256
 from sepals.common.finetune import TrainableSpec
 from sepals.common.log import log
@@ -168,6 +170,8 @@ class SepalsClient:
                 f"the federation's plan uses HE ring N={self.plan.ring_degree}, this "
                 f"client's keys N={self.codec.poly_modulus_degree}: wrong key bundle"
             )
+        if self.plan.explanation is not None:
+            load_captum()  # the explanation round's library loads with the client, once
         size = num_parameters(self.factory())
         if size != self.plan.vector_length:
             raise ValueError(
@@ -323,7 +327,10 @@ class SepalsClient:
             raise DeltaTooLargeError(problem)
         sample_rate, steps = dp_schedule(n, settings)
         planned = planned_participation(plan.rounds, plan.fraction_train)
-        return settings, ledger.calibrated(rt.privacy, sample_rate, steps, planned), steps
+        # Training leaves room in the budget for the plan's explanation releases.
+        reserve = release_reserve(plan.explanation, rt.privacy)
+        calibrated = ledger.calibrated(rt.privacy, sample_rate, steps, planned, reserve)
+        return settings, calibrated, steps
 
     def evaluate(
         self, cfg: RoundConfig, global_model: GlobalModel | tuple[bytes, float] | None

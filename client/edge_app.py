@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from sepals.client.core import ClientRuntime
+from sepals.client.explain_local import Explanation, explain
 from sepals.client.training import DEVICE_CHOICES, LossFn, MetricFn, model_builder
 from sepals.common.config import EncryptionConfig, PrivacyConfig
 from sepals.common.finetune import TrainableSpec, check_trainable
@@ -133,6 +134,10 @@ class EdgeApp:
     def test_dataset(self) -> Dataset | None:  # type: ignore[type-arg]
         """``test_data`` as a ``Dataset``, or ``None``."""
         return as_dataset(self.test_data)
+
+    def explain(self, inputs: torch.Tensor, target: Any = None, **options: Any) -> Explanation:
+        """Explain this app's model for ``inputs`` here, sending nothing (``sepals.explain``)."""
+        return explain(self, inputs, target, **options)
 
 
 def gathered(data: Dataset) -> Dataset:  # type: ignore[type-arg]

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from sepals.common.accounting import pld_epsilon
+from sepals.common.config import PrivacyConfig
+from sepals.common.explain_spec import ExplanationSpec
 
 HistoryEntry = tuple[float, float, int]
 
@@ -176,7 +178,12 @@ def rdp_replace_one_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> 
 
 @functools.lru_cache(maxsize=1024)
 def calibrate_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    reserve: tuple[HistoryEntry, ...] = (),
 ) -> float:
     """Smallest sigma (to Opacus's 0.01 epsilon tolerance) that keeps ``steps`` within budget.
 
@@ -187,6 +194,10 @@ def calibrate_noise_multiplier(
     :func:`compute_epsilon` reports for the result is never above ``target_epsilon``
     and usually within 0.01 of it. Calibration is done once per client for its planned
     participation and memoised per process, never per round.
+
+    ``reserve`` holds releases planned after training (a private explanation's
+    ``(sigma_e, 1.0, 1)``): sigma is then the smallest (found by bisection, each
+    candidate checked) whose steps composed with them stay within ``target_epsilon``.
     """
     from opacus.accountants.utils import get_noise_multiplier
 
@@ -194,6 +205,10 @@ def calibrate_noise_multiplier(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+    if reserve:
+        return _calibrate_with_reserve(
+            target_epsilon, delta, sample_rate, steps, accountant, reserve
+        )
 
     def search(**orders: Any) -> float:
         return float(
@@ -223,6 +238,82 @@ def calibrate_noise_multiplier(
             # over all orders, slower but as tight as its tolerance.
             sigma = search()
     return float(sigma)
+
+
+def _calibrate_with_reserve(
+    target: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    reserve: tuple[HistoryEntry, ...],
+) -> float:
+    """Smallest sigma whose ``steps`` composed with ``reserve`` stay within ``target``.
+
+    Raises:
+        ValueError: ``reserve`` alone already spends the target.
+
+    """
+
+    def eps(sigma: float) -> float:
+        return compute_epsilon(accountant, ((sigma, sample_rate, steps), *reserve), delta)
+
+    alone = compute_epsilon(accountant, reserve, delta)
+    if alone >= target:
+        raise ValueError(
+            f"the planned releases alone spend epsilon {alone:.3f}, the whole budget "
+            f"{target:g}: nothing is left for training"
+        )
+    lo = calibrate_noise_multiplier(target, delta, sample_rate, steps, accountant)
+    hi = lo * 1.25
+    while eps(hi) > target:
+        lo, hi = hi, hi * 1.5
+    while target - eps(hi) > EPSILON_TOLERANCE and hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        if eps(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@functools.lru_cache(maxsize=256)
+def release_noise_multiplier(epsilon: float, delta: float, accountant: str) -> float:
+    """Smallest sigma (to 1e-4 relative) of one Gaussian release costing at most ``epsilon``.
+
+    The release of a sum whose examples each move it by at most the clipping norm ``C``,
+    noised with std ``sigma * C``: the accountant entry ``(sigma, 1.0, 1)``. Every
+    returned sigma was checked with ``accountant``.
+    """
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be positive, got {epsilon!r}")
+
+    def eps(sigma: float) -> float:
+        return compute_epsilon(accountant, ((sigma, 1.0, 1),), delta)
+
+    hi = 1.0
+    while eps(hi) > epsilon:
+        hi *= 2.0
+    lo = hi / 2.0
+    while eps(lo) <= epsilon and lo > 1e-3:
+        hi, lo = lo, lo / 2.0
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        if eps(mid) <= epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def release_reserve(
+    spec: ExplanationSpec | None, privacy: PrivacyConfig
+) -> tuple[HistoryEntry, ...]:
+    """The accountant entries of a plan's explanation releases, for this client's budget."""
+    if spec is None or not privacy.enabled:
+        return ()
+    sigma = release_noise_multiplier(spec.epsilon, privacy.delta, privacy.accountant)
+    return ((sigma, 1.0, spec.releases),)
 
 
 def _calibrate_pld(target: float, delta: float, sample_rate: float, steps: int) -> float:

@@ -18,6 +18,7 @@ from sepals.common.errors import (
     BadSharesError,
     BudgetExhaustedError,
     DeltaTooLargeError,
+    ExplanationRejectedError,
     ForeignKeyError,
     GlobalModelRejectedError,
     LedgerLockedError,
@@ -46,6 +47,7 @@ from sepals.common.protocol import (
 # the client's log.
 _VETTED: tuple[tuple[type[Exception], int, str], ...] = (
     (MaskProtocolError, ERR_MASKING, "masking refused"),
+    (ExplanationRejectedError, ERR_BAD_GLOBAL, "explanation sum rejected: tag or length"),
     (GlobalModelRejectedError, ERR_BAD_GLOBAL, "global model rejected: out of range"),
     (ForeignKeyError, ERR_BAD_GLOBAL, "global model under another key"),
     (MalformedPayloadError, ERR_BAD_GLOBAL, "malformed global model"),

@@ -92,6 +92,8 @@ class PrivacyLedger:
         planned_rounds: Participation sigma was calibrated for.
         history: Opacus accountant history.
         rounds: Server rounds this client trained in.
+        explanations: The explanation releases of the plan this client has made (each
+            is one Gaussian release, an entry ``(sigma_e, 1.0, 1)`` of ``history``).
         epsilon: Epsilon composed over ``history`` (``None`` when DP is off), for
             zero-out neighbours (one example replaced by a null example; the same numbers
             as add/remove-one with the dataset size public, which it is: the example
@@ -111,6 +113,7 @@ class PrivacyLedger:
     planned_rounds: int = 0
     history: tuple[HistoryEntry, ...] = ()
     rounds: tuple[int, ...] = field(default=())
+    explanations: tuple[int, ...] = field(default=())
     epsilon: float | None = None
     replace_one_epsilon: float | None = None
 
@@ -131,9 +134,17 @@ class PrivacyLedger:
         return sum(n for _, _, n in self.history)
 
     def calibrated(
-        self, privacy: PrivacyConfig, sample_rate: float, steps_per_round: int, planned_rounds: int
+        self,
+        privacy: PrivacyConfig,
+        sample_rate: float,
+        steps_per_round: int,
+        planned_rounds: int,
+        reserve: tuple[HistoryEntry, ...] = (),
     ) -> PrivacyLedger:
         """Fix sigma and q on first use; later calls return the ledger unchanged.
+
+        ``reserve``: releases the plan holds after training (an explanation's
+        ``(sigma_e, 1.0, 1)``), which sigma leaves room for in the same budget.
 
         Raises:
             ValueError: the stored sample rate differs (the client's data changed size).
@@ -156,6 +167,7 @@ class PrivacyLedger:
                 sample_rate,
                 planned_rounds * steps_per_round,
                 privacy.accountant,
+                reserve,
             )
         return replace(
             self, noise_multiplier=sigma, sample_rate=sample_rate, planned_rounds=planned_rounds
@@ -196,6 +208,37 @@ class PrivacyLedger:
             ),
         )
 
+    def check_release(self, sigma: float) -> None:
+        """Raise :class:`BudgetExhaustedError` if one Gaussian release at ``sigma`` exceeds it.
+
+        A release of a sum whose every example moves it by at most the clipping norm is
+        the accountant entry ``(sigma, 1.0, 1)``.
+        """
+        if self.target_epsilon is None:
+            return
+        projected = compute_epsilon(
+            self.accountant, merge_entry(self.history, (sigma, 1.0, 1)), self.delta
+        )
+        if projected > self.target_epsilon * (1 + _EPS_SLACK):
+            raise BudgetExhaustedError(
+                f"privacy budget exhausted: epsilon spent {self.epsilon or 0.0:.3f}, the "
+                f"explanation release (sigma {sigma:.3g}) would reach {projected:.3f} > target "
+                f"{self.target_epsilon:g} at delta {self.delta:g}"
+            )
+
+    def record_release(self, release: int, sigma: float) -> PrivacyLedger:
+        """The ledger after explanation release ``release``, a Gaussian release at ``sigma``."""
+        if self.target_epsilon is None:
+            return replace(self, explanations=(*self.explanations, release))
+        history = merge_entry(self.history, (sigma, 1.0, 1))
+        return replace(
+            self,
+            history=history,
+            explanations=(*self.explanations, release),
+            epsilon=compute_epsilon(self.accountant, history, self.delta),
+            replace_one_epsilon=replace_one_epsilon_of(self.accountant, history, self.delta),
+        )
+
     def record_plain_round(self, server_round: int) -> PrivacyLedger:
         """The ledger after a non-private round."""
         return replace(self, rounds=(*self.rounds, server_round))
@@ -210,6 +253,7 @@ class PrivacyLedger:
         fields = dict(raw)
         fields["history"] = tuple((float(s), float(q), int(n)) for s, q, n in raw["history"])
         fields["rounds"] = tuple(int(r) for r in raw["rounds"])
+        fields["explanations"] = tuple(int(r) for r in raw.get("explanations", ()))
         return cls(**fields)
 
     @classmethod

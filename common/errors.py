@@ -30,6 +30,14 @@ class GlobalModelRejectedError(MalformedPayloadError):
     """
 
 
+class ExplanationRejectedError(GlobalModelRejectedError):
+    """A sum a client is asked to open that is not a sum of explanation contributions.
+
+    Its tag does not match its values (a global model, an update, or a release with
+    something added), or it has the wrong length: the client returns no plaintext.
+    """
+
+
 class NonFiniteUpdateError(PayloadError):
     """A model update contains NaN or infinite values."""
 

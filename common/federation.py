@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from sepals.common.explain_spec import ExplanationSpec
+
 
 def sampled_per_round(clients: int, fraction: float, min_clients: int = 1) -> int:
     """Clients the strategy samples in one round of a federation of ``clients`` nodes.
@@ -93,6 +95,10 @@ class FederationConfig:
             ``m <= mask_threshold``: splitting the noise into shares has no proof for
             multi-step DP-SGD, so it lowers no client's noise
             (docs/privacy.md#distributed-noise).
+        explanation: A private explanation round after the last training round
+            (:class:`~sepals.common.explain_spec.ExplanationSpec`; a dict of its fields
+            is accepted), or ``None`` (the default: none). Its epsilon comes out of each
+            client's same total budget.
 
     """
 
@@ -111,8 +117,10 @@ class FederationConfig:
     mask_threshold: int = 0
     noise_shares: int = 1
     weight_cap: int = DEFAULT_WEIGHT_CAP
+    explanation: ExplanationSpec | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "explanation", ExplanationSpec.from_value(self.explanation))
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         for name in ("fraction_train", "fraction_evaluate"):

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from sepals.common.config import MAX_COEFF_MODULUS_BITS
 from sepals.common.errors import SepalsError
+from sepals.common.explain_spec import ExplanationSpec
 from sepals.common.federation import (
     DEFAULT_WEIGHT_CAP,
     FederationConfig,
@@ -104,6 +105,7 @@ _OPTIONAL_FIELDS = frozenset(
         "weight_cap",
         "checkpoint_sha256",
         "poly_modulus_degree",
+        "explanation",
     }
 )
 PLAIN_CODEC = "plain-fp32"
@@ -147,6 +149,10 @@ class FederationPlan:
             plaintext codec. A client whose keys are of another ring refuses to train.
             ``None`` (a plan written before the plan recorded the ring) means the only
             ring sepals made then: :data:`LEGACY_RING` for HE codecs, 0 for plaintext.
+        explanation: The private explanation round after training, sized
+            (:class:`~sepals.common.explain_spec.ExplanationSpec`), or ``None``: a client
+            serves no explanation round its plan does not name, and calibrates its
+            training to leave the explanation's epsilon in its budget.
 
     """
 
@@ -169,6 +175,7 @@ class FederationPlan:
     weight_cap: int = DEFAULT_WEIGHT_CAP
     checkpoint_sha256: str = ""
     poly_modulus_degree: int | None = None
+    explanation: ExplanationSpec | None = None
 
     def __post_init__(self) -> None:
         _str("federation_id", self.federation_id, HEX32, "32 lowercase hex digits")
@@ -232,6 +239,15 @@ class FederationPlan:
                 f"got {ring!r}"
             )
         object.__setattr__(self, "poly_modulus_degree", ring)
+        try:
+            explanation = ExplanationSpec.from_value(self.explanation)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"plan.{exc}") from None
+        if explanation is not None and not explanation.sized:
+            raise ValueError("plan.explanation must set targets and features (>= 1)")
+        if explanation is not None and self.codec == "ckks":
+            raise ValueError("plan.explanation needs the bfv or plain codec, not ckks")
+        object.__setattr__(self, "explanation", explanation)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -281,6 +297,7 @@ class FederationPlan:
             weight_cap=federation.weight_cap,
             checkpoint_sha256=checkpoint_sha256,
             poly_modulus_degree=poly_modulus_degree,
+            explanation=federation.explanation,
         )
 
     @property
@@ -307,7 +324,10 @@ class FederationPlan:
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, with the format tag."""
-        return {"format": PLAN_FORMAT, **asdict(self)}
+        values = asdict(self)
+        if values["explanation"] is None:
+            del values["explanation"]  # a plan without one reads as before
+        return {"format": PLAN_FORMAT, **values}
 
     def to_json(self) -> str:
         """The plan as JSON text."""

@@ -259,6 +259,8 @@ def plan_conflicts(
     conflicts: list[str] = []
     if federation.rounds != plan.rounds:
         conflicts.append("rounds")
+    if federation.explanation != plan.explanation:
+        conflicts.append("explanation")
     for server_round in range(1, plan.rounds + 1):
         sent = RoundConfig.build(federation, server_round, codec, key_fingerprint, vector_length)
         allowed = RoundConfig.for_plan(plan, server_round).to_record_dict()

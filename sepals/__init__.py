@@ -9,6 +9,7 @@ here is internal and may change. See ``docs/api.md``.
 * simulate many of them on one machine or a Ray cluster: :func:`simulate`; rebuild a
   run's saved model: :func:`load_model`;
 * join a deployed federation from your own process: :func:`join_federation`;
+* explain a model's predictions on the device, sending nothing: :func:`explain`;
 * settings: :class:`PrivacyConfig`, :class:`EncryptionConfig`, :class:`FederationConfig`;
 * errors: every sepals error is a :class:`SepalsError`.
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     )
     from sepals.client.edge import EdgeClient, join_federation
     from sepals.client.edge_app import EdgeApp
+    from sepals.client.explain_local import Explanation, explain
     from sepals.common.config import EncryptionConfig, PrivacyConfig
     from sepals.common.errors import (
         BudgetExhaustedError,
@@ -46,6 +48,8 @@ _HOMES = {
     "EdgeApp": "sepals.client.edge",
     "EdgeClient": "sepals.client.edge",
     "join_federation": "sepals.client.edge",
+    "explain": "sepals.client.explain_local",
+    "Explanation": "sepals.client.explain_local",
     "simulate": "sepals.simulations.api",
     "SimulationResult": "sepals.simulations.api",
     "load_model": "sepals.simulations.api",
@@ -68,6 +72,7 @@ __all__ = [
     "EdgeApp",
     "EdgeClient",
     "EncryptionConfig",
+    "Explanation",
     "FederationConfig",
     "FederationConnectionError",
     "LoRA",
@@ -79,6 +84,7 @@ __all__ = [
     "SepalsError",
     "ServerUnreachableError",
     "SimulationResult",
+    "explain",
     "join_federation",
     "load_model",
     "simulate",

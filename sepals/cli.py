@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sepals.common.config import EncryptionConfig
 from sepals.common.errors import InsecureFileError
+from sepals.common.explain_spec import DEFAULT_FEDERATED_METHOD, METHODS, ExplanationSpec
 from sepals.common.files import git_ignores, git_work_tree
 from sepals.common.ledger import LedgerFileError, format_ledger, read_ledger_file
 from sepals.server.control.provision import ProvisionSpec, provision
@@ -34,6 +35,23 @@ def _warn_if_git_sees(out: Path) -> None:
         f"({state[ignored]}): the secret keys written there (he-secret.ctx, node.key, "
         "operator.key) must never be committed; provision outside the repository",
         file=sys.stderr,
+    )
+
+
+def _explanation(args: argparse.Namespace) -> ExplanationSpec | None:
+    """``--explain`` and its settings, or ``None``."""
+    if args.explain is None:
+        return None
+    targets = features = 0
+    if args.explain_shape is not None:
+        try:
+            targets, features = (int(v) for v in args.explain_shape.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--explain-shape must be TARGETS,FEATURES, got {args.explain_shape!r}"
+            ) from None
+    return ExplanationSpec(
+        args.explain_epsilon, args.explain_clip, args.explain, targets=targets, features=features
     )
 
 
@@ -63,6 +81,7 @@ def _provision(args: argparse.Namespace) -> int:
             mask_threshold=args.mask_threshold,
             noise_shares=args.noise_shares,
             pretrained=args.pretrained,
+            explanation=_explanation(args),
         )
         _warn_if_git_sees(Path(args.out))
         result = provision(spec)
@@ -267,6 +286,23 @@ def main(argv: list[str] | None = None) -> int:
         metavar="M",
         help="distributed DP noise: each client adds sigma/sqrt(M) (needs masking with T >= M; "
         "1 = local DP; see the README's threat model)",
+    )
+    prov.add_argument(
+        "--explain",
+        nargs="?",
+        const=DEFAULT_FEDERATED_METHOD,
+        default=None,
+        metavar="METHOD",
+        help="a private explanation round after the last round, fixed in the plan "
+        f"({', '.join(METHODS)}; default {DEFAULT_FEDERATED_METHOD}; see docs/explain.md)",
+    )
+    prov.add_argument("--explain-epsilon", type=float, default=1.0, help="its epsilon (1)")
+    prov.add_argument("--explain-clip", type=float, default=1.0, help="its clip norm C_e (1)")
+    prov.add_argument(
+        "--explain-shape",
+        default=None,
+        metavar="TARGETS,FEATURES",
+        help="model outputs attributed and values per output (default: the digits MLP's 10,64)",
     )
     prov.set_defaults(func=_provision)
     ledger = sub.add_parser("ledger", help="privacy ledgers")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sepals.common.config import DEFAULT_UPDATE_BOUND, EncryptionConfig, PrivacyConfig
+from sepals.common.explain_spec import explanation_option
 from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.log import show_flower_once
 from sepals.simulations.process_env import apply_process_env
@@ -78,6 +79,7 @@ def simulate(
     update_bound: float = DEFAULT_UPDATE_BOUND,
     print_progress: bool = True,
     verbose: bool = False,
+    explain: Any = None,
 ) -> SimulationResult:
     """Simulate ``app`` over ``clients`` clients and return the report and trained model.
 
@@ -125,6 +127,11 @@ def simulate(
         print_progress: Print what ``sepals-sim`` prints: the start line, one line per
             round and the summary.
         verbose: Also show Flower's own log lines (each once), as ``sepals-sim -v``.
+        explain: After training, a private federated explanation round and a central
+            one to compare (``explanation.json``, ``explanation.png``, the report's
+            ``explanation``): ``True`` (the defaults), a method name, a dict of
+            :class:`~sepals.common.explain_spec.ExplanationSpec` fields or a spec; its
+            epsilon comes out of every client's budget (docs/explain.md).
 
     Returns:
         ``(report, model)``. ``report["final"]["aggregated_rounds"]`` counts the rounds
@@ -148,7 +155,7 @@ def simulate(
     from sepals.simulations.config import SimulationConfig, absolute_spec
     from sepals.simulations.harness import run_experiment
     from sepals.simulations.progress import progress_line, start_line, started_line
-    from sepals.simulations.report import summarize
+    from sepals.simulations.report import explanation_line, summarize
 
     apply_process_env()
     show_flower_once(logging.DEBUG if verbose else logging.ERROR)
@@ -190,6 +197,7 @@ def simulate(
         batch_size=batch_size,
         learning_rate=learning_rate,
         seed=seed,
+        explanation=explanation_option(explain),
     )
     if noise_shares != 1:
         if encryption.scheme != "bfv":
@@ -226,6 +234,8 @@ def simulate(
     report = run_experiment(config, progress=on_round, app=obj, on_start=on_start)
     if print_progress:
         print(summarize(report), flush=True)
+        if "explanation" in report:
+            print(explanation_line(report["explanation"]), flush=True)
     model = edge.build_model_factory()()
     if report["final"].get("model"):
         state = torch.load(Path(out) / report["final"]["model"], weights_only=True)

@@ -27,6 +27,7 @@ from sepals.common.config import (
 )
 from sepals.common.data import check_dataset_name
 from sepals.common.errors import ModelCompatibilityError
+from sepals.common.explain_spec import DEFAULT_FEDERATED_METHOD, METHODS, ExplanationSpec
 from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.log import show_flower_once
 from sepals.simulations.config import SimulationConfig, absolute_spec
@@ -40,7 +41,7 @@ from sepals.simulations.pretrain import DEFAULT_OUT as DEFAULT_CHECKPOINT
 from sepals.simulations.pretrain import pretrain
 from sepals.simulations.process_env import apply_process_env
 from sepals.simulations.progress import progress_line, start_line, started_line
-from sepals.simulations.report import summarize
+from sepals.simulations.report import explanation_line, summarize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,6 +185,30 @@ def build_parser() -> argparse.ArgumentParser:
         "empirical epsilon lower bound (95%% confidence) beside the claimed epsilon "
         "(see the README, 'Privacy audit'; e.g. 300)",
     )
+    p.add_argument(
+        "--explain",
+        nargs="?",
+        const=DEFAULT_FEDERATED_METHOD,
+        default=None,
+        metavar="METHOD",
+        help="after training, a private federated explanation round (each client's "
+        "attributions clipped, noised and summed under encryption) and a central one for "
+        "comparison, into the run folder; METHOD: "
+        + ", ".join(METHODS)
+        + f" (default {DEFAULT_FEDERATED_METHOD}; see docs/explain.md)",
+    )
+    p.add_argument(
+        "--explain-epsilon",
+        type=float,
+        default=1.0,
+        help="what the explanation costs each client, out of its --epsilon (default 1)",
+    )
+    p.add_argument(
+        "--explain-clip",
+        type=float,
+        default=1.0,
+        help="L2 norm each example's attribution vector is clipped to (default 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", help="output folder")
     p.add_argument("--cpus", type=int, default=None, help="CPUs for Ray (default: all)")
@@ -256,6 +281,9 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         batch_size=pick("batch_size"),
         learning_rate=default_lr(d, epsilon) if args.lr is None else args.lr,
         seed=args.seed,
+        explanation=None
+        if args.explain is None
+        else ExplanationSpec(args.explain_epsilon, args.explain_clip, args.explain),
     )
     privacy = PrivacyConfig(
         target_epsilon=epsilon,
@@ -394,8 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sepals.simulations.audit import summarize_audit  # only for --audit
 
         print(summarize_audit(report), flush=True)
+    if "explanation" in report:
+        print(explanation_line(report["explanation"]), flush=True)
     out = os.path.abspath(config.out)
     print(f"report: {os.path.join(out, 'report.json')}", flush=True)
+    if report.get("explanation", {}).get("files"):
+        print(f"explanation plot: {os.path.join(out, 'explanation.png')}", flush=True)
     if report["final"].get("model"):
         rebuild = report["config"]["model"].get("rebuild")
         print(

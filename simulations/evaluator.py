@@ -34,6 +34,11 @@ from sepals.simulations.reasons import clean_reason
 _EVAL_STATE: dict[str, Any] = {}
 
 
+def eval_state() -> dict[str, Any]:
+    """The evaluator process's state: its model factory, test data and latest model."""
+    return _EVAL_STATE
+
+
 def evaluator_data(app: AppSource, seed: int, device: str, clients: int, partition: str) -> None:
     """Evaluator (subprocess): load the model factory and the test data.
 

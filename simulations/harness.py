@@ -77,6 +77,7 @@ from sepals.simulations.evaluator import (
     evaluator_run,
     evaluator_save,
 )
+from sepals.simulations.explain import central_explanation, sized_federation, write_explanation
 from sepals.simulations.helper_process import HelperProcess
 from sepals.simulations.jobs import pretrained_app
 from sepals.simulations.model_info import describe_model, saved_model_note
@@ -99,6 +100,7 @@ from sepals.simulations.vce_poller import install as install_vce_poller
 if TYPE_CHECKING:
     from sepals.client.canaries import CanarySpec
     from sepals.client.edge_app import EdgeApp
+    from sepals.server.serverapp.strategy import ExplanationRecord
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -261,7 +263,7 @@ def run_experiment(
         caps = [c + k for c, k in zip(caps, extra, strict=True)]
         sizes = [n + k for n, k in zip(sizes, extra, strict=True)]
     # Every client's FedAvg weight is exact when no client holds more than the cap.
-    fed = dataclasses.replace(fed, weight_cap=max(sizes))
+    fed = sized_federation(dataclasses.replace(fed, weight_cap=max(sizes)), edge, config.clients)
     config = dataclasses.replace(config, federation=fed)
     # On a cluster the clients take one CPU each and no GPU, wherever they land.
     device = "cpu" if config.ray_address else pick_device(config.device, edge)
@@ -303,6 +305,7 @@ def run_experiment(
         return node_names.get(node, f"node {node}")
 
     rows: list[dict[str, Any]] = []
+    explained: list[ExplanationRecord] = []
     initial: dict[str, Any] = {}
     pending: dict[int, RoundRecord] = {}
     last_time = [time.perf_counter()]
@@ -400,6 +403,7 @@ def run_experiment(
         min_available_nodes=config.clients,
         metric_higher_is_better=higher_is_better,
         round_signer=signer,
+        on_explanation=explained.append,
     )
     strategy = build_strategy(settings)
     server_app = make_server_app(settings, strategy)
@@ -437,7 +441,7 @@ def run_experiment(
                 "log_to_driver": log_to_driver,
             },
         }
-    model_path = out / "model.pt"
+    model_path, central = out / "model.pt", None
     install_vce_poller()
     try:
         with without_flower_notice("run_simulation"):
@@ -453,6 +457,8 @@ def run_experiment(
                 evaluator_save, str(model_path), saved_model_note(model_info)
             ).result()
         )
+        if fed.explanation is not None:  # the central, non-private map, for comparison
+            central = evaluator.submit(central_explanation, fed.explanation).result()
     finally:
         evaluator.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(nodes_dir, ignore_errors=True)
@@ -481,6 +487,12 @@ def run_experiment(
     report["final"]["fairness"] = final_fairness(
         rows[-1].get("fairness") if rows else None, last_clients, metric_name
     )
+    if fed.explanation is not None:
+        report["explanation"] = write_explanation(
+            out, explained[0] if explained else None, central,
+            dataset=None if app is not None or config.app else config.dataset,
+            delta=config.privacy.delta if config.privacy.enabled else None,
+        )  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=2))
 
     write_plots(report, out)

@@ -181,3 +181,18 @@ def _masking_summary(masking: dict[str, Any] | None) -> str:
         f" | masking k={masking['neighbours']} T={masking['threshold']}, masks removed in "
         f"{masking['rounds_masks_removed']} rounds"
     )
+
+
+def explanation_line(entry: dict[str, Any]) -> str:
+    """The closing line of a run with an explanation round."""
+    if not entry.get("released"):
+        return f"explanation: nothing released ({entry.get('reason', 'no contribution')})"
+    cosine = (entry.get("cosine_to_central") or {}).get("mean")
+    total = entry.get("max_epsilon_total")
+    return (
+        f"explanation: {entry['method']}, {entry['clients']} clients, {entry['examples']} "
+        f"examples, epsilon {entry['epsilon']:g} each"
+        + (f" (total with training at most {total:.3f})" if total is not None else "")
+        + (f", mean cosine to the central map {cosine:.3f}" if cosine is not None else "")
+        + f", {entry['seconds']:.2f} s"
+    )

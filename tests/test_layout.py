@@ -182,6 +182,7 @@ def test_the_server_trust_zones_import_one_way(zone: str) -> None:
 # loads Ray. Any other import inside a function says why in a comment on the line above
 # its group of imports, or on the import itself.
 LAZY_PACKAGES = {
+    "captum",
     "cloudpickle",
     "datasets",
     "dp_accounting",

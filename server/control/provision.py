@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from sepals.common.config import EncryptionConfig
+from sepals.common.explain_spec import ExplanationSpec
 from sepals.common.federation import FederationConfig, sampled_per_round
 from sepals.common.files import atomic_write, checkpoint_sha256
 from sepals.common.masking import masked_federation
@@ -129,6 +130,9 @@ class ProvisionSpec:
         pretrained: The pretrained checkpoint (file or directory) the federation starts
             from: its SHA-256 goes into the plan, and every client must hold the same
             bytes. ``model_parameters`` then counts the TRAINABLE parameters only.
+        explanation: A private explanation round after training (plan and
+            ``server.toml``); its ``targets`` and ``features`` must be set unless the
+            federation trains the default model (10 classes of 64 pixels).
 
     """
 
@@ -156,8 +160,19 @@ class ProvisionSpec:
     mask_threshold: int | None = None
     noise_shares: int = 1
     pretrained: Path | None = None
+    explanation: ExplanationSpec | None = None
 
     def __post_init__(self) -> None:
+        if self.explanation is not None and not self.explanation.sized:
+            if self.model_parameters != 0:
+                raise ValueError(
+                    "an explanation round of an own model needs its shape: set the "
+                    "explanation's targets and features (--explain-targets, --explain-features)"
+                )
+            # The default model: the digits MLP, 10 classes of 8x8 pixels.
+            sized = replace(self.explanation, targets=self.explanation.targets or 10,
+                            features=self.explanation.features or 64)  # fmt: skip
+            object.__setattr__(self, "explanation", sized)
         if self.pretrained is not None and not Path(self.pretrained).exists():
             raise ValueError(f"pretrained checkpoint {self.pretrained} does not exist")
         if self.pretrained is not None and self.model_parameters == 0:
@@ -217,6 +232,7 @@ class ProvisionSpec:
         if tuned and not masked:
             raise ValueError("mask_neighbours and mask_threshold need masking on and BFV")
         sampled = sampled_per_round(self.clients, self.fraction_train, federation.min_train_clients)
+        federation = replace(federation, explanation=self.explanation)
         if not masked or (sampled < 2 and not tuned):
             return replace(federation, noise_shares=self.noise_shares)
         return masked_federation(
@@ -282,6 +298,7 @@ operator_key = "{OPERATOR_KEY}"
 # min_train_clients, fraction_evaluate and round_timeout may be changed.
 {federation}
 
+{_explanation_toml(fed.explanation)}
 [nodes]
 # The most num-examples (FedAvg weight) a node's reply may claim.
 default_max_examples = {spec.max_examples}
@@ -295,6 +312,17 @@ default_max_examples = {spec.max_examples}
 # update against it; a client whose model differs is told so by name.
 parameters = {parameters}
 """
+
+
+def _explanation_toml(spec: ExplanationSpec | None) -> str:
+    """The ``[federation.explanation]`` table (fixed by the plan), or nothing."""
+    if spec is None:
+        return ""
+    rows = "\n".join(f"{k} = {_toml_value(v)}" for k, v in spec.to_dict().items())
+    return (
+        "[federation.explanation]\n# A private explanation round after the last round "
+        f"(docs/explain.md); fixed by the plan.\n{rows}\n"
+    )
 
 
 def default_model_parameters() -> int:

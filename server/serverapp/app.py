@@ -27,7 +27,13 @@ from sepals.common.federation import FederationConfig
 from sepals.common.log import log
 from sepals.common.protocol import KEY_CLIENT, KEY_METRICS, KEY_UPDATE
 from sepals.server.serverapp.roster import NodeRoster
-from sepals.server.serverapp.strategy import EncryptedFedAvg, NodeOrder, RoundRecord, RoundSigner
+from sepals.server.serverapp.strategy import (
+    EncryptedFedAvg,
+    ExplanationRecord,
+    NodeOrder,
+    RoundRecord,
+    RoundSigner,
+)
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -62,6 +68,8 @@ class ServerSettings:
         round_signer: Signs every round config with the operator's key.
         node_wait_timeout: Seconds to wait for ``min_available_nodes`` before sampling.
         round_offset: Rounds already done before this run (a resumed federation).
+        on_explanation: Sink for the explanation round's record, when the federation
+            has one (it runs after the last training round).
 
     """
 
@@ -77,6 +85,7 @@ class ServerSettings:
     round_signer: RoundSigner | None = None
     node_wait_timeout: float = 300.0
     round_offset: int = 0
+    on_explanation: Callable[[ExplanationRecord], None] | None = None
 
 
 class NoRoundAggregatedError(SepalsError):
@@ -263,5 +272,8 @@ def make_server_app(settings: ServerSettings, strategy: EncryptedFedAvg | None =
             timeout=settings.federation.round_timeout,
             evaluate_fn=settings.evaluate_fn,
         )
+        explained = active.explain(grid)
+        if explained is not None and settings.on_explanation is not None:
+            settings.on_explanation(explained)
 
     return app

@@ -9,6 +9,7 @@ global model after every round (:mod:`sepals.server.serverapp.state`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from logging import INFO, WARNING
@@ -18,6 +19,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from sepals.common.errors import SepalsError
+from sepals.common.files import atomic_write
 from sepals.common.log import LOGGER, log
 from sepals.server.nodes import read_node_names
 from sepals.server.serverapp.app import ServerSettings, build_strategy
@@ -113,4 +115,10 @@ def _server_main(grid: Grid, context: Context) -> None:
             num_rounds=remaining,
             timeout=spec.federation.round_timeout,
         )
+    explained = strategy.explain(grid)
+    if explained is not None and explained.release is not None:
+        # A DP release: the operator may read it (docs/explain.md). A round that released
+        # nothing (logged) never replaces an earlier release.
+        text = json.dumps(explained.to_dict(), indent=1)
+        atomic_write(spec.state_dir / "explanation.json", text.encode())
     state.mark_done(spec.federation.rounds)

@@ -40,6 +40,7 @@ from sepals.server.serverapp.replies import (
 from sepals.server.serverapp.strategy.evaluation import (
     FederatedEvaluation,
 )
+from sepals.server.serverapp.strategy.explain import ExplanationPhase
 from sepals.server.serverapp.strategy.intake import (
     Admitted,
     Intake,
@@ -56,7 +57,7 @@ from sepals.server.serverapp.strategy.suspects import accusations
 from sepals.server.serverapp.strategy.verify import AggregateVerification
 
 
-class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification):
+class EncryptedFedAvg(FederatedEvaluation, MaskedRounds, AggregateVerification, ExplanationPhase):
     """FedAvg over encrypted (or plain) weighted updates.
 
     Args:
