@@ -6,8 +6,8 @@ Kept apart from the bookkeeping (:mod:`sepals.client.privacy`). Two accountants:
   accountant (:func:`sepals.common.accounting.pld_epsilon`, pessimistic
   discretization, so every epsilon it reports is an upper bound). It is the tightest
   for DP-SGD's Poisson-subsampled Gaussian: the same sigma, q and steps that RDP reports
-  as epsilon 8.00 compose to 7.32 under it. Sigma is found by bisection
-  (:func:`_calibrate_pld`).
+  as epsilon 8.00 compose to 7.32 under it. Sigma is found by bisection on PLD epsilons
+  alone (:func:`_calibrate_pld`).
 * ``rdp`` is Opacus's. Two things keep it cheap enough for a thousand clients a round:
   Opacus's RDP of the subsampled Gaussian is linear in the steps, so the per-step RDP
   of each ``(q, sigma)`` is computed once per process and scaled (the epsilon is the
@@ -319,20 +319,20 @@ def release_reserve(
 def _calibrate_pld(target: float, delta: float, sample_rate: float, steps: int) -> float:
     """Smallest sigma whose PLD epsilon is within :data:`EPSILON_TOLERANCE` below ``target``.
 
-    Bisection between a sigma that overspends and one that does not, starting from the
-    RDP calibration (PLD is tighter, so its epsilon there is usually below the target).
-    Every returned sigma was checked: its PLD epsilon is at most ``target``.
+    A geometric bracket from sigma 1, then bisection between a sigma that overspends and
+    one that does not; PLD alone, so a client that composes with PLD never loads the RDP
+    analysis. Every returned sigma was checked: its PLD epsilon is at most ``target``.
     """
 
     def eps(sigma: float) -> float:
         return compute_epsilon("pld", ((sigma, sample_rate, steps),), delta)
 
-    hi = calibrate_noise_multiplier(target, delta, sample_rate, steps, "rdp")
+    hi = 1.0
     while eps(hi) > target:
-        hi *= 1.25
-    lo = hi * 0.8
+        hi *= 1.5
+    lo = hi / 1.5
     while eps(lo) <= target:
-        hi, lo = lo, lo * 0.8
+        hi, lo = lo, lo / 1.5
     while target - eps(hi) > EPSILON_TOLERANCE and hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
         if eps(mid) <= target:
